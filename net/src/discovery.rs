@@ -1,0 +1,146 @@
+//! Listening sockets of this network namespace, through netlink `sock_diag` (`INET_DIAG`).
+//!
+//! One dump per family, asking only for sockets in the LISTEN state, so established
+//! connections cost nothing (`../shared/notes/discovery.md` has the measurements). The kernel
+//! answers for the namespace the netlink socket was created in.
+
+use std::io;
+
+use hostnet_protocol::{Listener, Proto};
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+use netlink_packet_sock_diag::SockDiagMessage;
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+
+/// Receive buffer for dump replies; the kernel fills up to this much per `recv`.
+const RECV_BUF_LEN: usize = 64 * 1024;
+
+/// One socket the kernel reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    pub listener: Listener,
+    /// Socket inode, to recognise sockets of our own process.
+    pub inode: u32,
+    pub uid: u32,
+}
+
+/// A `sock_diag` netlink socket, reused for every dump.
+#[derive(Debug)]
+pub struct SockDiag {
+    socket: Socket,
+    buf: Vec<u8>,
+    seq: u32,
+}
+
+impl SockDiag {
+    pub fn open() -> io::Result<Self> {
+        let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        Ok(SockDiag { socket, buf: vec![0; RECV_BUF_LEN], seq: 0 })
+    }
+
+    /// Appends every TCP socket in LISTEN state, IPv4 and IPv6, to `out`.
+    pub fn tcp_listeners(&mut self, out: &mut Vec<Found>) -> io::Result<()> {
+        self.dump(AF_INET, IPPROTO_TCP, StateFlags::LISTEN, out)?;
+        self.dump(AF_INET6, IPPROTO_TCP, StateFlags::LISTEN, out)
+    }
+
+    fn dump(&mut self, family: u8, protocol: u8, states: StateFlags, out: &mut Vec<Found>) -> io::Result<()> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        header.sequence_number = self.seq;
+        let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
+        let mut request = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol,
+                extensions: ExtensionFlags::empty(),
+                states,
+                socket_id,
+            })
+            .into(),
+        );
+        request.finalize();
+        let mut bytes = vec![0; request.buffer_len()];
+        request.serialize(&mut bytes);
+        self.socket.send(&bytes, 0)?;
+
+        let proto = if protocol == IPPROTO_TCP { Proto::Tcp } else { Proto::Udp };
+        loop {
+            let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+            let mut offset = 0;
+            while offset < n {
+                let bytes = self.buf.get(offset..n).unwrap_or_default();
+                let msg = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag reply: {e}")))?;
+                let len = msg.header.length as usize;
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::Error(e) => return Err(e.to_io()),
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                        if msg.header.sequence_number == self.seq {
+                            out.push(Found {
+                                listener: Listener {
+                                    proto,
+                                    addr: r.header.socket_id.source_address,
+                                    port: r.header.socket_id.source_port,
+                                },
+                                inode: r.header.inode,
+                                uid: r.header.uid,
+                            });
+                        }
+                    }
+                    _ => {}
+                }
+                if len == 0 {
+                    break;
+                }
+                offset += len;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv6Addr, TcpListener};
+
+    fn listeners() -> Vec<Found> {
+        let mut out = Vec::new();
+        SockDiag::open().unwrap().tcp_listeners(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn sees_a_new_listener_and_its_close() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let want = Listener { proto: Proto::Tcp, addr: "127.0.0.1".parse().unwrap(), port };
+        assert!(listeners().iter().any(|f| f.listener == want), "listener on {port} not reported");
+        drop(l);
+        assert!(!listeners().iter().any(|f| f.listener == want), "closed listener still reported");
+    }
+
+    #[test]
+    fn sees_ipv6_listeners() {
+        let Ok(l) = TcpListener::bind((Ipv6Addr::LOCALHOST, 0)) else {
+            return; // No IPv6 on this machine: nothing to see.
+        };
+        let port = l.local_addr().unwrap().port();
+        assert!(listeners().iter().any(|f| f.listener.port == port && f.listener.addr == Ipv6Addr::LOCALHOST));
+    }
+
+    #[test]
+    fn connected_sockets_are_not_listeners() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let c = std::net::TcpStream::connect(addr).unwrap();
+        let client_port = c.local_addr().unwrap().port();
+        assert!(!listeners().iter().any(|f| f.listener.port == client_port));
+    }
+}

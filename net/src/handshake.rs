@@ -1,0 +1,128 @@
+//! The start of every stream: each side sends its [`Preface`], the opener sends an [`Open`]
+//! frame, a data stream's responder answers with an [`OpenReply`].
+//!
+//! [`FrameReader`] keeps whatever it read past the frame it returned, because on a data stream
+//! those bytes are already the first chunks of the relayed connection.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use hostnet_protocol::{FrameDecoder, FrameError, PREFACE_LEN, Preface, PrefaceError};
+use serde::{Serialize, de::DeserializeOwned};
+use thiserror::Error;
+
+use crate::stream::{self, RawStream};
+
+/// How long a peer may take to send its preface and first frame.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes read at a time while waiting for a frame.
+const READ_CHUNK: usize = 4096;
+
+/// Why a stream could not be opened or continued.
+#[derive(Debug, Error)]
+pub enum HandshakeError {
+    #[error(transparent)]
+    Preface(#[from] PrefaceError),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("the peer closed the stream")]
+    Closed,
+    #[error("the peer sent nothing for {0:?}")]
+    TimedOut(Duration),
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Our preface followed by one frame, in one write.
+pub async fn send_preface_and<S: RawStream, T: Serialize>(
+    s: &S,
+    msg: &T,
+) -> Result<(), HandshakeError> {
+    let mut out = BytesMut::with_capacity(256);
+    out.extend_from_slice(&Preface::OURS.to_bytes());
+    hostnet_protocol::encode_frame(msg, &mut out)?;
+    stream::write_all(s, &out).await?;
+    Ok(())
+}
+
+/// One frame.
+pub async fn send_frame<S: RawStream, T: Serialize>(s: &S, msg: &T) -> Result<(), HandshakeError> {
+    let mut out = BytesMut::with_capacity(256);
+    hostnet_protocol::encode_frame(msg, &mut out)?;
+    stream::write_all(s, &out).await?;
+    Ok(())
+}
+
+/// Reads prefaces and frames from a stream, keeping what it read beyond them.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: BytesMut,
+}
+
+impl FrameReader {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads the peer's preface and checks its magic and version.
+    pub async fn read_preface<S: RawStream>(&mut self, s: &S) -> Result<Preface, HandshakeError> {
+        while self.buf.len() < PREFACE_LEN {
+            self.fill(s).await?;
+        }
+        let head = self.buf.split_to(PREFACE_LEN);
+        let mut bytes = [0u8; PREFACE_LEN];
+        bytes.copy_from_slice(&head);
+        Ok(Preface::check(bytes)?)
+    }
+
+    /// Reads the next frame. Cancel-safe: bytes read before a cancellation stay buffered.
+    pub async fn read_frame<S: RawStream, T: DeserializeOwned>(
+        &mut self,
+        s: &S,
+    ) -> Result<T, HandshakeError> {
+        loop {
+            if let Some(frame) = FrameDecoder.decode(&mut self.buf)? {
+                return Ok(frame);
+            }
+            self.fill(s).await?;
+        }
+    }
+
+    /// [`Self::read_preface`] then [`Self::read_frame`], within [`HANDSHAKE_TIMEOUT`].
+    pub async fn read_opening<S: RawStream, T: DeserializeOwned>(
+        &mut self,
+        s: &S,
+    ) -> Result<T, HandshakeError> {
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            self.read_preface(s).await?;
+            self.read_frame(s).await
+        })
+        .await
+        .map_err(|_| HandshakeError::TimedOut(HANDSHAKE_TIMEOUT))?
+    }
+
+    /// The bytes read past the last frame.
+    pub fn into_leftover(self) -> BytesMut {
+        self.buf
+    }
+
+    async fn fill<S: RawStream>(&mut self, s: &S) -> Result<(), HandshakeError> {
+        // Read into the heap buffer, not a stack array: this future lives inside every
+        // connection task, and its size is paid per connection. No await between the resize
+        // and the truncate, so a cancelled read leaves the buffer as it was.
+        loop {
+            stream::readable(s).await?;
+            let start = self.buf.len();
+            self.buf.resize(start + READ_CHUNK, 0);
+            let read = s.try_read(self.buf.get_mut(start..).unwrap_or_default());
+            self.buf.truncate(start + *read.as_ref().unwrap_or(&0));
+            match read {
+                Ok(0) => return Err(HandshakeError::Closed),
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}

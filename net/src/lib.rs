@@ -1,0 +1,21 @@
+//! I/O shared by `hostnet-proxy` and `hostnet-agent`.
+//!
+//! - [`stream`]: the readiness-based stream trait the relay is written against, and the one
+//!   transport stream type every transport yields.
+//! - [`transport`]: transport specs (`unix:`, `tcp:`, `vsock:`, `hybrid:`) and the
+//!   [`Connector`](transport::Connector) / [`Acceptor`](transport::Acceptor) traits.
+//! - [`handshake`]: preface and header frames at the start of a stream.
+//! - [`relay`]: one TCP connection ↔ one data stream, FIN and RST carried in-band.
+//! - [`discovery`]: listening sockets through netlink `sock_diag` (Linux).
+
+#[cfg(target_os = "linux")]
+pub mod discovery;
+pub mod handshake;
+pub mod relay;
+pub mod stream;
+pub mod transport;
+#[cfg(target_os = "linux")]
+mod vsock;
+
+pub use stream::{RawStream, TransportStream};
+pub use transport::{Acceptor, Connector, TransportError, TransportSpec};

@@ -1,0 +1,242 @@
+//! Relays one TCP connection over one data stream, both ways, with FIN and RST carried in-band
+//! as chunk headers (see `hostnet_protocol::chunk`).
+//!
+//! Both sides run the same code: the proxy with the desktop client as `local`, the agent with
+//! the guest server as `local`. A buffer is taken only once bytes are waiting and given back
+//! after [`IDLE_BUFFER_RELEASE`] of silence, so an idle connection costs no buffer memory.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use hostnet_protocol::chunk::{self, CHUNK_HEADER_LEN, ChunkDecoder, ChunkEvent, FIN, RST};
+use tokio_util::sync::CancellationToken;
+
+use crate::stream::{self, RawStream};
+
+/// Bytes moved per read. Large, so a bulk transfer takes few system calls.
+pub const RELAY_BUF_LEN: usize = 256 * 1024;
+/// A direction silent this long gives its buffer back.
+pub const IDLE_BUFFER_RELEASE: Duration = Duration::from_millis(500);
+
+const _: () = assert!(RELAY_BUF_LEN <= chunk::MAX_CHUNK_LEN);
+
+/// How a relayed connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Both directions ended with FIN.
+    Closed,
+    /// The local socket was reset or failed; the peer was told with RST.
+    LocalReset,
+    /// The peer's connection was reset; the local socket was reset too.
+    PeerReset,
+    /// The data stream ended or broke without FIN or RST: the far side went away.
+    PeerVanished,
+    /// The peer broke the chunk protocol; the local socket was reset.
+    ProtocolError,
+    /// Shutdown: the local socket was closed.
+    Cancelled,
+}
+
+/// Live byte counts of one relayed connection.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    /// Bytes read from the local socket and sent to the peer.
+    pub to_peer: AtomicU64,
+    /// Bytes received from the peer and written to the local socket.
+    pub from_peer: AtomicU64,
+}
+
+/// Relays until both directions have finished, either side resets, or `shutdown` fires.
+/// `pending` holds bytes already read from `peer` after its header frame. On any abnormal end
+/// the local socket is set to reset on close; the caller then drops both.
+pub async fn relay<L: RawStream, P: RawStream>(
+    local: &L,
+    peer: &P,
+    pending: BytesMut,
+    counters: &RelayCounters,
+    shutdown: &CancellationToken,
+) -> Outcome {
+    let abort = CancellationToken::new();
+    let up_done = CancellationToken::new();
+    let mid_chunk = AtomicBool::new(false);
+
+    let up = async {
+        let end = tokio::select! {
+            biased;
+            _ = abort.cancelled() => None,
+            end = pump_up(local, peer, counters, &mid_chunk) => Some(end),
+        };
+        match end {
+            Some(Outcome::Closed) => up_done.cancel(),
+            Some(_) => abort.cancel(),
+            None => {}
+        }
+        end
+    };
+    let down = async {
+        let end = tokio::select! {
+            biased;
+            _ = abort.cancelled() => None,
+            end = pump_down(peer, local, pending, counters, &up_done) => Some(end),
+        };
+        if end.is_some_and(|e| e != Outcome::Closed) {
+            abort.cancel();
+        }
+        end
+    };
+    let both = async { tokio::join!(up, down) };
+    let outcome = tokio::select! {
+        (up, down) = both => match (up, down) {
+            (Some(Outcome::Closed), Some(Outcome::Closed)) => Outcome::Closed,
+            // The first direction to fail decides; the other was cancelled.
+            (Some(e), _) if e != Outcome::Closed => e,
+            (_, Some(e)) => e,
+            _ => Outcome::PeerVanished,
+        },
+        _ = shutdown.cancelled() => Outcome::Cancelled,
+    };
+    if outcome == Outcome::LocalReset && !mid_chunk.load(Ordering::Relaxed) {
+        // A failed write to the local socket (seen by the down direction) still owes the peer
+        // its RST. Skipped mid-chunk: the peer then sees a cut stream, which it resets too.
+        let _ = stream::write_all(peer, &RST).await;
+    }
+    if !matches!(outcome, Outcome::Closed | Outcome::Cancelled) {
+        let _ = local.set_reset_on_close();
+    }
+    outcome
+}
+
+fn new_buffer() -> Box<[u8]> {
+    vec![0u8; CHUNK_HEADER_LEN + RELAY_BUF_LEN].into_boxed_slice()
+}
+
+/// Waits for `s` to be readable. With a buffer in hand it waits only so long before giving
+/// the buffer back and waiting on without one.
+async fn wait_readable<S: RawStream>(s: &S, buf: &mut Option<Box<[u8]>>) -> io::Result<()> {
+    if buf.is_some() {
+        match tokio::time::timeout(IDLE_BUFFER_RELEASE, stream::readable(s)).await {
+            Ok(r) => return r,
+            Err(_) => *buf = None,
+        }
+    }
+    stream::readable(s).await
+}
+
+fn is_reset_like(e: &io::Error) -> bool {
+    e.kind() != io::ErrorKind::WouldBlock
+}
+
+/// Local socket → peer. Ends `Closed` after sending FIN, `LocalReset` after sending RST,
+/// `PeerVanished` if the peer cannot be written.
+async fn pump_up<L: RawStream, P: RawStream>(
+    local: &L,
+    peer: &P,
+    counters: &RelayCounters,
+    mid_chunk: &AtomicBool,
+) -> Outcome {
+    let mut buf: Option<Box<[u8]>> = None;
+    loop {
+        if wait_readable(local, &mut buf).await.is_err() {
+            let _ = stream::write_all(peer, &RST).await;
+            return Outcome::LocalReset;
+        }
+        let b = buf.get_or_insert_with(new_buffer);
+        let Some((header, body)) = b.split_first_chunk_mut::<CHUNK_HEADER_LEN>() else {
+            return Outcome::ProtocolError;
+        };
+        match local.try_read(body) {
+            Ok(0) => {
+                return match stream::write_all(peer, &FIN).await {
+                    Ok(()) => Outcome::Closed,
+                    Err(_) => Outcome::PeerVanished,
+                };
+            }
+            Ok(n) => {
+                *header = chunk::data_header(n);
+                mid_chunk.store(true, Ordering::Relaxed);
+                if stream::write_all(peer, b.get(..CHUNK_HEADER_LEN + n).unwrap_or_default())
+                    .await
+                    .is_err()
+                {
+                    return Outcome::PeerVanished;
+                }
+                mid_chunk.store(false, Ordering::Relaxed);
+                counters.to_peer.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if !is_reset_like(&e) => continue,
+            Err(_) => {
+                let _ = stream::write_all(peer, &RST).await;
+                return Outcome::LocalReset;
+            }
+        }
+    }
+}
+
+/// Peer → local socket. Ends `Closed` once the peer's FIN has been passed on and the other
+/// direction is done too; otherwise with what went wrong.
+async fn pump_down<P: RawStream, L: RawStream>(
+    peer: &P,
+    local: &L,
+    pending: BytesMut,
+    counters: &RelayCounters,
+    up_done: &CancellationToken,
+) -> Outcome {
+    let mut decoder = ChunkDecoder::new();
+    if let Err(end) = deliver(&mut decoder, &pending, local, counters).await {
+        return end;
+    }
+    drop(pending);
+    let mut buf: Option<Box<[u8]>> = None;
+    loop {
+        if decoder.is_finished() {
+            // Our side of the peer's connection is done; keep listening only for an RST
+            // until our own direction finishes.
+            tokio::select! {
+                biased;
+                _ = up_done.cancelled() => return Outcome::Closed,
+                r = stream::readable(peer) => if r.is_err() { return Outcome::PeerVanished },
+            }
+        } else if wait_readable(peer, &mut buf).await.is_err() {
+            return Outcome::PeerVanished;
+        }
+        let b = buf.get_or_insert_with(new_buffer);
+        match peer.try_read(b) {
+            Ok(0) => return Outcome::PeerVanished,
+            Ok(n) => {
+                if let Err(end) = deliver(&mut decoder, b.get(..n).unwrap_or_default(), local, counters).await {
+                    return end;
+                }
+            }
+            Err(e) if !is_reset_like(&e) => continue,
+            Err(_) => return Outcome::PeerVanished,
+        }
+    }
+}
+
+/// Decodes `bytes` and acts on each chunk: data to the local socket, FIN as a half-close.
+async fn deliver<L: RawStream>(
+    decoder: &mut ChunkDecoder,
+    mut bytes: &[u8],
+    local: &L,
+    counters: &RelayCounters,
+) -> Result<(), Outcome> {
+    while !bytes.is_empty() {
+        let (used, event) = decoder.decode(bytes).map_err(|_| Outcome::ProtocolError)?;
+        bytes = bytes.get(used..).unwrap_or_default();
+        match event {
+            Some(ChunkEvent::Data(d)) => {
+                stream::write_all(local, d).await.map_err(|_| Outcome::LocalReset)?;
+                counters.from_peer.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+            Some(ChunkEvent::Fin) => {
+                // The local peer may already be gone; its reset shows up on the other direction.
+                let _ = local.shutdown_write();
+            }
+            Some(ChunkEvent::Reset) => return Err(Outcome::PeerReset),
+            None => {}
+        }
+    }
+    Ok(())
+}

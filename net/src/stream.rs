@@ -1,0 +1,176 @@
+//! Streams as the relay sees them: readiness plus non-blocking reads and writes through `&self`,
+//! so one task can read and write a socket at once without splitting it, and a buffer is only
+//! taken once bytes are actually waiting (idle connections hold no buffer).
+
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+/// A connected, non-blocking stream socket.
+pub trait RawStream: AsFd + Send + Sync {
+    /// Ready when a read would not block (data, EOF or an error waiting).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Ready when a write would not block.
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Reads without blocking; `WouldBlock` clears the readiness.
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes without blocking; `WouldBlock` clears the readiness.
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+
+    /// Half-closes: the peer reads EOF, this side can still read.
+    fn shutdown_write(&self) -> io::Result<()> {
+        SockRef::from(&self.as_fd()).shutdown(std::net::Shutdown::Write)
+    }
+
+    /// Arranges for the close of this socket to send a TCP RST (or the transport's abort)
+    /// instead of an orderly FIN.
+    fn set_reset_on_close(&self) -> io::Result<()> {
+        SockRef::from(&self.as_fd()).set_linger(Some(Duration::ZERO))
+    }
+}
+
+/// Waits until `s` is readable.
+pub async fn readable<S: RawStream + ?Sized>(s: &S) -> io::Result<()> {
+    poll_fn(|cx| s.poll_read_ready(cx)).await
+}
+
+/// Reads at least one byte (or EOF as `0`).
+pub fn poll_read<S: RawStream + ?Sized>(
+    s: &S,
+    cx: &mut Context<'_>,
+    buf: &mut [u8],
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(s.poll_read_ready(cx))?;
+        match s.try_read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            other => return Poll::Ready(other),
+        }
+    }
+}
+
+/// Writes at least one byte.
+pub fn poll_write<S: RawStream + ?Sized>(
+    s: &S,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(s.poll_write_ready(cx))?;
+        match s.try_write(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            other => return Poll::Ready(other),
+        }
+    }
+}
+
+/// Reads some bytes (`0` at EOF).
+pub async fn read<S: RawStream + ?Sized>(s: &S, buf: &mut [u8]) -> io::Result<usize> {
+    poll_fn(|cx| poll_read(s, cx, buf)).await
+}
+
+/// Writes all of `buf`.
+pub async fn write_all<S: RawStream + ?Sized>(s: &S, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = poll_fn(|cx| poll_write(s, cx, buf)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = buf.get(n..).unwrap_or_default();
+    }
+    Ok(())
+}
+
+macro_rules! tokio_raw_stream {
+    ($ty:ty) => {
+        impl RawStream for $ty {
+            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$ty>::poll_read_ready(self, cx)
+            }
+            fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$ty>::poll_write_ready(self, cx)
+            }
+            fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+                <$ty>::try_read(self, buf)
+            }
+            fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+                <$ty>::try_write(self, buf)
+            }
+        }
+    };
+}
+tokio_raw_stream!(TcpStream);
+tokio_raw_stream!(UnixStream);
+
+/// The stream every transport yields. An enum, not a trait object: the relay stays
+/// monomorphic and each variant keeps its raw fd for `splice(2)`.
+#[derive(Debug)]
+pub enum TransportStream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+    #[cfg(target_os = "linux")]
+    Vsock(crate::vsock::VsockStream),
+}
+
+macro_rules! each_variant {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self {
+            TransportStream::Unix($s) => $e,
+            TransportStream::Tcp($s) => $e,
+            #[cfg(target_os = "linux")]
+            TransportStream::Vsock($s) => $e,
+        }
+    };
+}
+
+impl AsFd for TransportStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        each_variant!(self, s => s.as_fd())
+    }
+}
+
+impl RawStream for TransportStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_variant!(self, s => RawStream::poll_read_ready(s, cx))
+    }
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_variant!(self, s => RawStream::poll_write_ready(s, cx))
+    }
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        each_variant!(self, s => RawStream::try_read(s, buf))
+    }
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        each_variant!(self, s => RawStream::try_write(s, buf))
+    }
+}
+
+impl AsyncRead for TransportStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let n = ready!(poll_read(&*self, cx, buf.initialize_unfilled()))?;
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for TransportStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        poll_write(&*self, cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.shutdown_write())
+    }
+}

@@ -1,0 +1,367 @@
+//! Transports: how the proxy reaches the agent, and how the agent waits for it.
+//!
+//! Everything above this module is transport-blind: it asks a [`Connector`] for a new stream
+//! (one per TCP connection, plus the control stream) or an [`Acceptor`] for the next one, and
+//! gets a [`TransportStream`] either way.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+use crate::stream::{self, TransportStream};
+
+/// A boxed, sendable future, as the transport traits return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Opens new streams to the far side (the proxy's view of the agent).
+pub trait Connector: Send + Sync + fmt::Debug + fmt::Display {
+    fn connect(&self) -> BoxFuture<'_, Result<TransportStream, TransportError>>;
+}
+
+/// Yields streams the far side opened (the agent's view of the proxy).
+pub trait Acceptor: Send + Sync + fmt::Debug {
+    /// The next stream and a description of its peer, for logs.
+    fn accept(&self) -> BoxFuture<'_, io::Result<(TransportStream, String)>>;
+}
+
+/// Why a transport could not be set up or a stream opened; each says what to check.
+#[derive(Debug, Error)]
+pub enum TransportError {
+    #[error(
+        "transport spec {0:?} not understood; use unix:PATH, tcp:ADDR:PORT, vsock:CID:PORT or \
+         hybrid:PATH:PORT"
+    )]
+    BadSpec(String),
+    #[error("cannot reach {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{target}: the VM's vsock socket answered {answer:?} instead of OK — is hostnet-agent \
+         running in the VM and listening on that port?"
+    )]
+    HybridRefused { target: String, answer: String },
+    #[error("cannot listen on {target}: {source}")]
+    Bind {
+        target: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{target} is not available on this platform")]
+    Unsupported { target: String },
+}
+
+/// `VMADDR_CID_ANY`: listen on every CID this machine has (`vsock:any:PORT`).
+pub const VSOCK_CID_ANY: u32 = u32::MAX;
+
+/// A parsed `--transport` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportSpec {
+    /// `unix:PATH` — a Unix stream socket; the netns stand-in uses this.
+    Unix(PathBuf),
+    /// `tcp:ADDR:PORT` — plain TCP, for tests and debugging.
+    Tcp(SocketAddr),
+    /// `vsock:CID:PORT` — AF_VSOCK; `CID` may be `any` when listening.
+    Vsock { cid: u32, port: u32 },
+    /// `hybrid:PATH:PORT` — a VMM's Unix socket that speaks `CONNECT <port>\n` / `OK …\n`
+    /// (Firecracker, Cloud Hypervisor, vhost-device-vsock).
+    Hybrid { path: PathBuf, port: u32 },
+}
+
+impl FromStr for TransportSpec {
+    type Err = TransportError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || TransportError::BadSpec(s.to_owned());
+        let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
+        match kind {
+            "unix" if !rest.is_empty() => Ok(TransportSpec::Unix(rest.into())),
+            "tcp" => rest.parse().map(TransportSpec::Tcp).map_err(|_| bad()),
+            "vsock" => {
+                let (cid, port) = rest.split_once(':').ok_or_else(bad)?;
+                let cid = match cid {
+                    "any" => VSOCK_CID_ANY,
+                    n => n.parse().map_err(|_| bad())?,
+                };
+                Ok(TransportSpec::Vsock { cid, port: port.parse().map_err(|_| bad())? })
+            }
+            "hybrid" => {
+                let (path, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+                if path.is_empty() {
+                    return Err(bad());
+                }
+                Ok(TransportSpec::Hybrid { path: path.into(), port: port.parse().map_err(|_| bad())? })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for TransportSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TransportSpec::Unix(p) => write!(f, "unix:{}", p.display()),
+            TransportSpec::Tcp(a) => write!(f, "tcp:{a}"),
+            TransportSpec::Vsock { cid: VSOCK_CID_ANY, port } => write!(f, "vsock:any:{port}"),
+            TransportSpec::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            TransportSpec::Hybrid { path, port } => write!(f, "hybrid:{}:{port}", path.display()),
+        }
+    }
+}
+
+impl TransportSpec {
+    /// The connector for this spec (proxy side).
+    pub fn connector(&self) -> Arc<dyn Connector> {
+        Arc::new(SpecConnector(self.clone()))
+    }
+
+    /// Starts listening (agent side).
+    pub async fn bind(&self) -> Result<Box<dyn Acceptor>, TransportError> {
+        let bind_err = |source| TransportError::Bind { target: self.to_string(), source };
+        match self {
+            TransportSpec::Unix(path) => {
+                remove_stale_socket(path).await;
+                let l = UnixListener::bind(path).map_err(bind_err)?;
+                Ok(Box::new(UnixAcceptor(l)))
+            }
+            TransportSpec::Tcp(addr) => {
+                let l = TcpListener::bind(addr).await.map_err(bind_err)?;
+                Ok(Box::new(TcpAcceptor(l)))
+            }
+            #[cfg(target_os = "linux")]
+            TransportSpec::Vsock { cid, port } => {
+                let l = crate::vsock::VsockListener::bind(*cid, *port).map_err(bind_err)?;
+                Ok(Box::new(VsockAcceptor(l)))
+            }
+            _ => Err(TransportError::Unsupported { target: format!("listening on {self}") }),
+        }
+    }
+}
+
+/// A socket file left behind by a process that died is removed; a live one is kept (and the
+/// bind then fails with "address in use", which is the truth).
+async fn remove_stale_socket(path: &Path) {
+    if tokio::fs::symlink_metadata(path).await.is_ok() && UnixStream::connect(path).await.is_err() {
+        let _ = tokio::fs::remove_file(path).await;
+    }
+}
+
+#[derive(Debug)]
+struct SpecConnector(TransportSpec);
+
+impl fmt::Display for SpecConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Connector for SpecConnector {
+    fn connect(&self) -> BoxFuture<'_, Result<TransportStream, TransportError>> {
+        Box::pin(async move {
+            let connect_err = |source| TransportError::Connect { target: self.0.to_string(), source };
+            match &self.0 {
+                TransportSpec::Unix(path) => {
+                    UnixStream::connect(path).await.map(TransportStream::Unix).map_err(connect_err)
+                }
+                TransportSpec::Tcp(addr) => {
+                    let s = TcpStream::connect(addr).await.map_err(connect_err)?;
+                    let _ = s.set_nodelay(true);
+                    Ok(TransportStream::Tcp(s))
+                }
+                #[cfg(target_os = "linux")]
+                TransportSpec::Vsock { cid, port } => crate::vsock::VsockStream::connect(*cid, *port)
+                    .await
+                    .map(TransportStream::Vsock)
+                    .map_err(connect_err),
+                #[cfg(not(target_os = "linux"))]
+                TransportSpec::Vsock { .. } => {
+                    Err(TransportError::Unsupported { target: self.0.to_string() })
+                }
+                TransportSpec::Hybrid { path, port } => hybrid_connect(path, *port, &self.0).await,
+            }
+        })
+    }
+}
+
+/// Longest answer line accepted from a hybrid-vsock socket.
+const MAX_HYBRID_LINE: usize = 64;
+
+/// `CONNECT <port>\n`, then expects `OK <port>\n` (vhost-device-vsock echoes the guest port,
+/// Firecracker sends a host port: either is fine).
+async fn hybrid_connect(
+    path: &Path,
+    port: u32,
+    spec: &TransportSpec,
+) -> Result<TransportStream, TransportError> {
+    let target = spec.to_string();
+    let io_err = |source| TransportError::Connect { target: target.clone(), source };
+    let s = UnixStream::connect(path).await.map_err(io_err)?;
+    stream::write_all(&s, format!("CONNECT {port}\n").as_bytes()).await.map_err(io_err)?;
+    // Byte by byte: whatever follows the newline already belongs to the agent.
+    let mut line = Vec::with_capacity(16);
+    let mut byte = [0u8; 1];
+    loop {
+        let n = stream::read(&s, &mut byte).await.map_err(io_err)?;
+        if n == 0 || line.len() >= MAX_HYBRID_LINE {
+            let answer = String::from_utf8_lossy(&line).into_owned();
+            return Err(TransportError::HybridRefused {
+                target,
+                answer: if n == 0 { format!("{answer}<closed>") } else { answer },
+            });
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    match line.strip_prefix(b"OK ") {
+        Some(rest) if !rest.is_empty() && rest.iter().all(u8::is_ascii_digit) => {
+            Ok(TransportStream::Unix(s))
+        }
+        _ => Err(TransportError::HybridRefused {
+            target,
+            answer: String::from_utf8_lossy(&line).into_owned(),
+        }),
+    }
+}
+
+#[derive(Debug)]
+struct UnixAcceptor(UnixListener);
+
+impl Acceptor for UnixAcceptor {
+    fn accept(&self) -> BoxFuture<'_, io::Result<(TransportStream, String)>> {
+        Box::pin(async move {
+            let (s, _) = self.0.accept().await?;
+            Ok((TransportStream::Unix(s), "unix peer".to_owned()))
+        })
+    }
+}
+
+#[derive(Debug)]
+struct TcpAcceptor(TcpListener);
+
+impl Acceptor for TcpAcceptor {
+    fn accept(&self) -> BoxFuture<'_, io::Result<(TransportStream, String)>> {
+        Box::pin(async move {
+            let (s, peer) = self.0.accept().await?;
+            let _ = s.set_nodelay(true);
+            Ok((TransportStream::Tcp(s), peer.to_string()))
+        })
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[derive(Debug)]
+struct VsockAcceptor(crate::vsock::VsockListener);
+
+#[cfg(target_os = "linux")]
+impl Acceptor for VsockAcceptor {
+    fn accept(&self) -> BoxFuture<'_, io::Result<(TransportStream, String)>> {
+        Box::pin(async move {
+            let (s, peer) = self.0.accept().await?;
+            Ok((TransportStream::Vsock(s), peer))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::RawStream;
+
+    #[test]
+    fn specs_parse_and_print_back() {
+        for s in ["unix:/run/hostnet/agent.sock", "tcp:127.0.0.1:5000", "tcp:[::1]:5000", "vsock:3:1024", "vsock:any:1024", "hybrid:/run/vm.vsock:1024", "hybrid:/odd:path/v.sock:7"] {
+            let spec: TransportSpec = s.parse().unwrap();
+            assert_eq!(spec.to_string(), s);
+        }
+        assert_eq!("hybrid:/a:b/c:9".parse::<TransportSpec>().unwrap(), TransportSpec::Hybrid { path: "/a:b/c".into(), port: 9 });
+    }
+
+    #[test]
+    fn bad_specs_explain_the_syntax() {
+        for s in ["", "unix:", "vsock:3", "vsock:x:1", "hybrid:/p", "hybrid::5", "tcp:nope", "ftp:x"] {
+            let err = s.parse::<TransportSpec>().unwrap_err();
+            assert!(err.to_string().contains("unix:PATH, tcp:ADDR:PORT"), "{s}: {err}");
+        }
+    }
+
+    /// A stand-in for a VMM's hybrid-vsock socket: answers `CONNECT` with `answer`, then echoes.
+    async fn fake_vmm(answer: &'static [u8]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.vsock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let mut got = [0u8; 13];
+            let mut filled = 0;
+            while filled < got.len() {
+                filled += stream::read(&s, &mut got[filled..]).await.unwrap();
+            }
+            assert_eq!(&got, b"CONNECT 1024\n");
+            stream::write_all(&s, answer).await.unwrap();
+            let mut buf = [0u8; 64];
+            loop {
+                let n = stream::read(&s, &mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                stream::write_all(&s, &buf[..n]).await.unwrap();
+            }
+        });
+        (dir, path)
+    }
+
+    #[tokio::test]
+    async fn hybrid_connect_accepts_ok_and_keeps_following_bytes() {
+        // The agent's first bytes arrive glued to the OK line: they must not be swallowed.
+        let (_dir, path) = fake_vmm(b"OK 1024\nHNET").await;
+        let spec = TransportSpec::Hybrid { path, port: 1024 };
+        let s = spec.connector().connect().await.unwrap();
+        let mut buf = [0u8; 4];
+        let mut filled = 0;
+        while filled < 4 {
+            filled += stream::read(&s, &mut buf[filled..]).await.unwrap();
+        }
+        assert_eq!(&buf, b"HNET");
+        stream::write_all(&s, b"ping").await.unwrap();
+        let n = stream::read(&s, &mut buf).await.unwrap();
+        assert_eq!(&buf[..n], &b"ping"[..n]);
+        s.shutdown_write().unwrap();
+    }
+
+    #[tokio::test]
+    async fn hybrid_refusal_is_a_sentence() {
+        let (_dir, path) = fake_vmm(b"NOPE\n").await;
+        let err = TransportSpec::Hybrid { path, port: 1024 }.connector().connect().await.unwrap_err();
+        assert!(matches!(err, TransportError::HybridRefused { .. }), "{err}");
+        assert!(err.to_string().contains("is hostnet-agent running"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn unix_connect_to_nothing_names_the_target() {
+        let err = TransportSpec::Unix("/nonexistent/hostnet.sock".into()).connector().connect().await.unwrap_err();
+        assert!(err.to_string().contains("unix:/nonexistent/hostnet.sock"), "{err}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn vsock_without_a_peer_fails_cleanly() {
+        // No vsock loopback exists on most CI machines; either way this must be an error or a
+        // stream, never a panic or a hang.
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), TransportSpec::Vsock { cid: 1, port: 1 }.connector().connect()).await;
+        if let Ok(Err(e)) = r {
+            assert!(e.to_string().contains("vsock:1:1"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! In-process integration tests of the relay: a client ↔ relay ↔ data stream ↔ relay ↔ server
+//! chain on loopback and a Unix socket pair, no binaries, no namespaces.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use hostnet_net::relay::{Outcome, RelayCounters, relay};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A connected TCP pair on loopback.
+async fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (b, _) = l.accept().await.unwrap();
+    (a, b)
+}
+
+struct Chain {
+    client: TcpStream,
+    server: TcpStream,
+    host_side: JoinHandle<Outcome>,
+    guest_side: JoinHandle<Outcome>,
+}
+
+/// client ⇄ [host relay] ⇄ unix pair ⇄ [guest relay] ⇄ server
+async fn chain() -> Chain {
+    let (client, host_local) = tcp_pair().await;
+    let (guest_local, server) = tcp_pair().await;
+    let (t1, t2) = UnixStream::pair().unwrap();
+    let spawn_relay = |local: TcpStream, peer: UnixStream| {
+        tokio::spawn(async move {
+            relay(&local, &peer, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
+        })
+    };
+    Chain { client, server, host_side: spawn_relay(host_local, t1), guest_side: spawn_relay(guest_local, t2) }
+}
+
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, f).await.expect("deadline passed")
+}
+
+#[tokio::test]
+async fn bytes_flow_both_ways_and_fin_closes_cleanly() {
+    let Chain { mut client, mut server, host_side, guest_side } = chain().await;
+    let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let p2 = payload.clone();
+    let writer = tokio::spawn(async move {
+        client.write_all(&p2).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap();
+        reply
+    });
+    let mut got = Vec::new();
+    within(server.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got.len(), payload.len());
+    assert!(got == payload, "bytes differ");
+    // Half-closed by the client, the server can still answer.
+    server.write_all(b"thanks").await.unwrap();
+    server.shutdown().await.unwrap();
+    assert_eq!(within(writer).await.unwrap(), b"thanks");
+    assert_eq!(within(host_side).await.unwrap(), Outcome::Closed);
+    assert_eq!(within(guest_side).await.unwrap(), Outcome::Closed);
+}
+
+#[tokio::test]
+async fn a_reset_travels_end_to_end() {
+    let Chain { client, mut server, host_side, guest_side } = chain().await;
+    socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(client);
+    let mut buf = [0u8; 16];
+    let r = within(server.read(&mut buf)).await;
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "server should see a reset, got {r:?}"
+    );
+    assert_eq!(within(host_side).await.unwrap(), Outcome::LocalReset);
+    assert_eq!(within(guest_side).await.unwrap(), Outcome::PeerReset);
+}
+
+#[tokio::test]
+async fn a_vanished_peer_resets_the_client() {
+    let (mut client, host_local) = tcp_pair().await;
+    let (t1, t2) = UnixStream::pair().unwrap();
+    let host_side = tokio::spawn(async move {
+        relay(&host_local, &t1, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
+    });
+    drop(t2); // The agent died without a word.
+    let mut buf = [0u8; 16];
+    let r = within(client.read(&mut buf)).await;
+    assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "got {r:?}");
+    assert_eq!(within(host_side).await.unwrap(), Outcome::PeerVanished);
+}
+
+#[tokio::test]
+async fn garbage_from_the_peer_ends_only_that_connection() {
+    let (mut client, host_local) = tcp_pair().await;
+    let (t1, t2) = UnixStream::pair().unwrap();
+    let host_side = tokio::spawn(async move {
+        relay(&host_local, &t1, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
+    });
+    let mut t2 = t2;
+    t2.write_all(&[0x7f, 0xff, 0xff, 0xfe]).await.unwrap(); // announces a 2 GiB chunk
+    let mut buf = [0u8; 16];
+    let r = within(client.read(&mut buf)).await;
+    assert!(r.is_err() || r.as_ref().is_ok_and(|n| *n == 0), "client must not hang: {r:?}");
+    assert_eq!(within(host_side).await.unwrap(), Outcome::ProtocolError);
+}
+
+#[tokio::test]
+async fn shutdown_cancels_an_idle_relay() {
+    let (_client, host_local) = tcp_pair().await;
+    let (t1, _t2) = UnixStream::pair().unwrap();
+    let token = CancellationToken::new();
+    let t = token.clone();
+    let host_side = tokio::spawn(async move {
+        relay(&host_local, &t1, BytesMut::new(), &RelayCounters::default(), &t).await
+    });
+    token.cancel();
+    assert_eq!(within(host_side).await.unwrap(), Outcome::Cancelled);
+}

@@ -1,0 +1,250 @@
+//! Length-prefixed JSON frames: a big-endian `u32` body length, then that many bytes of JSON.
+//!
+//! The control stream is a sequence of [`Control`] frames. A data stream starts with one
+//! [`Open`] frame from the side that opened it and one [`OpenReply`] frame back.
+
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::{Buf, BufMut, BytesMut};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use thiserror::Error;
+
+use crate::listener::{Listener, Proto};
+
+/// Largest frame body accepted or sent. A snapshot of ~10 000 listeners fits; more than that is
+/// refused rather than buffered.
+pub const MAX_FRAME_LEN: usize = 1 << 20;
+/// Bytes of the length prefix.
+pub const FRAME_HEADER_LEN: usize = 4;
+
+/// Which end of the link a peer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// `hostnet-proxy`, on the desktop.
+    Proxy,
+    /// `hostnet-agent`, in the VM.
+    Agent,
+}
+
+/// Frames of the long-lived control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Control {
+    /// First frame from each side.
+    Hello { role: Role, software: String },
+    /// Agent → proxy: the complete set of guest listeners. Sent once after `Hello`; replaces
+    /// whatever the proxy believed before (the resync after a reconnect).
+    Snapshot { listeners: Vec<Listener> },
+    /// Agent → proxy: listeners that appeared since the last snapshot or delta.
+    Added { listeners: Vec<Listener> },
+    /// Agent → proxy: listeners that went away.
+    Removed { listeners: Vec<Listener> },
+    /// Either side: liveness probe. The receiver answers with `HeartbeatAck` carrying `seq`.
+    Heartbeat { seq: u64 },
+    /// Answer to `Heartbeat`.
+    HeartbeatAck { seq: u64 },
+    /// Either side: a fatal problem the peer should log before the stream closes.
+    Error { message: String },
+}
+
+/// First frame on a data stream, from the side that opened it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Open {
+    /// This stream is the control stream.
+    Control,
+    /// Relay one TCP connection to `addr:port` on the far side. `peer` is the client's address,
+    /// for logs only.
+    Tcp { addr: IpAddr, port: u16, peer: Option<SocketAddr> },
+}
+
+impl Open {
+    /// The protocol this stream relays, if it is a data stream.
+    pub fn proto(&self) -> Option<Proto> {
+        match self {
+            Open::Control => None,
+            Open::Tcp { .. } => Some(Proto::Tcp),
+        }
+    }
+}
+
+/// Answer to [`Open`] on a data stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OpenReply {
+    /// The far side connected; chunks follow.
+    Connected,
+    /// The far side could not connect; the stream closes. The opener resets its client.
+    Refused { reason: String },
+}
+
+/// Why a frame could not be encoded or decoded.
+#[derive(Debug, Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the limit of {MAX_FRAME_LEN} bytes")]
+    TooLong { len: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Appends `msg` as one frame to `out`.
+pub fn encode_frame<T: Serialize>(msg: &T, out: &mut impl BufMut) -> Result<(), FrameError> {
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_FRAME_LEN {
+        return Err(FrameError::TooLong { len: body.len() });
+    }
+    // Cannot truncate: MAX_FRAME_LEN < u32::MAX.
+    out.put_u32(body.len() as u32);
+    out.put_slice(&body);
+    Ok(())
+}
+
+/// Incremental decoder: feed it bytes as they arrive, take frames out.
+///
+/// It looks at the length prefix before buffering the body, so a hostile length costs nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FrameDecoder;
+
+impl FrameDecoder {
+    /// Takes one whole frame off the front of `buf`, or returns `Ok(None)` if more bytes are
+    /// needed. On error the stream is unusable and must be closed.
+    pub fn decode<T: DeserializeOwned>(&self, buf: &mut BytesMut) -> Result<Option<T>, FrameError> {
+        let Some(len) = peek_len(buf)? else {
+            return Ok(None);
+        };
+        let total = FRAME_HEADER_LEN + len;
+        if buf.len() < total {
+            buf.reserve(total - buf.len());
+            return Ok(None);
+        }
+        buf.advance(FRAME_HEADER_LEN);
+        let body = buf.split_to(len);
+        Ok(Some(serde_json::from_slice(&body)?))
+    }
+}
+
+/// The body length announced at the front of `buf`, checked against [`MAX_FRAME_LEN`].
+fn peek_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
+    let Some(&[a, b, c, d]) = buf.get(..FRAME_HEADER_LEN) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([a, b, c, d]) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLong { len });
+    }
+    Ok(Some(len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::Ipv6Addr;
+
+    fn frames() -> Vec<Control> {
+        let l = Listener { proto: Proto::Tcp, addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED), port: 8000 };
+        vec![
+            Control::Hello { role: Role::Agent, software: "hostnet-agent 0.1.0".into() },
+            Control::Snapshot { listeners: vec![l] },
+            Control::Added { listeners: vec![] },
+            Control::Removed { listeners: vec![l] },
+            Control::Heartbeat { seq: 7 },
+            Control::HeartbeatAck { seq: 7 },
+            Control::Error { message: "bye".into() },
+        ]
+    }
+
+    #[test]
+    fn round_trip_byte_by_byte() {
+        let mut wire = BytesMut::new();
+        for f in frames() {
+            encode_frame(&f, &mut wire).unwrap();
+        }
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for byte in wire {
+            buf.put_u8(byte);
+            while let Some(f) = FrameDecoder.decode::<Control>(&mut buf).unwrap() {
+                got.push(f);
+            }
+        }
+        assert_eq!(got, frames());
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn wire_shape_is_documented_json() {
+        let mut wire = BytesMut::new();
+        encode_frame(&Control::Heartbeat { seq: 1 }, &mut wire).unwrap();
+        assert_eq!(&wire[..], b"\0\0\0\x1c{\"type\":\"heartbeat\",\"seq\":1}");
+        let mut wire = BytesMut::new();
+        let open = Open::Tcp { addr: "127.0.0.1".parse().unwrap(), port: 80, peer: None };
+        encode_frame(&open, &mut wire).unwrap();
+        assert_eq!(&wire[4..], br#"{"type":"tcp","addr":"127.0.0.1","port":80,"peer":null}"#);
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_buffering() {
+        let mut buf = BytesMut::from(&u32::MAX.to_be_bytes()[..]);
+        let err = FrameDecoder.decode::<Control>(&mut buf).unwrap_err();
+        assert!(matches!(err, FrameError::TooLong { .. }));
+        assert!(buf.capacity() < 1024, "no allocation for a hostile length");
+    }
+
+    #[test]
+    fn unknown_frame_type_and_fields_are_errors() {
+        for body in [&br#"{"type":"launch_missiles"}"#[..], br#"{"type":"heartbeat","seq":1,"x":2}"#] {
+            let mut buf = BytesMut::new();
+            buf.put_u32(body.len() as u32);
+            buf.put_slice(body);
+            assert!(matches!(
+                FrameDecoder.decode::<Control>(&mut buf),
+                Err(FrameError::Malformed(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn encoder_refuses_what_decoder_would_refuse() {
+        let big = Control::Error { message: "x".repeat(MAX_FRAME_LEN) };
+        assert!(matches!(encode_frame(&big, &mut BytesMut::new()), Err(FrameError::TooLong { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn hostile_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = FrameDecoder.decode::<Control>(&mut buf) {}
+            let mut buf = BytesMut::from(&bytes[..]);
+            let _ = FrameDecoder.decode::<Open>(&mut buf);
+            let mut buf = BytesMut::from(&bytes[..]);
+            let _ = FrameDecoder.decode::<OpenReply>(&mut buf);
+        }
+
+        #[test]
+        fn bounded_length_prefix_with_any_body(len in 0u32..2048, body in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let mut buf = BytesMut::new();
+            buf.put_u32(len);
+            buf.put_slice(&body);
+            match FrameDecoder.decode::<Control>(&mut buf) {
+                Ok(None) => prop_assert!(body.len() < len as usize),
+                Ok(Some(_)) | Err(FrameError::Malformed(_)) => prop_assert!(body.len() >= len as usize),
+                Err(FrameError::TooLong { .. }) => prop_assert!(false, "len {} is under the limit", len),
+            }
+        }
+
+        #[test]
+        fn any_snapshot_round_trips(ports in proptest::collection::vec((any::<bool>(), any::<u16>(), any::<[u8; 16]>()), 0..64)) {
+            let listeners: Vec<Listener> = ports.iter().map(|&(v6, port, raw)| Listener {
+                proto: Proto::Tcp,
+                addr: if v6 { IpAddr::from(raw) } else { IpAddr::from([raw[0], raw[1], raw[2], raw[3]]) },
+                port,
+            }).collect();
+            let frame = Control::Snapshot { listeners };
+            let mut buf = BytesMut::new();
+            encode_frame(&frame, &mut buf).unwrap();
+            prop_assert_eq!(FrameDecoder.decode::<Control>(&mut buf).unwrap(), Some(frame));
+        }
+    }
+}
