@@ -1,0 +1,73 @@
+//! `hostnet-agent`: runs inside the VM. Watches the guest's listening sockets, advertises them
+//! to the proxy on the control stream, and relays each data stream the proxy opens to the guest
+//! server it names.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use hostnet_net::TransportSpec;
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+mod discovery;
+mod session;
+
+pub use discovery::DEFAULT_POLL_INTERVAL;
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where to wait for the proxy.
+    pub transport: TransportSpec,
+    /// How often the listener table is read.
+    pub poll_interval: Duration,
+    /// Guest ports never advertised (the VM's own services).
+    pub ignore_ports: BTreeSet<u16>,
+}
+
+impl AgentConfig {
+    pub fn new(transport: TransportSpec) -> Self {
+        AgentConfig { transport, poll_interval: DEFAULT_POLL_INTERVAL, ignore_ports: BTreeSet::new() }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Transport(#[from] hostnet_net::TransportError),
+    #[error("cannot read the guest's listening sockets through netlink sock_diag: {0}")]
+    Discovery(std::io::Error),
+}
+
+/// Runs until `shutdown` fires. Returns an error only if it cannot start.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let listeners = discovery::spawn(config.poll_interval, config.ignore_ports.clone(), shutdown.clone())
+        .map_err(AgentError::Discovery)?;
+    let acceptor = config.transport.bind().await?;
+    info!(transport = %config.transport, "hostnet-agent listening for the proxy");
+
+    let tracker = TaskTracker::new();
+    let sessions = session::Sessions::new(listeners, shutdown.clone());
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = acceptor.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let sessions = sessions.clone();
+                    tracker.spawn(async move { sessions.handle(stream, peer).await });
+                }
+                Err(e) => {
+                    // Out of fds and the like: back off a little instead of spinning.
+                    warn!("accepting a stream failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    info!("hostnet-agent stopped");
+    Ok(())
+}

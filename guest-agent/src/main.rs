@@ -1,1 +1,62 @@
-fn main() {}
+//! `hostnet-agent`: the VM side of hostnet.
+
+use std::collections::BTreeSet;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use guest_agent::{AgentConfig, run};
+use hostnet_net::{TransportSpec, cli};
+use tokio_util::sync::CancellationToken;
+
+/// hostnet's agent inside the Linux VM.
+///
+/// Watches the VM's listening TCP sockets (wildcard and loopback binds, IPv4 and IPv6) and
+/// advertises them to hostnet-proxy on the desktop, which opens the same ports on the host's
+/// loopback. Each connection the proxy relays is connected here to the guest server.
+///
+/// Usually started by the VM's init system; `hostnet-proxy demo` starts it inside a network
+/// namespace instead.
+#[derive(Debug, Parser)]
+#[command(version, after_help = "Examples:\n  hostnet-agent --transport vsock:any:1024     # in a real VM\n  hostnet-agent --transport unix:/run/hostnet/agent.sock\n\nLogging: RUST_LOG=debug hostnet-agent …")]
+struct Args {
+    /// Where to wait for the proxy: vsock:any:PORT (a VM), unix:PATH (the netns stand-in) or
+    /// tcp:ADDR:PORT (tests).
+    #[arg(long, env = "HOSTNET_AGENT_TRANSPORT", value_parser = parse_spec)]
+    transport: TransportSpec,
+
+    /// Milliseconds between two reads of the listener table.
+    #[arg(long, default_value_t = guest_agent::DEFAULT_POLL_INTERVAL.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    poll_interval_ms: u64,
+
+    /// Guest port never to advertise; repeat for more.
+    #[arg(long = "ignore-port", value_name = "PORT")]
+    ignore_ports: Vec<u16>,
+}
+
+fn parse_spec(s: &str) -> Result<TransportSpec, String> {
+    s.parse().map_err(|e: hostnet_net::TransportError| e.to_string())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    cli::init_logging();
+    let args = Args::parse();
+    let mut config = AgentConfig::new(args.transport);
+    config.poll_interval = Duration::from_millis(args.poll_interval_ms);
+    config.ignore_ports = args.ignore_ports.into_iter().collect::<BTreeSet<_>>();
+
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        cli::termination_signal().await;
+        stop.cancel();
+    });
+    match run(config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

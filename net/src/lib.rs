@@ -10,6 +10,7 @@
 
 #[cfg(target_os = "linux")]
 pub mod discovery;
+pub mod cli;
 pub mod handshake;
 pub mod relay;
 pub mod stream;

@@ -1,0 +1,348 @@
+//! A small harness for black-box tests: it drives the real `hostnet-proxy demo` (which starts
+//! the real `hostnet-agent`) and plays both the "container" (sockets opened inside the demo's
+//! network namespace) and the "desktop" (plain sockets on this machine's loopback).
+//!
+//! Every wait has a deadline; nothing sleeps and hopes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::print_stdout)]
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, SockRef, Socket, Type};
+
+/// The longest any single condition is waited for.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Path of a binary of this workspace, built by `cargo build` into the same target dir.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test-binary>
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace first (`cargo build --workspace`; the README's test command does this)",
+        path.display()
+    );
+    path
+}
+
+/// These tests create network namespaces: they need root, and say so.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (it creates network namespaces); run the README's test command as root"
+    );
+}
+
+/// A port number no other test of this run uses and that is free on the host right now.
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(0, 20_000 + (std::process::id() % 80) as u16 * 100, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(port < 32_000, "ran out of test ports");
+        let v4 = TcpListener::bind(("127.0.0.1", port)).is_ok();
+        let v6 = TcpListener::bind(("::1", port)).is_ok() || !has_ipv6();
+        if v4 && v6 {
+            return port;
+        }
+    }
+}
+
+/// Whether this machine has an IPv6 loopback.
+pub fn has_ipv6() -> bool {
+    TcpListener::bind("[::1]:0").is_ok()
+}
+
+/// Waits for `cond` to hold, polling every millisecond, for at most [`DEADLINE`].
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < DEADLINE, "timed out after {DEADLINE:?} waiting until {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    start.elapsed()
+}
+
+/// A running `hostnet-proxy demo`.
+#[derive(Debug)]
+pub struct Demo {
+    pub netns: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Demo {
+    /// Starts a demo in a namespace of its own and waits for its `ready` line.
+    pub fn start() -> Demo {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Demo {
+        require_root();
+        static N: AtomicU32 = AtomicU32::new(0);
+        let netns = format!("hn-t{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        Self::start_named(&netns, extra).unwrap_or_else(|e| panic!("demo did not start: {e}"))
+    }
+
+    /// Starts a demo on `netns`; `Err` carries its log if it exited instead of becoming ready.
+    pub fn start_named(netns: &str, extra: &[&str]) -> Result<Demo, String> {
+        let log = std::env::temp_dir().join(format!("hostnet-{netns}.log"));
+        let mut child = Command::new(bin("hostnet-proxy"))
+            .args(["demo", "--netns", netns])
+            .args(extra)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut demo = Demo { netns: netns.to_owned(), child: Some(child), log };
+        let start = Instant::now();
+        loop {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(line) if line.contains("ready") => return Ok(demo),
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = demo.child.as_mut().unwrap().wait().unwrap();
+                    demo.child = None;
+                    return Err(format!("demo exited ({status}) without `ready`:\n{}", demo.log_text()));
+                }
+            }
+            if start.elapsed() > DEADLINE {
+                return Err(format!("no `ready` within {DEADLINE:?}:\n{}", demo.log_text()));
+            }
+        }
+    }
+
+    /// The demo's log so far (its stderr).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        terminate(&mut child).unwrap_or_else(|| panic!("demo did not stop within {DEADLINE:?}:\n{}", self.log_text()))
+    }
+
+    /// Runs `f` on a thread that has entered the demo's network namespace: sockets it creates
+    /// live in the "VM".
+    pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let ns = File::open(Path::new("/run/netns").join(&self.netns)).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
+    /// A listening socket inside the "VM" at `addr` (`v6only` for IPv6-only binds).
+    pub fn listen(&self, addr: SocketAddr, v6only: bool) -> TcpListener {
+        self.in_netns(|| {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+            if addr.is_ipv6() {
+                s.set_only_v6(v6only).unwrap();
+            }
+            s.set_reuse_address(true).unwrap();
+            s.bind(&addr.into()).unwrap();
+            s.listen(128).unwrap();
+            s.into()
+        })
+    }
+
+    /// PIDs of processes in the demo's namespace (the agent).
+    pub fn netns_pids(&self) -> Vec<i32> {
+        let out = Command::new("ip").args(["netns", "pids", &self.netns]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if terminate(&mut child).is_none() {
+                let _ = child.kill();
+                let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+            }
+            if std::thread::panicking() {
+                eprintln!("--- demo log ({}) ---\n{}", self.netns, self.log_text());
+            }
+        }
+    }
+}
+
+fn terminate(child: &mut Child) -> Option<ExitStatus> {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let start = Instant::now();
+    while start.elapsed() < DEADLINE {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+/// A guest server: serves each connection on its own thread until [`GuestServer::close`].
+#[derive(Debug)]
+pub struct GuestServer {
+    pub port: u16,
+    listener: TcpListener,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl GuestServer {
+    /// Serves `listener` with `handler` per connection.
+    pub fn serve(listener: TcpListener, handler: fn(TcpStream)) -> GuestServer {
+        let port = listener.local_addr().unwrap().port();
+        let l = listener.try_clone().unwrap();
+        let thread = std::thread::spawn(move || {
+            for conn in l.incoming() {
+                match conn {
+                    Ok(c) => {
+                        std::thread::spawn(move || handler(c));
+                    }
+                    Err(_) => break, // closed by `close`
+                }
+            }
+        });
+        GuestServer { port, listener, thread: Some(thread) }
+    }
+
+    /// Stops accepting and closes the listening socket (the guest server "exits").
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        // shutdown(2) on a listening socket wakes a blocked accept on Linux.
+        let _ = SockRef::from(&self.listener).shutdown(Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for GuestServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Echoes everything, then half-closes when the client does.
+pub fn echo(mut c: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if c.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = c.shutdown(Shutdown::Write);
+}
+
+/// Reads until the client half-closes, then answers `got N bytes` and closes.
+pub fn count_then_reply(mut c: TcpStream) {
+    let mut n = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(_) => return,
+        }
+    }
+    let _ = c.write_all(format!("got {n} bytes").as_bytes());
+}
+
+/// Connects to `addr` on the host, retrying until it is accepted and an echo round trip
+/// works (the forward is live end to end). Returns the connection and the time it took.
+pub fn connect_when_forwarded(addr: SocketAddr) -> (TcpStream, Duration) {
+    let start = Instant::now();
+    loop {
+        if let Ok(mut c) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut b = [0u8; 1];
+            if c.write_all(b"?").is_ok() && c.read_exact(&mut b).is_ok() && &b == b"?" {
+                return (c, start.elapsed());
+            }
+        }
+        assert!(start.elapsed() < DEADLINE, "{addr} never became usable within {DEADLINE:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Whether a connect to `addr` on the host is refused (nothing listens).
+pub fn refused(addr: SocketAddr) -> bool {
+    matches!(TcpStream::connect_timeout(&addr, Duration::from_secs(2)), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so a failure can be replayed.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `data` through an echo connection from one thread while reading it back on another;
+/// returns what came back.
+pub fn echo_round_trip(c: TcpStream, data: &[u8]) -> Vec<u8> {
+    let mut reader = c.try_clone().unwrap();
+    reader.set_read_timeout(Some(DEADLINE)).unwrap();
+    let expected = data.len();
+    let collect = std::thread::spawn(move || {
+        let mut got = Vec::with_capacity(expected);
+        reader.read_to_end(&mut got).map(|_| got)
+    });
+    let mut w = c;
+    w.write_all(data).unwrap();
+    w.shutdown(Shutdown::Write).unwrap();
+    collect.join().unwrap().expect("reading the echo failed")
+}
+
+/// `127.0.0.1:port` or `[::1]:port`.
+pub fn loopback(v6: bool, port: u16) -> SocketAddr {
+    let ip: IpAddr = if v6 { "::1".parse().unwrap() } else { "127.0.0.1".parse().unwrap() };
+    SocketAddr::new(ip, port)
+}
+
+/// p-th percentile (0–100) of `samples`.
+pub fn percentile(samples: &mut [Duration], p: usize) -> Duration {
+    samples.sort();
+    let i = (samples.len().saturating_sub(1) * p).div_ceil(100);
+    samples[i.min(samples.len() - 1)]
+}

@@ -1,0 +1,155 @@
+//! One stream from the proxy: the control stream, or one relayed TCP connection.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hostnet_net::TransportStream;
+use hostnet_net::handshake::{self, FrameReader, HandshakeError};
+use hostnet_net::relay::{self, RelayCounters};
+use hostnet_protocol::{Control, ListenerSet, Open, OpenReply, PrefaceError, Role};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+/// How long a guest server may take to accept a relayed connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A control stream silent this long (the proxy heartbeats every couple of seconds) is dead.
+const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// State shared by every stream the agent serves.
+#[derive(Debug, Clone)]
+pub struct Sessions {
+    listeners: watch::Receiver<Arc<ListenerSet>>,
+    shutdown: CancellationToken,
+    /// The live control session; a new one replaces it (the proxy restarted or reconnected).
+    control: Arc<Mutex<CancellationToken>>,
+}
+
+impl Sessions {
+    pub fn new(listeners: watch::Receiver<Arc<ListenerSet>>, shutdown: CancellationToken) -> Self {
+        Sessions { listeners, shutdown, control: Arc::new(Mutex::new(CancellationToken::new())) }
+    }
+
+    pub async fn handle(&self, stream: TransportStream, peer: String) {
+        let mut reader = FrameReader::new();
+        let open = match reader.read_opening::<_, Open>(&stream).await {
+            Ok(open) => open,
+            Err(e) => {
+                if let HandshakeError::Preface(PrefaceError::VersionMismatch { .. }) = e {
+                    // Tell the proxy in words too; it also sees our version in our preface.
+                    let msg = Control::Error { message: format!("hostnet-agent: {e}") };
+                    let _ = handshake::send_preface_and(&stream, &msg).await;
+                }
+                warn!(%peer, "rejected a stream: {e}");
+                return;
+            }
+        };
+        match open {
+            Open::Control => self.control(stream, reader).await,
+            Open::Tcp { addr, port, peer } => {
+                let span = info_span!("tcp", %port, client = %peer.map(|p| p.to_string()).unwrap_or_default());
+                self.tcp(stream, reader, addr, port).instrument(span).await
+            }
+        }
+    }
+
+    async fn control(&self, stream: TransportStream, mut reader: FrameReader) {
+        let token = self.shutdown.child_token();
+        {
+            let mut current = self.control.lock().unwrap_or_else(|p| p.into_inner());
+            current.cancel();
+            *current = token.clone();
+        }
+        info!("proxy connected: control stream up");
+        match self.control_loop(&stream, &mut reader, &token).await {
+            Ok(()) => info!("control stream closed"),
+            Err(e) => warn!("control stream ended: {e}"),
+        }
+    }
+
+    async fn control_loop(
+        &self,
+        stream: &TransportStream,
+        reader: &mut FrameReader,
+        token: &CancellationToken,
+    ) -> Result<(), HandshakeError> {
+        let hello = Control::Hello { role: Role::Agent, software: software() };
+        handshake::send_preface_and(stream, &hello).await?;
+        let mut listeners = self.listeners.clone();
+        let mut sent = (**listeners.borrow_and_update()).clone();
+        handshake::send_frame(stream, &Control::Snapshot { listeners: sent.iter().copied().collect() }).await?;
+        debug!(listeners = sent.len(), "snapshot sent");
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return Ok(()),
+                changed = listeners.changed() => {
+                    if changed.is_err() {
+                        return Ok(()); // discovery stopped: shutting down
+                    }
+                    let now = (**listeners.borrow_and_update()).clone();
+                    let (added, removed) = sent.diff(&now);
+                    if !removed.is_empty() {
+                        debug!(?removed, "listeners removed");
+                        handshake::send_frame(stream, &Control::Removed { listeners: removed }).await?;
+                    }
+                    if !added.is_empty() {
+                        debug!(?added, "listeners added");
+                        handshake::send_frame(stream, &Control::Added { listeners: added }).await?;
+                    }
+                    sent = now;
+                }
+                frame = tokio::time::timeout(CONTROL_IDLE_TIMEOUT, reader.read_frame::<_, Control>(stream)) => {
+                    match frame.map_err(|_| HandshakeError::TimedOut(CONTROL_IDLE_TIMEOUT))?? {
+                        Control::Heartbeat { seq } => {
+                            handshake::send_frame(stream, &Control::HeartbeatAck { seq }).await?;
+                        }
+                        Control::Hello { software, .. } => info!(%software, "proxy said hello"),
+                        Control::Error { message } => warn!("proxy reported: {message}"),
+                        other => debug!(?other, "ignoring a frame the agent does not act on"),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn tcp(&self, stream: TransportStream, reader: FrameReader, addr: IpAddr, port: u16) {
+        // The proxy may only reach guest loopback: never use the agent to go elsewhere.
+        let server = if !addr.is_loopback() {
+            Err(format!("{addr} is not a guest loopback address"))
+        } else {
+            connect(SocketAddr::new(addr, port)).await
+        };
+        let server = match server {
+            Ok(s) => s,
+            Err(reason) => {
+                debug!("refused: {reason}");
+                let _ = handshake::send_preface_and(&stream, &OpenReply::Refused { reason }).await;
+                return;
+            }
+        };
+        if let Err(e) = handshake::send_preface_and(&stream, &OpenReply::Connected).await {
+            debug!("proxy went away before the relay started: {e}");
+            return;
+        }
+        let counters = RelayCounters::default();
+        let outcome = relay::relay(&server, &stream, reader.into_leftover(), &counters, &self.shutdown).await;
+        debug!(?outcome, ?counters, "relay finished");
+    }
+}
+
+async fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(format!("connecting to {addr} in the guest failed: {e}")),
+        Err(_) => Err(format!("connecting to {addr} in the guest timed out after {CONNECT_TIMEOUT:?}")),
+    }
+}
+
+fn software() -> String {
+    format!("hostnet-agent {}", env!("CARGO_PKG_VERSION"))
+}

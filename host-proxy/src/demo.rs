@@ -1,0 +1,218 @@
+//! The netns stand-in for a VM: a network namespace with its own loopback plays the guest,
+//! the agent runs inside it, and the proxy reaches it over a Unix socket (path-based Unix
+//! sockets cross namespaces). Everything it creates is removed when it stops.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use hostnet_net::TransportSpec;
+use tokio::process::Command;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{LinkState, ProxyConfig};
+
+/// The namespace name when none is given.
+pub const DEFAULT_NETNS: &str = "hostnet-demo";
+/// Where named network namespaces live (`ip netns` convention).
+const NETNS_DIR: &str = "/run/netns";
+/// Where the demo keeps its agent socket: `<RUN_DIR>/<netns>/agent.sock`.
+const RUN_DIR: &str = "/run/hostnet";
+/// An agent that ran at least this long before dying is restarted at once.
+const AGENT_HEALTHY_AFTER: Duration = Duration::from_secs(10);
+const AGENT_RESTART_MAX: Duration = Duration::from_secs(5);
+
+/// Options of `hostnet-proxy demo`.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub netns: String,
+    /// Use an existing namespace of that name instead of refusing (and leave it in place).
+    pub reuse: bool,
+    /// The agent binary; by default the `hostnet-agent` next to this executable, else `$PATH`.
+    pub agent: Option<PathBuf>,
+    /// Extra arguments for the agent.
+    pub agent_args: Vec<String>,
+}
+
+/// Sets the stand-in up, runs the proxy against it until `shutdown`, tears it down.
+pub async fn run(opts: DemoOptions, shutdown: CancellationToken, state: watch::Sender<LinkState>) -> anyhow::Result<()> {
+    preflight(&opts)?;
+    let agent = agent_path(opts.agent.as_deref())?;
+    let stand_in = StandIn::create(&opts).await?;
+    info!(netns = %opts.netns, "network namespace ready; starting the agent inside it");
+
+    let spec = TransportSpec::Unix(stand_in.socket.clone());
+    let mut agent_cmd = vec![agent.into_os_string().into_string().unwrap_or_default()];
+    agent_cmd.extend(["--transport".to_owned(), spec.to_string()]);
+    agent_cmd.extend(opts.agent_args.iter().cloned());
+    let supervisor = tokio::spawn(supervise_agent(opts.netns.clone(), agent_cmd, shutdown.clone()));
+
+    let config = ProxyConfig { connector: spec.connector() };
+    crate::run(config, shutdown, state).await;
+    if let Err(e) = supervisor.await {
+        warn!("agent supervisor failed: {e}");
+    }
+    stand_in.remove().await;
+    Ok(())
+}
+
+/// Checks that can fail before anything is created.
+fn preflight(opts: &DemoOptions) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "hostnet-proxy demo needs root: it creates a network namespace and starts the agent \
+             inside it (CAP_SYS_ADMIN and CAP_NET_ADMIN). Run it with sudo: sudo hostnet-proxy demo"
+        );
+    }
+    let name = &opts.netns;
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !valid {
+        bail!("{name:?} is not a usable namespace name: use up to 64 letters, digits, '-', '_' or '.'");
+    }
+    if std::process::Command::new("ip").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
+        bail!("the demo needs the `ip` command from iproute2 (Debian: apt-get install iproute2)");
+    }
+    Ok(())
+}
+
+fn agent_path(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        if !p.is_file() {
+            bail!("agent binary {} not found", p.display());
+        }
+        return Ok(p.to_owned());
+    }
+    let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("hostnet-agent")));
+    if let Some(p) = beside.filter(|p| p.is_file()) {
+        return Ok(p);
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|d| d.join("hostnet-agent"))
+        .find(|p| p.is_file());
+    on_path.context("hostnet-agent not found next to hostnet-proxy or on $PATH; build it (cargo build) or pass --agent PATH")
+}
+
+/// The namespace and run directory the demo made, and whether it owns the namespace.
+struct StandIn {
+    netns: String,
+    created_netns: bool,
+    run_dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl StandIn {
+    async fn create(opts: &DemoOptions) -> anyhow::Result<Self> {
+        let exists = Path::new(NETNS_DIR).join(&opts.netns).exists();
+        if exists && !opts.reuse {
+            bail!(
+                "network namespace {0:?} already exists (a demo may still be running, or one did not \
+                 stop cleanly). Remove it with `sudo ip netns del {0}`, pick another with --netns, or \
+                 pass --reuse to use it as it is",
+                opts.netns
+            );
+        }
+        if !exists {
+            ip(&["netns", "add", &opts.netns]).await?;
+        }
+        let mut stand_in = StandIn {
+            netns: opts.netns.clone(),
+            created_netns: !exists,
+            run_dir: Path::new(RUN_DIR).join(&opts.netns),
+            socket: PathBuf::new(),
+        };
+        if let Err(e) = stand_in.finish_setup().await {
+            stand_in.remove().await;
+            return Err(e);
+        }
+        Ok(stand_in)
+    }
+
+    async fn finish_setup(&mut self) -> anyhow::Result<()> {
+        // A new namespace has its loopback down.
+        ip(&["-n", &self.netns, "link", "set", "lo", "up"]).await?;
+        tokio::fs::create_dir_all(&self.run_dir)
+            .await
+            .with_context(|| format!("cannot create {}", self.run_dir.display()))?;
+        tokio::fs::set_permissions(&self.run_dir, std::fs::Permissions::from_mode(0o700)).await?;
+        self.socket = self.run_dir.join("agent.sock");
+        Ok(())
+    }
+
+    async fn remove(self) {
+        let _ = tokio::fs::remove_dir_all(&self.run_dir).await;
+        if self.created_netns {
+            match ip(&["netns", "del", &self.netns]).await {
+                Ok(()) => info!(netns = %self.netns, "network namespace removed"),
+                Err(e) => warn!("{e:#}"),
+            }
+        }
+    }
+}
+
+async fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip").args(args).stdin(Stdio::null()).output().await.context("running `ip`")?;
+    if !out.status.success() {
+        bail!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Runs the agent inside the namespace and restarts it if it dies, as a guest's init would.
+async fn supervise_agent(netns: String, agent_cmd: Vec<String>, shutdown: CancellationToken) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &netns]).args(&agent_cmd).stdin(Stdio::null()).kill_on_drop(true);
+        let started = Instant::now();
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("cannot start the agent: {e}");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(AGENT_RESTART_MAX) => continue,
+                }
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                stop_child(&mut child).await;
+                return;
+            }
+            status = child.wait() => {
+                if started.elapsed() >= AGENT_HEALTHY_AFTER {
+                    delay = Duration::from_millis(100);
+                }
+                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                warn!("the agent exited ({status}); restarting it in {delay:?}");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(AGENT_RESTART_MAX);
+    }
+}
+
+/// SIGTERM, then SIGKILL if it lingers.
+async fn stop_child(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        if tokio::time::timeout(Duration::from_secs(3), child.wait()).await.is_ok() {
+            return;
+        }
+    }
+    let _ = child.kill().await;
+}
+

@@ -1,0 +1,189 @@
+//! The control link to the agent: connect, handshake, apply the snapshot and deltas,
+//! heartbeat; on loss, reconnect with backoff and resync from the next snapshot.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use hostnet_net::handshake::{self, FrameReader, HandshakeError};
+use hostnet_net::{Connector, TransportError};
+use hostnet_protocol::{Control, ListenerSet, Open, Role};
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::LinkState;
+use crate::forward::Forwards;
+
+/// How often the proxy sends a heartbeat (and retries conflicting ports).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+/// No frame from the agent for this long: the link is dead.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(8);
+/// After losing the agent, forwarded ports stay open this long for it to come back, then close.
+pub const STALE_AFTER: Duration = Duration::from_secs(5);
+/// Reconnect backoff bounds.
+const RECONNECT_MIN: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+enum LinkError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error("the agent reported: {0}")]
+    Agent(String),
+    #[error("the agent sent {0} where a {1} was expected")]
+    Unexpected(&'static str, &'static str),
+    #[error("the agent stopped answering heartbeats for {0:?}")]
+    Silent(Duration),
+}
+
+fn backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(RECONNECT_MIN)
+        .with_max_delay(RECONNECT_MAX)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Keeps the link up until `shutdown`.
+pub async fn maintain(
+    connector: Arc<dyn Connector>,
+    forwards: Forwards,
+    state: watch::Sender<LinkState>,
+    shutdown: CancellationToken,
+) {
+    let mut delays = backoff();
+    let mut lost_at: Option<Instant> = None;
+    let mut attempts = 0u32;
+    loop {
+        let mut established = false;
+        let result = session(&*connector, &forwards, &state, &shutdown, &mut established).await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+        attempts += 1;
+        if established {
+            delays = backoff();
+            attempts = 1;
+            lost_at = Some(Instant::now());
+        } else {
+            lost_at.get_or_insert_with(Instant::now);
+        }
+        let error = match result {
+            Ok(()) => "the agent closed the control stream".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        let delay = delays.next().unwrap_or(RECONNECT_MAX);
+        if established {
+            warn!("lost the agent: {error}; reconnecting");
+        } else if attempts == 1 {
+            // Usual at start-up, while the VM boots: say so once, calmly.
+            info!("waiting for the agent: {error}");
+        } else if attempts.is_power_of_two() || delay >= RECONNECT_MAX {
+            warn!("agent unreachable (attempt {attempts}): {error}; retrying in {delay:.1?}");
+        }
+        state.send_replace(LinkState::Disconnected { error });
+
+        let stale_at = lost_at.map(|t| t + STALE_AFTER);
+        let wake = Instant::now() + delay;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+        if stale_at.is_some_and(|t| Instant::now() >= t) {
+            let (_, open) = forwards.counts();
+            if open > 0 {
+                info!("agent still away after {STALE_AFTER:?}: closing {open} forwarded port(s) until it is back");
+            }
+            forwards.replace_all(ListenerSet::new());
+        }
+    }
+}
+
+async fn session(
+    connector: &dyn Connector,
+    forwards: &Forwards,
+    state: &watch::Sender<LinkState>,
+    shutdown: &CancellationToken,
+    established: &mut bool,
+) -> Result<(), LinkError> {
+    state.send_replace(LinkState::Connecting);
+    let stream = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        s = connector.connect() => s?,
+    };
+    handshake::send_preface_and(&stream, &Open::Control).await?;
+    let hello = Control::Hello { role: Role::Proxy, software: format!("hostnet-proxy {}", env!("CARGO_PKG_VERSION")) };
+    handshake::send_frame(&stream, &hello).await?;
+
+    let mut reader = FrameReader::new();
+    match reader.read_opening::<_, Control>(&stream).await? {
+        Control::Hello { software, .. } => info!(agent = %software, via = %connector, "connected to the agent"),
+        Control::Error { message } => return Err(LinkError::Agent(message)),
+        _ => return Err(LinkError::Unexpected("another frame", "hello")),
+    }
+    let snapshot = tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, reader.read_frame::<_, Control>(&stream))
+        .await
+        .map_err(|_| HandshakeError::TimedOut(handshake::HANDSHAKE_TIMEOUT))??;
+    let Control::Snapshot { listeners } = snapshot else {
+        return Err(LinkError::Unexpected("another frame", "snapshot"));
+    };
+    forwards.replace_all(listeners.into_iter().filter(|l| l.is_forwardable()).collect());
+    *established = true;
+    publish(state, forwards);
+
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    let mut last_heard = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = heartbeat.tick() => {
+                if last_heard.elapsed() > HEARTBEAT_TIMEOUT {
+                    return Err(LinkError::Silent(HEARTBEAT_TIMEOUT));
+                }
+                seq += 1;
+                handshake::send_frame(&stream, &Control::Heartbeat { seq }).await?;
+                forwards.retry_conflicts();
+            }
+            frame = reader.read_frame::<_, Control>(&stream) => {
+                last_heard = Instant::now();
+                match frame? {
+                    Control::Snapshot { listeners } => {
+                        forwards.replace_all(listeners.into_iter().filter(|l| l.is_forwardable()).collect());
+                    }
+                    Control::Added { listeners } => {
+                        let ok: Vec<_> = listeners.into_iter().filter(|l| l.is_forwardable()).collect();
+                        forwards.add(&ok);
+                    }
+                    Control::Removed { listeners } => forwards.remove(&listeners),
+                    Control::Heartbeat { seq } => {
+                        handshake::send_frame(&stream, &Control::HeartbeatAck { seq }).await?;
+                    }
+                    Control::HeartbeatAck { .. } => {}
+                    Control::Error { message } => return Err(LinkError::Agent(message)),
+                    Control::Hello { .. } => debug!("ignoring a repeated hello"),
+                }
+                publish(state, forwards);
+            }
+        }
+    }
+}
+
+fn publish(state: &watch::Sender<LinkState>, forwards: &Forwards) {
+    let (listeners, forwarding) = forwards.counts();
+    state.send_if_modified(|s| {
+        let next = LinkState::Connected { listeners, forwarding };
+        if *s == next {
+            return false;
+        }
+        *s = next;
+        true
+    });
+}
