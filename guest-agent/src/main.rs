@@ -18,7 +18,10 @@ use tokio_util::sync::CancellationToken;
 /// Usually started by the VM's init system; `hostnet-proxy demo` starts it inside a network
 /// namespace instead.
 #[derive(Debug, Parser)]
-#[command(version, after_help = "Examples:\n  hostnet-agent --transport vsock:any:1024     # in a real VM\n  hostnet-agent --transport unix:/run/hostnet/agent.sock\n\nLogging: RUST_LOG=debug hostnet-agent …")]
+#[command(
+    version,
+    after_help = "Examples:\n  hostnet-agent --transport vsock:any:1024     # in a real VM\n  hostnet-agent --transport unix:/run/hostnet/agent.sock\n\nLogging: RUST_LOG=debug hostnet-agent …"
+)]
 struct Args {
     /// Where to wait for the proxy: vsock:any:PORT (a VM), unix:PATH (the netns stand-in) or
     /// tcp:ADDR:PORT (tests).

@@ -49,7 +49,8 @@ impl Sessions {
         match open {
             Open::Control => self.control(stream, reader).await,
             Open::Tcp { addr, port, peer } => {
-                let span = info_span!("tcp", %port, client = %peer.map(|p| p.to_string()).unwrap_or_default());
+                let span =
+                    info_span!("tcp", %port, client = %peer.map(|p| p.to_string()).unwrap_or_default());
                 self.tcp(stream, reader, addr, port).instrument(span).await
             }
         }
@@ -79,7 +80,8 @@ impl Sessions {
         handshake::send_preface_and(stream, &hello).await?;
         let mut listeners = self.listeners.clone();
         let mut sent = (**listeners.borrow_and_update()).clone();
-        handshake::send_frame(stream, &Control::Snapshot { listeners: sent.iter().copied().collect() }).await?;
+        handshake::send_frame(stream, &Control::Snapshot { listeners: sent.iter().copied().collect() })
+            .await?;
         debug!(listeners = sent.len(), "snapshot sent");
         loop {
             tokio::select! {

@@ -40,7 +40,11 @@ pub struct DemoOptions {
 }
 
 /// Sets the stand-in up, runs the proxy against it until `shutdown`, tears it down.
-pub async fn run(opts: DemoOptions, shutdown: CancellationToken, state: watch::Sender<LinkState>) -> anyhow::Result<()> {
+pub async fn run(
+    opts: DemoOptions,
+    shutdown: CancellationToken,
+    state: watch::Sender<LinkState>,
+) -> anyhow::Result<()> {
     preflight(&opts)?;
     let agent = agent_path(opts.agent.as_deref())?;
     let stand_in = StandIn::create(&opts).await?;
@@ -77,7 +81,13 @@ fn preflight(opts: &DemoOptions) -> anyhow::Result<()> {
     if !valid {
         bail!("{name:?} is not a usable namespace name: use up to 64 letters, digits, '-', '_' or '.'");
     }
-    if std::process::Command::new("ip").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
+    if std::process::Command::new("ip")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_err()
+    {
         bail!("the demo needs the `ip` command from iproute2 (Debian: apt-get install iproute2)");
     }
     Ok(())
@@ -215,4 +225,3 @@ async fn stop_child(child: &mut tokio::process::Child) {
     }
     let _ = child.kill().await;
 }
-

@@ -98,7 +98,9 @@ pub async fn maintain(
         if stale_at.is_some_and(|t| Instant::now() >= t) {
             let (_, open) = forwards.counts();
             if open > 0 {
-                info!("agent still away after {STALE_AFTER:?}: closing {open} forwarded port(s) until it is back");
+                info!(
+                    "agent still away after {STALE_AFTER:?}: closing {open} forwarded port(s) until it is back"
+                );
             }
             forwards.replace_all(ListenerSet::new());
         }
@@ -118,18 +120,24 @@ async fn session(
         s = connector.connect() => s?,
     };
     handshake::send_preface_and(&stream, &Open::Control).await?;
-    let hello = Control::Hello { role: Role::Proxy, software: format!("hostnet-proxy {}", env!("CARGO_PKG_VERSION")) };
+    let hello = Control::Hello {
+        role: Role::Proxy,
+        software: format!("hostnet-proxy {}", env!("CARGO_PKG_VERSION")),
+    };
     handshake::send_frame(&stream, &hello).await?;
 
     let mut reader = FrameReader::new();
     match reader.read_opening::<_, Control>(&stream).await? {
-        Control::Hello { software, .. } => info!(agent = %software, via = %connector, "connected to the agent"),
+        Control::Hello { software, .. } => {
+            info!(agent = %software, via = %connector, "connected to the agent")
+        }
         Control::Error { message } => return Err(LinkError::Agent(message)),
         _ => return Err(LinkError::Unexpected("another frame", "hello")),
     }
-    let snapshot = tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, reader.read_frame::<_, Control>(&stream))
-        .await
-        .map_err(|_| HandshakeError::TimedOut(handshake::HANDSHAKE_TIMEOUT))??;
+    let snapshot =
+        tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, reader.read_frame::<_, Control>(&stream))
+            .await
+            .map_err(|_| HandshakeError::TimedOut(handshake::HANDSHAKE_TIMEOUT))??;
     let Control::Snapshot { listeners } = snapshot else {
         return Err(LinkError::Unexpected("another frame", "snapshot"));
     };

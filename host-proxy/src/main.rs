@@ -27,7 +27,9 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Forward ports from a VM whose hostnet-agent is reachable over TRANSPORT.
-    #[command(after_help = "Examples:\n  hostnet-proxy run --transport hybrid:/run/vm/vm.vsock:1024   # Firecracker, Cloud Hypervisor, vhost-device-vsock\n  hostnet-proxy run --transport vsock:3:1024                      # Linux host with vhost-vsock, guest CID 3\n  hostnet-proxy run --transport unix:/run/hostnet/agent.sock\n\nPrints a line containing `ready` once forwarding is live. Logging: RUST_LOG=debug.")]
+    #[command(
+        after_help = "Examples:\n  hostnet-proxy run --transport hybrid:/run/vm/vm.vsock:1024   # Firecracker, Cloud Hypervisor, vhost-device-vsock\n  hostnet-proxy run --transport vsock:3:1024                      # Linux host with vhost-vsock, guest CID 3\n  hostnet-proxy run --transport unix:/run/hostnet/agent.sock\n\nPrints a line containing `ready` once forwarding is live. Logging: RUST_LOG=debug."
+    )]
     Run {
         /// How to reach the agent: hybrid:PATH:PORT, vsock:CID:PORT, unix:PATH or tcp:ADDR:PORT.
         #[arg(long, env = "HOSTNET_TRANSPORT", value_parser = parse_spec)]
@@ -35,7 +37,9 @@ enum Cmd {
     },
     /// Stand up a network namespace as a stand-in VM, run the agent in it and forward its ports
     /// (needs root). Ctrl-C removes everything it created.
-    #[command(after_help = "Try it, in three terminals:\n  sudo hostnet-proxy demo\n  sudo ip netns exec hostnet-demo nc -lkv 0.0.0.0 8000   # a \"container\" listens\n  nc localhost 8000                                       # the \"desktop\" connects")]
+    #[command(
+        after_help = "Try it, in three terminals:\n  sudo hostnet-proxy demo\n  sudo ip netns exec hostnet-demo nc -lkv 0.0.0.0 8000   # a \"container\" listens\n  nc localhost 8000                                       # the \"desktop\" connects"
+    )]
     Demo {
         /// Name of the network namespace to create.
         #[arg(long, default_value = demo::DEFAULT_NETNS)]
@@ -70,12 +74,17 @@ async fn main() -> ExitCode {
 
     let result = match args.command {
         Cmd::Run { transport } => {
-            tokio::spawn(announce_ready(state_rx, format!("hostnet-proxy ready: forwarding ports from the agent at {transport}")));
+            tokio::spawn(announce_ready(
+                state_rx,
+                format!("hostnet-proxy ready: forwarding ports from the agent at {transport}"),
+            ));
             host_proxy::run(ProxyConfig { connector: transport.connector() }, shutdown, state_tx).await;
             Ok(())
         }
         Cmd::Demo { netns, reuse, agent, poll_interval_ms } => {
-            let agent_args = poll_interval_ms.map(|ms| vec!["--poll-interval-ms".to_owned(), ms.to_string()]).unwrap_or_default();
+            let agent_args = poll_interval_ms
+                .map(|ms| vec!["--poll-interval-ms".to_owned(), ms.to_string()])
+                .unwrap_or_default();
             tokio::spawn(announce_ready(state_rx, demo_banner(&netns)));
             demo::run(DemoOptions { netns, reuse, agent, agent_args }, shutdown, state_tx).await
         }

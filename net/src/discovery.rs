@@ -8,9 +8,9 @@ use std::io;
 
 use hostnet_protocol::{Listener, Proto};
 use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
-use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
 /// Receive buffer for dump replies; the kernel fills up to this much per `recv`.
@@ -75,24 +75,25 @@ impl SockDiag {
             let mut offset = 0;
             while offset < n {
                 let bytes = self.buf.get(offset..n).unwrap_or_default();
-                let msg = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag reply: {e}")))?;
+                let msg = NetlinkMessage::<SockDiagMessage>::deserialize(bytes).map_err(|e| {
+                    io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag reply: {e}"))
+                })?;
                 let len = msg.header.length as usize;
                 match msg.payload {
                     NetlinkPayload::Done(_) => return Ok(()),
                     NetlinkPayload::Error(e) => return Err(e.to_io()),
-                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                        if msg.header.sequence_number == self.seq {
-                            out.push(Found {
-                                listener: Listener {
-                                    proto,
-                                    addr: r.header.socket_id.source_address,
-                                    port: r.header.socket_id.source_port,
-                                },
-                                inode: r.header.inode,
-                                uid: r.header.uid,
-                            });
-                        }
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r))
+                        if msg.header.sequence_number == self.seq =>
+                    {
+                        out.push(Found {
+                            listener: Listener {
+                                proto,
+                                addr: r.header.socket_id.source_address,
+                                port: r.header.socket_id.source_port,
+                            },
+                            inode: r.header.inode,
+                            uid: r.header.uid,
+                        });
                     }
                     _ => {}
                 }
@@ -132,7 +133,9 @@ mod tests {
             return; // No IPv6 on this machine: nothing to see.
         };
         let port = l.local_addr().unwrap().port();
-        assert!(listeners().iter().any(|f| f.listener.port == port && f.listener.addr == Ipv6Addr::LOCALHOST));
+        assert!(
+            listeners().iter().any(|f| f.listener.port == port && f.listener.addr == Ipv6Addr::LOCALHOST)
+        );
     }
 
     #[test]

@@ -35,10 +35,7 @@ pub enum HandshakeError {
 }
 
 /// Our preface followed by one frame, in one write.
-pub async fn send_preface_and<S: RawStream, T: Serialize>(
-    s: &S,
-    msg: &T,
-) -> Result<(), HandshakeError> {
+pub async fn send_preface_and<S: RawStream, T: Serialize>(s: &S, msg: &T) -> Result<(), HandshakeError> {
     let mut out = BytesMut::with_capacity(256);
     out.extend_from_slice(&Preface::OURS.to_bytes());
     hostnet_protocol::encode_frame(msg, &mut out)?;

@@ -8,9 +8,9 @@
 //! - [`relay`]: one TCP connection ↔ one data stream, FIN and RST carried in-band.
 //! - [`discovery`]: listening sockets through netlink `sock_diag` (Linux).
 
+pub mod cli;
 #[cfg(target_os = "linux")]
 pub mod discovery;
-pub mod cli;
 pub mod handshake;
 pub mod relay;
 pub mod stream;

@@ -156,10 +156,7 @@ async fn pump_up<L: RawStream, P: RawStream>(
             Ok(n) => {
                 *header = chunk::data_header(n);
                 mid_chunk.store(true, Ordering::Relaxed);
-                if stream::write_all(peer, b.get(..CHUNK_HEADER_LEN + n).unwrap_or_default())
-                    .await
-                    .is_err()
-                {
+                if stream::write_all(peer, b.get(..CHUNK_HEADER_LEN + n).unwrap_or_default()).await.is_err() {
                     return Outcome::PeerVanished;
                 }
                 mid_chunk.store(false, Ordering::Relaxed);
@@ -205,7 +202,8 @@ async fn pump_down<P: RawStream, L: RawStream>(
         match peer.try_read(b) {
             Ok(0) => return Outcome::PeerVanished,
             Ok(n) => {
-                if let Err(end) = deliver(&mut decoder, b.get(..n).unwrap_or_default(), local, counters).await {
+                if let Err(end) = deliver(&mut decoder, b.get(..n).unwrap_or_default(), local, counters).await
+                {
                     return end;
                 }
             }

@@ -57,11 +57,7 @@ pub fn poll_read<S: RawStream + ?Sized>(
 }
 
 /// Writes at least one byte.
-pub fn poll_write<S: RawStream + ?Sized>(
-    s: &S,
-    cx: &mut Context<'_>,
-    buf: &[u8],
-) -> Poll<io::Result<usize>> {
+pub fn poll_write<S: RawStream + ?Sized>(s: &S, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
     loop {
         ready!(s.poll_write_ready(cx))?;
         match s.try_write(buf) {
@@ -152,11 +148,7 @@ impl RawStream for TransportStream {
 }
 
 impl AsyncRead for TransportStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let n = ready!(poll_read(&*self, cx, buf.initialize_unfilled()))?;
         buf.advance(n);
         Poll::Ready(Ok(()))

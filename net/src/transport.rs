@@ -225,13 +225,10 @@ async fn hybrid_connect(
         line.push(byte[0]);
     }
     match line.strip_prefix(b"OK ") {
-        Some(rest) if !rest.is_empty() && rest.iter().all(u8::is_ascii_digit) => {
-            Ok(TransportStream::Unix(s))
+        Some(rest) if !rest.is_empty() && rest.iter().all(u8::is_ascii_digit) => Ok(TransportStream::Unix(s)),
+        _ => {
+            Err(TransportError::HybridRefused { target, answer: String::from_utf8_lossy(&line).into_owned() })
         }
-        _ => Err(TransportError::HybridRefused {
-            target,
-            answer: String::from_utf8_lossy(&line).into_owned(),
-        }),
     }
 }
 
@@ -281,11 +278,22 @@ mod tests {
 
     #[test]
     fn specs_parse_and_print_back() {
-        for s in ["unix:/run/hostnet/agent.sock", "tcp:127.0.0.1:5000", "tcp:[::1]:5000", "vsock:3:1024", "vsock:any:1024", "hybrid:/run/vm.vsock:1024", "hybrid:/odd:path/v.sock:7"] {
+        for s in [
+            "unix:/run/hostnet/agent.sock",
+            "tcp:127.0.0.1:5000",
+            "tcp:[::1]:5000",
+            "vsock:3:1024",
+            "vsock:any:1024",
+            "hybrid:/run/vm.vsock:1024",
+            "hybrid:/odd:path/v.sock:7",
+        ] {
             let spec: TransportSpec = s.parse().unwrap();
             assert_eq!(spec.to_string(), s);
         }
-        assert_eq!("hybrid:/a:b/c:9".parse::<TransportSpec>().unwrap(), TransportSpec::Hybrid { path: "/a:b/c".into(), port: 9 });
+        assert_eq!(
+            "hybrid:/a:b/c:9".parse::<TransportSpec>().unwrap(),
+            TransportSpec::Hybrid { path: "/a:b/c".into(), port: 9 }
+        );
     }
 
     #[test]
@@ -350,7 +358,8 @@ mod tests {
 
     #[tokio::test]
     async fn unix_connect_to_nothing_names_the_target() {
-        let err = TransportSpec::Unix("/nonexistent/hostnet.sock".into()).connector().connect().await.unwrap_err();
+        let err =
+            TransportSpec::Unix("/nonexistent/hostnet.sock".into()).connector().connect().await.unwrap_err();
         assert!(err.to_string().contains("unix:/nonexistent/hostnet.sock"), "{err}");
     }
 
@@ -359,7 +368,11 @@ mod tests {
     async fn vsock_without_a_peer_fails_cleanly() {
         // No vsock loopback exists on most CI machines; either way this must be an error or a
         // stream, never a panic or a hang.
-        let r = tokio::time::timeout(std::time::Duration::from_secs(5), TransportSpec::Vsock { cid: 1, port: 1 }.connector().connect()).await;
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            TransportSpec::Vsock { cid: 1, port: 1 }.connector().connect(),
+        )
+        .await;
         if let Ok(Err(e)) = r {
             assert!(e.to_string().contains("vsock:1:1"), "{e}");
         }

@@ -1,6 +1,8 @@
 //! In-process integration tests of the relay: a client ↔ relay ↔ data stream ↔ relay ↔ server
 //! chain on loopback and a Unix socket pair, no binaries, no namespaces.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -118,9 +120,10 @@ async fn shutdown_cancels_an_idle_relay() {
     let (t1, _t2) = UnixStream::pair().unwrap();
     let token = CancellationToken::new();
     let t = token.clone();
-    let host_side = tokio::spawn(async move {
-        relay(&host_local, &t1, BytesMut::new(), &RelayCounters::default(), &t).await
-    });
+    let host_side =
+        tokio::spawn(
+            async move { relay(&host_local, &t1, BytesMut::new(), &RelayCounters::default(), &t).await },
+        );
     token.cancel();
     assert_eq!(within(host_side).await.unwrap(), Outcome::Cancelled);
 }

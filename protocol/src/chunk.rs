@@ -81,10 +81,7 @@ impl ChunkDecoder {
 
     /// Decodes from the front of `input`: returns how many bytes were consumed and the event
     /// they completed, or `None` when all of `input` went into a partial header.
-    pub fn decode<'a>(
-        &mut self,
-        input: &'a [u8],
-    ) -> Result<(usize, Option<ChunkEvent<'a>>), ChunkError> {
+    pub fn decode<'a>(&mut self, input: &'a [u8]) -> Result<(usize, Option<ChunkEvent<'a>>), ChunkError> {
         let mut consumed = 0;
         loop {
             let rest = input.get(consumed..).unwrap_or_default();
@@ -197,7 +194,10 @@ mod tests {
     #[test]
     fn violations_are_errors() {
         let mut dec = ChunkDecoder::new();
-        assert_eq!(dec.decode(&(MAX_CHUNK_LEN as u32 + 1).to_be_bytes()), Err(ChunkError::TooLong(MAX_CHUNK_LEN as u32 + 1)));
+        assert_eq!(
+            dec.decode(&(MAX_CHUNK_LEN as u32 + 1).to_be_bytes()),
+            Err(ChunkError::TooLong(MAX_CHUNK_LEN as u32 + 1))
+        );
         let wire = encode(&[Ev::Fin, Ev::Data(b"x".to_vec())]);
         assert_eq!(decode_in_pieces(&wire, &[64]), Err(ChunkError::DataAfterFin));
         let wire = encode(&[Ev::Reset, Ev::Fin]);

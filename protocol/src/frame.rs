@@ -198,10 +198,7 @@ mod tests {
             let mut buf = BytesMut::new();
             buf.put_u32(body.len() as u32);
             buf.put_slice(body);
-            assert!(matches!(
-                FrameDecoder.decode::<Control>(&mut buf),
-                Err(FrameError::Malformed(_))
-            ));
+            assert!(matches!(FrameDecoder.decode::<Control>(&mut buf), Err(FrameError::Malformed(_))));
         }
     }
 

@@ -46,7 +46,12 @@ pub fn require_root() {
 /// A port number no other test of this run uses and that is free on the host right now.
 pub fn free_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let _ = NEXT.compare_exchange(0, 20_000 + (std::process::id() % 80) as u16 * 100, Ordering::SeqCst, Ordering::SeqCst);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 80) as u16 * 100,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
     loop {
         let port = NEXT.fetch_add(1, Ordering::SeqCst);
         assert!(port < 32_000, "ran out of test ports");
@@ -142,7 +147,8 @@ impl Demo {
     /// SIGTERM, then waits for the exit.
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
-        terminate(&mut child).unwrap_or_else(|| panic!("demo did not stop within {DEADLINE:?}:\n{}", self.log_text()))
+        terminate(&mut child)
+            .unwrap_or_else(|| panic!("demo did not stop within {DEADLINE:?}:\n{}", self.log_text()))
     }
 
     /// Runs `f` on a thread that has entered the demo's network namespace: sockets it creates
