@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# hostnet's developer entry point: sets the machine up, then builds and runs.
+#
+#   ./dev.sh demo [ARGS…]   build, then run `hostnet-proxy demo` (the netns stand-in for a VM)
+#   ./dev.sh test           build, then run every check and test (what .ci/run runs)
+#   ./dev.sh setup          only install what the project needs
+#
+# Needs root: the demo and the end-to-end tests create network namespaces.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+require_root() {
+    [ "$(id -u)" = 0 ] || die "./dev.sh $1 needs root (it creates network namespaces): run it as root, or with sudo ./dev.sh $1"
+}
+
+find_cargo() {
+    command -v cargo >/dev/null && return
+    # Under sudo, root's PATH lacks the invoking user's rustup toolchain.
+    for home in "${CARGO_HOME:-}" "$HOME/.cargo" ${SUDO_USER:+"$(getent passwd "$SUDO_USER" | cut -d: -f6)/.cargo"}; do
+        if [ -n "$home" ] && [ -x "$home/bin/cargo" ]; then
+            export PATH="$home/bin:$PATH"
+            return
+        fi
+    done
+    die "no Rust toolchain found: install one with rustup (stable), then run this again"
+}
+
+setup() {
+    local missing=()
+    command -v ip >/dev/null || missing+=(iproute2)
+    dpkg-query -W -f='${Status}' netcat-openbsd 2>/dev/null | grep -q 'ok installed' || missing+=(netcat-openbsd)
+    command -v setpriv >/dev/null || missing+=(util-linux)
+    command -v gcc >/dev/null || missing+=(gcc libc6-dev)
+    if [ ${#missing[@]} -gt 0 ]; then
+        say "installing Debian packages: ${missing[*]}"
+        command -v apt-get >/dev/null || die "please install: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    find_cargo
+}
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    setup)
+        require_root setup
+        setup
+        say "ready"
+        ;;
+    demo)
+        require_root demo
+        setup
+        say "building hostnet (release)"
+        cargo build --release --locked -p host-proxy -p guest-agent
+        say "starting the demo (Ctrl-C stops it and removes everything it created)"
+        exec ./target/release/hostnet-proxy demo "$@"
+        ;;
+    test)
+        require_root test
+        setup
+        say "checking formatting"
+        cargo fmt --all --check
+        say "clippy"
+        cargo clippy --workspace --all-targets --locked -- -D warnings
+        say "building"
+        cargo build --workspace --locked
+        say "testing (unit, property, in-process and end-to-end)"
+        cargo test --workspace --locked
+        ;;
+    *)
+        sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+        exit 2
+        ;;
+esac
