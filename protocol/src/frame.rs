@@ -189,13 +189,19 @@ mod tests {
     fn documented_example_holds() {
         let mut wire = BytesMut::new();
         wire.extend_from_slice(&crate::Preface::OURS.to_bytes());
-        encode_frame(&Control::Hello { role: Role::Agent, software: "hostnet-agent 0.1.0".into() }, &mut wire).unwrap();
+        encode_frame(
+            &Control::Hello { role: Role::Agent, software: "hostnet-agent 0.1.0".into() },
+            &mut wire,
+        )
+        .unwrap();
         let l = Listener { proto: Proto::Tcp, addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED), port: 8000 };
         encode_frame(&Control::Snapshot { listeners: vec![l] }, &mut wire).unwrap();
         let mut want = b"HNET\x00\x01\x00\x00\x00\x40".to_vec();
         want.extend_from_slice(br#"{"type":"hello","role":"agent","software":"hostnet-agent 0.1.0"}"#);
         want.extend_from_slice(b"\x00\x00\x00\x49");
-        want.extend_from_slice(br#"{"type":"snapshot","listeners":[{"proto":"tcp","addr":"::","port":8000}]}"#);
+        want.extend_from_slice(
+            br#"{"type":"snapshot","listeners":[{"proto":"tcp","addr":"::","port":8000}]}"#,
+        );
         assert_eq!(&wire[..], &want[..]);
     }
 
