@@ -102,15 +102,27 @@ impl Forwards {
         (t.guest.len(), forwarding)
     }
 
-    /// Tries again to bind ports that were held by another program.
+    /// Tries again to bind ports that were held by another program; says so when one frees up
+    /// or its reason changes, and stays quiet otherwise.
     pub fn retry_conflicts(&self) {
         let mut t = self.lock();
-        let conflicted: Vec<_> =
-            t.ports.iter().filter(|(_, p)| p.state != PortState::Forwarding).map(|(k, _)| *k).collect();
-        for key in conflicted {
-            t.ports.remove(&key);
+        let conflicted: Vec<_> = t
+            .ports
+            .iter()
+            .filter_map(|(k, p)| match &p.state {
+                PortState::Conflict(reason) => Some((*k, reason.clone())),
+                PortState::Forwarding => None,
+            })
+            .collect();
+        for ((proto, port), old_reason) in conflicted {
+            let fwd = self.start_tcp(port);
+            match &fwd.state {
+                PortState::Forwarding => info!(port, "host port {port} is free now"),
+                PortState::Conflict(reason) if *reason != old_reason => warn!(port, "{reason}"),
+                PortState::Conflict(_) => {}
+            }
+            t.ports.insert((proto, port), fwd);
         }
-        self.reconcile(&mut t);
     }
 
     /// Brings the host sockets in line with the guest set.
@@ -133,6 +145,9 @@ impl Forwards {
                 continue; // UDP forwarding comes with its own relay.
             }
             let fwd = self.start_tcp(port);
+            if let PortState::Conflict(reason) = &fwd.state {
+                warn!(port, "{reason}");
+            }
             t.ports.insert(key, fwd);
         }
     }
@@ -150,12 +165,11 @@ impl Forwards {
                 Err(e) => errors.push(describe_bind_error(ip, port, &e)),
             }
         }
-        for e in &errors {
-            warn!(port, "{e}");
-        }
         if bound.is_empty() {
-            let reason = errors.join("; ");
-            return PortForward { state: PortState::Conflict(reason), stop };
+            return PortForward { state: PortState::Conflict(errors.join("; ")), stop };
+        }
+        for e in &errors {
+            warn!(port, "{e}"); // One family failed, the other forwards.
         }
         info!(port, "forwarding host port {port} → guest port {port}");
         for listener in bound {
