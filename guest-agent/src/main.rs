@@ -7,7 +7,6 @@ use std::time::Duration;
 use clap::Parser;
 use guest_agent::{AgentConfig, run};
 use hostnet_net::{TransportSpec, cli};
-use tokio_util::sync::CancellationToken;
 
 /// hostnet's agent inside the Linux VM.
 ///
@@ -25,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 struct Args {
     /// Where to wait for the proxy: vsock:any:PORT (a VM), unix:PATH (the netns stand-in) or
     /// tcp:ADDR:PORT (tests).
-    #[arg(long, env = "HOSTNET_AGENT_TRANSPORT", value_parser = parse_spec)]
+    #[arg(long, env = "HOSTNET_AGENT_TRANSPORT")]
     transport: TransportSpec,
 
     /// Milliseconds between two reads of the listener table.
@@ -37,10 +36,6 @@ struct Args {
     ignore_ports: Vec<u16>,
 }
 
-fn parse_spec(s: &str) -> Result<TransportSpec, String> {
-    s.parse().map_err(|e: hostnet_net::TransportError| e.to_string())
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     cli::init_logging();
@@ -49,12 +44,7 @@ async fn main() -> ExitCode {
     config.poll_interval = Duration::from_millis(args.poll_interval_ms);
     config.ignore_ports = args.ignore_ports.into_iter().collect::<BTreeSet<_>>();
 
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        cli::termination_signal().await;
-        stop.cancel();
-    });
+    let shutdown = cli::cancel_on_termination();
     match run(config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

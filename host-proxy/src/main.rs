@@ -10,7 +10,6 @@ use host_proxy::demo::{self, DemoOptions};
 use host_proxy::{LinkState, ProxyConfig};
 use hostnet_net::{TransportSpec, cli};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 /// hostnet's proxy on the desktop.
 ///
@@ -32,7 +31,7 @@ enum Cmd {
     )]
     Run {
         /// How to reach the agent: hybrid:PATH:PORT, vsock:CID:PORT, unix:PATH or tcp:ADDR:PORT.
-        #[arg(long, env = "HOSTNET_TRANSPORT", value_parser = parse_spec)]
+        #[arg(long, env = "HOSTNET_TRANSPORT")]
         transport: TransportSpec,
     },
     /// Stand up a network namespace as a stand-in VM, run the agent in it and forward its ports
@@ -56,20 +55,11 @@ enum Cmd {
     },
 }
 
-fn parse_spec(s: &str) -> Result<TransportSpec, String> {
-    s.parse().map_err(|e: hostnet_net::TransportError| e.to_string())
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     cli::init_logging();
     let args = Args::parse();
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        cli::termination_signal().await;
-        stop.cancel();
-    });
+    let shutdown = cli::cancel_on_termination();
     let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
 
     let result = match args.command {

@@ -1,5 +1,6 @@
 //! Small pieces both binaries' `main` use.
 
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 /// Logs to stderr; `RUST_LOG` overrides the default level (`info`).
@@ -30,4 +31,15 @@ pub async fn termination_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM: the shutdown of a `main`.
+pub fn cancel_on_termination() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        termination_signal().await;
+        cancel.cancel();
+    });
+    token
 }
