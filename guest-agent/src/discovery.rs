@@ -1,4 +1,5 @@
-//! The listener watcher: a thread that polls `sock_diag` and publishes the forwardable set
+//! The listener watcher: a thread that polls `sock_diag` (TCP listeners and bound UDP
+//! sockets) and publishes the forwardable set
 //! whenever it changes.
 
 use std::collections::{BTreeSet, HashMap};
@@ -62,6 +63,7 @@ fn read_set(
 ) -> io::Result<ListenerSet> {
     found.clear();
     diag.tcp_listeners(found)?;
+    diag.udp_bound(found)?;
     let set = found
         .iter()
         .filter(|f| f.listener.is_forwardable() && !ignore_ports.contains(&f.listener.port))

@@ -1,14 +1,18 @@
 //! One stream from the proxy: the control stream, or one relayed TCP connection.
 
-use std::net::{IpAddr, SocketAddr};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hostnet_net::TransportStream;
 use hostnet_net::handshake::{self, FrameReader, HandshakeError};
 use hostnet_net::relay::{self, RelayCounters};
+use hostnet_net::udp::{DatagramBatch, UDP_SOCKET_BUFFER};
+use hostnet_protocol::datagram::MAX_DATAGRAM_LEN;
 use hostnet_protocol::{Control, ListenerSet, Open, OpenReply, PrefaceError, Role};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -52,6 +56,11 @@ impl Sessions {
                 let span =
                     info_span!("tcp", %port, client = %peer.map(|p| p.to_string()).unwrap_or_default());
                 self.tcp(stream, reader, addr, port).instrument(span).await
+            }
+            Open::Udp { addr, port, peer } => {
+                let span =
+                    info_span!("udp", %port, client = %peer.map(|p| p.to_string()).unwrap_or_default());
+                self.udp(stream, reader, addr, port).instrument(span).await
             }
         }
     }
@@ -139,6 +148,100 @@ impl Sessions {
         let outcome = relay::relay(&server, &stream, reader.into_leftover(), &counters, &self.shutdown).await;
         debug!(?outcome, ?counters, "relay finished");
     }
+}
+
+impl Sessions {
+    /// One UDP flow: a socket of its own, connected to the guest server, so the server's
+    /// replies come back to exactly this flow.
+    async fn udp(&self, stream: TransportStream, mut reader: FrameReader, addr: IpAddr, port: u16) {
+        let target = SocketAddr::new(addr, port);
+        let socket = if !addr.is_loopback() {
+            Err(format!("{addr} is not a guest loopback address"))
+        } else {
+            udp_flow_socket(target)
+                .await
+                .map_err(|e| format!("opening a UDP socket to {target} in the guest failed: {e}"))
+        };
+        let socket = match socket {
+            Ok(s) => s,
+            Err(reason) => {
+                debug!("refused: {reason}");
+                let _ = handshake::send_preface_and(&stream, &OpenReply::Refused { reason }).await;
+                return;
+            }
+        };
+        if handshake::send_preface_and(&stream, &OpenReply::Connected).await.is_err() {
+            return;
+        }
+        // Both directions side by side, so a blocked write one way never stalls the other.
+        let unreachable = AtomicU64::new(0);
+        let (to_guest, from_guest) = (AtomicU64::new(0), AtomicU64::new(0));
+        // ICMP "port unreachable" after an earlier datagram: the server is not there (yet).
+        // UDP gives no other signal, so count it and carry on.
+        let refused = |e: &io::Error| {
+            let yes = e.kind() == io::ErrorKind::ConnectionRefused;
+            if yes {
+                unreachable.fetch_add(1, Ordering::Relaxed);
+            }
+            yes
+        };
+        let up = async {
+            loop {
+                match reader.read_datagram(&stream).await {
+                    Ok(Some(d)) => match socket.send(&d).await {
+                        Ok(_) => to_guest.fetch_add(1, Ordering::Relaxed),
+                        Err(e) if refused(&e) => 0,
+                        Err(e) => return debug!("sending to the guest server failed: {e}"),
+                    },
+                    Ok(None) => return,
+                    Err(e) => return debug!("flow stream ended: {e}"),
+                };
+            }
+        };
+        let down = async {
+            let mut buf = vec![0u8; MAX_DATAGRAM_LEN];
+            let mut batch = DatagramBatch::default();
+            loop {
+                match socket.recv(&mut buf).await {
+                    Ok(n) => {
+                        // Take whatever else already waits, and send it all in one write.
+                        batch.push(buf.get(..n).unwrap_or_default());
+                        while !batch.is_full() {
+                            match socket.try_recv(&mut buf) {
+                                Ok(n) => batch.push(buf.get(..n).unwrap_or_default()),
+                                Err(e) if refused(&e) => continue,
+                                Err(_) => break,
+                            };
+                        }
+                        from_guest.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        if batch.flush(&stream).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if refused(&e) => {}
+                    Err(e) => return debug!("receiving from the guest server failed: {e}"),
+                }
+            }
+        };
+        tokio::select! {
+            _ = self.shutdown.cancelled() => {}
+            _ = up => {}
+            _ = down => {}
+        }
+        let (to_guest, from_guest, unreachable) =
+            (to_guest.into_inner(), from_guest.into_inner(), unreachable.into_inner());
+        debug!(to_guest, from_guest, unreachable, "udp flow finished");
+    }
+}
+
+/// A UDP socket on the guest loopback of `target`'s family, connected to `target`.
+async fn udp_flow_socket(target: SocketAddr) -> io::Result<UdpSocket> {
+    let local: SocketAddr =
+        if target.is_ipv6() { (Ipv6Addr::LOCALHOST, 0).into() } else { (Ipv4Addr::LOCALHOST, 0).into() };
+    let socket = UdpSocket::bind(local).await?;
+    let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    socket.connect(target).await?;
+    Ok(socket)
 }
 
 async fn connect(addr: SocketAddr) -> Result<TcpStream, String> {

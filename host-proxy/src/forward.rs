@@ -11,7 +11,7 @@ use hostnet_net::relay::{self, Outcome, RelayCounters};
 use hostnet_net::{Connector, RawStream};
 use hostnet_protocol::{Listener, ListenerSet, Open, OpenReply, Proto};
 use socket2::{Domain, Socket, Type};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -47,10 +47,11 @@ struct Table {
 #[derive(Clone)]
 pub struct Forwards {
     table: Arc<Mutex<Table>>,
-    connector: Arc<dyn Connector>,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
+    pub(crate) connector: Arc<dyn Connector>,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) shutdown: CancellationToken,
     connections: Arc<Semaphore>,
+    pub(crate) udp_flows: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Forwards {
@@ -67,6 +68,7 @@ impl Forwards {
             tracker,
             shutdown,
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            udp_flows: Arc::new(Semaphore::new(crate::udp::MAX_UDP_FLOWS)),
         }
     }
 
@@ -95,6 +97,11 @@ impl Forwards {
         self.reconcile(&mut t);
     }
 
+    /// The guest address a client of the given family is relayed to, if anything listens.
+    pub(crate) fn target_for(&self, proto: Proto, port: u16, client_v6: bool) -> Option<IpAddr> {
+        self.lock().guest.target_for(proto, port, client_v6)
+    }
+
     /// Number of guest listeners known and host ports forwarding.
     pub fn counts(&self) -> (usize, usize) {
         let t = self.lock();
@@ -115,7 +122,7 @@ impl Forwards {
             })
             .collect();
         for ((proto, port), old_reason) in conflicted {
-            let fwd = self.start_tcp(port);
+            let fwd = self.start_port(proto, port);
             match &fwd.state {
                 PortState::Forwarding => info!(port, "host port {port} is free now"),
                 PortState::Conflict(reason) if *reason != old_reason => warn!(port, "{reason}"),
@@ -141,10 +148,7 @@ impl Forwards {
                 continue;
             }
             let (proto, port) = key;
-            if proto != Proto::Tcp {
-                continue; // UDP forwarding comes with its own relay.
-            }
-            let fwd = self.start_tcp(port);
+            let fwd = self.start_port(proto, port);
             if let PortState::Conflict(reason) = &fwd.state {
                 warn!(port, "{reason}");
             }
@@ -152,17 +156,18 @@ impl Forwards {
         }
     }
 
-    fn start_tcp(&self, port: u16) -> PortForward {
+    /// Binds `port` on both loopbacks and starts serving it.
+    fn start_port(&self, proto: Proto, port: u16) -> PortForward {
         let stop = self.shutdown.child_token();
         let mut bound = Vec::new();
         let mut errors = Vec::new();
         for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
-            match bind_tcp(SocketAddr::new(ip, port)) {
+            match bind(proto, SocketAddr::new(ip, port)) {
                 Ok(l) => bound.push(l),
                 Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => {
                     debug!(port, "no IPv6 loopback on this host; forwarding on 127.0.0.1 only");
                 }
-                Err(e) => errors.push(describe_bind_error(ip, port, &e)),
+                Err(e) => errors.push(describe_bind_error(proto, ip, port, &e)),
             }
         }
         if bound.is_empty() {
@@ -171,11 +176,16 @@ impl Forwards {
         for e in &errors {
             warn!(port, "{e}"); // One family failed, the other forwards.
         }
-        info!(port, "forwarding host port {port} → guest port {port}");
-        for listener in bound {
+        info!(port, "forwarding host {proto} port {port} → guest port {port}");
+        for socket in bound {
             let this = self.clone();
             let stop = stop.clone();
-            self.tracker.spawn(async move { this.accept_loop(listener, port, stop).await });
+            match socket {
+                Bound::Tcp(l) => self.tracker.spawn(async move { this.accept_loop(l, port, stop).await }),
+                Bound::Udp(s) => {
+                    self.tracker.spawn(async move { crate::udp::serve(this, s, port, stop).await })
+                }
+            };
         }
         PortForward { state: PortState::Forwarding, stop }
     }
@@ -216,7 +226,7 @@ impl Forwards {
     async fn serve(&self, client: TcpStream, peer: SocketAddr, port: u16) {
         let _ = client.set_nodelay(true);
         let client_v6 = client.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
-        let Some(target) = self.lock().guest.target_for(Proto::Tcp, port, client_v6) else {
+        let Some(target) = self.target_for(Proto::Tcp, port, client_v6) else {
             debug!("no guest listener any more: resetting");
             let _ = client.set_reset_on_close();
             return;
@@ -257,24 +267,43 @@ impl Forwards {
     }
 }
 
-/// A listening socket like any server's: `SO_REUSEADDR` (so TIME_WAIT does not block a
-/// rebind), IPv6 sockets IPv6-only (the IPv4 one is separate).
-fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
+/// A host socket serving one forwarded port on one address.
+enum Bound {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+/// A socket like any server's: IPv6 sockets IPv6-only (the IPv4 one is separate); TCP with
+/// `SO_REUSEADDR` (so TIME_WAIT does not block a rebind); UDP with a large receive buffer.
+fn bind(proto: Proto, addr: SocketAddr) -> io::Result<Bound> {
+    let ty = match proto {
+        Proto::Tcp => Type::STREAM,
+        Proto::Udp => Type::DGRAM,
+    };
+    let socket = Socket::new(Domain::for_address(addr), ty.nonblocking().cloexec(), None)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    match proto {
+        Proto::Tcp => {
+            socket.set_reuse_address(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(LISTEN_BACKLOG)?;
+            Ok(Bound::Tcp(TcpListener::from_std(socket.into())?))
+        }
+        Proto::Udp => {
+            let _ = socket.set_recv_buffer_size(hostnet_net::udp::UDP_SOCKET_BUFFER);
+            socket.bind(&addr.into())?;
+            Ok(Bound::Udp(UdpSocket::from_std(socket.into())?))
+        }
+    }
 }
 
-fn describe_bind_error(ip: IpAddr, port: u16, e: &io::Error) -> String {
+fn describe_bind_error(proto: Proto, ip: IpAddr, port: u16, e: &io::Error) -> String {
     let at = SocketAddr::new(ip, port);
     match e.kind() {
         io::ErrorKind::AddrInUse => format!(
-            "port {port} is already in use on the host ({at}) by another program; the forward will start when it frees up"
+            "{proto} port {port} is already in use on the host ({at}) by another program; the forward will start when it frees up"
         ),
         io::ErrorKind::PermissionDenied => format!(
             "binding {at} needs privileges on this host (ports below 1024 are restricted); the forward is not active"

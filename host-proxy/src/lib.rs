@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 pub mod demo;
 pub mod forward;
 mod link;
+pub mod udp;
 
 /// How long shutdown waits for connections to finish closing.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);

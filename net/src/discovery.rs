@@ -9,7 +9,7 @@ use std::io;
 use hostnet_protocol::{Listener, Proto};
 use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_sock_diag::SockDiagMessage;
-use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
@@ -45,6 +45,14 @@ impl SockDiag {
     pub fn tcp_listeners(&mut self, out: &mut Vec<Found>) -> io::Result<()> {
         self.dump(AF_INET, IPPROTO_TCP, StateFlags::LISTEN, out)?;
         self.dump(AF_INET6, IPPROTO_TCP, StateFlags::LISTEN, out)
+    }
+
+    /// Appends every UDP socket bound to a port and not connected to a peer (a server's
+    /// socket, not a client's), IPv4 and IPv6, to `out`.
+    pub fn udp_bound(&mut self, out: &mut Vec<Found>) -> io::Result<()> {
+        // An unconnected UDP socket sits in TCP_CLOSE; a connected one in TCP_ESTABLISHED.
+        self.dump(AF_INET, IPPROTO_UDP, StateFlags::CLOSE, out)?;
+        self.dump(AF_INET6, IPPROTO_UDP, StateFlags::CLOSE, out)
     }
 
     fn dump(&mut self, family: u8, protocol: u8, states: StateFlags, out: &mut Vec<Found>) -> io::Result<()> {
@@ -83,7 +91,8 @@ impl SockDiag {
                     NetlinkPayload::Done(_) => return Ok(()),
                     NetlinkPayload::Error(e) => return Err(e.to_io()),
                     NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r))
-                        if msg.header.sequence_number == self.seq =>
+                        if msg.header.sequence_number == self.seq
+                            && r.header.socket_id.destination_port == 0 =>
                     {
                         out.push(Found {
                             listener: Listener {
@@ -136,6 +145,24 @@ mod tests {
         assert!(
             listeners().iter().any(|f| f.listener.port == port && f.listener.addr == Ipv6Addr::LOCALHOST)
         );
+    }
+
+    #[test]
+    fn sees_bound_udp_sockets_but_not_connected_ones() {
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let server_port = server.local_addr().unwrap().port();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.connect(server.local_addr().unwrap()).unwrap();
+        let client_port = client.local_addr().unwrap().port();
+        let mut out = Vec::new();
+        SockDiag::open().unwrap().udp_bound(&mut out).unwrap();
+        let want = Listener { proto: Proto::Udp, addr: "127.0.0.1".parse().unwrap(), port: server_port };
+        assert!(out.iter().any(|f| f.listener == want), "bound UDP socket {server_port} not reported");
+        assert!(!out.iter().any(|f| f.listener.port == client_port), "connected client reported");
+        drop(server);
+        out.clear();
+        SockDiag::open().unwrap().udp_bound(&mut out).unwrap();
+        assert!(!out.iter().any(|f| f.listener == want), "closed UDP socket still reported");
     }
 
     #[test]

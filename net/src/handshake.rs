@@ -8,6 +8,7 @@ use std::io;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use hostnet_protocol::datagram::{self, DATAGRAM_HEADER_LEN, MAX_DATAGRAM_LEN};
 use hostnet_protocol::{FrameDecoder, FrameError, PREFACE_LEN, Preface, PrefaceError};
 use serde::{Serialize, de::DeserializeOwned};
 use thiserror::Error;
@@ -99,19 +100,38 @@ impl FrameReader {
         .map_err(|_| HandshakeError::TimedOut(HANDSHAKE_TIMEOUT))?
     }
 
+    /// Reads the next datagram of a UDP data stream; `None` when the peer closed the stream
+    /// between datagrams. Cancel-safe like [`Self::read_frame`].
+    pub async fn read_datagram<S: RawStream>(&mut self, s: &S) -> Result<Option<BytesMut>, HandshakeError> {
+        loop {
+            if let Some(d) = datagram::decode_datagram(&mut self.buf) {
+                return Ok(Some(d));
+            }
+            match self.fill_up_to(s, DATAGRAM_HEADER_LEN + MAX_DATAGRAM_LEN).await {
+                Err(HandshakeError::Closed) if self.buf.is_empty() => return Ok(None),
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+        }
+    }
+
     /// The bytes read past the last frame.
     pub fn into_leftover(self) -> BytesMut {
         self.buf
     }
 
     async fn fill<S: RawStream>(&mut self, s: &S) -> Result<(), HandshakeError> {
+        self.fill_up_to(s, READ_CHUNK).await
+    }
+
+    async fn fill_up_to<S: RawStream>(&mut self, s: &S, max: usize) -> Result<(), HandshakeError> {
         // Read into the heap buffer, not a stack array: this future lives inside every
         // connection task, and its size is paid per connection. No await between the resize
         // and the truncate, so a cancelled read leaves the buffer as it was.
         loop {
             stream::readable(s).await?;
             let start = self.buf.len();
-            self.buf.resize(start + READ_CHUNK, 0);
+            self.buf.resize(start + max, 0);
             let read = s.try_read(self.buf.get_mut(start..).unwrap_or_default());
             self.buf.truncate(start + *read.as_ref().unwrap_or(&0));
             match read {

@@ -15,6 +15,7 @@ pub mod handshake;
 pub mod relay;
 pub mod stream;
 pub mod transport;
+pub mod udp;
 #[cfg(target_os = "linux")]
 mod vsock;
 

@@ -57,6 +57,8 @@ pub enum Open {
     /// Relay one TCP connection to `addr:port` on the far side. `peer` is the client's address,
     /// for logs only.
     Tcp { addr: IpAddr, port: u16, peer: Option<SocketAddr> },
+    /// Relay one UDP flow (one desktop client address) to `addr:port` on the far side.
+    Udp { addr: IpAddr, port: u16, peer: Option<SocketAddr> },
 }
 
 impl Open {
@@ -65,6 +67,7 @@ impl Open {
         match self {
             Open::Control => None,
             Open::Tcp { .. } => Some(Proto::Tcp),
+            Open::Udp { .. } => Some(Proto::Udp),
         }
     }
 }

@@ -5,7 +5,8 @@
 //! 1. a [`Preface`]: magic bytes and the protocol version, so a mismatch is a sentence, not garbage;
 //! 2. length-prefixed JSON [frames](frame) — on the control stream for its whole life, on a data
 //!    stream just the [`Open`] header (initiator) and the [`OpenReply`] (responder);
-//! 3. on a TCP data stream, after the header, raw bytes cut into [chunks](chunk) whose 4-byte
+//! 3. on a UDP data stream, after the header, length-prefixed [datagrams](datagram);
+//! 4. on a TCP data stream, after the header, raw bytes cut into [chunks](chunk) whose 4-byte
 //!    header also carries FIN and RST, because some transports cannot carry a half-close.
 //!
 //! Every decoder here takes hostile bytes: lengths are bounded before anything is allocated,
@@ -14,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod chunk;
+pub mod datagram;
 pub mod frame;
 pub mod listener;
 pub mod preface;

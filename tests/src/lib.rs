@@ -352,3 +352,80 @@ pub fn percentile(samples: &mut [Duration], p: usize) -> Duration {
     let i = (samples.len().saturating_sub(1) * p).div_ceil(100);
     samples[i.min(samples.len() - 1)]
 }
+
+/// A UDP echo server inside the "VM": answers every datagram to its sender, byte for byte.
+#[derive(Debug)]
+pub struct UdpEcho {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    pub fn start(demo: &Demo, addr: SocketAddr) -> UdpEcho {
+        let socket = demo.in_netns(|| {
+            let s = Socket::new(Domain::for_address(addr), Type::DGRAM, None).unwrap();
+            if addr.is_ipv6() {
+                s.set_only_v6(false).unwrap();
+            }
+            // Room for a burst, so the loss a test measures is hostnet's, not this server's.
+            let _ = s.set_recv_buffer_size(4 << 20);
+            s.bind(&addr.into()).unwrap();
+            std::net::UdpSocket::from(s)
+        });
+        // Short receive timeout: only so the thread notices `close`.
+        socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while !flag.load(Ordering::SeqCst) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&buf[..n], from);
+                }
+            }
+        });
+        UdpEcho { port, stop, thread: Some(thread) }
+    }
+
+    /// Stops and closes the socket (the guest server "exits").
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Whether something on this machine holds UDP `addr` (hostnet's mirror, once forwarded).
+pub fn udp_port_taken(addr: SocketAddr) -> bool {
+    matches!(std::net::UdpSocket::bind(addr), Err(e) if e.kind() == std::io::ErrorKind::AddrInUse)
+}
+
+/// A UDP client on the host, connected to `addr`, that waits for each answer.
+pub fn udp_client(addr: SocketAddr) -> std::net::UdpSocket {
+    let local: SocketAddr =
+        if addr.is_ipv6() { "[::1]:0".parse().unwrap() } else { "127.0.0.1:0".parse().unwrap() };
+    let c = std::net::UdpSocket::bind(local).unwrap();
+    c.connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c
+}
+
+/// Sends `data` and waits for the echo; `None` if nothing came back in time.
+pub fn udp_echo(c: &std::net::UdpSocket, data: &[u8]) -> Option<Vec<u8>> {
+    c.send(data).unwrap();
+    let mut buf = vec![0u8; 65_536];
+    c.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+}

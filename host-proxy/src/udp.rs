@@ -1,0 +1,202 @@
+//! UDP forwarding on the host: each desktop client address is a flow with a data stream of
+//! its own, so the guest sees one socket per flow and its replies reach exactly that client.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hostnet_net::handshake::{self, FrameReader};
+use hostnet_net::udp::{Activity, DatagramBatch};
+use hostnet_protocol::{Open, OpenReply, Proto};
+use tokio::net::UdpSocket;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::forward::Forwards;
+
+/// Most UDP flows open at once (all ports together); datagrams from new clients beyond it
+/// are dropped and counted.
+pub const MAX_UDP_FLOWS: usize = 4096;
+/// A flow with no datagram either way for this long is closed and its guest socket freed.
+pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Datagrams queued per flow while its stream is busy; beyond either bound they are dropped
+/// and counted. The count bounds tiny datagrams, the bytes large ones.
+pub const FLOW_QUEUE_LEN: usize = 8192;
+pub const FLOW_QUEUE_BYTES: usize = 4 << 20;
+/// How often finished flows are swept from a port's table.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// The receive loop's handle on a flow.
+struct FlowHandle {
+    tx: mpsc::Sender<Bytes>,
+    queue: Arc<QueueStats>,
+}
+
+/// Shared between the receive loop and one flow.
+#[derive(Debug, Default)]
+struct QueueStats {
+    bytes: AtomicUsize,
+    dropped: AtomicU64,
+}
+
+/// Serves one bound host UDP socket until `stop`.
+pub(crate) async fn serve(forwards: Forwards, socket: UdpSocket, port: u16, stop: CancellationToken) {
+    let socket = Arc::new(socket);
+    let client_v6 = socket.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+    let mut flows: HashMap<SocketAddr, FlowHandle> = HashMap::new();
+    let mut buf = vec![0u8; hostnet_protocol::datagram::MAX_DATAGRAM_LEN];
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    let mut refused = 0u64;
+    loop {
+        let (n, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = sweep.tick() => {
+                flows.retain(|_, f| !f.tx.is_closed());
+                continue;
+            }
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                // ICMP errors from earlier sends surface here; they concern one client only.
+                Err(e) => {
+                    debug!(port, "udp receive: {e}");
+                    continue;
+                }
+            },
+        };
+        let datagram = Bytes::copy_from_slice(buf.get(..n).unwrap_or_default());
+        if let Some(flow) = flows.get(&peer).filter(|f| !f.tx.is_closed()) {
+            let queued = flow.queue.bytes.load(Ordering::Relaxed);
+            if queued + n <= FLOW_QUEUE_BYTES && flow.tx.try_send(datagram).is_ok() {
+                flow.queue.bytes.fetch_add(n, Ordering::Relaxed);
+            } else {
+                // Queue full: UDP may drop, but never silently.
+                let dropped = flow.queue.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if dropped.is_power_of_two() {
+                    warn!(port, %peer, dropped, "udp flow queue full ({FLOW_QUEUE_LEN} datagrams or {FLOW_QUEUE_BYTES} bytes): dropping");
+                }
+            }
+            continue;
+        }
+        let Ok(permit) = forwards.udp_flows.clone().try_acquire_owned() else {
+            refused += 1;
+            if refused.is_power_of_two() {
+                warn!(port, %peer, "over {MAX_UDP_FLOWS} UDP flows: dropped datagrams from new clients ({refused} so far)");
+            }
+            continue;
+        };
+        let (tx, rx) = mpsc::channel(FLOW_QUEUE_LEN);
+        let queue = Arc::new(QueueStats::default());
+        if tx.try_send(datagram).is_ok() {
+            queue.bytes.fetch_add(n, Ordering::Relaxed);
+        }
+        flows.insert(peer, FlowHandle { tx, queue: queue.clone() });
+        let flow = Flow { forwards: forwards.clone(), socket: socket.clone(), peer, port, client_v6, queue };
+        forwards.tracker.spawn(flow.run(rx, permit).instrument(info_span!("udp", port, %peer)));
+    }
+}
+
+/// One desktop client's flow: datagrams from the queue go to the guest on its data stream,
+/// datagrams from the stream go back to the client from the port's socket.
+struct Flow {
+    forwards: Forwards,
+    socket: Arc<UdpSocket>,
+    peer: SocketAddr,
+    port: u16,
+    client_v6: bool,
+    queue: Arc<QueueStats>,
+}
+
+impl Flow {
+    async fn run(self, mut rx: mpsc::Receiver<Bytes>, _permit: OwnedSemaphorePermit) {
+        let Some(target) = self.forwards.target_for(Proto::Udp, self.port, self.client_v6) else {
+            debug!("no guest socket any more");
+            return;
+        };
+        let stream = match self.forwards.connector.connect().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("cannot open a stream to the agent: {e}");
+                return;
+            }
+        };
+        let mut reader = FrameReader::new();
+        let open = Open::Udp { addr: target, port: self.port, peer: Some(self.peer) };
+        let opened = async {
+            handshake::send_preface_and(&stream, &open).await?;
+            reader.read_opening::<_, OpenReply>(&stream).await
+        };
+        match opened.await {
+            Ok(OpenReply::Connected) => {}
+            Ok(OpenReply::Refused { reason }) => {
+                debug!("agent refused: {reason}");
+                return;
+            }
+            Err(e) => {
+                warn!("agent did not open the flow: {e}");
+                return;
+            }
+        }
+        // The two directions run side by side: a blocked write one way must never stop the
+        // other way from draining, or both ends could wait on each other's writes.
+        let activity = Activity::new();
+        let (to_guest, from_guest) = (AtomicU64::new(0), AtomicU64::new(0));
+        let up = async {
+            let mut batch = DatagramBatch::default();
+            while let Some(d) = rx.recv().await {
+                let mut taken = d.len();
+                batch.push(&d);
+                while !batch.is_full() {
+                    let Ok(d) = rx.try_recv() else { break };
+                    taken += d.len();
+                    batch.push(&d);
+                }
+                self.queue.bytes.fetch_sub(taken, Ordering::Relaxed);
+                to_guest.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                activity.touch();
+                if batch.flush(&stream).await.is_err() {
+                    return "agent stream closed";
+                }
+            }
+            "port closed"
+        };
+        let down = async {
+            loop {
+                match reader.read_datagram(&stream).await {
+                    Ok(Some(d)) => {
+                        // A full socket buffer on the desktop side drops, as UDP does.
+                        let _ = self.socket.send_to(&d, self.peer).await;
+                        from_guest.fetch_add(1, Ordering::Relaxed);
+                        activity.touch();
+                    }
+                    Ok(None) => return "agent closed the flow",
+                    Err(e) => {
+                        debug!("flow stream failed: {e}");
+                        return "agent stream failed";
+                    }
+                }
+            }
+        };
+        let end = tokio::select! {
+            _ = self.forwards.shutdown.cancelled() => "shutdown",
+            _ = activity.idle_for(UDP_IDLE_TIMEOUT) => "idle",
+            end = up => end,
+            end = down => end,
+        };
+        let (to_guest, from_guest) = (to_guest.into_inner(), from_guest.into_inner());
+        let dropped = self.queue.dropped.load(Ordering::Relaxed);
+        if dropped > 0 {
+            warn!(
+                to_guest,
+                from_guest,
+                dropped,
+                "udp flow ended ({end}); {dropped} datagram(s) dropped because the flow's queue was full"
+            );
+        } else {
+            debug!(to_guest, from_guest, "udp flow ended ({end})");
+        }
+    }
+}
