@@ -24,8 +24,11 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 /// Path of a binary of this workspace, built by `cargo build` into the same target dir.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test-binary>
-    let dir = exe.parent().and_then(Path::parent).unwrap();
+    // target/<profile>/deps/<test-binary>, or target/<profile>/<harness binary>
+    let mut dir = exe.parent().unwrap();
+    if dir.ends_with("deps") {
+        dir = dir.parent().unwrap();
+    }
     let path = dir.join(name);
     assert!(
         path.is_file(),
@@ -362,17 +365,17 @@ pub struct UdpEcho {
 }
 
 impl UdpEcho {
+    /// An echo server inside the demo's "VM".
     pub fn start(demo: &Demo, addr: SocketAddr) -> UdpEcho {
-        let socket = demo.in_netns(|| {
-            let s = Socket::new(Domain::for_address(addr), Type::DGRAM, None).unwrap();
-            if addr.is_ipv6() {
-                s.set_only_v6(false).unwrap();
-            }
-            // Room for a burst, so the loss a test measures is hostnet's, not this server's.
-            let _ = s.set_recv_buffer_size(4 << 20);
-            s.bind(&addr.into()).unwrap();
-            std::net::UdpSocket::from(s)
-        });
+        Self::serve(demo.in_netns(|| udp_bind(addr)))
+    }
+
+    /// An echo server on this machine (the direct path benchmarks compare with).
+    pub fn start_here(addr: SocketAddr) -> UdpEcho {
+        Self::serve(udp_bind(addr))
+    }
+
+    fn serve(socket: std::net::UdpSocket) -> UdpEcho {
         // Short receive timeout: only so the thread notices `close`.
         socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
         let port = socket.local_addr().unwrap().port();
@@ -406,6 +409,17 @@ impl Drop for UdpEcho {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+fn udp_bind(addr: SocketAddr) -> std::net::UdpSocket {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, None).unwrap();
+    if addr.is_ipv6() {
+        s.set_only_v6(false).unwrap();
+    }
+    // Room for a burst, so the loss a test measures is hostnet's, not this server's.
+    let _ = s.set_recv_buffer_size(4 << 20);
+    s.bind(&addr.into()).unwrap();
+    std::net::UdpSocket::from(s)
 }
 
 /// Whether something on this machine holds UDP `addr` (hostnet's mirror, once forwarded).
