@@ -33,6 +33,9 @@ setup() {
     command -v ip >/dev/null || missing+=(iproute2)
     dpkg-query -W -f='${Status}' netcat-openbsd 2>/dev/null | grep -q 'ok installed' || missing+=(netcat-openbsd)
     command -v setpriv >/dev/null || missing+=(util-linux)
+    command -v nft >/dev/null || missing+=(nftables)
+    command -v curl >/dev/null || missing+=(curl)
+    command -v python3 >/dev/null || missing+=(python3)
     command -v gcc >/dev/null || missing+=(gcc libc6-dev)
     if [ ${#missing[@]} -gt 0 ]; then
         say "installing Debian packages: ${missing[*]}"

@@ -5,16 +5,16 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use hostnet_net::TransportSpec;
+use hostnet_net::{TransportSpec, watcher};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-mod discovery;
+pub mod intercept;
 mod session;
 
-pub use discovery::DEFAULT_POLL_INTERVAL;
+pub use hostnet_net::watcher::DEFAULT_POLL_INTERVAL;
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -25,11 +25,18 @@ pub struct AgentConfig {
     pub poll_interval: Duration,
     /// Guest ports never advertised (the VM's own services).
     pub ignore_ports: BTreeSet<u16>,
+    /// Where to reach the proxy for guest→host connections (`None`: guest→host off).
+    pub host_transport: Option<TransportSpec>,
 }
 
 impl AgentConfig {
     pub fn new(transport: TransportSpec) -> Self {
-        AgentConfig { transport, poll_interval: DEFAULT_POLL_INTERVAL, ignore_ports: BTreeSet::new() }
+        AgentConfig {
+            transport,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            ignore_ports: BTreeSet::new(),
+            host_transport: None,
+        }
     }
 }
 
@@ -43,13 +50,25 @@ pub enum AgentError {
 
 /// Runs until `shutdown` fires. Returns an error only if it cannot start.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
-    let listeners = discovery::spawn(config.poll_interval, config.ignore_ports.clone(), shutdown.clone())
-        .map_err(AgentError::Discovery)?;
+    let source = watcher::platform_source().map_err(AgentError::Discovery)?;
+    let listeners =
+        watcher::spawn(source, config.poll_interval, config.ignore_ports.clone(), shutdown.clone())
+            .map_err(AgentError::Discovery)?;
     let acceptor = config.transport.bind().await?;
     info!(transport = %config.transport, "hostnet-agent listening for the proxy");
 
     let tracker = TaskTracker::new();
-    let sessions = session::Sessions::new(listeners, shutdown.clone());
+    let interceptor = match &config.host_transport {
+        Some(spec) => match intercept::start(spec.connector(), &tracker, &shutdown).await {
+            Ok(i) => Some(i),
+            Err(e) => {
+                warn!("guest→host is off: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    let sessions = session::Sessions::new(listeners, interceptor, shutdown.clone());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -27,6 +27,12 @@ struct Args {
     #[arg(long, env = "HOSTNET_AGENT_TRANSPORT")]
     transport: TransportSpec,
 
+    /// Where to reach the proxy for guest→host connections (containers reaching desktop
+    /// servers as localhost:PORT): vsock:2:PORT in a VM, unix:PATH in the stand-in. Needs root
+    /// (CAP_NET_ADMIN) and the `nft` command. Off when not given.
+    #[arg(long, env = "HOSTNET_AGENT_HOST_TRANSPORT", value_name = "SPEC")]
+    host_transport: Option<TransportSpec>,
+
     /// Milliseconds between two reads of the listener table.
     #[arg(long, default_value_t = guest_agent::DEFAULT_POLL_INTERVAL.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     poll_interval_ms: u64,
@@ -43,6 +49,7 @@ async fn main() -> ExitCode {
     let mut config = AgentConfig::new(args.transport);
     config.poll_interval = Duration::from_millis(args.poll_interval_ms);
     config.ignore_ports = args.ignore_ports.into_iter().collect::<BTreeSet<_>>();
+    config.host_transport = args.host_transport;
 
     let shutdown = cli::cancel_on_termination();
     match run(config, shutdown).await {

@@ -6,19 +6,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::intercept::{AGENT_MARK, Interceptor};
 use hostnet_net::TransportStream;
+use hostnet_net::connect::connect_tcp;
 use hostnet_net::handshake::{self, FrameReader, HandshakeError};
 use hostnet_net::relay::{self, RelayCounters};
 use hostnet_net::udp::{DatagramBatch, UDP_SOCKET_BUFFER};
 use hostnet_protocol::datagram::MAX_DATAGRAM_LEN;
 use hostnet_protocol::{Control, ListenerSet, Open, OpenReply, PrefaceError, Role};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-/// How long a guest server may take to accept a relayed connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A control stream silent this long (the proxy heartbeats every couple of seconds) is dead.
 const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -26,14 +26,38 @@ const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone)]
 pub struct Sessions {
     listeners: watch::Receiver<Arc<ListenerSet>>,
+    /// Guest→host interception, when it is on.
+    interceptor: Option<Interceptor>,
+    /// `SO_MARK` for the agent's own connections while interception is on.
+    mark: Option<u32>,
     shutdown: CancellationToken,
     /// The live control session; a new one replaces it (the proxy restarted or reconnected).
     control: Arc<Mutex<CancellationToken>>,
 }
 
 impl Sessions {
-    pub fn new(listeners: watch::Receiver<Arc<ListenerSet>>, shutdown: CancellationToken) -> Self {
-        Sessions { listeners, shutdown, control: Arc::new(Mutex::new(CancellationToken::new())) }
+    pub fn new(
+        listeners: watch::Receiver<Arc<ListenerSet>>,
+        interceptor: Option<Interceptor>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let mark = interceptor.as_ref().map(|_| AGENT_MARK);
+        Sessions {
+            listeners,
+            interceptor,
+            mark,
+            shutdown,
+            control: Arc::new(Mutex::new(CancellationToken::new())),
+        }
+    }
+
+    /// Applies a change to the desktop's advertised listeners.
+    fn update_host(&self, f: impl FnOnce(&mut ListenerSet)) {
+        if let Some(i) = &self.interceptor {
+            let mut set = (*i.host_listeners()).clone();
+            f(&mut set);
+            i.set_host_listeners(set);
+        }
     }
 
     pub async fn handle(&self, stream: TransportStream, peer: String) {
@@ -73,7 +97,12 @@ impl Sessions {
             *current = token.clone();
         }
         info!("proxy connected: control stream up");
-        match self.control_loop(&stream, &mut reader, &token).await {
+        let result = self.control_loop(&stream, &mut reader, &token).await;
+        if !token.is_cancelled() {
+            // No proxy any more: guest connections to desktop ports would only fail.
+            self.update_host(|s| *s = ListenerSet::new());
+        }
+        match result {
             Ok(()) => info!("control stream closed"),
             Err(e) => warn!("control stream ended: {e}"),
         }
@@ -117,6 +146,15 @@ impl Sessions {
                             handshake::send_frame(stream, &Control::HeartbeatAck { seq }).await?;
                         }
                         Control::Hello { software, .. } => info!(%software, "proxy said hello"),
+                        Control::HostSnapshot { listeners } => {
+                            self.update_host(|s| *s = listeners.into_iter().filter(|l| l.is_forwardable()).collect());
+                        }
+                        Control::HostAdded { listeners } => {
+                            self.update_host(|s| s.extend(listeners.into_iter().filter(|l| l.is_forwardable())));
+                        }
+                        Control::HostRemoved { listeners } => {
+                            self.update_host(|s| listeners.iter().for_each(|l| { s.remove(l); }));
+                        }
                         Control::Error { message } => warn!("proxy reported: {message}"),
                         other => debug!(?other, "ignoring a frame the agent does not act on"),
                     }
@@ -130,7 +168,7 @@ impl Sessions {
         let server = if !addr.is_loopback() {
             Err(format!("{addr} is not a guest loopback address"))
         } else {
-            connect(SocketAddr::new(addr, port)).await
+            connect_tcp(SocketAddr::new(addr, port), self.mark, "in the guest").await
         };
         let server = match server {
             Ok(s) => s,
@@ -158,7 +196,7 @@ impl Sessions {
         let socket = if !addr.is_loopback() {
             Err(format!("{addr} is not a guest loopback address"))
         } else {
-            udp_flow_socket(target)
+            udp_flow_socket(target, self.mark)
                 .await
                 .map_err(|e| format!("opening a UDP socket to {target} in the guest failed: {e}"))
         };
@@ -234,25 +272,24 @@ impl Sessions {
     }
 }
 
-/// A UDP socket on the guest loopback of `target`'s family, connected to `target`.
-async fn udp_flow_socket(target: SocketAddr) -> io::Result<UdpSocket> {
+/// A UDP socket on the guest loopback of `target`'s family, connected to `target`, carrying
+/// `mark` when interception is on.
+async fn udp_flow_socket(target: SocketAddr, mark: Option<u32>) -> io::Result<UdpSocket> {
     let local: SocketAddr =
         if target.is_ipv6() { (Ipv6Addr::LOCALHOST, 0).into() } else { (Ipv4Addr::LOCALHOST, 0).into() };
-    let socket = UdpSocket::bind(local).await?;
-    let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(local),
+        socket2::Type::DGRAM.nonblocking().cloexec(),
+        None,
+    )?;
+    if let Some(mark) = mark {
+        s.set_mark(mark)?;
+    }
+    let _ = s.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    s.bind(&local.into())?;
+    let socket = UdpSocket::from_std(s.into())?;
     socket.connect(target).await?;
     Ok(socket)
-}
-
-async fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(s)
-        }
-        Ok(Err(e)) => Err(format!("connecting to {addr} in the guest failed: {e}")),
-        Err(_) => Err(format!("connecting to {addr} in the guest timed out after {CONNECT_TIMEOUT:?}")),
-    }
 }
 
 fn software() -> String {

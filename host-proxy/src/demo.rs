@@ -37,6 +37,8 @@ pub struct DemoOptions {
     pub agent: Option<PathBuf>,
     /// Extra arguments for the agent.
     pub agent_args: Vec<String>,
+    /// Let processes in the namespace reach this machine's servers as localhost:PORT.
+    pub guest_to_host: bool,
 }
 
 /// Sets the stand-in up, runs the proxy against it until `shutdown`, tears it down.
@@ -51,12 +53,17 @@ pub async fn run(
     info!(netns = %opts.netns, "network namespace ready; starting the agent inside it");
 
     let spec = TransportSpec::Unix(stand_in.socket.clone());
+    let host_spec = TransportSpec::Unix(stand_in.run_dir.join("host.sock"));
     let mut agent_cmd = vec![agent.into_os_string().into_string().unwrap_or_default()];
     agent_cmd.extend(["--transport".to_owned(), spec.to_string()]);
+    if opts.guest_to_host {
+        agent_cmd.extend(["--host-transport".to_owned(), host_spec.to_string()]);
+    }
     agent_cmd.extend(opts.agent_args.iter().cloned());
     let supervisor = tokio::spawn(supervise_agent(opts.netns.clone(), agent_cmd, shutdown.clone()));
 
-    let config = ProxyConfig { connector: spec.connector() };
+    let mut config = ProxyConfig::new(&spec);
+    config.guest_listen = opts.guest_to_host.then_some(host_spec);
     crate::run(config, shutdown, state).await;
     if let Err(e) = supervisor.await {
         warn!("agent supervisor failed: {e}");

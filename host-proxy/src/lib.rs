@@ -7,24 +7,37 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hostnet_net::Connector;
+use hostnet_net::{Connector, TransportSpec};
+use hostnet_protocol::ListenerSet;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub mod demo;
 pub mod forward;
+mod guest_streams;
 mod link;
 pub mod udp;
 
 /// How long shutdown waits for connections to finish closing.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often the desktop's own listeners are read for guest→host.
+pub const HOST_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
 /// How the proxy runs.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     /// How to reach the agent.
     pub connector: Arc<dyn Connector>,
+    /// Where the agent opens streams for guest→host connections (`None`: guest→host off).
+    pub guest_listen: Option<TransportSpec>,
+}
+
+impl ProxyConfig {
+    pub fn new(agent: &TransportSpec) -> Self {
+        ProxyConfig { connector: agent.connector(), guest_listen: None }
+    }
 }
 
 /// The state of the link to the agent, for status and the `ready` line.
@@ -42,7 +55,11 @@ pub enum LinkState {
 pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch::Sender<LinkState>) {
     let tracker = TaskTracker::new();
     let forwards = forward::Forwards::new(config.connector.clone(), tracker.clone(), shutdown.clone());
-    link::maintain(config.connector, forwards, state, shutdown.clone()).await;
+    let host = match &config.guest_listen {
+        Some(spec) => guest_streams::start(spec, &tracker, &shutdown).await,
+        None => watch::channel(Arc::new(ListenerSet::new())).1,
+    };
+    link::maintain(config.connector, forwards, host, state, shutdown.clone()).await;
     tracker.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
         tracing::warn!("some connections did not close within {DRAIN_TIMEOUT:?}");

@@ -54,6 +54,7 @@ fn backoff() -> impl Iterator<Item = Duration> {
 pub async fn maintain(
     connector: Arc<dyn Connector>,
     forwards: Forwards,
+    host: watch::Receiver<Arc<ListenerSet>>,
     state: watch::Sender<LinkState>,
     shutdown: CancellationToken,
 ) {
@@ -62,7 +63,7 @@ pub async fn maintain(
     let mut attempts = 0u32;
     loop {
         let mut established = false;
-        let result = session(&*connector, &forwards, &state, &shutdown, &mut established).await;
+        let result = session(&*connector, &forwards, host.clone(), &state, &shutdown, &mut established).await;
         if shutdown.is_cancelled() {
             return;
         }
@@ -110,6 +111,7 @@ pub async fn maintain(
 async fn session(
     connector: &dyn Connector,
     forwards: &Forwards,
+    mut host: watch::Receiver<Arc<ListenerSet>>,
     state: &watch::Sender<LinkState>,
     shutdown: &CancellationToken,
     established: &mut bool,
@@ -144,6 +146,11 @@ async fn session(
     forwards.replace_all(listeners.into_iter().filter(|l| l.is_forwardable()).collect());
     *established = true;
     publish(state, forwards);
+    // Guest→host: the desktop's own listeners (the watcher already leaves out our mirrors).
+    let mut host_sent = (**host.borrow_and_update()).clone();
+    handshake::send_frame(&stream, &Control::HostSnapshot { listeners: host_sent.iter().copied().collect() })
+        .await?;
+    let mut host_live = true;
 
     let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -159,6 +166,21 @@ async fn session(
                 seq += 1;
                 handshake::send_frame(&stream, &Control::Heartbeat { seq }).await?;
                 forwards.retry_conflicts();
+            }
+            changed = host.changed(), if host_live => {
+                if changed.is_err() {
+                    host_live = false; // guest→host is off
+                    continue;
+                }
+                let now = (**host.borrow_and_update()).clone();
+                let (added, removed) = host_sent.diff(&now);
+                if !removed.is_empty() {
+                    handshake::send_frame(&stream, &Control::HostRemoved { listeners: removed }).await?;
+                }
+                if !added.is_empty() {
+                    handshake::send_frame(&stream, &Control::HostAdded { listeners: added }).await?;
+                }
+                host_sent = now;
             }
             frame = reader.read_frame::<_, Control>(&stream) => {
                 last_heard = Instant::now();
@@ -177,6 +199,9 @@ async fn session(
                     Control::HeartbeatAck { .. } => {}
                     Control::Error { message } => return Err(LinkError::Agent(message)),
                     Control::Hello { .. } => debug!("ignoring a repeated hello"),
+                    Control::HostSnapshot { .. } | Control::HostAdded { .. } | Control::HostRemoved { .. } => {
+                        debug!("ignoring a host-listener frame from the agent");
+                    }
                 }
                 publish(state, forwards);
             }

@@ -33,6 +33,10 @@ enum Cmd {
         /// How to reach the agent: hybrid:PATH:PORT, vsock:CID:PORT, unix:PATH or tcp:ADDR:PORT.
         #[arg(long, env = "HOSTNET_TRANSPORT")]
         transport: TransportSpec,
+        /// Where the agent connects for guest→host (containers reaching this machine's servers
+        /// as localhost:PORT): for hybrid vsock, unix:<VM socket>_<PORT>. Off when not given.
+        #[arg(long, value_name = "SPEC")]
+        listen: Option<TransportSpec>,
     },
     /// Stand up a network namespace as a stand-in VM, run the agent in it and forward its ports
     /// (needs root). Ctrl-C removes everything it created.
@@ -52,6 +56,9 @@ enum Cmd {
         /// Milliseconds between the agent's reads of the listener table.
         #[arg(long, value_name = "MS")]
         poll_interval_ms: Option<u64>,
+        /// Do not let the namespace reach this machine's servers through localhost.
+        #[arg(long)]
+        no_guest_to_host: bool,
     },
 }
 
@@ -63,20 +70,24 @@ async fn main() -> ExitCode {
     let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
 
     let result = match args.command {
-        Cmd::Run { transport } => {
+        Cmd::Run { transport, listen } => {
             tokio::spawn(announce_ready(
                 state_rx,
                 format!("hostnet-proxy ready: forwarding ports from the agent at {transport}"),
             ));
-            host_proxy::run(ProxyConfig { connector: transport.connector() }, shutdown, state_tx).await;
+            let mut config = ProxyConfig::new(&transport);
+            config.guest_listen = listen;
+            host_proxy::run(config, shutdown, state_tx).await;
             Ok(())
         }
-        Cmd::Demo { netns, reuse, agent, poll_interval_ms } => {
+        Cmd::Demo { netns, reuse, agent, poll_interval_ms, no_guest_to_host } => {
             let agent_args = poll_interval_ms
                 .map(|ms| vec!["--poll-interval-ms".to_owned(), ms.to_string()])
                 .unwrap_or_default();
             tokio::spawn(announce_ready(state_rx, demo_banner(&netns)));
-            demo::run(DemoOptions { netns, reuse, agent, agent_args }, shutdown, state_tx).await
+            let guest_to_host = !no_guest_to_host;
+            demo::run(DemoOptions { netns, reuse, agent, agent_args, guest_to_host }, shutdown, state_tx)
+                .await
         }
     };
     match result {

@@ -7,6 +7,8 @@
 use std::io;
 
 use hostnet_protocol::{Listener, Proto};
+
+pub use crate::watcher::Found;
 use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
@@ -15,15 +17,6 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
 /// Receive buffer for dump replies; the kernel fills up to this much per `recv`.
 const RECV_BUF_LEN: usize = 64 * 1024;
-
-/// One socket the kernel reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Found {
-    pub listener: Listener,
-    /// Socket inode, to recognise sockets of our own process.
-    pub inode: u32,
-    pub uid: u32,
-}
 
 /// A `sock_diag` netlink socket, reused for every dump.
 #[derive(Debug)]

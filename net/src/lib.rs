@@ -7,8 +7,10 @@
 //! - [`handshake`]: preface and header frames at the start of a stream.
 //! - [`relay`]: one TCP connection ↔ one data stream, FIN and RST carried in-band.
 //! - [`discovery`]: listening sockets through netlink `sock_diag` (Linux).
+//! - [`watcher`]: the polling thread both sides run over a listener source.
 
 pub mod cli;
+pub mod connect;
 #[cfg(target_os = "linux")]
 pub mod discovery;
 pub mod handshake;
@@ -18,6 +20,7 @@ pub mod transport;
 pub mod udp;
 #[cfg(target_os = "linux")]
 mod vsock;
+pub mod watcher;
 
 pub use stream::{RawStream, TransportStream};
 pub use transport::{Acceptor, Connector, TransportError, TransportSpec};

@@ -40,6 +40,14 @@ pub enum Control {
     Added { listeners: Vec<Listener> },
     /// Agent → proxy: listeners that went away.
     Removed { listeners: Vec<Listener> },
+    /// Proxy → agent: the complete set of the desktop's own listeners (never its mirrors of
+    /// guest ports) that guest processes may reach as `localhost:PORT`. Sent after the agent's
+    /// snapshot; replaces the agent's previous view.
+    HostSnapshot { listeners: Vec<Listener> },
+    /// Proxy → agent: desktop listeners that appeared.
+    HostAdded { listeners: Vec<Listener> },
+    /// Proxy → agent: desktop listeners that went away.
+    HostRemoved { listeners: Vec<Listener> },
     /// Either side: liveness probe. The receiver answers with `HeartbeatAck` carrying `seq`.
     Heartbeat { seq: u64 },
     /// Answer to `Heartbeat`.
@@ -152,6 +160,9 @@ mod tests {
             Control::Snapshot { listeners: vec![l] },
             Control::Added { listeners: vec![] },
             Control::Removed { listeners: vec![l] },
+            Control::HostSnapshot { listeners: vec![l] },
+            Control::HostAdded { listeners: vec![l] },
+            Control::HostRemoved { listeners: vec![] },
             Control::Heartbeat { seq: 7 },
             Control::HeartbeatAck { seq: 7 },
             Control::Error { message: "bye".into() },

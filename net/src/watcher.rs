@@ -1,37 +1,81 @@
-//! The listener watcher: a thread that polls `sock_diag` (TCP listeners and bound UDP
-//! sockets) and publishes the forwardable set
-//! whenever it changes.
+//! The listener watcher, used by both sides: a thread that reads this machine's listening
+//! sockets (TCP listeners and bound UDP sockets) on a tick and publishes the forwardable set
+//! whenever it changes. Where the sockets come from is a [`ListenerSource`]: netlink
+//! `sock_diag` on Linux (the agent always; a Linux desktop for guest→host).
+//!
+//! Other desktops, by design (not built yet): macOS through `proc_pidinfo(PROC_PIDFDSOCKETINFO)`
+//! over its processes or the `net.inet.tcp.pcblist_n` / `net.inet.udp.pcblist_n` sysctls;
+//! Windows through `GetExtendedTcpTable` / `GetExtendedUdpTable` (IPv4 and IPv6, with owning
+//! PIDs, which also tell the proxy its own sockets).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hostnet_net::discovery::{Found, SockDiag};
-use hostnet_protocol::ListenerSet;
+use hostnet_protocol::{Listener, ListenerSet};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-/// Default period between two reads of the listener table: a new listener is usable from the
-/// host within about this long (`../shared/notes/discovery.md`: ~2 % of a core at this rate).
+/// One socket a [`ListenerSource`] reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    pub listener: Listener,
+    /// Socket inode, to recognise sockets of our own process.
+    pub inode: u32,
+    pub uid: u32,
+}
+
+/// Where this machine's listening sockets come from.
+pub trait ListenerSource: Send + 'static {
+    /// Appends every TCP socket in LISTEN state and every bound, unconnected UDP socket.
+    fn read(&mut self, out: &mut Vec<Found>) -> io::Result<()>;
+}
+
+#[cfg(target_os = "linux")]
+impl ListenerSource for crate::discovery::SockDiag {
+    fn read(&mut self, out: &mut Vec<Found>) -> io::Result<()> {
+        self.tcp_listeners(out)?;
+        self.udp_bound(out)
+    }
+}
+
+/// This platform's source of listening sockets.
+pub fn platform_source() -> io::Result<Box<dyn ListenerSource>> {
+    #[cfg(target_os = "linux")]
+    {
+        Ok(Box::new(crate::discovery::SockDiag::open()?))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "listener discovery is not implemented on this platform yet",
+        ))
+    }
+}
+
+/// Default period between two reads of the guest's listener table: a new listener is usable
+/// from the host within about this long (`../shared/notes/discovery.md`: ~2 % of a core at
+/// this rate with few sockets; measured ~1 %).
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Back-off after a failed read of the table.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
-/// Starts the watcher. The first read happens before this returns, so the first snapshot a
-/// proxy gets is already the truth.
+/// Starts a watcher on `source`. The first read happens before this returns, so the first
+/// snapshot a peer gets is already the truth.
 pub fn spawn(
+    mut diag: Box<dyn ListenerSource>,
     interval: Duration,
     ignore_ports: BTreeSet<u16>,
     shutdown: CancellationToken,
 ) -> io::Result<watch::Receiver<Arc<ListenerSet>>> {
-    let mut diag = SockDiag::open()?;
     let mut own = OwnSockets::default();
     let mut found = Vec::new();
     let first = read_set(&mut diag, &mut found, &ignore_ports, &mut own)?;
     let (tx, rx) = watch::channel(Arc::new(first));
-    std::thread::Builder::new().name("hostnet-discovery".into()).spawn(move || {
+    std::thread::Builder::new().name("hostnet-listeners".into()).spawn(move || {
         while !shutdown.is_cancelled() && !tx.is_closed() {
             std::thread::sleep(interval);
             match read_set(&mut diag, &mut found, &ignore_ports, &mut own) {
@@ -56,14 +100,13 @@ pub fn spawn(
 }
 
 fn read_set(
-    diag: &mut SockDiag,
+    diag: &mut Box<dyn ListenerSource>,
     found: &mut Vec<Found>,
     ignore_ports: &BTreeSet<u16>,
     own: &mut OwnSockets,
 ) -> io::Result<ListenerSet> {
     found.clear();
-    diag.tcp_listeners(found)?;
-    diag.udp_bound(found)?;
+    diag.read(found)?;
     let set = found
         .iter()
         .filter(|f| f.listener.is_forwardable() && !ignore_ports.contains(&f.listener.port))
@@ -74,8 +117,9 @@ fn read_set(
     Ok(set)
 }
 
-/// Which socket inodes belong to this process, so the agent never advertises its own sockets
-/// (a `tcp:` transport listener, say). Looked up once per new inode.
+/// Which socket inodes belong to this process, so a side never advertises its own sockets:
+/// the agent its `tcp:` transport listener or interception sockets, the proxy the mirrors of
+/// guest ports (never mirror a mirror). Looked up once per new inode.
 #[derive(Debug, Default)]
 struct OwnSockets(HashMap<u32, bool>);
 

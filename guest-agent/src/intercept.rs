@@ -1,0 +1,279 @@
+//! Guest→host: connections that guest processes make to `127.0.0.1:P` / `[::1]:P` for a port P
+//! the desktop advertises reach the agent, which relays them to the proxy.
+//!
+//! One nftables table (`inet hostnet`) in prerouting on `lo` (`../shared/notes/guest-to-host.md`):
+//! a `socket` lookup lets an existing guest listener on P win by itself; otherwise TPROXY hands
+//! the connection to the agent's transparent listener, whose accepted socket's local address is
+//! the original destination. Only the set of ports changes at run time. The agent's own sockets
+//! carry [`AGENT_MARK`] and are never caught. The table is removed when the agent stops.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hostnet_net::Connector;
+use hostnet_net::handshake::{self, FrameReader};
+use hostnet_net::relay::{self, RelayCounters};
+use hostnet_protocol::{ListenerSet, Open, OpenReply, Proto};
+use socket2::{Domain, Socket, Type};
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::Command;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+/// `SO_MARK` on every socket the agent opens itself, so its own traffic is never intercepted.
+pub const AGENT_MARK: u32 = 0x686e_6574; // "hnet"
+/// The nftables table the agent owns (family `inet`).
+pub const TABLE: &str = "hostnet";
+
+#[derive(Debug, Error)]
+pub enum InterceptError {
+    #[error("cannot open the transparent listener on {0}: {1} (needs CAP_NET_ADMIN)")]
+    Listener(SocketAddr, std::io::Error),
+    #[error("cannot run `nft` (Debian: apt-get install nftables): {0}")]
+    NftMissing(std::io::Error),
+    #[error("nft rejected hostnet's rules: {0}")]
+    Nft(String),
+}
+
+/// A running interception: feed it the desktop's advertised listeners.
+#[derive(Debug, Clone)]
+pub struct Interceptor {
+    host: watch::Sender<Arc<ListenerSet>>,
+}
+
+impl Interceptor {
+    /// Replaces the set of desktop listeners guest processes may reach.
+    pub fn set_host_listeners(&self, set: ListenerSet) {
+        self.host.send_if_modified(|cur| {
+            if **cur == set {
+                return false;
+            }
+            *cur = Arc::new(set);
+            true
+        });
+    }
+
+    pub fn host_listeners(&self) -> Arc<ListenerSet> {
+        self.host.borrow().clone()
+    }
+}
+
+/// Installs the table, starts the transparent listeners and the rule updater. On shutdown the
+/// table is removed.
+pub async fn start(
+    to_host: Arc<dyn Connector>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<Interceptor, InterceptError> {
+    let v4 = transparent_listener(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0))?;
+    let v6 = match transparent_listener(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0)) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!("guest→host over IPv6 is off: {e}");
+            None
+        }
+    };
+    let port_of = |l: &TcpListener| l.local_addr().map(|a| a.port()).unwrap_or(0);
+    let ruleset = ruleset(port_of(&v4), v6.as_ref().map(port_of));
+    let _ = nft(&format!("delete table inet {TABLE}\n")).await; // a stale table from a crash
+    nft(&ruleset).await?;
+    info!("guest→host interception installed (nftables table inet {TABLE})");
+
+    let (host, mut desired) = watch::channel(Arc::new(ListenerSet::new()));
+    let stop = shutdown.clone();
+    tracker.spawn(async move {
+        let mut applied = Vec::new();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                changed = desired.changed() => if changed.is_err() { break },
+            }
+            let set = desired.borrow_and_update().clone();
+            let ports: Vec<u16> =
+                set.ports().into_iter().filter(|(p, _)| *p == Proto::Tcp).map(|(_, port)| port).collect();
+            if ports == applied {
+                continue;
+            }
+            match nft(&set_elements(&ports)).await {
+                Ok(()) => {
+                    debug!(?ports, "guest→host ports updated");
+                    applied = ports;
+                }
+                Err(e) => warn!("updating guest→host ports failed: {e}"),
+            }
+        }
+        match nft(&format!("delete table inet {TABLE}\n")).await {
+            Ok(()) => info!("guest→host interception removed"),
+            Err(e) => warn!("removing nftables table inet {TABLE} failed: {e}"),
+        }
+    });
+    for listener in std::iter::once(v4).chain(v6) {
+        let (to_host, stop, tracker2) = (to_host.clone(), shutdown.clone(), tracker.clone());
+        tracker.spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    a = listener.accept() => a,
+                };
+                match accepted {
+                    Ok((conn, peer)) => {
+                        let (to_host, stop) = (to_host.clone(), stop.clone());
+                        tracker2.spawn(relay_to_host(conn, peer, to_host, stop));
+                    }
+                    Err(e) => {
+                        warn!("accepting an intercepted connection failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+    }
+    Ok(Interceptor { host })
+}
+
+/// One intercepted guest connection → one stream to the proxy.
+async fn relay_to_host(
+    conn: TcpStream,
+    peer: SocketAddr,
+    to_host: Arc<dyn Connector>,
+    shutdown: CancellationToken,
+) {
+    // TPROXY keeps the original destination as the accepted socket's local address.
+    let Ok(original) = conn.local_addr() else { return };
+    let span = info_span!("guest→host", port = original.port(), client = %peer);
+    async move {
+        let _ = conn.set_nodelay(true);
+        let stream = match to_host.connect().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("cannot reach the proxy for guest→host: {e}");
+                let _ = hostnet_net::RawStream::set_reset_on_close(&conn);
+                return;
+            }
+        };
+        let open = Open::Tcp { addr: original.ip(), port: original.port(), peer: Some(peer) };
+        let mut reader = FrameReader::new();
+        let reply = async {
+            handshake::send_preface_and(&stream, &open).await?;
+            reader.read_opening::<_, OpenReply>(&stream).await
+        };
+        match reply.await {
+            Ok(OpenReply::Connected) => {}
+            Ok(OpenReply::Refused { reason }) => {
+                debug!("proxy refused: {reason}");
+                let _ = hostnet_net::RawStream::set_reset_on_close(&conn);
+                return;
+            }
+            Err(e) => {
+                warn!("proxy did not open the connection: {e}");
+                let _ = hostnet_net::RawStream::set_reset_on_close(&conn);
+                return;
+            }
+        }
+        let counters = RelayCounters::default();
+        let outcome = relay::relay(&conn, &stream, reader.into_leftover(), &counters, &shutdown).await;
+        debug!(?outcome, ?counters, "guest→host connection finished");
+    }
+    .instrument(span)
+    .await
+}
+
+fn transparent_listener(addr: SocketAddr) -> Result<TcpListener, InterceptError> {
+    let make = || -> std::io::Result<TcpListener> {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+            s.set_ip_transparent_v6(true)?;
+        } else {
+            s.set_ip_transparent_v4(true)?;
+        }
+        s.set_mark(AGENT_MARK)?;
+        // Accepted sockets inherit it: their local address is the original destination
+        // (127.0.0.1:P), and without SO_REUSEADDR they, or their TIME_WAIT, would stop a guest
+        // server from binding P later.
+        s.set_reuse_address(true)?;
+        s.bind(&addr.into())?;
+        s.listen(1024)?;
+        TcpListener::from_std(s.into())
+    };
+    make().map_err(|e| InterceptError::Listener(addr, e))
+}
+
+/// The whole table. Loopback traffic re-enters through `lo`, so in prerouting the `socket`
+/// expression really asks "does a guest socket own this?": if so the packet goes on as usual.
+fn ruleset(tcp4: u16, tcp6: Option<u16>) -> String {
+    let v6 = match tcp6 {
+        Some(p) => format!(
+            "    ip6 daddr ::1 tcp dport @tcp_ports socket transparent 0 return\n    \
+             ip6 daddr ::1 tcp dport @tcp_ports tproxy ip6 to [::1]:{p}\n"
+        ),
+        None => String::new(),
+    };
+    format!(
+        "table inet {TABLE} {{\n  \
+           set tcp_ports {{ type inet_service; }}\n  \
+           chain prerouting {{\n    \
+             type filter hook prerouting priority mangle; policy accept;\n    \
+             iif != \"lo\" return\n    \
+             meta mark {AGENT_MARK:#x} return\n    \
+             ip daddr 127.0.0.1 tcp dport @tcp_ports socket transparent 0 return\n    \
+             ip daddr 127.0.0.1 tcp dport @tcp_ports tproxy ip to 127.0.0.1:{tcp4}\n\
+         {v6}  }}\n}}\n"
+    )
+}
+
+/// One transaction that replaces the port set.
+fn set_elements(ports: &[u16]) -> String {
+    let mut s = format!("flush set inet {TABLE} tcp_ports\n");
+    if !ports.is_empty() {
+        let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+        s.push_str(&format!("add element inet {TABLE} tcp_ports {{ {} }}\n", list.join(", ")));
+    }
+    s
+}
+
+/// Runs `nft -f -` with `script`.
+async fn nft(script: &str) -> Result<(), InterceptError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(InterceptError::NftMissing)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(script.as_bytes()).await;
+    }
+    let out = child.wait_with_output().await.map_err(InterceptError::NftMissing)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(InterceptError::Nft(String::from_utf8_lossy(&out.stderr).trim().to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ruleset_names_both_listeners_and_the_mark() {
+        let r = ruleset(41000, Some(41001));
+        assert!(r.contains("tproxy ip to 127.0.0.1:41000"));
+        assert!(r.contains("tproxy ip6 to [::1]:41001"));
+        assert!(r.contains("meta mark 0x686e6574 return"));
+        assert!(!ruleset(41000, None).contains("ip6"));
+    }
+
+    #[test]
+    fn empty_port_set_only_flushes() {
+        assert_eq!(set_elements(&[]), "flush set inet hostnet tcp_ports\n");
+        assert!(set_elements(&[80, 8080]).ends_with("add element inet hostnet tcp_ports { 80, 8080 }\n"));
+    }
+}

@@ -1,0 +1,116 @@
+//! Guest→host: the desktop's own listeners are advertised to the agent, and the streams the
+//! agent opens for intercepted guest connections are served here — only to loopback ports
+//! that are advertised right now.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hostnet_net::connect::connect_tcp;
+use hostnet_net::handshake::{self, FrameReader};
+use hostnet_net::relay::{self, RelayCounters};
+use hostnet_net::{TransportSpec, TransportStream, watcher};
+use hostnet_protocol::{ListenerSet, Open, OpenReply, Proto};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::HOST_POLL_INTERVAL;
+
+/// Starts watching the desktop's listeners and serving the agent's guest→host streams.
+/// Returns the advertised set (empty, and guest→host off, if either cannot start).
+pub async fn start(
+    listen: &TransportSpec,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> watch::Receiver<Arc<ListenerSet>> {
+    let off = || watch::channel(Arc::new(ListenerSet::new())).1;
+    let host = match watcher::platform_source()
+        .and_then(|src| watcher::spawn(src, HOST_POLL_INTERVAL, BTreeSet::new(), shutdown.clone()))
+    {
+        Ok(rx) => rx,
+        Err(e) => {
+            warn!("guest→host is off: cannot read this machine's listening sockets: {e}");
+            return off();
+        }
+    };
+    let acceptor = match listen.bind().await {
+        Ok(a) => a,
+        Err(e) => {
+            warn!("guest→host is off: {e}");
+            return off();
+        }
+    };
+    info!(%listen, "serving guest→host connections");
+    let (host2, shutdown2, tracker2) = (host.clone(), shutdown.clone(), tracker.clone());
+    tracker.spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown2.cancelled() => return,
+                a = acceptor.accept() => a,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let host = host2.clone();
+                    let shutdown = shutdown2.clone();
+                    tracker2.spawn(async move { serve(stream, host, shutdown).await });
+                }
+                Err(e) => {
+                    warn!("accepting a guest→host stream failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    host
+}
+
+/// One guest connection: connect to the advertised desktop port, relay.
+async fn serve(
+    stream: TransportStream,
+    host: watch::Receiver<Arc<ListenerSet>>,
+    shutdown: CancellationToken,
+) {
+    let mut reader = FrameReader::new();
+    let open = match reader.read_opening::<_, Open>(&stream).await {
+        Ok(o) => o,
+        Err(e) => return warn!("rejected a guest→host stream: {e}"),
+    };
+    let (addr, port, peer) = match open {
+        Open::Tcp { addr, port, peer } => (addr, port, peer),
+        Open::Udp { port, .. } => {
+            let reason = format!("guest→host UDP to port {port} is not supported yet");
+            let _ = handshake::send_preface_and(&stream, &OpenReply::Refused { reason }).await;
+            return;
+        }
+        Open::Control => return warn!("rejected a control stream on the guest→host socket"),
+    };
+    let span = info_span!("guest→host", port, client = %peer.map(|p| p.to_string()).unwrap_or_default());
+    async move {
+        // Only a port the desktop advertises, and only on the desktop's loopback: the guest
+        // cannot steer the proxy anywhere else, whatever `addr` it sends.
+        let target = host.borrow().target_for(Proto::Tcp, port, addr.is_ipv6());
+        let server = match target {
+            None => Err(format!("host port {port} is not advertised to the guest")),
+            Some(ip) => connect_tcp(SocketAddr::new(ip, port), None, "on the host").await,
+        };
+        let server = match server {
+            Ok(s) => s,
+            Err(reason) => {
+                debug!("refused: {reason}");
+                let _ = handshake::send_preface_and(&stream, &OpenReply::Refused { reason }).await;
+                return;
+            }
+        };
+        if handshake::send_preface_and(&stream, &OpenReply::Connected).await.is_err() {
+            return;
+        }
+        let counters = RelayCounters::default();
+        let outcome = relay::relay(&server, &stream, reader.into_leftover(), &counters, &shutdown).await;
+        debug!(?outcome, ?counters, "guest→host connection finished");
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,177 @@
+//! Guest→host end to end through the netns stand-in: processes in the "VM" reach servers on
+//! this machine as localhost:PORT. Needs root (network namespaces, nftables).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use hostnet_tests::*;
+
+fn addr(s: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(s.parse().unwrap(), port)
+}
+
+/// Connects from inside the "VM" to `target` and runs an echo round trip.
+fn guest_echo(demo: &Demo, target: SocketAddr, data: &[u8]) -> Option<Vec<u8>> {
+    let data = data.to_vec();
+    demo.in_netns(move || {
+        let c = TcpStream::connect_timeout(&target, std::time::Duration::from_secs(2)).ok()?;
+        Some(echo_round_trip(c, &data))
+    })
+}
+
+/// Reads what a server says first, from inside the "VM".
+fn guest_greeting(demo: &Demo, target: SocketAddr) -> Option<String> {
+    demo.in_netns(move || {
+        let mut c = TcpStream::connect_timeout(&target, std::time::Duration::from_secs(2)).ok()?;
+        c.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).ok()?;
+        Some(s)
+    })
+}
+
+fn say_host(mut c: TcpStream) {
+    let _ = c.write_all(b"host");
+}
+
+fn say_guest(mut c: TcpStream) {
+    let _ = c.write_all(b"guest");
+}
+
+/// The tcp_ports set of the agent's nftables table, as text.
+fn intercepted_ports(demo: &Demo) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &demo.netns, "nft", "list", "set", "inet", "hostnet", "tcp_ports"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn curl_in_the_guest_reaches_a_desktop_web_server() {
+    let demo = Demo::start();
+    let port = free_port();
+    let mut server = Command::new("python3")
+        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the desktop server listens", || TcpStream::connect(loopback(false, port)).is_ok());
+    let url = format!("http://localhost:{port}/Cargo.toml");
+    let mut body = String::new();
+    wait_until("curl in the guest gets the page", || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &demo.netns, "curl", "-sf", "-m", "5", &url])
+            .output()
+            .expect("curl is needed; the README's setup installs it");
+        body = String::from_utf8_lossy(&out.stdout).into_owned();
+        out.status.success()
+    });
+    assert!(body.contains("name = \"hostnet-tests\""), "got the file served by the desktop: {body}");
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[test]
+fn tcp_echo_from_the_guest_over_v4_v6_and_localhost() {
+    let demo = Demo::start();
+    let port = free_port();
+    // A desktop server on 127.0.0.1 only: [::1] in the guest still reaches it.
+    let _srv = GuestServer::serve(TcpListener::bind(loopback(false, port)).unwrap(), echo);
+    wait_until("the port is intercepted in the guest", || {
+        intercepted_ports(&demo).contains(&port.to_string())
+    });
+    let mut targets = vec![addr("127.0.0.1", port)];
+    if has_ipv6() {
+        targets.push(addr("::1", port));
+    }
+    for t in targets {
+        let data = pattern(3 << 20, t.port() as u64);
+        assert_eq!(guest_echo(&demo, t, &data).as_deref(), Some(&data[..]), "echo via {t}");
+    }
+    let by_name: Vec<SocketAddr> =
+        demo.in_netns(|| format!("localhost:{port}").to_socket_addrs().unwrap().collect());
+    let got = demo.in_netns(|| {
+        let c = TcpStream::connect(&by_name[..]).unwrap();
+        echo_round_trip(c, b"by name")
+    });
+    assert_eq!(got, b"by name");
+}
+
+#[test]
+fn a_port_both_sides_listen_on_stays_with_each_side() {
+    let demo = Demo::start();
+    let port = free_port();
+    let _host = GuestServer::serve(TcpListener::bind(loopback(false, port)).unwrap(), say_host);
+    wait_until("the port is intercepted in the guest", || {
+        intercepted_ports(&demo).contains(&port.to_string())
+    });
+    assert_eq!(guest_greeting(&demo, addr("127.0.0.1", port)).as_deref(), Some("host"));
+    // Now a guest server takes the same port: inside the guest it wins by itself.
+    let _guest = GuestServer::serve(demo.listen(addr("0.0.0.0", port), false), say_guest);
+    assert_eq!(guest_greeting(&demo, addr("127.0.0.1", port)).as_deref(), Some("guest"));
+    // And the desktop keeps its own server (the mirror is a conflict, not a takeover).
+    let mut c = TcpStream::connect(loopback(false, port)).unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "host");
+}
+
+#[test]
+fn a_mirrored_guest_port_is_never_advertised_back() {
+    let demo = Demo::start();
+    let port = free_port();
+    let srv = GuestServer::serve(demo.listen(addr("0.0.0.0", port), false), echo);
+    connect_when_forwarded(loopback(false, port));
+    // The proxy's mirror on the desktop is not a desktop server: no loop through it.
+    let other = free_port();
+    let _host = GuestServer::serve(TcpListener::bind(loopback(false, other)).unwrap(), echo);
+    wait_until("a real desktop port is advertised", || intercepted_ports(&demo).contains(&other.to_string()));
+    assert!(
+        !intercepted_ports(&demo).contains(&port.to_string()),
+        "mirror advertised back: {}",
+        intercepted_ports(&demo)
+    );
+    srv.close();
+    wait_until("the mirror is gone", || refused(loopback(false, port)));
+    let looped = demo.in_netns(|| TcpStream::connect(addr("127.0.0.1", port)));
+    assert!(looped.is_err(), "connecting to the closed guest port is refused, not looped");
+}
+
+#[test]
+fn the_guest_cannot_steer_the_proxy_to_unadvertised_ports() {
+    let demo = Demo::start();
+    let unadvertised = free_port();
+    let sock = Path::new("/run/hostnet").join(&demo.netns).join("host.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let body = format!(r#"{{"type":"tcp","addr":"10.9.8.7","port":{unadvertised},"peer":null}}"#);
+    let mut wire = b"HNET\x00\x01".to_vec();
+    wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    wire.extend_from_slice(body.as_bytes());
+    s.write_all(&wire).unwrap();
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.contains("refused") && reply.contains("not advertised"), "{reply}");
+}
+
+#[test]
+fn the_rules_are_gone_after_the_demo_stops() {
+    require_root();
+    let netns = format!("hn-t{}-rules", std::process::id());
+    assert!(Command::new("ip").args(["netns", "add", &netns]).status().unwrap().success());
+    let demo = Demo::start_named(&netns, &["--reuse"]).unwrap();
+    wait_until("the table is installed", || !intercepted_ports(&demo).is_empty());
+    assert!(demo.stop().success());
+    let out = Command::new("ip").args(["netns", "exec", &netns, "nft", "list", "tables"]).output().unwrap();
+    let tables = String::from_utf8_lossy(&out.stdout).into_owned();
+    let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+    assert!(!tables.contains("hostnet"), "table left behind: {tables}");
+}
