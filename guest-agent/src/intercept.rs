@@ -71,16 +71,31 @@ pub async fn start(
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<Interceptor, InterceptError> {
-    let v4 = transparent_listener(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0))?;
-    let v6 = match transparent_listener(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0)) {
-        Ok(l) => Some(l),
-        Err(e) => {
-            warn!("guest→host over IPv6 is off: {e}");
-            None
+    let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+    let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0);
+    let mut targets = Targets::default();
+    let mut tcp_listeners = Vec::new();
+    for addr in [v4, v6] {
+        match transparent_listener(addr) {
+            Ok(l) => {
+                targets.0.push((Proto::Tcp, addr.ip(), l.local_addr().map(|a| a.port()).unwrap_or(0)));
+                tcp_listeners.push(l);
+            }
+            Err(e) if addr.is_ipv4() => return Err(e),
+            Err(e) => warn!("guest→host TCP over IPv6 is off: {e}"),
         }
-    };
-    let port_of = |l: &TcpListener| l.local_addr().map(|a| a.port()).unwrap_or(0);
-    let ruleset = ruleset(port_of(&v4), v6.as_ref().map(port_of));
+    }
+    let mut udp_sockets = Vec::new();
+    for addr in [v4, v6] {
+        match crate::intercept_udp::catch_all(addr) {
+            Ok(s) => {
+                targets.0.push((Proto::Udp, addr.ip(), s.local_addr().map(|a| a.port()).unwrap_or(0)));
+                udp_sockets.push(s);
+            }
+            Err(e) => warn!("guest→host UDP over {} is off: {e} (needs CAP_NET_ADMIN)", addr.ip()),
+        }
+    }
+    let ruleset = ruleset(&targets);
     let _ = nft(&format!("delete table inet {TABLE}\n")).await; // a stale table from a crash
     nft(&ruleset).await?;
     info!("guest→host interception installed (nftables table inet {TABLE})");
@@ -88,19 +103,21 @@ pub async fn start(
     let (host, mut desired) = watch::channel(Arc::new(ListenerSet::new()));
     let stop = shutdown.clone();
     tracker.spawn(async move {
-        let mut applied = Vec::new();
+        let mut applied = (Vec::new(), Vec::new());
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 changed = desired.changed() => if changed.is_err() { break },
             }
             let set = desired.borrow_and_update().clone();
-            let ports: Vec<u16> =
-                set.ports().into_iter().filter(|(p, _)| *p == Proto::Tcp).map(|(_, port)| port).collect();
+            let of = |proto| -> Vec<u16> {
+                set.ports().into_iter().filter(|(p, _)| *p == proto).map(|(_, port)| port).collect()
+            };
+            let ports = (of(Proto::Tcp), of(Proto::Udp));
             if ports == applied {
                 continue;
             }
-            match nft(&set_elements(&ports)).await {
+            match nft(&set_elements(&ports.0, &ports.1)).await {
                 Ok(()) => {
                     debug!(?ports, "guest→host ports updated");
                     applied = ports;
@@ -113,7 +130,11 @@ pub async fn start(
             Err(e) => warn!("removing nftables table inet {TABLE} failed: {e}"),
         }
     });
-    for listener in std::iter::once(v4).chain(v6) {
+    for socket in udp_sockets {
+        let (to_host, stop, tracker2) = (to_host.clone(), shutdown.clone(), tracker.clone());
+        tracker.spawn(crate::intercept_udp::serve(socket, to_host, tracker2, stop));
+    }
+    for listener in tcp_listeners {
         let (to_host, stop, tracker2) = (to_host.clone(), shutdown.clone(), tracker.clone());
         tracker.spawn(async move {
             loop {
@@ -205,35 +226,45 @@ fn transparent_listener(addr: SocketAddr) -> Result<TcpListener, InterceptError>
     make().map_err(|e| InterceptError::Listener(addr, e))
 }
 
+/// The agent's transparent sockets the rules point at: (protocol, address) → port.
+#[derive(Debug, Default)]
+struct Targets(Vec<(Proto, IpAddr, u16)>);
+
 /// The whole table. Loopback traffic re-enters through `lo`, so in prerouting the `socket`
 /// expression really asks "does a guest socket own this?": if so the packet goes on as usual.
-fn ruleset(tcp4: u16, tcp6: Option<u16>) -> String {
-    let v6 = match tcp6 {
-        Some(p) => format!(
-            "    ip6 daddr ::1 tcp dport @tcp_ports socket transparent 0 return\n    \
-             ip6 daddr ::1 tcp dport @tcp_ports tproxy ip6 to [::1]:{p}\n"
-        ),
-        None => String::new(),
-    };
+fn ruleset(targets: &Targets) -> String {
+    let mut rules = String::new();
+    for &(proto, ip, port) in &targets.0 {
+        let (family, to) = match ip {
+            IpAddr::V4(_) => ("ip", format!("{ip}:{port}")),
+            IpAddr::V6(_) => ("ip6", format!("[{ip}]:{port}")),
+        };
+        rules.push_str(&format!(
+            "    {family} daddr {ip} {proto} dport @{proto}_ports socket transparent 0 return\n    \
+             {family} daddr {ip} {proto} dport @{proto}_ports tproxy {family} to {to}\n"
+        ));
+    }
     format!(
         "table inet {TABLE} {{\n  \
            set tcp_ports {{ type inet_service; }}\n  \
+           set udp_ports {{ type inet_service; }}\n  \
            chain prerouting {{\n    \
              type filter hook prerouting priority mangle; policy accept;\n    \
              iif != \"lo\" return\n    \
-             meta mark {AGENT_MARK:#x} return\n    \
-             ip daddr 127.0.0.1 tcp dport @tcp_ports socket transparent 0 return\n    \
-             ip daddr 127.0.0.1 tcp dport @tcp_ports tproxy ip to 127.0.0.1:{tcp4}\n\
-         {v6}  }}\n}}\n"
+             meta mark {AGENT_MARK:#x} return\n\
+         {rules}  }}\n}}\n"
     )
 }
 
-/// One transaction that replaces the port set.
-fn set_elements(ports: &[u16]) -> String {
-    let mut s = format!("flush set inet {TABLE} tcp_ports\n");
-    if !ports.is_empty() {
-        let list: Vec<String> = ports.iter().map(u16::to_string).collect();
-        s.push_str(&format!("add element inet {TABLE} tcp_ports {{ {} }}\n", list.join(", ")));
+/// One transaction that replaces both port sets.
+fn set_elements(tcp: &[u16], udp: &[u16]) -> String {
+    let mut s = String::new();
+    for (name, ports) in [("tcp_ports", tcp), ("udp_ports", udp)] {
+        s.push_str(&format!("flush set inet {TABLE} {name}\n"));
+        if !ports.is_empty() {
+            let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+            s.push_str(&format!("add element inet {TABLE} {name} {{ {} }}\n", list.join(", ")));
+        }
     }
     s
 }
@@ -263,17 +294,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ruleset_names_both_listeners_and_the_mark() {
-        let r = ruleset(41000, Some(41001));
-        assert!(r.contains("tproxy ip to 127.0.0.1:41000"));
-        assert!(r.contains("tproxy ip6 to [::1]:41001"));
+    fn ruleset_points_each_protocol_and_family_at_its_socket() {
+        let targets = Targets(vec![
+            (Proto::Tcp, "127.0.0.1".parse().unwrap(), 41000),
+            (Proto::Tcp, "::1".parse().unwrap(), 41001),
+            (Proto::Udp, "127.0.0.1".parse().unwrap(), 41002),
+        ]);
+        let r = ruleset(&targets);
+        assert!(r.contains("ip daddr 127.0.0.1 tcp dport @tcp_ports tproxy ip to 127.0.0.1:41000"), "{r}");
+        assert!(r.contains("ip6 daddr ::1 tcp dport @tcp_ports tproxy ip6 to [::1]:41001"), "{r}");
+        assert!(r.contains("ip daddr 127.0.0.1 udp dport @udp_ports socket transparent 0 return"), "{r}");
         assert!(r.contains("meta mark 0x686e6574 return"));
-        assert!(!ruleset(41000, None).contains("ip6"));
+        assert!(!r.contains("ip6 daddr ::1 udp"), "no rule for a socket that is not there");
     }
 
     #[test]
-    fn empty_port_set_only_flushes() {
-        assert_eq!(set_elements(&[]), "flush set inet hostnet tcp_ports\n");
-        assert!(set_elements(&[80, 8080]).ends_with("add element inet hostnet tcp_ports { 80, 8080 }\n"));
+    fn empty_port_sets_only_flush() {
+        assert_eq!(
+            set_elements(&[], &[]),
+            "flush set inet hostnet tcp_ports\nflush set inet hostnet udp_ports\n"
+        );
+        assert!(set_elements(&[80, 8080], &[]).contains("add element inet hostnet tcp_ports { 80, 8080 }\n"));
+        assert!(set_elements(&[], &[53]).ends_with("add element inet hostnet udp_ports { 53 }\n"));
     }
 }

@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub mod intercept;
+mod intercept_udp;
 mod session;
 
 pub use hostnet_net::watcher::DEFAULT_POLL_INTERVAL;

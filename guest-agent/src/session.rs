@@ -1,8 +1,6 @@
 //! One stream from the proxy: the control stream, or one relayed TCP connection.
 
-use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,10 +9,8 @@ use hostnet_net::TransportStream;
 use hostnet_net::connect::connect_tcp;
 use hostnet_net::handshake::{self, FrameReader, HandshakeError};
 use hostnet_net::relay::{self, RelayCounters};
-use hostnet_net::udp::{DatagramBatch, UDP_SOCKET_BUFFER};
-use hostnet_protocol::datagram::MAX_DATAGRAM_LEN;
+use hostnet_net::udp;
 use hostnet_protocol::{Control, ListenerSet, Open, OpenReply, PrefaceError, Role};
-use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -196,7 +192,7 @@ impl Sessions {
         let socket = if !addr.is_loopback() {
             Err(format!("{addr} is not a guest loopback address"))
         } else {
-            udp_flow_socket(target, self.mark)
+            udp::connected_socket(target, self.mark)
                 .await
                 .map_err(|e| format!("opening a UDP socket to {target} in the guest failed: {e}"))
         };
@@ -211,85 +207,9 @@ impl Sessions {
         if handshake::send_preface_and(&stream, &OpenReply::Connected).await.is_err() {
             return;
         }
-        // Both directions side by side, so a blocked write one way never stalls the other.
-        let unreachable = AtomicU64::new(0);
-        let (to_guest, from_guest) = (AtomicU64::new(0), AtomicU64::new(0));
-        // ICMP "port unreachable" after an earlier datagram: the server is not there (yet).
-        // UDP gives no other signal, so count it and carry on.
-        let refused = |e: &io::Error| {
-            let yes = e.kind() == io::ErrorKind::ConnectionRefused;
-            if yes {
-                unreachable.fetch_add(1, Ordering::Relaxed);
-            }
-            yes
-        };
-        let up = async {
-            loop {
-                match reader.read_datagram(&stream).await {
-                    Ok(Some(d)) => match socket.send(&d).await {
-                        Ok(_) => to_guest.fetch_add(1, Ordering::Relaxed),
-                        Err(e) if refused(&e) => 0,
-                        Err(e) => return debug!("sending to the guest server failed: {e}"),
-                    },
-                    Ok(None) => return,
-                    Err(e) => return debug!("flow stream ended: {e}"),
-                };
-            }
-        };
-        let down = async {
-            let mut buf = vec![0u8; MAX_DATAGRAM_LEN];
-            let mut batch = DatagramBatch::default();
-            loop {
-                match socket.recv(&mut buf).await {
-                    Ok(n) => {
-                        // Take whatever else already waits, and send it all in one write.
-                        batch.push(buf.get(..n).unwrap_or_default());
-                        while !batch.is_full() {
-                            match socket.try_recv(&mut buf) {
-                                Ok(n) => batch.push(buf.get(..n).unwrap_or_default()),
-                                Err(e) if refused(&e) => continue,
-                                Err(_) => break,
-                            };
-                        }
-                        from_guest.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                        if batch.flush(&stream).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) if refused(&e) => {}
-                    Err(e) => return debug!("receiving from the guest server failed: {e}"),
-                }
-            }
-        };
-        tokio::select! {
-            _ = self.shutdown.cancelled() => {}
-            _ = up => {}
-            _ = down => {}
-        }
-        let (to_guest, from_guest, unreachable) =
-            (to_guest.into_inner(), from_guest.into_inner(), unreachable.into_inner());
-        debug!(to_guest, from_guest, unreachable, "udp flow finished");
+        let stats = udp::relay_connected(&stream, &mut reader, &socket, None, &self.shutdown).await;
+        debug!(?stats, "udp flow finished");
     }
-}
-
-/// A UDP socket on the guest loopback of `target`'s family, connected to `target`, carrying
-/// `mark` when interception is on.
-async fn udp_flow_socket(target: SocketAddr, mark: Option<u32>) -> io::Result<UdpSocket> {
-    let local: SocketAddr =
-        if target.is_ipv6() { (Ipv6Addr::LOCALHOST, 0).into() } else { (Ipv4Addr::LOCALHOST, 0).into() };
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(local),
-        socket2::Type::DGRAM.nonblocking().cloexec(),
-        None,
-    )?;
-    if let Some(mark) = mark {
-        s.set_mark(mark)?;
-    }
-    let _ = s.set_recv_buffer_size(UDP_SOCKET_BUFFER);
-    s.bind(&local.into())?;
-    let socket = UdpSocket::from_std(s.into())?;
-    socket.connect(target).await?;
-    Ok(socket)
 }
 
 fn software() -> String {

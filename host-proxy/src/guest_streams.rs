@@ -10,6 +10,7 @@ use std::time::Duration;
 use hostnet_net::connect::connect_tcp;
 use hostnet_net::handshake::{self, FrameReader};
 use hostnet_net::relay::{self, RelayCounters};
+use hostnet_net::udp;
 use hostnet_net::{TransportSpec, TransportStream, watcher};
 use hostnet_protocol::{ListenerSet, Open, OpenReply, Proto};
 use tokio::sync::watch;
@@ -80,10 +81,10 @@ async fn serve(
     };
     let (addr, port, peer) = match open {
         Open::Tcp { addr, port, peer } => (addr, port, peer),
-        Open::Udp { port, .. } => {
-            let reason = format!("guest→host UDP to port {port} is not supported yet");
-            let _ = handshake::send_preface_and(&stream, &OpenReply::Refused { reason }).await;
-            return;
+        Open::Udp { addr, port, peer } => {
+            let span =
+                info_span!("guest→host udp", port, client = %peer.map(|p| p.to_string()).unwrap_or_default());
+            return serve_udp(stream, reader, host, addr.is_ipv6(), port, shutdown).instrument(span).await;
         }
         Open::Control => return warn!("rejected a control stream on the guest→host socket"),
     };
@@ -113,4 +114,38 @@ async fn serve(
     }
     .instrument(span)
     .await
+}
+
+/// One guest UDP flow: a socket of its own on the desktop's loopback, connected to the
+/// advertised desktop port.
+async fn serve_udp(
+    stream: TransportStream,
+    mut reader: FrameReader,
+    host: watch::Receiver<Arc<ListenerSet>>,
+    prefer_v6: bool,
+    port: u16,
+    shutdown: CancellationToken,
+) {
+    let target = host.borrow().target_for(Proto::Udp, port, prefer_v6);
+    let socket = match target {
+        None => Err(format!("host UDP port {port} is not advertised to the guest")),
+        Some(ip) => udp::connected_socket(SocketAddr::new(ip, port), None)
+            .await
+            .map_err(|e| format!("opening a UDP socket to {ip}:{port} on the host failed: {e}")),
+    };
+    let socket = match socket {
+        Ok(s) => s,
+        Err(reason) => {
+            debug!("refused: {reason}");
+            let _ = handshake::send_preface_and(&stream, &OpenReply::Refused { reason }).await;
+            return;
+        }
+    };
+    if handshake::send_preface_and(&stream, &OpenReply::Connected).await.is_err() {
+        return;
+    }
+    // The agent closes idle flows; twice its timeout here bounds a flow whose agent went quiet.
+    let idle = Some(crate::udp::UDP_IDLE_TIMEOUT * 2);
+    let stats = udp::relay_connected(&stream, &mut reader, &socket, idle, &shutdown).await;
+    debug!(?stats, "guest→host udp flow finished");
 }

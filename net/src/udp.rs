@@ -1,7 +1,11 @@
 //! Pieces of the UDP relay both sides share: socket sizing and batching datagrams onto a
 //! data stream.
 
-use hostnet_protocol::datagram::datagram_header;
+use hostnet_protocol::datagram::{MAX_DATAGRAM_LEN, datagram_header};
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+use crate::handshake::FrameReader;
 
 use crate::stream::{self, RawStream};
 
@@ -91,4 +95,123 @@ impl Activity {
             tokio::time::sleep_until(deadline).await;
         }
     }
+}
+
+/// What a UDP relay moved.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UdpStats {
+    /// Datagrams from the stream sent on the socket.
+    pub to_socket: u64,
+    /// Datagrams from the socket sent on the stream.
+    pub from_socket: u64,
+    /// ICMP "port unreachable" seen: nobody listened at the socket's peer at the time.
+    pub unreachable: u64,
+}
+
+/// Relays datagrams between a data stream and a `connect`ed UDP socket until the stream ends,
+/// either side fails, `idle` passes without a datagram, or `shutdown`.
+///
+/// Both directions run side by side: a blocked write one way must never stall the other, or
+/// two relays writing to each other could wait forever.
+pub async fn relay_connected<S: RawStream>(
+    stream: &S,
+    reader: &mut FrameReader,
+    socket: &UdpSocket,
+    idle: Option<std::time::Duration>,
+    shutdown: &CancellationToken,
+) -> UdpStats {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let (to_socket, from_socket, unreachable) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let activity = Activity::new();
+    // ICMP "port unreachable" after an earlier datagram: UDP gives no other signal that the
+    // peer is not there (yet), so count it and carry on.
+    let refused = |e: &std::io::Error| {
+        let yes = e.kind() == std::io::ErrorKind::ConnectionRefused;
+        if yes {
+            unreachable.fetch_add(1, Relaxed);
+        }
+        yes
+    };
+    let up = async {
+        loop {
+            match reader.read_datagram(stream).await {
+                Ok(Some(d)) => match socket.send(&d).await {
+                    Ok(_) => {
+                        to_socket.fetch_add(1, Relaxed);
+                        activity.touch();
+                    }
+                    Err(e) if refused(&e) => {}
+                    Err(_) => return,
+                },
+                Ok(None) | Err(_) => return,
+            }
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; MAX_DATAGRAM_LEN];
+        let mut batch = DatagramBatch::default();
+        loop {
+            match socket.recv(&mut buf).await {
+                Ok(n) => {
+                    // Take whatever else already waits, and send it all in one write.
+                    batch.push(buf.get(..n).unwrap_or_default());
+                    while !batch.is_full() {
+                        match socket.try_recv(&mut buf) {
+                            Ok(n) => batch.push(buf.get(..n).unwrap_or_default()),
+                            Err(e) if refused(&e) => continue,
+                            Err(_) => break,
+                        };
+                    }
+                    from_socket.fetch_add(batch.len() as u64, Relaxed);
+                    activity.touch();
+                    if batch.flush(stream).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) if refused(&e) => {}
+                Err(_) => return,
+            }
+        }
+    };
+    let idle = async {
+        match idle {
+            Some(limit) => activity.idle_for(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = idle => {}
+        _ = up => {}
+        _ = down => {}
+    }
+    UdpStats {
+        to_socket: to_socket.into_inner(),
+        from_socket: from_socket.into_inner(),
+        unreachable: unreachable.into_inner(),
+    }
+}
+
+/// A UDP socket on the loopback of `target`'s family, `connect`ed to `target` (so it hears only
+/// `target`), with a large receive buffer and, when given, an `SO_MARK`.
+pub async fn connected_socket(target: std::net::SocketAddr, mark: Option<u32>) -> std::io::Result<UdpSocket> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    let local: SocketAddr =
+        if target.is_ipv6() { (Ipv6Addr::LOCALHOST, 0).into() } else { (Ipv4Addr::LOCALHOST, 0).into() };
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(local),
+        socket2::Type::DGRAM.nonblocking().cloexec(),
+        None,
+    )?;
+    #[cfg(target_os = "linux")]
+    if let Some(mark) = mark {
+        s.set_mark(mark)?;
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = mark;
+    let _ = s.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    s.bind(&local.into())?;
+    let socket = UdpSocket::from_std(s.into())?;
+    socket.connect(target).await?;
+    Ok(socket)
 }

@@ -44,8 +44,12 @@ fn say_guest(mut c: TcpStream) {
 
 /// The tcp_ports set of the agent's nftables table, as text.
 fn intercepted_ports(demo: &Demo) -> String {
+    nft_set(demo, "tcp_ports")
+}
+
+fn nft_set(demo: &Demo, set: &str) -> String {
     let out = Command::new("ip")
-        .args(["netns", "exec", &demo.netns, "nft", "list", "set", "inet", "hostnet", "tcp_ports"])
+        .args(["netns", "exec", &demo.netns, "nft", "list", "set", "inet", "hostnet", set])
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -174,4 +178,39 @@ fn the_rules_are_gone_after_the_demo_stops() {
     let tables = String::from_utf8_lossy(&out.stdout).into_owned();
     let _ = Command::new("ip").args(["netns", "del", &netns]).status();
     assert!(!tables.contains("hostnet"), "table left behind: {tables}");
+}
+
+#[test]
+fn udp_echo_from_the_guest_over_v4_and_v6() {
+    let demo = Demo::start();
+    let port = free_port();
+    // A desktop UDP server on 127.0.0.1 only: [::1] in the guest still reaches it.
+    let _echo = UdpEcho::start_here(addr("127.0.0.1", port));
+    wait_until("the UDP port is intercepted in the guest", || {
+        nft_set(&demo, "udp_ports").contains(&port.to_string())
+    });
+    let mut targets = vec![addr("127.0.0.1", port)];
+    if has_ipv6() {
+        targets.push(addr("::1", port));
+    }
+    for target in targets {
+        // Two guest clients at once, many datagrams each, sizes up to the IPv4 maximum.
+        let results: Vec<Vec<bool>> = demo.in_netns(move || {
+            let clients: Vec<_> = (0..2).map(|_| udp_client(target)).collect();
+            clients
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    [1usize, 100, 1400, 9000, 65_507]
+                        .iter()
+                        .map(|&len| {
+                            let data = pattern(len, (i * 7 + len) as u64);
+                            udp_echo(c, &data).is_some_and(|r| r == data)
+                        })
+                        .collect()
+                })
+                .collect()
+        });
+        assert!(results.iter().flatten().all(|&ok| ok), "every datagram echoed via {target}: {results:?}");
+    }
 }
