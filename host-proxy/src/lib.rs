@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 pub mod demo;
 pub mod forward;
+pub mod settings;
 mod guest_streams;
 mod link;
 pub mod udp;
