@@ -96,14 +96,17 @@ pub async fn start(
         }
     }
     let ruleset = ruleset(&targets);
-    let _ = nft(&format!("delete table inet {TABLE}\n")).await; // a stale table from a crash
-    nft(&ruleset).await?;
-    info!("guest→host interception installed (nftables table inet {TABLE})");
+    let _ = nft(&["-f", "-"], &format!("delete table inet {TABLE}\n")).await; // stale, from a crash
+    // Check now that nft takes the rules, so a problem shows at start; they are installed only
+    // while there is something to intercept.
+    nft(&["-c", "-f", "-"], &ruleset).await?;
+    info!("guest→host interception ready (nftables table inet {TABLE} while desktop ports are advertised)");
 
     let (host, mut desired) = watch::channel(Arc::new(ListenerSet::new()));
     let stop = shutdown.clone();
     tracker.spawn(async move {
         let mut applied = (Vec::new(), Vec::new());
+        let mut installed = false;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -117,17 +120,32 @@ pub async fn start(
             if ports == applied {
                 continue;
             }
-            match nft(&set_elements(&ports.0, &ports.1)).await {
+            let empty = ports.0.is_empty() && ports.1.is_empty();
+            let script = match (empty, installed) {
+                // Nothing to intercept (or guest→host switched off): no rules at all.
+                (true, true) => format!("delete table inet {TABLE}\n"),
+                (true, false) => String::new(),
+                (false, true) => set_elements(&ports.0, &ports.1),
+                (false, false) => format!("{ruleset}{}", set_elements(&ports.0, &ports.1)),
+            };
+            if script.is_empty() {
+                applied = ports;
+                continue;
+            }
+            match nft(&["-f", "-"], &script).await {
                 Ok(()) => {
                     debug!(?ports, "guest→host ports updated");
+                    installed = !empty;
                     applied = ports;
                 }
                 Err(e) => warn!("updating guest→host ports failed: {e}"),
             }
         }
-        match nft(&format!("delete table inet {TABLE}\n")).await {
-            Ok(()) => info!("guest→host interception removed"),
-            Err(e) => warn!("removing nftables table inet {TABLE} failed: {e}"),
+        if installed {
+            match nft(&["-f", "-"], &format!("delete table inet {TABLE}\n")).await {
+                Ok(()) => info!("guest→host interception removed"),
+                Err(e) => warn!("removing nftables table inet {TABLE} failed: {e}"),
+            }
         }
     });
     for socket in udp_sockets {
@@ -269,10 +287,10 @@ fn set_elements(tcp: &[u16], udp: &[u16]) -> String {
     s
 }
 
-/// Runs `nft -f -` with `script`.
-async fn nft(script: &str) -> Result<(), InterceptError> {
+/// Runs `nft ARGS` with `script` on its standard input.
+async fn nft(args: &[&str], script: &str) -> Result<(), InterceptError> {
     let mut child = Command::new("nft")
-        .args(["-f", "-"])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -39,6 +39,10 @@ pub struct DemoOptions {
     pub agent_args: Vec<String>,
     /// Let processes in the namespace reach this machine's servers as localhost:PORT.
     pub guest_to_host: bool,
+    /// The settings file.
+    pub settings_path: PathBuf,
+    /// The admin socket (`None`: no admin API).
+    pub admin_socket: Option<PathBuf>,
 }
 
 /// Sets the stand-in up, runs the proxy against it until `shutdown`, tears it down.
@@ -64,6 +68,8 @@ pub async fn run(
 
     let mut config = ProxyConfig::new(&spec);
     config.guest_listen = opts.guest_to_host.then_some(host_spec);
+    config.settings_path = opts.settings_path.clone();
+    config.admin_socket = opts.admin_socket.clone();
     crate::run(config, shutdown, state).await;
     if let Err(e) = supervisor.await {
         warn!("agent supervisor failed: {e}");

@@ -1,15 +1,19 @@
-//! The host's mirror of the guest's listeners: for every guest TCP port, listening sockets on
-//! the host's `127.0.0.1` and `::1`, and one data stream to the agent per accepted connection.
+//! The host's mirror of the guest's listeners: for every guest port, host sockets on the
+//! settings' bind addresses (`127.0.0.1` and `::1` unless the user opted in to all), and one
+//! data stream to the agent per accepted connection or UDP flow. The settings decide which
+//! guest ports are forwarded, to which host port, and whether anything is forwarded at all.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hostnet_net::handshake::{self, FrameReader};
 use hostnet_net::relay::{self, Outcome, RelayCounters};
 use hostnet_net::{Connector, RawStream};
 use hostnet_protocol::{Listener, ListenerSet, Open, OpenReply, Proto};
+use serde::Serialize;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
@@ -17,29 +21,106 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::settings::{BindScope, Settings};
+
 /// Most relayed connections open at once; past it new ones are reset, counted and logged.
 pub const MAX_CONNECTIONS: usize = 16_384;
 /// Backlog of each mirrored listening socket.
 const LISTEN_BACKLOG: i32 = 1024;
 
-/// Where a host port stands.
+/// Where a forward stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PortState {
     /// Bound on the host and relaying.
     Forwarding,
-    /// Could not be bound (another program holds it); retried.
+    /// Could not be bound (another program holds it, or privileges); retried.
     Conflict(String),
+    /// The settings' `ignore_ports` names it.
+    Ignored,
+    /// Host networking (or UDP forwarding) is off in the settings.
+    Disabled(String),
+}
+
+/// Live counts of one forward, shared by its connections.
+#[derive(Debug, Default)]
+pub struct ForwardStats {
+    pub active: AtomicU64,
+    pub total: AtomicU64,
+    /// `to_peer`: bytes towards the far side; `from_peer`: bytes back.
+    pub bytes: RelayCounters,
+}
+
+impl ForwardStats {
+    /// Counts a connection for as long as the guard lives.
+    pub fn open(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(self.clone())
+    }
+}
+
+/// Decrements the active count when dropped.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<ForwardStats>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One forward as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ForwardStatus {
+    pub proto: Proto,
+    /// `to_guest`: a desktop port reaching a VM listener; `to_host`: the reverse.
+    pub direction: &'static str,
+    pub guest_port: u16,
+    pub host_port: u16,
+    /// `forwarding`, `conflict`, `ignored` or `disabled`.
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Host addresses the forward listens on (to_guest) or connects to (to_host).
+    pub host_addresses: Vec<IpAddr>,
+    pub connections_active: u64,
+    pub connections_total: u64,
+    pub bytes_to_guest: u64,
+    pub bytes_from_guest: u64,
+}
+
+impl PortState {
+    pub fn label(&self) -> (&'static str, Option<String>) {
+        match self {
+            PortState::Forwarding => ("forwarding", None),
+            PortState::Conflict(r) => ("conflict", Some(r.clone())),
+            PortState::Ignored => ("ignored", Some("listed in ignore_ports".to_owned())),
+            PortState::Disabled(r) => ("disabled", Some(r.clone())),
+        }
+    }
 }
 
 struct PortForward {
+    host_port: u16,
+    bind: BindScope,
     state: PortState,
     /// Stops this port's accept loops (and so closes its listening sockets).
     stop: CancellationToken,
+    stats: Arc<ForwardStats>,
+}
+
+/// What the settings want for one guest port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Wanted {
+    Forward { host_port: u16, bind: BindScope },
+    Ignored,
+    Disabled(String),
 }
 
 #[derive(Default)]
 struct Table {
     guest: ListenerSet,
+    settings: Arc<Settings>,
     ports: BTreeMap<(Proto, u16), PortForward>,
 }
 
@@ -47,6 +128,8 @@ struct Table {
 #[derive(Clone)]
 pub struct Forwards {
     table: Arc<Mutex<Table>>,
+    /// Cancelled (and replaced) when host networking is switched off: closes open connections.
+    generation: Arc<Mutex<CancellationToken>>,
     pub(crate) connector: Arc<dyn Connector>,
     pub(crate) tracker: TaskTracker,
     pub(crate) shutdown: CancellationToken,
@@ -64,6 +147,7 @@ impl Forwards {
     pub fn new(connector: Arc<dyn Connector>, tracker: TaskTracker, shutdown: CancellationToken) -> Self {
         Forwards {
             table: Arc::default(),
+            generation: Arc::new(Mutex::new(shutdown.child_token())),
             connector,
             tracker,
             shutdown,
@@ -74,6 +158,51 @@ impl Forwards {
 
     fn lock(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies new settings: ports open, close, move or change state as they say. Switching
+    /// host networking off also closes the connections in flight.
+    pub fn apply_settings(&self, settings: Arc<Settings>) {
+        let mut t = self.lock();
+        let was_enabled = t.settings.enabled;
+        t.settings = settings;
+        if was_enabled && !t.settings.enabled {
+            let mut g = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+            g.cancel();
+            *g = self.shutdown.child_token();
+        }
+        self.reconcile(&mut t);
+    }
+
+    /// The token connections opened now are closed by.
+    pub(crate) fn connection_token(&self) -> CancellationToken {
+        self.generation.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Every guest port's forward, for `status`.
+    pub fn status(&self) -> Vec<ForwardStatus> {
+        let t = self.lock();
+        t.ports
+            .iter()
+            .map(|(&(proto, guest_port), f)| {
+                let (state, reason) = f.state.label();
+                let host_addresses =
+                    if f.state == PortState::Forwarding { bind_addrs(f.bind).to_vec() } else { Vec::new() };
+                ForwardStatus {
+                    proto,
+                    direction: "to_guest",
+                    guest_port,
+                    host_port: f.host_port,
+                    state,
+                    reason,
+                    host_addresses,
+                    connections_active: f.stats.active.load(Ordering::Relaxed),
+                    connections_total: f.stats.total.load(Ordering::Relaxed),
+                    bytes_to_guest: f.stats.bytes.to_peer.load(Ordering::Relaxed),
+                    bytes_from_guest: f.stats.bytes.from_peer.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
     }
 
     /// The agent's full set (a snapshot): forward exactly these.
@@ -117,80 +246,104 @@ impl Forwards {
             .ports
             .iter()
             .filter_map(|(k, p)| match &p.state {
-                PortState::Conflict(reason) => Some((*k, reason.clone())),
-                PortState::Forwarding => None,
+                PortState::Conflict(reason) => Some((*k, p.host_port, p.bind, reason.clone(), p.stats.clone())),
+                _ => None,
             })
             .collect();
-        for ((proto, port), old_reason) in conflicted {
-            let fwd = self.start_port(proto, port);
+        for ((proto, guest_port), host_port, bind, old_reason, stats) in conflicted {
+            let fwd = self.start_port(proto, guest_port, host_port, bind, stats);
             match &fwd.state {
-                PortState::Forwarding => info!(port, "host port {port} is free now"),
-                PortState::Conflict(reason) if *reason != old_reason => warn!(port, "{reason}"),
-                PortState::Conflict(_) => {}
+                PortState::Forwarding => info!(port = host_port, "host port {host_port} is free now"),
+                PortState::Conflict(reason) if *reason != old_reason => warn!(port = host_port, "{reason}"),
+                _ => {}
             }
-            t.ports.insert((proto, port), fwd);
+            t.ports.insert((proto, guest_port), fwd);
         }
     }
 
-    /// Brings the host sockets in line with the guest set.
+    /// Brings the host sockets in line with the guest set and the settings.
     fn reconcile(&self, t: &mut Table) {
-        let wanted = t.guest.ports();
+        let wanted: BTreeMap<(Proto, u16), Wanted> =
+            t.guest.ports().into_iter().map(|key| (key, wanted(&t.settings, key))).collect();
         t.ports.retain(|key, fwd| {
-            let keep = wanted.contains(key);
+            let keep = wanted.get(key).is_some_and(|w| fwd.matches(w));
             if !keep {
                 fwd.stop.cancel();
-                info!(proto = %key.0, port = key.1, "guest listener gone: host port closed");
+                if fwd.state == PortState::Forwarding {
+                    info!(proto = %key.0, port = fwd.host_port, "host port closed");
+                }
             }
             keep
         });
-        for key in wanted {
+        for (key, want) in wanted {
             if t.ports.contains_key(&key) {
                 continue;
             }
-            let (proto, port) = key;
-            let fwd = self.start_port(proto, port);
-            if let PortState::Conflict(reason) = &fwd.state {
-                warn!(port, "{reason}");
-            }
+            let (proto, guest_port) = key;
+            let stats = Arc::new(ForwardStats::default());
+            let fwd = match want {
+                Wanted::Forward { host_port, bind } => {
+                    let fwd = self.start_port(proto, guest_port, host_port, bind, stats);
+                    if let PortState::Conflict(reason) = &fwd.state {
+                        warn!(port = host_port, "{reason}");
+                    }
+                    fwd
+                }
+                Wanted::Ignored => PortForward::idle(guest_port, PortState::Ignored, stats),
+                Wanted::Disabled(why) => PortForward::idle(guest_port, PortState::Disabled(why), stats),
+            };
             t.ports.insert(key, fwd);
         }
     }
 
-    /// Binds `port` on both loopbacks and starts serving it.
-    fn start_port(&self, proto: Proto, port: u16) -> PortForward {
+    /// Binds `host_port` on the bind scope's addresses and starts serving it.
+    fn start_port(
+        &self,
+        proto: Proto,
+        guest_port: u16,
+        host_port: u16,
+        bind_scope: BindScope,
+        stats: Arc<ForwardStats>,
+    ) -> PortForward {
         let stop = self.shutdown.child_token();
         let mut bound = Vec::new();
         let mut errors = Vec::new();
-        for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
-            match bind(proto, SocketAddr::new(ip, port)) {
+        for ip in bind_addrs(bind_scope) {
+            match bind(proto, SocketAddr::new(ip, host_port)) {
                 Ok(l) => bound.push(l),
                 Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => {
-                    debug!(port, "no IPv6 loopback on this host; forwarding on 127.0.0.1 only");
+                    debug!(port = host_port, "no IPv6 on this host; forwarding on IPv4 only");
                 }
-                Err(e) => errors.push(describe_bind_error(proto, ip, port, &e)),
+                Err(e) => errors.push(describe_bind_error(proto, ip, host_port, &e)),
             }
         }
+        let mut fwd = PortForward { host_port, bind: bind_scope, state: PortState::Forwarding, stop, stats };
         if bound.is_empty() {
-            return PortForward { state: PortState::Conflict(errors.join("; ")), stop };
+            fwd.state = PortState::Conflict(errors.join("; "));
+            return fwd;
         }
         for e in &errors {
-            warn!(port, "{e}"); // One family failed, the other forwards.
+            warn!(port = host_port, "{e}"); // One family failed, the other forwards.
         }
-        info!(port, "forwarding host {proto} port {port} → guest port {port}");
+        let scope = match bind_scope {
+            BindScope::Loopback => "loopback",
+            BindScope::All => "ALL addresses (reachable from the network)",
+        };
+        info!(port = host_port, "forwarding host {proto} port {host_port} ({scope}) → guest port {guest_port}");
         for socket in bound {
             let this = self.clone();
-            let stop = stop.clone();
+            let (stop, stats) = (fwd.stop.clone(), fwd.stats.clone());
             match socket {
-                Bound::Tcp(l) => self.tracker.spawn(async move { this.accept_loop(l, port, stop).await }),
+                Bound::Tcp(l) => self.tracker.spawn(async move { this.accept_loop(l, guest_port, stop, stats).await }),
                 Bound::Udp(s) => {
-                    self.tracker.spawn(async move { crate::udp::serve(this, s, port, stop).await })
+                    self.tracker.spawn(async move { crate::udp::serve(this, s, guest_port, stop, stats).await })
                 }
             };
         }
-        PortForward { state: PortState::Forwarding, stop }
+        fwd
     }
 
-    async fn accept_loop(self, listener: TcpListener, port: u16, stop: CancellationToken) {
+    async fn accept_loop(self, listener: TcpListener, port: u16, stop: CancellationToken, stats: Arc<ForwardStats>) {
         loop {
             let accepted = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -212,10 +365,11 @@ impl Forwards {
             };
             let this = self.clone();
             let span = info_span!("conn", port, %peer);
+            let (guard, stats, token) = (stats.open(), stats.clone(), self.connection_token());
             self.tracker.spawn(
                 async move {
-                    this.serve(client, peer, port).await;
-                    drop(permit);
+                    this.serve(client, peer, port, &stats, &token).await;
+                    drop((guard, permit));
                 }
                 .instrument(span),
             );
@@ -223,7 +377,14 @@ impl Forwards {
     }
 
     /// One host client: open a data stream, ask the agent to connect, relay.
-    async fn serve(&self, client: TcpStream, peer: SocketAddr, port: u16) {
+    async fn serve(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        port: u16,
+        stats: &ForwardStats,
+        token: &CancellationToken,
+    ) {
         let _ = client.set_nodelay(true);
         let client_v6 = client.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
         let Some(target) = self.target_for(Proto::Tcp, port, client_v6) else {
@@ -258,12 +419,52 @@ impl Forwards {
                 return;
             }
         }
-        let counters = RelayCounters::default();
-        let outcome = relay::relay(&client, &stream, reader.into_leftover(), &counters, &self.shutdown).await;
+        let outcome = relay::relay(&client, &stream, reader.into_leftover(), &stats.bytes, token).await;
         match outcome {
-            Outcome::ProtocolError => warn!(?counters, "agent broke the stream protocol; connection reset"),
-            _ => debug!(?outcome, ?counters, "connection finished"),
+            Outcome::ProtocolError => warn!("agent broke the stream protocol; connection reset"),
+            _ => debug!(?outcome, "connection finished"),
         }
+    }
+}
+
+impl PortForward {
+    /// A forward with no sockets (ignored or disabled).
+    fn idle(port: u16, state: PortState, stats: Arc<ForwardStats>) -> Self {
+        PortForward { host_port: port, bind: BindScope::Loopback, state, stop: CancellationToken::new(), stats }
+    }
+
+    /// Whether this forward already is what `want` asks for (a conflict counts: it retries).
+    fn matches(&self, want: &Wanted) -> bool {
+        match (want, &self.state) {
+            (Wanted::Forward { host_port, bind }, PortState::Forwarding | PortState::Conflict(_)) => {
+                *host_port == self.host_port && *bind == self.bind
+            }
+            (Wanted::Ignored, PortState::Ignored) => true,
+            (Wanted::Disabled(a), PortState::Disabled(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// What the settings want for a guest port.
+fn wanted(settings: &Settings, (proto, guest_port): (Proto, u16)) -> Wanted {
+    if !settings.enabled {
+        return Wanted::Disabled("host networking is off".to_owned());
+    }
+    if proto == Proto::Udp && !settings.udp {
+        return Wanted::Disabled("UDP forwarding is off".to_owned());
+    }
+    match settings.host_port_for(guest_port) {
+        None => Wanted::Ignored,
+        Some(host_port) => Wanted::Forward { host_port, bind: settings.bind },
+    }
+}
+
+/// The host addresses a bind scope listens on.
+pub fn bind_addrs(scope: BindScope) -> [IpAddr; 2] {
+    match scope {
+        BindScope::Loopback => [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)],
+        BindScope::All => [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
     }
 }
 

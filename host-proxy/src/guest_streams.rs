@@ -19,16 +19,19 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::HOST_POLL_INTERVAL;
+use crate::settings::Settings;
 
 /// Starts watching the desktop's listeners and serving the agent's guest→host streams.
-/// Returns the advertised set (empty, and guest→host off, if either cannot start).
+/// Returns the set to advertise: the desktop's listeners while the settings allow guest→host,
+/// else empty (and always empty if either part cannot start).
 pub async fn start(
     listen: &TransportSpec,
+    settings: watch::Receiver<Arc<Settings>>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> watch::Receiver<Arc<ListenerSet>> {
     let off = || watch::channel(Arc::new(ListenerSet::new())).1;
-    let host = match watcher::platform_source()
+    let raw = match watcher::platform_source()
         .and_then(|src| watcher::spawn(src, HOST_POLL_INTERVAL, BTreeSet::new(), shutdown.clone()))
     {
         Ok(rx) => rx,
@@ -45,6 +48,7 @@ pub async fn start(
         }
     };
     info!(%listen, "serving guest→host connections");
+    let host = advertised(raw, settings, tracker, shutdown);
     let (host2, shutdown2, tracker2) = (host.clone(), shutdown.clone(), tracker.clone());
     tracker.spawn(async move {
         loop {
@@ -66,6 +70,36 @@ pub async fn start(
         }
     });
     host
+}
+
+/// The desktop's listeners as far as the settings let the guest reach them.
+fn advertised(
+    mut raw: watch::Receiver<Arc<ListenerSet>>,
+    mut settings: watch::Receiver<Arc<Settings>>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> watch::Receiver<Arc<ListenerSet>> {
+    let compute = |raw: &Arc<ListenerSet>, s: &Settings| {
+        if s.enabled && s.guest_to_host { raw.clone() } else { Arc::new(ListenerSet::new()) }
+    };
+    let (tx, rx) = watch::channel(compute(&raw.borrow_and_update(), &settings.borrow_and_update()));
+    let stop = shutdown.clone();
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = raw.changed() => if r.is_err() { return },
+                r = settings.changed() => if r.is_err() { return },
+            }
+            let next = compute(&raw.borrow_and_update(), &settings.borrow_and_update());
+            tx.send_if_modified(|cur| {
+                let changed = **cur != *next;
+                *cur = next;
+                changed
+            });
+        }
+    });
+    rx
 }
 
 /// One guest connection: connect to the advertised desktop port, relay.

@@ -7,12 +7,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use hostnet_net::{Connector, TransportSpec};
+use settings::SettingsHandle;
 use hostnet_protocol::ListenerSet;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub mod admin;
 pub mod demo;
 pub mod forward;
 pub mod settings;
@@ -33,11 +37,20 @@ pub struct ProxyConfig {
     pub connector: Arc<dyn Connector>,
     /// Where the agent opens streams for guest→host connections (`None`: guest→host off).
     pub guest_listen: Option<TransportSpec>,
+    /// The settings file (watched; created when first saved).
+    pub settings_path: PathBuf,
+    /// Where the admin API listens (`None`: no admin API).
+    pub admin_socket: Option<PathBuf>,
 }
 
 impl ProxyConfig {
     pub fn new(agent: &TransportSpec) -> Self {
-        ProxyConfig { connector: agent.connector(), guest_listen: None }
+        ProxyConfig {
+            connector: agent.connector(),
+            guest_listen: None,
+            settings_path: settings::default_path(),
+            admin_socket: Some(admin::default_socket_path()),
+        }
     }
 }
 
@@ -55,11 +68,33 @@ pub enum LinkState {
 /// Runs until `shutdown` fires, then closes every forwarded port and drains connections.
 pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch::Sender<LinkState>) {
     let tracker = TaskTracker::new();
+    let settings = SettingsHandle::load(config.settings_path.clone());
+    settings.watch(&tracker, &shutdown);
     let forwards = forward::Forwards::new(config.connector.clone(), tracker.clone(), shutdown.clone());
+    forwards.apply_settings(settings.current());
+    {
+        let (forwards, mut changes, stop) = (forwards.clone(), settings.subscribe(), shutdown.clone());
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = changes.changed() => if r.is_err() { return },
+                }
+                let next = changes.borrow_and_update().clone();
+                forwards.apply_settings(next);
+            }
+        });
+    }
     let host = match &config.guest_listen {
-        Some(spec) => guest_streams::start(spec, &tracker, &shutdown).await,
+        Some(spec) => guest_streams::start(spec, settings.subscribe(), &tracker, &shutdown).await,
         None => watch::channel(Arc::new(ListenerSet::new())).1,
     };
+    if let Some(path) = &config.admin_socket {
+        let api = admin::Admin { forwards: forwards.clone(), settings: settings.clone(), link: state.subscribe(), host: host.clone() };
+        if let Err(e) = admin::serve(path, api, &tracker, &shutdown) {
+            tracing::warn!("the admin API is off: {e}");
+        }
+    }
     link::maintain(config.connector, forwards, host, state, shutdown.clone()).await;
     tracker.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {

@@ -7,6 +7,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use host_proxy::demo::{self, DemoOptions};
+use host_proxy::admin::{self, Request};
+use host_proxy::settings::{self, Settings};
 use host_proxy::{LinkState, ProxyConfig};
 use hostnet_net::{TransportSpec, cli};
 use tokio::sync::watch;
@@ -19,6 +21,16 @@ use tokio::sync::watch;
 #[derive(Debug, Parser)]
 #[command(version, propagate_version = true)]
 struct Args {
+    /// The admin socket: where `run`/`demo` serve the admin API and `status`/`enable`/`disable`
+    /// find it [default: /run/hostnet/admin.sock for root, else $XDG_RUNTIME_DIR/hostnet/admin.sock]
+    #[arg(long, global = true, value_name = "PATH", env = "HOSTNET_ADMIN_SOCKET")]
+    admin_socket: Option<PathBuf>,
+
+    /// The settings file [default: ~/.config/hostnet/settings.toml, or the platform's config
+    /// directory]
+    #[arg(long, global = true, value_name = "PATH", env = "HOSTNET_CONFIG")]
+    config: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Cmd,
 }
@@ -60,6 +72,17 @@ enum Cmd {
         #[arg(long)]
         no_guest_to_host: bool,
     },
+    /// Show whether host networking is on and every forward with its state and traffic.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Turn host networking on (live, and saved in the settings file).
+    Enable,
+    /// Turn host networking off: closes every forwarded port and guest-side redirect (live, and
+    /// saved in the settings file).
+    Disable,
 }
 
 #[tokio::main]
@@ -68,8 +91,13 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     let shutdown = cli::cancel_on_termination();
     let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
+    let admin_socket = args.admin_socket.unwrap_or_else(admin::default_socket_path);
+    let settings_path = args.config.unwrap_or_else(settings::default_path);
 
     let result = match args.command {
+        Cmd::Status { json } => cli_status(&admin_socket, json).await,
+        Cmd::Enable => cli_set_enabled(&admin_socket, &settings_path, true).await,
+        Cmd::Disable => cli_set_enabled(&admin_socket, &settings_path, false).await,
         Cmd::Run { transport, listen } => {
             tokio::spawn(announce_ready(
                 state_rx,
@@ -77,6 +105,8 @@ async fn main() -> ExitCode {
             ));
             let mut config = ProxyConfig::new(&transport);
             config.guest_listen = listen;
+            config.settings_path = settings_path;
+            config.admin_socket = Some(admin_socket);
             host_proxy::run(config, shutdown, state_tx).await;
             Ok(())
         }
@@ -86,8 +116,16 @@ async fn main() -> ExitCode {
                 .unwrap_or_default();
             tokio::spawn(announce_ready(state_rx, demo_banner(&netns)));
             let guest_to_host = !no_guest_to_host;
-            demo::run(DemoOptions { netns, reuse, agent, agent_args, guest_to_host }, shutdown, state_tx)
-                .await
+            let opts = DemoOptions {
+                netns,
+                reuse,
+                agent,
+                agent_args,
+                guest_to_host,
+                settings_path,
+                admin_socket: Some(admin_socket),
+            };
+            demo::run(opts, shutdown, state_tx).await
         }
     };
     match result {
@@ -113,5 +151,85 @@ fn demo_banner(netns: &str) -> String {
 async fn announce_ready(mut state: watch::Receiver<LinkState>, message: String) {
     if state.wait_for(|s| matches!(s, LinkState::Connected { .. })).await.is_ok() {
         println!("{message}");
+    }
+}
+
+/// A sentence for "the proxy is not running", from a failed connect to its admin socket.
+fn not_running(path: &std::path::Path, e: &std::io::Error) -> anyhow::Error {
+    anyhow::anyhow!(
+        "hostnet-proxy is not running (no admin API at {}: {e}); start it with `hostnet-proxy run` or `hostnet-proxy demo`, or pass --admin-socket",
+        path.display()
+    )
+}
+
+async fn cli_status(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let answer = admin::request(path, &Request::Status).await.map_err(|e| not_running(path, &e))?;
+    let status = answer.get("status").cloned().unwrap_or_default();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    let s: admin::Status = serde_json::from_value(status)?;
+    let agent = match &s.agent_error {
+        Some(e) => format!("{} ({e})", s.agent),
+        None => s.agent.clone(),
+    };
+    println!("host networking: {}    agent: {agent}", if s.enabled { "ON" } else { "OFF" });
+    println!("settings: {}", s.settings_path.display());
+    for e in &s.errors {
+        println!("error: {e}");
+    }
+    if s.forwards.is_empty() {
+        println!("no forwards");
+        return Ok(());
+    }
+    println!("\n{:<5} {:<9} {:>6} {:>6}  {:<11} {:>9} {:>11} {:>11}  REASON", "PROTO", "DIRECTION", "GUEST", "HOST", "STATE", "CONNS", "TO GUEST", "FROM GUEST");
+    for f in &s.forwards {
+        let get = |k: &str| f.get(k).cloned().unwrap_or_default();
+        let num = |k: &str| get(k).as_u64().unwrap_or(0);
+        let text = |k: &str| get(k).as_str().unwrap_or("").to_owned();
+        println!(
+            "{:<5} {:<9} {:>6} {:>6}  {:<11} {:>9} {:>11} {:>11}  {}",
+            text("proto"),
+            text("direction").replace('_', " "),
+            num("guest_port"),
+            num("host_port"),
+            text("state"),
+            format!("{}/{}", num("connections_active"), num("connections_total")),
+            human_bytes(num("bytes_to_guest")),
+            human_bytes(num("bytes_from_guest")),
+            text("reason"),
+        );
+    }
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS.get(unit).unwrap_or(&"")) }
+}
+
+async fn cli_set_enabled(admin_socket: &std::path::Path, settings_path: &std::path::Path, enabled: bool) -> anyhow::Result<()> {
+    let word = if enabled { "enabled" } else { "disabled" };
+    match admin::request(admin_socket, &Request::SetEnabled { enabled }).await {
+        Ok(answer) if answer.get("ok").and_then(|v| v.as_bool()) == Some(true) => {
+            println!("host networking {word}");
+            Ok(())
+        }
+        Ok(answer) => anyhow::bail!("{}", answer.get("error").and_then(|e| e.as_str()).unwrap_or("the proxy refused")),
+        Err(_) => {
+            // Not running: change the file, the proxy reads it when it starts.
+            let mut s = Settings::load(settings_path)?;
+            s.enabled = enabled;
+            settings::save(settings_path, &s)?;
+            println!("host networking {word} in {} (hostnet-proxy is not running; it applies when it starts)", settings_path.display());
+            Ok(())
+        }
     }
 }

@@ -220,7 +220,7 @@ pub fn save(path: &Path, settings: &Settings) -> Result<(), SettingsError> {
     for (key, item) in fresh.iter() {
         let changed = doc.get(key).map(|old| old.to_string().trim() != item.to_string().trim()).unwrap_or(true);
         if changed {
-            doc[key] = item.clone();
+            doc.insert(key, item.clone());
         }
     }
     let keys: Vec<String> = doc.iter().map(|(k, _)| k.to_owned()).collect();
@@ -316,5 +316,128 @@ mod tests {
         let big = dir.path().join("big.toml");
         std::fs::write(&big, vec![b'#'; MAX_SETTINGS_LEN as usize + 1]).unwrap();
         assert!(matches!(Settings::load(&big), Err(SettingsError::TooLarge { .. })));
+    }
+}
+
+/// The live settings: the last good ones, the error of the last bad edit, and the file.
+#[derive(Debug, Clone)]
+pub struct SettingsHandle {
+    pub path: PathBuf,
+    tx: tokio::sync::watch::Sender<std::sync::Arc<Settings>>,
+    error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// How long a burst of file events is given to settle before the file is read.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
+
+impl SettingsHandle {
+    /// Loads `path` (defaults if missing; defaults and an error if invalid).
+    pub fn load(path: PathBuf) -> SettingsHandle {
+        let (settings, error) = match Settings::load(&path) {
+            Ok(s) => (s, None),
+            Err(e) => {
+                tracing::warn!("{e}; using the defaults until it is fixed");
+                (Settings::default(), Some(e.to_string()))
+            }
+        };
+        let (tx, _) = tokio::sync::watch::channel(std::sync::Arc::new(settings));
+        SettingsHandle { path, tx, error: std::sync::Arc::new(std::sync::Mutex::new(error)) }
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<std::sync::Arc<Settings>> {
+        self.tx.subscribe()
+    }
+
+    pub fn current(&self) -> std::sync::Arc<Settings> {
+        self.tx.borrow().clone()
+    }
+
+    /// The problem with the file on disk, if its last edit was rejected.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    /// Changes the settings: validated, saved to the file, applied at once.
+    pub fn update(&self, change: impl FnOnce(&mut Settings)) -> Result<std::sync::Arc<Settings>, SettingsError> {
+        let mut next = (*self.current()).clone();
+        change(&mut next);
+        next.validate().map_err(|(key, message)| SettingsError::Invalid {
+            path: self.path.clone(),
+            message,
+            key: Some(key),
+        })?;
+        save(&self.path, &next)?;
+        self.set_error(None);
+        let next = std::sync::Arc::new(next);
+        self.tx.send_replace(next.clone());
+        Ok(next)
+    }
+
+    /// Re-reads the file: a good file replaces the settings, a bad one is reported and the last
+    /// good settings stay.
+    pub fn reload(&self) {
+        match Settings::load(&self.path) {
+            Ok(s) => {
+                self.set_error(None);
+                self.tx.send_if_modified(|cur| {
+                    if **cur == s {
+                        return false;
+                    }
+                    tracing::info!(path = %self.path.display(), "settings changed");
+                    *cur = std::sync::Arc::new(s);
+                    true
+                });
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if self.error().as_deref() != Some(msg.as_str()) {
+                    tracing::warn!("{msg}; keeping the previous settings");
+                }
+                self.set_error(Some(msg));
+            }
+        }
+    }
+
+    /// Watches the file's directory (editors replace files rather than write them) and reloads
+    /// on every change, until `shutdown`.
+    pub fn watch(&self, tracker: &tokio_util::task::TaskTracker, shutdown: &tokio_util::sync::CancellationToken) {
+        use notify::Watcher;
+        let dir = self.path.parent().map(Path::to_owned).unwrap_or_else(|| PathBuf::from("."));
+        let name = self.path.file_name().map(|n| n.to_owned());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = std::fs::create_dir_all(&dir).map_err(notify::Error::io).and_then(|()| {
+            let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+                let ours = ev.map(|e| e.paths.iter().any(|p| p.file_name() == name.as_deref())).unwrap_or(true);
+                if ours {
+                    let _ = tx.send(());
+                }
+            })?;
+            w.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+            Ok(w)
+        });
+        let watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!("cannot watch {} for changes ({e}); edits apply after a restart", dir.display());
+                return;
+            }
+        };
+        let (this, stop) = (self.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let _watcher = watcher; // lives as long as this task
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    ev = rx.recv() => if ev.is_none() { return },
+                }
+                tokio::time::sleep(SETTLE).await;
+                while rx.try_recv().is_ok() {}
+                this.reload();
+            }
+        });
     }
 }

@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::forward::Forwards;
+use crate::forward::{ForwardStats, Forwards};
 
 /// Most UDP flows open at once (all ports together); datagrams from new clients beyond it
 /// are dropped and counted.
@@ -44,7 +44,13 @@ struct QueueStats {
 }
 
 /// Serves one bound host UDP socket until `stop`.
-pub(crate) async fn serve(forwards: Forwards, socket: UdpSocket, port: u16, stop: CancellationToken) {
+pub(crate) async fn serve(
+    forwards: Forwards,
+    socket: UdpSocket,
+    port: u16,
+    stop: CancellationToken,
+    stats: Arc<ForwardStats>,
+) {
     let socket = Arc::new(socket);
     let client_v6 = socket.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
     let mut flows: HashMap<SocketAddr, FlowHandle> = HashMap::new();
@@ -94,7 +100,16 @@ pub(crate) async fn serve(forwards: Forwards, socket: UdpSocket, port: u16, stop
             queue.bytes.fetch_add(n, Ordering::Relaxed);
         }
         flows.insert(peer, FlowHandle { tx, queue: queue.clone() });
-        let flow = Flow { forwards: forwards.clone(), socket: socket.clone(), peer, port, client_v6, queue };
+        let flow = Flow {
+            forwards: forwards.clone(),
+            socket: socket.clone(),
+            peer,
+            port,
+            client_v6,
+            queue,
+            stats: stats.clone(),
+            token: forwards.connection_token(),
+        };
         forwards.tracker.spawn(flow.run(rx, permit).instrument(info_span!("udp", port, %peer)));
     }
 }
@@ -108,10 +123,14 @@ struct Flow {
     port: u16,
     client_v6: bool,
     queue: Arc<QueueStats>,
+    stats: Arc<ForwardStats>,
+    /// Closes the flow when host networking is switched off.
+    token: CancellationToken,
 }
 
 impl Flow {
     async fn run(self, mut rx: mpsc::Receiver<Bytes>, _permit: OwnedSemaphorePermit) {
+        let _active = self.stats.open();
         let Some(target) = self.forwards.target_for(Proto::Udp, self.port, self.client_v6) else {
             debug!("no guest socket any more");
             return;
@@ -155,6 +174,7 @@ impl Flow {
                     batch.push(&d);
                 }
                 self.queue.bytes.fetch_sub(taken, Ordering::Relaxed);
+                self.stats.bytes.to_peer.fetch_add(taken as u64, Ordering::Relaxed);
                 to_guest.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 activity.touch();
                 if batch.flush(&stream).await.is_err() {
@@ -170,6 +190,7 @@ impl Flow {
                         // A full socket buffer on the desktop side drops, as UDP does.
                         let _ = self.socket.send_to(&d, self.peer).await;
                         from_guest.fetch_add(1, Ordering::Relaxed);
+                        self.stats.bytes.from_peer.fetch_add(d.len() as u64, Ordering::Relaxed);
                         activity.touch();
                     }
                     Ok(None) => return "agent closed the flow",
@@ -181,7 +202,7 @@ impl Flow {
             }
         };
         let end = tokio::select! {
-            _ = self.forwards.shutdown.cancelled() => "shutdown",
+            _ = self.token.cancelled() => "closed (shutdown or host networking off)",
             _ = activity.idle_for(UDP_IDLE_TIMEOUT) => "idle",
             end = up => end,
             end = down => end,

@@ -85,6 +85,9 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
 #[derive(Debug)]
 pub struct Demo {
     pub netns: String,
+    /// This demo's admin socket and settings file (in a directory of its own).
+    pub admin_socket: PathBuf,
+    pub config: PathBuf,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -105,8 +108,16 @@ impl Demo {
     /// Starts a demo on `netns`; `Err` carries its log if it exited instead of becoming ready.
     pub fn start_named(netns: &str, extra: &[&str]) -> Result<Demo, String> {
         let log = std::env::temp_dir().join(format!("hostnet-{netns}.log"));
+        let dir = std::env::temp_dir().join(format!("hostnet-{netns}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let admin_socket = dir.join("admin").join("admin.sock");
+        let config = dir.join("config").join("settings.toml");
         let mut child = Command::new(bin("hostnet-proxy"))
             .args(["demo", "--netns", netns])
+            .arg("--admin-socket")
+            .arg(&admin_socket)
+            .arg("--config")
+            .arg(&config)
             .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
@@ -123,7 +134,7 @@ impl Demo {
                 }
             }
         });
-        let mut demo = Demo { netns: netns.to_owned(), child: Some(child), log };
+        let mut demo = Demo { netns: netns.to_owned(), admin_socket, config, child: Some(child), log };
         let start = Instant::now();
         loop {
             match rx.recv_timeout(Duration::from_millis(20)) {
@@ -140,6 +151,25 @@ impl Demo {
                 return Err(format!("no `ready` within {DEADLINE:?}:\n{}", demo.log_text()));
             }
         }
+    }
+
+    /// Runs `hostnet-proxy ARGS` against this demo's admin socket and settings file.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("hostnet-proxy"))
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
     }
 
     /// The demo's log so far (its stderr).

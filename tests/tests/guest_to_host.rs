@@ -172,7 +172,9 @@ fn the_rules_are_gone_after_the_demo_stops() {
     let netns = format!("hn-t{}-rules", std::process::id());
     assert!(Command::new("ip").args(["netns", "add", &netns]).status().unwrap().success());
     let demo = Demo::start_named(&netns, &["--reuse"]).unwrap();
-    wait_until("the table is installed", || !intercepted_ports(&demo).is_empty());
+    let port = free_port();
+    let _host = GuestServer::serve(TcpListener::bind(loopback(false, port)).unwrap(), echo);
+    wait_until("the table is installed", || intercepted_ports(&demo).contains(&port.to_string()));
     assert!(demo.stop().success());
     let out = Command::new("ip").args(["netns", "exec", &netns, "nft", "list", "tables"]).output().unwrap();
     let tables = String::from_utf8_lossy(&out.stdout).into_owned();
