@@ -74,7 +74,11 @@ impl Admin {
         let mut forwards: Vec<ForwardStatus> = self.forwards.status();
         let host = self.host.borrow().clone();
         for (proto, port) in host.ports() {
-            let addrs = host.iter().filter(|l| l.proto == proto && l.port == port).map(|l| l.connect_addr()).collect();
+            let addrs = host
+                .iter()
+                .filter(|l| l.proto == proto && l.port == port)
+                .map(|l| l.connect_addr())
+                .collect();
             forwards.push(to_host_status(proto, port, addrs));
         }
         Status {
@@ -101,10 +105,15 @@ impl Admin {
         };
         match request {
             Request::Status => ok(serde_json::json!({ "status": self.status() })),
-            Request::GetSettings => ok(serde_json::json!({ "settings": *self.settings.current(), "path": self.settings.path })),
+            Request::GetSettings => {
+                ok(serde_json::json!({ "settings": *self.settings.current(), "path": self.settings.path }))
+            }
             Request::SetEnabled { enabled } => match self.settings.update(|s| s.enabled = enabled) {
                 Ok(_) => {
-                    info!("host networking {} through the admin API", if enabled { "enabled" } else { "disabled" });
+                    info!(
+                        "host networking {} through the admin API",
+                        if enabled { "enabled" } else { "disabled" }
+                    );
                     ok(serde_json::json!({ "status": self.status() }))
                 }
                 Err(e) => error(e.to_string(), e.key()),
@@ -159,7 +168,10 @@ pub fn serve(path: &Path, api: Admin, tracker: &TaskTracker, shutdown: &Cancella
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(io::Error::new(
             io::ErrorKind::AddrInUse,
-            format!("another hostnet-proxy already serves {}; pass --admin-socket to use another path", path.display()),
+            format!(
+                "another hostnet-proxy already serves {}; pass --admin-socket to use another path",
+                path.display()
+            ),
         ));
     }
     let _ = std::fs::remove_file(path); // stale, from a process that died

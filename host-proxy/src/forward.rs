@@ -106,6 +106,8 @@ struct PortForward {
     state: PortState,
     /// Stops this port's accept loops (and so closes its listening sockets).
     stop: CancellationToken,
+    /// This port's accept loops, to know when its sockets are closed.
+    tasks: TaskTracker,
     stats: Arc<ForwardStats>,
 }
 
@@ -123,6 +125,16 @@ struct Table {
     settings: Arc<Settings>,
     ports: BTreeMap<(Proto, u16), PortForward>,
 }
+
+impl Table {
+    /// What the settings want for every guest port.
+    fn wanted(&self) -> BTreeMap<(Proto, u16), Wanted> {
+        self.guest.ports().into_iter().map(|key| (key, wanted(&self.settings, key))).collect()
+    }
+}
+
+/// How long closing a forward may take before its replacement binds anyway.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The forwarding table and what it needs to serve connections.
 #[derive(Clone)]
@@ -162,16 +174,18 @@ impl Forwards {
 
     /// Applies new settings: ports open, close, move or change state as they say. Switching
     /// host networking off also closes the connections in flight.
-    pub fn apply_settings(&self, settings: Arc<Settings>) {
-        let mut t = self.lock();
-        let was_enabled = t.settings.enabled;
-        t.settings = settings;
-        if was_enabled && !t.settings.enabled {
-            let mut g = self.generation.lock().unwrap_or_else(|p| p.into_inner());
-            g.cancel();
-            *g = self.shutdown.child_token();
+    pub async fn apply_settings(&self, settings: Arc<Settings>) {
+        {
+            let mut t = self.lock();
+            let was_enabled = t.settings.enabled;
+            t.settings = settings;
+            if was_enabled && !t.settings.enabled {
+                let mut g = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+                g.cancel();
+                *g = self.shutdown.child_token();
+            }
         }
-        self.reconcile(&mut t);
+        self.reconcile().await;
     }
 
     /// The token connections opened now are closed by.
@@ -206,24 +220,24 @@ impl Forwards {
     }
 
     /// The agent's full set (a snapshot): forward exactly these.
-    pub fn replace_all(&self, guest: ListenerSet) {
-        let mut t = self.lock();
-        t.guest = guest;
-        self.reconcile(&mut t);
+    pub async fn replace_all(&self, guest: ListenerSet) {
+        self.lock().guest = guest;
+        self.reconcile().await;
     }
 
-    pub fn add(&self, listeners: &[Listener]) {
-        let mut t = self.lock();
-        t.guest.extend(listeners.iter().copied());
-        self.reconcile(&mut t);
+    pub async fn add(&self, listeners: &[Listener]) {
+        self.lock().guest.extend(listeners.iter().copied());
+        self.reconcile().await;
     }
 
-    pub fn remove(&self, listeners: &[Listener]) {
-        let mut t = self.lock();
-        for l in listeners {
-            t.guest.remove(l);
+    pub async fn remove(&self, listeners: &[Listener]) {
+        {
+            let mut t = self.lock();
+            for l in listeners {
+                t.guest.remove(l);
+            }
         }
-        self.reconcile(&mut t);
+        self.reconcile().await;
     }
 
     /// The guest address a client of the given family is relayed to, if anything listens.
@@ -246,36 +260,50 @@ impl Forwards {
             .ports
             .iter()
             .filter_map(|(k, p)| match &p.state {
-                PortState::Conflict(reason) => Some((*k, p.host_port, p.bind, reason.clone(), p.stats.clone())),
+                PortState::Conflict(reason) => {
+                    Some((*k, p.host_port, p.bind, reason.clone(), p.stats.clone()))
+                }
                 _ => None,
             })
             .collect();
         for ((proto, guest_port), host_port, bind, old_reason, stats) in conflicted {
-            let fwd = self.start_port(proto, guest_port, host_port, bind, stats);
+            // Quietly: the reason found the first time stands while the port stays taken.
+            let mut fwd = self.start_port(proto, guest_port, host_port, bind, stats, false);
             match &fwd.state {
                 PortState::Forwarding => info!(port = host_port, "host port {host_port} is free now"),
-                PortState::Conflict(reason) if *reason != old_reason => warn!(port = host_port, "{reason}"),
-                _ => {}
+                _ => fwd.state = PortState::Conflict(old_reason),
             }
             t.ports.insert((proto, guest_port), fwd);
         }
     }
 
-    /// Brings the host sockets in line with the guest set and the settings.
-    fn reconcile(&self, t: &mut Table) {
-        let wanted: BTreeMap<(Proto, u16), Wanted> =
-            t.guest.ports().into_iter().map(|key| (key, wanted(&t.settings, key))).collect();
-        t.ports.retain(|key, fwd| {
-            let keep = wanted.get(key).is_some_and(|w| fwd.matches(w));
-            if !keep {
-                fwd.stop.cancel();
-                if fwd.state == PortState::Forwarding {
-                    info!(proto = %key.0, port = fwd.host_port, "host port closed");
+    /// Brings the host sockets in line with the guest set and the settings: first closes what
+    /// must go and waits for those sockets to be really closed (a forward that moves to another
+    /// bind scope would otherwise collide with itself), then opens what is missing.
+    async fn reconcile(&self) {
+        let closing: Vec<TaskTracker> = {
+            let mut t = self.lock();
+            let wanted = t.wanted();
+            let mut closing = Vec::new();
+            t.ports.retain(|key, fwd| {
+                let keep = wanted.get(key).is_some_and(|w| fwd.matches(w));
+                if !keep {
+                    fwd.stop.cancel();
+                    fwd.tasks.close();
+                    closing.push(fwd.tasks.clone());
+                    if fwd.state == PortState::Forwarding {
+                        info!(proto = %key.0, port = fwd.host_port, "host port closed");
+                    }
                 }
-            }
-            keep
-        });
-        for (key, want) in wanted {
+                keep
+            });
+            closing
+        };
+        for tasks in closing {
+            let _ = tokio::time::timeout(CLOSE_WAIT, tasks.wait()).await;
+        }
+        let mut t = self.lock();
+        for (key, want) in t.wanted() {
             if t.ports.contains_key(&key) {
                 continue;
             }
@@ -283,7 +311,7 @@ impl Forwards {
             let stats = Arc::new(ForwardStats::default());
             let fwd = match want {
                 Wanted::Forward { host_port, bind } => {
-                    let fwd = self.start_port(proto, guest_port, host_port, bind, stats);
+                    let fwd = self.start_port(proto, guest_port, host_port, bind, stats, true);
                     if let PortState::Conflict(reason) = &fwd.state {
                         warn!(port = host_port, "{reason}");
                     }
@@ -304,6 +332,7 @@ impl Forwards {
         host_port: u16,
         bind_scope: BindScope,
         stats: Arc<ForwardStats>,
+        explain: bool,
     ) -> PortForward {
         let stop = self.shutdown.child_token();
         let mut bound = Vec::new();
@@ -314,10 +343,15 @@ impl Forwards {
                 Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => {
                     debug!(port = host_port, "no IPv6 on this host; forwarding on IPv4 only");
                 }
-                Err(e) => errors.push(describe_bind_error(proto, ip, host_port, &e)),
+                Err(e) if explain || errors.is_empty() => {
+                    errors.push(describe_bind_error(proto, ip, host_port, &e, explain))
+                }
+                Err(_) => {}
             }
         }
-        let mut fwd = PortForward { host_port, bind: bind_scope, state: PortState::Forwarding, stop, stats };
+        let tasks = TaskTracker::new();
+        let mut fwd =
+            PortForward { host_port, bind: bind_scope, state: PortState::Forwarding, stop, tasks, stats };
         if bound.is_empty() {
             fwd.state = PortState::Conflict(errors.join("; "));
             return fwd;
@@ -329,21 +363,34 @@ impl Forwards {
             BindScope::Loopback => "loopback",
             BindScope::All => "ALL addresses (reachable from the network)",
         };
-        info!(port = host_port, "forwarding host {proto} port {host_port} ({scope}) → guest port {guest_port}");
+        info!(
+            port = host_port,
+            "forwarding host {proto} port {host_port} ({scope}) → guest port {guest_port}"
+        );
         for socket in bound {
             let this = self.clone();
             let (stop, stats) = (fwd.stop.clone(), fwd.stats.clone());
             match socket {
-                Bound::Tcp(l) => self.tracker.spawn(async move { this.accept_loop(l, guest_port, stop, stats).await }),
+                Bound::Tcp(l) => self.tracker.spawn(
+                    fwd.tasks.track_future(async move { this.accept_loop(l, guest_port, stop, stats).await }),
+                ),
                 Bound::Udp(s) => {
-                    self.tracker.spawn(async move { crate::udp::serve(this, s, guest_port, stop, stats).await })
+                    self.tracker.spawn(fwd.tasks.track_future(async move {
+                        crate::udp::serve(this, s, guest_port, stop, stats).await
+                    }))
                 }
             };
         }
         fwd
     }
 
-    async fn accept_loop(self, listener: TcpListener, port: u16, stop: CancellationToken, stats: Arc<ForwardStats>) {
+    async fn accept_loop(
+        self,
+        listener: TcpListener,
+        port: u16,
+        stop: CancellationToken,
+        stats: Arc<ForwardStats>,
+    ) {
         loop {
             let accepted = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -430,7 +477,14 @@ impl Forwards {
 impl PortForward {
     /// A forward with no sockets (ignored or disabled).
     fn idle(port: u16, state: PortState, stats: Arc<ForwardStats>) -> Self {
-        PortForward { host_port: port, bind: BindScope::Loopback, state, stop: CancellationToken::new(), stats }
+        PortForward {
+            host_port: port,
+            bind: BindScope::Loopback,
+            state,
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            stats,
+        }
     }
 
     /// Whether this forward already is what `want` asks for (a conflict counts: it retries).
@@ -500,12 +554,22 @@ fn bind(proto: Proto, addr: SocketAddr) -> io::Result<Bound> {
     }
 }
 
-fn describe_bind_error(proto: Proto, ip: IpAddr, port: u16, e: &io::Error) -> String {
+fn describe_bind_error(proto: Proto, ip: IpAddr, port: u16, e: &io::Error, name_holder: bool) -> String {
     let at = SocketAddr::new(ip, port);
     match e.kind() {
-        io::ErrorKind::AddrInUse => format!(
-            "{proto} port {port} is already in use on the host ({at}) by another program; the forward will start when it frees up"
-        ),
+        io::ErrorKind::AddrInUse => {
+            #[cfg(target_os = "linux")]
+            let holder = if name_holder { hostnet_net::discovery::port_holder(proto, port) } else { None };
+            #[cfg(not(target_os = "linux"))]
+            let holder: Option<String> = {
+                let _ = name_holder;
+                None
+            };
+            let who = holder.map(|h| format!("by {h}")).unwrap_or_else(|| "by another program".to_owned());
+            format!(
+                "{proto} port {port} is already in use on the host ({at}) {who}; the forward will start when it frees up"
+            )
+        }
         io::ErrorKind::PermissionDenied => format!(
             "binding {at} needs privileges on this host (ports below 1024 are restricted); the forward is not active"
         ),

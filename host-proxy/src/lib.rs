@@ -10,8 +10,8 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use hostnet_net::{Connector, TransportSpec};
-use settings::SettingsHandle;
 use hostnet_protocol::ListenerSet;
+use settings::SettingsHandle;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -19,9 +19,9 @@ use tokio_util::task::TaskTracker;
 pub mod admin;
 pub mod demo;
 pub mod forward;
-pub mod settings;
 mod guest_streams;
 mod link;
+pub mod settings;
 pub mod udp;
 
 /// How long shutdown waits for connections to finish closing.
@@ -71,7 +71,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
     let settings = SettingsHandle::load(config.settings_path.clone());
     settings.watch(&tracker, &shutdown);
     let forwards = forward::Forwards::new(config.connector.clone(), tracker.clone(), shutdown.clone());
-    forwards.apply_settings(settings.current());
+    forwards.apply_settings(settings.current()).await;
     {
         let (forwards, mut changes, stop) = (forwards.clone(), settings.subscribe(), shutdown.clone());
         tracker.spawn(async move {
@@ -81,7 +81,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
                     r = changes.changed() => if r.is_err() { return },
                 }
                 let next = changes.borrow_and_update().clone();
-                forwards.apply_settings(next);
+                forwards.apply_settings(next).await;
             }
         });
     }
@@ -90,7 +90,12 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
         None => watch::channel(Arc::new(ListenerSet::new())).1,
     };
     if let Some(path) = &config.admin_socket {
-        let api = admin::Admin { forwards: forwards.clone(), settings: settings.clone(), link: state.subscribe(), host: host.clone() };
+        let api = admin::Admin {
+            forwards: forwards.clone(),
+            settings: settings.clone(),
+            link: state.subscribe(),
+            host: host.clone(),
+        };
         if let Err(e) = admin::serve(path, api, &tracker, &shutdown) {
             tracing::warn!("the admin API is off: {e}");
         }

@@ -103,7 +103,7 @@ pub async fn maintain(
                     "agent still away after {STALE_AFTER:?}: closing {open} forwarded port(s) until it is back"
                 );
             }
-            forwards.replace_all(ListenerSet::new());
+            forwards.replace_all(ListenerSet::new()).await;
         }
     }
 }
@@ -143,7 +143,7 @@ async fn session(
     let Control::Snapshot { listeners } = snapshot else {
         return Err(LinkError::Unexpected("another frame", "snapshot"));
     };
-    forwards.replace_all(listeners.into_iter().filter(|l| l.is_forwardable()).collect());
+    forwards.replace_all(listeners.into_iter().filter(|l| l.is_forwardable()).collect()).await;
     *established = true;
     publish(state, forwards);
     // Guest→host: the desktop's own listeners (the watcher already leaves out our mirrors).
@@ -186,13 +186,13 @@ async fn session(
                 last_heard = Instant::now();
                 match frame? {
                     Control::Snapshot { listeners } => {
-                        forwards.replace_all(listeners.into_iter().filter(|l| l.is_forwardable()).collect());
+                        forwards.replace_all(listeners.into_iter().filter(|l| l.is_forwardable()).collect()).await;
                     }
                     Control::Added { listeners } => {
                         let ok: Vec<_> = listeners.into_iter().filter(|l| l.is_forwardable()).collect();
-                        forwards.add(&ok);
+                        forwards.add(&ok).await;
                     }
-                    Control::Removed { listeners } => forwards.remove(&listeners),
+                    Control::Removed { listeners } => forwards.remove(&listeners).await,
                     Control::Heartbeat { seq } => {
                         handshake::send_frame(&stream, &Control::HeartbeatAck { seq }).await?;
                     }

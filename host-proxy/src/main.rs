@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use host_proxy::demo::{self, DemoOptions};
 use host_proxy::admin::{self, Request};
+use host_proxy::demo::{self, DemoOptions};
 use host_proxy::settings::{self, Settings};
 use host_proxy::{LinkState, ProxyConfig};
 use hostnet_net::{TransportSpec, cli};
@@ -183,7 +183,10 @@ async fn cli_status(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
         println!("no forwards");
         return Ok(());
     }
-    println!("\n{:<5} {:<9} {:>6} {:>6}  {:<11} {:>9} {:>11} {:>11}  REASON", "PROTO", "DIRECTION", "GUEST", "HOST", "STATE", "CONNS", "TO GUEST", "FROM GUEST");
+    println!(
+        "\n{:<5} {:<9} {:>6} {:>6}  {:<11} {:>9} {:>11} {:>11}  REASON",
+        "PROTO", "DIRECTION", "GUEST", "HOST", "STATE", "CONNS", "TO GUEST", "FROM GUEST"
+    );
     for f in &s.forwards {
         let get = |k: &str| f.get(k).cloned().unwrap_or_default();
         let num = |k: &str| get(k).as_u64().unwrap_or(0);
@@ -215,20 +218,29 @@ fn human_bytes(n: u64) -> String {
     if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS.get(unit).unwrap_or(&"")) }
 }
 
-async fn cli_set_enabled(admin_socket: &std::path::Path, settings_path: &std::path::Path, enabled: bool) -> anyhow::Result<()> {
+async fn cli_set_enabled(
+    admin_socket: &std::path::Path,
+    settings_path: &std::path::Path,
+    enabled: bool,
+) -> anyhow::Result<()> {
     let word = if enabled { "enabled" } else { "disabled" };
     match admin::request(admin_socket, &Request::SetEnabled { enabled }).await {
         Ok(answer) if answer.get("ok").and_then(|v| v.as_bool()) == Some(true) => {
             println!("host networking {word}");
             Ok(())
         }
-        Ok(answer) => anyhow::bail!("{}", answer.get("error").and_then(|e| e.as_str()).unwrap_or("the proxy refused")),
+        Ok(answer) => {
+            anyhow::bail!("{}", answer.get("error").and_then(|e| e.as_str()).unwrap_or("the proxy refused"))
+        }
         Err(_) => {
             // Not running: change the file, the proxy reads it when it starts.
             let mut s = Settings::load(settings_path)?;
             s.enabled = enabled;
             settings::save(settings_path, &s)?;
-            println!("host networking {word} in {} (hostnet-proxy is not running; it applies when it starts)", settings_path.display());
+            println!(
+                "host networking {word} in {} (hostnet-proxy is not running; it applies when it starts)",
+                settings_path.display()
+            );
             Ok(())
         }
     }

@@ -42,7 +42,9 @@ impl FromStr for PortRange {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let port = |p: &str| -> Result<u16, String> {
             match p.trim().parse::<u16>() {
-                Ok(0) | Err(_) => Err(format!("{s:?} is not a port or range: use \"N\" or \"N-M\" with ports 1–65535")),
+                Ok(0) | Err(_) => {
+                    Err(format!("{s:?} is not a port or range: use \"N\" or \"N-M\" with ports 1–65535"))
+                }
                 Ok(n) => Ok(n),
             }
         };
@@ -62,7 +64,11 @@ impl FromStr for PortRange {
 
 impl fmt::Display for PortRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.first == self.last { write!(f, "{}", self.first) } else { write!(f, "{}-{}", self.first, self.last) }
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
     }
 }
 
@@ -153,14 +159,19 @@ impl Settings {
         let mut seen: BTreeMap<u16, u16> = BTreeMap::new();
         for (guest, &host) in &self.remap {
             let g = match guest.parse::<u16>() {
-                Ok(0) | Err(_) => return Err(("remap", format!("remap key {guest:?} is not a guest port (1–65535)"))),
+                Ok(0) | Err(_) => {
+                    return Err(("remap", format!("remap key {guest:?} is not a guest port (1–65535)")));
+                }
                 Ok(g) => g,
             };
             if host == 0 {
                 return Err(("remap", format!("remap {g} → 0: the host port must be 1–65535")));
             }
             if let Some(other) = seen.insert(host, g) {
-                return Err(("remap", format!("guest ports {other} and {g} are both remapped to host port {host}")));
+                return Err((
+                    "remap",
+                    format!("guest ports {other} and {g} are both remapped to host port {host}"),
+                ));
             }
         }
         Ok(())
@@ -203,7 +214,12 @@ fn key_at(text: &str, offset: usize) -> Option<&'static str> {
     if let Some(k) = line.split_once('=').and_then(|(k, _)| find(k)) {
         return Some(k);
     }
-    before.lines().rev().map(str::trim).find(|l| l.starts_with('[')).and_then(|h| find(h.trim_matches(['[', ']'])))
+    before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .and_then(|h| find(h.trim_matches(['[', ']'])))
 }
 
 /// Writes `settings` to `path`, keeping the comments and layout of what is there. Atomic: a
@@ -214,13 +230,22 @@ pub fn save(path: &Path, settings: &Settings) -> Result<(), SettingsError> {
         Ok(text) => text.parse().unwrap_or_default(),
         Err(_) => toml_edit::DocumentMut::new(),
     };
-    let fresh: toml_edit::DocumentMut =
-        toml::to_string(settings).map_err(|e| write_err(std::io::Error::other(e)))?.parse().map_err(|e| write_err(std::io::Error::other(e)))?;
+    let fresh: toml_edit::DocumentMut = toml::to_string(settings)
+        .map_err(|e| write_err(std::io::Error::other(e)))?
+        .parse()
+        .map_err(|e| write_err(std::io::Error::other(e)))?;
     // Replace only values that changed, so untouched keys keep their comments.
     for (key, item) in fresh.iter() {
-        let changed = doc.get(key).map(|old| old.to_string().trim() != item.to_string().trim()).unwrap_or(true);
+        let changed =
+            doc.get(key).map(|old| old.to_string().trim() != item.to_string().trim()).unwrap_or(true);
         if changed {
-            doc.insert(key, item.clone());
+            // Replacing the value in place keeps the key's own comments (`# …` above it).
+            match doc.get_mut(key) {
+                Some(old) => *old = item.clone(),
+                None => {
+                    doc.insert(key, item.clone());
+                }
+            }
         }
     }
     let keys: Vec<String> = doc.iter().map(|(k, _)| k.to_owned()).collect();
@@ -362,7 +387,10 @@ impl SettingsHandle {
     }
 
     /// Changes the settings: validated, saved to the file, applied at once.
-    pub fn update(&self, change: impl FnOnce(&mut Settings)) -> Result<std::sync::Arc<Settings>, SettingsError> {
+    pub fn update(
+        &self,
+        change: impl FnOnce(&mut Settings),
+    ) -> Result<std::sync::Arc<Settings>, SettingsError> {
         let mut next = (*self.current()).clone();
         change(&mut next);
         next.validate().map_err(|(key, message)| SettingsError::Invalid {
@@ -404,14 +432,19 @@ impl SettingsHandle {
 
     /// Watches the file's directory (editors replace files rather than write them) and reloads
     /// on every change, until `shutdown`.
-    pub fn watch(&self, tracker: &tokio_util::task::TaskTracker, shutdown: &tokio_util::sync::CancellationToken) {
+    pub fn watch(
+        &self,
+        tracker: &tokio_util::task::TaskTracker,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) {
         use notify::Watcher;
         let dir = self.path.parent().map(Path::to_owned).unwrap_or_else(|| PathBuf::from("."));
         let name = self.path.file_name().map(|n| n.to_owned());
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let watcher = std::fs::create_dir_all(&dir).map_err(notify::Error::io).and_then(|()| {
             let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-                let ours = ev.map(|e| e.paths.iter().any(|p| p.file_name() == name.as_deref())).unwrap_or(true);
+                let ours =
+                    ev.map(|e| e.paths.iter().any(|p| p.file_name() == name.as_deref())).unwrap_or(true);
                 if ours {
                     let _ = tx.send(());
                 }
@@ -422,7 +455,10 @@ impl SettingsHandle {
         let watcher = match watcher {
             Ok(w) => w,
             Err(e) => {
-                tracing::warn!("cannot watch {} for changes ({e}); edits apply after a restart", dir.display());
+                tracing::warn!(
+                    "cannot watch {} for changes ({e}); edits apply after a restart",
+                    dir.display()
+                );
                 return;
             }
         };

@@ -108,6 +108,39 @@ impl SockDiag {
     }
 }
 
+/// Which program holds `port` for `proto` on this machine: `"name (pid N)"`, when the kernel
+/// and `/proc` tell (a program of another user may not be visible). Walks `/proc`: call it
+/// once per conflict, not on a tick.
+pub fn port_holder(proto: Proto, port: u16) -> Option<String> {
+    let mut diag = SockDiag::open().ok()?;
+    let mut found = Vec::new();
+    match proto {
+        Proto::Tcp => diag.tcp_listeners(&mut found).ok()?,
+        Proto::Udp => diag.udp_bound(&mut found).ok()?,
+    }
+    let inodes: std::collections::HashSet<String> = found
+        .iter()
+        .filter(|f| f.listener.port == port && f.inode != 0)
+        .map(|f| format!("socket:[{}]", f.inode))
+        .collect();
+    if inodes.is_empty() {
+        return None;
+    }
+    for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = proc_entry.file_name();
+        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else { continue };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else { continue };
+            if target.to_str().is_some_and(|t| inodes.contains(t)) {
+                let comm = std::fs::read_to_string(proc_entry.path().join("comm")).unwrap_or_default();
+                return Some(format!("{} (pid {pid})", comm.trim()));
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +189,16 @@ mod tests {
         out.clear();
         SockDiag::open().unwrap().udp_bound(&mut out).unwrap();
         assert!(!out.iter().any(|f| f.listener == want), "closed UDP socket still reported");
+    }
+
+    #[test]
+    fn names_the_program_holding_a_port() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let holder = port_holder(Proto::Tcp, port).expect("our own listener is found");
+        assert!(holder.contains(&format!("pid {}", std::process::id())), "{holder}");
+        drop(l);
+        assert_eq!(port_holder(Proto::Tcp, port), None);
     }
 
     #[test]

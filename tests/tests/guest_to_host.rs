@@ -196,7 +196,8 @@ fn udp_echo_from_the_guest_over_v4_and_v6() {
         targets.push(addr("::1", port));
     }
     // And whatever `localhost` resolves to inside the guest.
-    targets.extend(demo.in_netns(|| format!("localhost:{port}").to_socket_addrs().unwrap().collect::<Vec<_>>()));
+    targets
+        .extend(demo.in_netns(|| format!("localhost:{port}").to_socket_addrs().unwrap().collect::<Vec<_>>()));
     for target in targets {
         // Two guest clients at once, many datagrams each, sizes up to the IPv4 maximum.
         let results: Vec<Vec<bool>> = demo.in_netns(move || {
