@@ -22,7 +22,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::LinkState;
-use crate::forward::{ForwardStatus, Forwards};
+use crate::forward::{ForwardStats, ForwardStatus, Forwards};
+use crate::guest_streams::ToHostStats;
 use crate::settings::{Settings, SettingsHandle};
 
 /// Longest request line accepted.
@@ -61,6 +62,7 @@ pub struct Admin {
     pub settings: SettingsHandle,
     pub link: watch::Receiver<LinkState>,
     pub host: watch::Receiver<Arc<ListenerSet>>,
+    pub to_host_stats: ToHostStats,
 }
 
 impl Admin {
@@ -73,13 +75,15 @@ impl Admin {
         };
         let mut forwards: Vec<ForwardStatus> = self.forwards.status();
         let host = self.host.borrow().clone();
+        let stats = self.to_host_stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for (proto, port) in host.ports() {
             let addrs = host
                 .iter()
                 .filter(|l| l.proto == proto && l.port == port)
                 .map(|l| l.connect_addr())
                 .collect();
-            forwards.push(to_host_status(proto, port, addrs));
+            let counts = stats.get(&(proto, port)).cloned().unwrap_or_default();
+            forwards.push(to_host_status(proto, port, addrs, &counts));
         }
         Status {
             enabled: settings.enabled,
@@ -126,7 +130,13 @@ impl Admin {
     }
 }
 
-fn to_host_status(proto: Proto, port: u16, host_addresses: Vec<std::net::IpAddr>) -> ForwardStatus {
+fn to_host_status(
+    proto: Proto,
+    port: u16,
+    host_addresses: Vec<std::net::IpAddr>,
+    counts: &ForwardStats,
+) -> ForwardStatus {
+    use std::sync::atomic::Ordering::Relaxed;
     ForwardStatus {
         proto,
         direction: "to_host",
@@ -135,10 +145,10 @@ fn to_host_status(proto: Proto, port: u16, host_addresses: Vec<std::net::IpAddr>
         state: "forwarding",
         reason: None,
         host_addresses,
-        connections_active: 0,
-        connections_total: 0,
-        bytes_to_guest: 0,
-        bytes_from_guest: 0,
+        connections_active: counts.active.load(Relaxed),
+        connections_total: counts.total.load(Relaxed),
+        bytes_to_guest: counts.bytes.to_peer.load(Relaxed),
+        bytes_from_guest: counts.bytes.from_peer.load(Relaxed),
     }
 }
 

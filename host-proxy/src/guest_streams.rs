@@ -2,14 +2,14 @@
 //! agent opens for intercepted guest connections are served here — only to loopback ports
 //! that are advertised right now.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hostnet_net::connect::connect_tcp;
 use hostnet_net::handshake::{self, FrameReader};
-use hostnet_net::relay::{self, RelayCounters};
+use hostnet_net::relay;
 use hostnet_net::udp;
 use hostnet_net::{TransportSpec, TransportStream, watcher};
 use hostnet_protocol::{ListenerSet, Open, OpenReply, Proto};
@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::HOST_POLL_INTERVAL;
+use crate::forward::ForwardStats;
 use crate::settings::Settings;
 
 /// Starts watching the desktop's listeners and serving the agent's guest→host streams.
@@ -27,6 +28,7 @@ use crate::settings::Settings;
 pub async fn start(
     listen: &TransportSpec,
     settings: watch::Receiver<Arc<Settings>>,
+    stats: ToHostStats,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> watch::Receiver<Arc<ListenerSet>> {
@@ -58,9 +60,8 @@ pub async fn start(
             };
             match accepted {
                 Ok((stream, _)) => {
-                    let host = host2.clone();
-                    let shutdown = shutdown2.clone();
-                    tracker2.spawn(async move { serve(stream, host, shutdown).await });
+                    let (host, shutdown, stats) = (host2.clone(), shutdown2.clone(), stats.clone());
+                    tracker2.spawn(async move { serve(stream, host, stats, shutdown).await });
                 }
                 Err(e) => {
                     warn!("accepting a guest→host stream failed: {e}");
@@ -70,6 +71,13 @@ pub async fn start(
         }
     });
     host
+}
+
+/// Live counts of guest→host traffic per desktop port, for `status`.
+pub type ToHostStats = Arc<Mutex<HashMap<(Proto, u16), Arc<ForwardStats>>>>;
+
+fn stats_for(stats: &ToHostStats, proto: Proto, port: u16) -> Arc<ForwardStats> {
+    stats.lock().unwrap_or_else(|p| p.into_inner()).entry((proto, port)).or_default().clone()
 }
 
 /// The desktop's listeners as far as the settings let the guest reach them.
@@ -106,6 +114,7 @@ fn advertised(
 async fn serve(
     stream: TransportStream,
     host: watch::Receiver<Arc<ListenerSet>>,
+    stats: ToHostStats,
     shutdown: CancellationToken,
 ) {
     let mut reader = FrameReader::new();
@@ -118,7 +127,10 @@ async fn serve(
         Open::Udp { addr, port, peer } => {
             let span =
                 info_span!("guest→host udp", port, client = %peer.map(|p| p.to_string()).unwrap_or_default());
-            return serve_udp(stream, reader, host, addr.is_ipv6(), port, shutdown).instrument(span).await;
+            let stats = stats_for(&stats, Proto::Udp, port);
+            return serve_udp(stream, reader, host, addr.is_ipv6(), port, stats, shutdown)
+                .instrument(span)
+                .await;
         }
         Open::Control => return warn!("rejected a control stream on the guest→host socket"),
     };
@@ -142,9 +154,10 @@ async fn serve(
         if handshake::send_preface_and(&stream, &OpenReply::Connected).await.is_err() {
             return;
         }
-        let counters = RelayCounters::default();
-        let outcome = relay::relay(&server, &stream, reader.into_leftover(), &counters, &shutdown).await;
-        debug!(?outcome, ?counters, "guest→host connection finished");
+        let stats = stats_for(&stats, Proto::Tcp, port);
+        let _active = stats.open();
+        let outcome = relay::relay(&server, &stream, reader.into_leftover(), &stats.bytes, &shutdown).await;
+        debug!(?outcome, "guest→host connection finished");
     }
     .instrument(span)
     .await
@@ -158,6 +171,7 @@ async fn serve_udp(
     host: watch::Receiver<Arc<ListenerSet>>,
     prefer_v6: bool,
     port: u16,
+    stats: Arc<ForwardStats>,
     shutdown: CancellationToken,
 ) {
     let target = host.borrow().target_for(Proto::Udp, port, prefer_v6);
@@ -178,6 +192,7 @@ async fn serve_udp(
     if handshake::send_preface_and(&stream, &OpenReply::Connected).await.is_err() {
         return;
     }
+    let _active = stats.open();
     // The agent closes idle flows; twice its timeout here bounds a flow whose agent went quiet.
     let idle = Some(crate::udp::UDP_IDLE_TIMEOUT * 2);
     let stats = udp::relay_connected(&stream, &mut reader, &socket, idle, &shutdown).await;

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 pub mod admin;
 pub mod demo;
 pub mod forward;
-mod guest_streams;
+pub mod guest_streams;
 mod link;
 pub mod settings;
 pub mod udp;
@@ -85,8 +85,11 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
             }
         });
     }
+    let to_host_stats = guest_streams::ToHostStats::default();
     let host = match &config.guest_listen {
-        Some(spec) => guest_streams::start(spec, settings.subscribe(), &tracker, &shutdown).await,
+        Some(spec) => {
+            guest_streams::start(spec, settings.subscribe(), to_host_stats.clone(), &tracker, &shutdown).await
+        }
         None => watch::channel(Arc::new(ListenerSet::new())).1,
     };
     if let Some(path) = &config.admin_socket {
@@ -95,6 +98,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
             settings: settings.clone(),
             link: state.subscribe(),
             host: host.clone(),
+            to_host_stats,
         };
         if let Err(e) = admin::serve(path, api, &tracker, &shutdown) {
             tracing::warn!("the admin API is off: {e}");

@@ -99,6 +99,18 @@ fn tcp_echo_from_the_guest_over_v4_v6_and_localhost() {
         let data = pattern(3 << 20, t.port() as u64);
         assert_eq!(guest_echo(&demo, t, &data).as_deref(), Some(&data[..]), "echo via {t}");
     }
+    // Status counts the traffic of this direction too.
+    let status = demo.status();
+    let f = status["forwards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["direction"] == "to_host" && f["host_port"] == port)
+        .cloned()
+        .unwrap_or_else(|| panic!("no to_host forward for {port} in {status}"));
+    assert!(f["connections_total"].as_u64().unwrap() >= 1, "{f}");
+    assert!(f["bytes_from_guest"].as_u64().unwrap() >= 3 << 20, "{f}");
+    assert!(f["bytes_to_guest"].as_u64().unwrap() >= 3 << 20, "{f}");
     let by_name: Vec<SocketAddr> =
         demo.in_netns(|| format!("localhost:{port}").to_socket_addrs().unwrap().collect());
     let got = demo.in_netns(|| {

@@ -45,6 +45,12 @@ fn the_toggle_works_both_ways_from_the_cli_and_closes_connections() {
     let port = free_port();
     let _srv = GuestServer::serve(demo.listen(addr("0.0.0.0", port), false), echo);
     let (mut open_conn, _) = connect_when_forwarded(loopback(false, port));
+    let live = forward(&demo, "tcp", port).unwrap();
+    assert_eq!(live["connections_active"], 1, "{live}");
+    assert!(
+        live["bytes_to_guest"].as_u64().unwrap() >= 1 && live["bytes_from_guest"].as_u64().unwrap() >= 1,
+        "{live}"
+    );
     // A desktop server, so guest→host rules exist to be removed.
     let host_port = free_port();
     let _host = GuestServer::serve(TcpListener::bind(loopback(false, host_port)).unwrap(), echo);
