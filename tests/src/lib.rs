@@ -66,6 +66,24 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A free port and listeners holding it on this machine's `127.0.0.1` (and `::1`), as
+/// "another program" would. Tries further ports if one is taken between check and bind.
+pub fn hold_port() -> (u16, Vec<TcpListener>) {
+    loop {
+        let port = free_port();
+        let mut held = Vec::new();
+        let families: &[bool] = if has_ipv6() { &[false, true] } else { &[false] };
+        for &v6 in families {
+            if let Ok(l) = TcpListener::bind(loopback(v6, port)) {
+                held.push(l);
+            }
+        }
+        if held.len() == families.len() {
+            return (port, held);
+        }
+    }
+}
+
 /// Whether this machine has an IPv6 loopback.
 pub fn has_ipv6() -> bool {
     TcpListener::bind("[::1]:0").is_ok()

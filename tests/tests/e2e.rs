@@ -296,16 +296,12 @@ fn garbage_on_the_agent_socket_harms_nothing_else() {
 #[test]
 fn a_host_port_held_by_another_program_forwards_once_it_frees_up() {
     let demo = Demo::start();
-    let port = free_port();
-    let held_v4 = std::net::TcpListener::bind(loopback(false, port)).unwrap();
-    let held_v6 =
-        if has_ipv6() { Some(std::net::TcpListener::bind(loopback(true, port)).unwrap()) } else { None };
+    let (port, held) = hold_port();
     let _srv = GuestServer::serve(demo.listen(addr("0.0.0.0", port), false), echo);
     wait_until("the demo reports the conflict", || {
         demo.log_text().contains(&format!("port {port} is already in use"))
     });
-    drop(held_v4);
-    drop(held_v6);
+    drop(held);
     let (c, waited) = connect_when_forwarded(loopback(false, port));
     eprintln!("port freed → forwarding: {waited:?}");
     assert_eq!(echo_round_trip(c, b"healed"), b"healed");

@@ -107,9 +107,7 @@ fn editing_the_file_toggles_and_a_bad_edit_keeps_forwarding() {
 #[test]
 fn a_conflict_is_reported_with_its_holder_and_heals() {
     let demo = Demo::start();
-    let port = free_port();
-    let held = TcpListener::bind(loopback(false, port)).unwrap();
-    let held6 = if has_ipv6() { Some(TcpListener::bind(loopback(true, port)).unwrap()) } else { None };
+    let (port, held) = hold_port();
     let _srv = GuestServer::serve(demo.listen(addr("0.0.0.0", port), false), echo);
     wait_until("status shows the conflict", || {
         forward(&demo, "tcp", port).is_some_and(|f| f["state"] == "conflict")
@@ -121,7 +119,7 @@ fn a_conflict_is_reported_with_its_holder_and_heals() {
     );
     let human = String::from_utf8_lossy(&demo.cli(&["status"]).stdout).into_owned();
     assert!(human.contains("conflict") && human.contains("already in use"), "{human}");
-    drop((held, held6));
+    drop(held);
     connect_when_forwarded(loopback(false, port));
     assert_eq!(forward(&demo, "tcp", port).unwrap()["state"], "forwarding");
 }
