@@ -1,0 +1,93 @@
+//! Runs inside hostnet's test guest image (static binary, started by its `/init`):
+//!
+//! - `hostnet-guest-helper echo --tcp PORT --udp PORT`: TCP and UDP echo services, the servers
+//!   a desktop reaches through hostnet in the real-VM test.
+//! - `hostnet-guest-helper ctl --vsock-port PORT`: a command channel for tests. Each vsock
+//!   connection sends one line; it runs under `sh -c` and the answer is the output followed by
+//!   `EXIT <code>`. Test images only: it runs anything it is sent.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, UdpSocket};
+
+use socket2::{Domain, SockAddr, Socket, Type};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |name: &str| -> Option<u32> {
+        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok())
+    };
+    match args.first().map(String::as_str) {
+        Some("echo") => {
+            let tcp = arg("--tcp").unwrap_or(8007) as u16;
+            let udp = arg("--udp").unwrap_or(8007) as u16;
+            std::thread::spawn(move || udp_echo(udp));
+            tcp_echo(tcp);
+        }
+        Some("ctl") => ctl(arg("--vsock-port").unwrap_or(1100)),
+        _ => {
+            eprintln!("usage: hostnet-guest-helper echo --tcp PORT --udp PORT | ctl --vsock-port PORT");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn tcp_echo(port: u16) {
+    let l = TcpListener::bind(("0.0.0.0", port)).expect("tcp echo bind");
+    for c in l.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut c = c;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if c.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = c.shutdown(std::net::Shutdown::Write);
+        });
+    }
+}
+
+fn udp_echo(port: u16) {
+    let s = UdpSocket::bind(("0.0.0.0", port)).expect("udp echo bind");
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        if let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    }
+}
+
+fn ctl(port: u32) {
+    let s = Socket::new(Domain::VSOCK, Type::STREAM, None).expect("vsock socket");
+    s.bind(&SockAddr::vsock(u32::MAX, port)).expect("vsock bind");
+    s.listen(16).expect("vsock listen");
+    loop {
+        let Ok((c, _)) = s.accept() else { continue };
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(c.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                return;
+            }
+            let out = std::process::Command::new("/bin/sh").arg("-c").arg(line.trim()).output();
+            let mut c = c;
+            match out {
+                Ok(o) => {
+                    let _ = c.write_all(&o.stdout);
+                    let _ = c.write_all(&o.stderr);
+                    let _ = write!(c, "\nEXIT {}\n", o.status.code().unwrap_or(-1));
+                }
+                Err(e) => {
+                    let _ = write!(c, "{e}\nEXIT 127\n");
+                }
+            }
+        });
+    }
+}
