@@ -36,6 +36,9 @@ setup() {
     command -v nft >/dev/null || missing+=(nftables)
     command -v curl >/dev/null || missing+=(curl)
     command -v python3 >/dev/null || missing+=(python3)
+    command -v xz >/dev/null || missing+=(xz-utils)        # guest image: kernel modules
+    command -v depmod >/dev/null || missing+=(kmod)        # guest image: modules.dep
+    command -v strip >/dev/null || missing+=(binutils)
     command -v gcc >/dev/null || missing+=(gcc libc6-dev)
     if [ ${#missing[@]} -gt 0 ]; then
         say "installing Debian packages: ${missing[*]}"
@@ -71,6 +74,9 @@ case "$cmd" in
         cargo clippy --workspace --all-targets --locked -- -D warnings
         say "building"
         cargo build --workspace --locked
+        say "preparing the real VM (QEMU, vhost-device-vsock, guest image)"
+        ./installer/vm-tools
+        ./installer/build-guest-image
         say "testing (unit, property, in-process and end-to-end)"
         cargo test --workspace --locked
         ;;

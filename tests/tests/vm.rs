@@ -1,0 +1,190 @@
+//! The real VM: hostnet's guest image booted under QEMU (TCG) with virtio-vsock, the agent
+//! started by the image's init, `hostnet-proxy run` on the host over hybrid vsock — driven
+//! through `installer/run-vm`, exactly as a person would.
+//!
+//! Needs root, QEMU and vhost-device-vsock (`installer/vm-tools`) and the guest image
+//! (`installer/build-guest-image`); the README's test command provides all three.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use hostnet_tests::*;
+
+/// Booting under TCG takes seconds; give it room on a loaded machine.
+const BOOT_DEADLINE: Duration = Duration::from_secs(180);
+const GUEST_ECHO_PORT: u16 = 8007;
+
+struct Vm {
+    child: Option<Child>,
+    run: PathBuf,
+}
+
+impl Vm {
+    fn start() -> (Vm, Duration) {
+        require_root();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
+        assert!(
+            root.join("target/guest-image/initrd.img").is_file(),
+            "the guest image is missing: run installer/build-guest-image (the README's test command does)"
+        );
+        let run = std::env::temp_dir().join(format!("hostnet-vm-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run);
+        let started = Instant::now();
+        let mut child = Command::new(root.join("installer/run-vm"))
+            .env("HOSTNET_VM_RUN", &run)
+            .env("HOSTNET_PROXY", bin("hostnet-proxy"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                eprintln!("run-vm: {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let vm = Vm { child: Some(child), run };
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) if line.contains("ready") => break,
+                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("run-vm exited before ready:\n{}", vm.console())
+                }
+            }
+            assert!(
+                started.elapsed() < BOOT_DEADLINE,
+                "no `ready` within {BOOT_DEADLINE:?}:\n{}",
+                vm.console()
+            );
+        }
+        (vm, started.elapsed())
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(self.run.join("console.log")).unwrap_or_default()
+    }
+
+    /// Runs a shell command in the guest through the test image's vsock command channel.
+    fn guest(&self, cmd: &str) -> (i32, String) {
+        let mut s = UnixStream::connect(self.run.join("vm.vsock")).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s.write_all(b"CONNECT 1100\n").unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut ok = String::new();
+        r.read_line(&mut ok).unwrap();
+        assert!(ok.starts_with("OK"), "guest command channel: {ok:?}");
+        s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = r.read_to_string(&mut out);
+        let (body, code) = out.rsplit_once("EXIT ").unwrap_or((&out, "-1"));
+        (code.trim().parse().unwrap_or(-1), body.to_owned())
+    }
+
+    /// `hostnet-proxy status --json` of the VM's proxy.
+    fn status(&self) -> serde_json::Value {
+        let out = Command::new(bin("hostnet-proxy"))
+            .arg("--admin-socket")
+            .arg(self.run.join("admin.sock"))
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let start = Instant::now();
+            while start.elapsed() < DEADLINE && child.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            if std::thread::panicking() {
+                eprintln!("--- guest console ---\n{}", self.console());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.run);
+    }
+}
+
+#[test]
+fn hostnet_across_a_real_virtio_vsock_link() {
+    let (vm, boot) = Vm::start();
+    eprintln!("VM start → first forwarded port ready: {boot:?}");
+
+    // Desktop → guest TCP: the image's echo service.
+    let (c, _) = connect_when_forwarded(loopback(false, GUEST_ECHO_PORT));
+    let data = pattern(4 << 20, 8007);
+    let t = Instant::now();
+    assert!(echo_round_trip(c, &data) == data, "4 MiB echoed byte-exact over the real VM");
+    eprintln!("4 MiB TCP echo through the VM: {:?}", t.elapsed());
+
+    // Desktop → guest UDP.
+    wait_until("the UDP port is forwarded", || udp_port_taken(loopback(false, GUEST_ECHO_PORT)));
+    let u = udp_client(loopback(false, GUEST_ECHO_PORT));
+    for len in [1, 1400, 9000] {
+        let d = pattern(len, len as u64);
+        assert_eq!(udp_echo(&u, &d), Some(d), "{len}-byte datagram");
+    }
+
+    // Guest → desktop TCP: a desktop web server fetched from inside the guest.
+    let port = free_port();
+    let mut server = Command::new("python3")
+        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let fetch = format!("wget -q -O - http://127.0.0.1:{port}/Cargo.toml");
+    wait_until("the guest fetches from the desktop", || {
+        let (code, body) = vm.guest(&fetch);
+        code == 0 && body.contains("hostnet-tests")
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+
+    // A listener appearing and disappearing in the guest.
+    let extra = 9107;
+    let (code, out) = vm.guest(&format!(
+        "setsid sh -c 'echo $$ > /tmp/extra.pid; exec hostnet-guest-helper echo --tcp {extra} --udp {extra}' </dev/null >/dev/null 2>&1 &"
+    ));
+    assert_eq!(code, 0, "{out}");
+    let (c, appeared) = connect_when_forwarded(loopback(false, extra));
+    eprintln!("guest listen → usable on the host (under TCG): {appeared:?}");
+    assert_eq!(echo_round_trip(c, b"new listener"), b"new listener");
+    wait_until("the extra server wrote its pid", || vm.guest("test -s /tmp/extra.pid").0 == 0);
+    assert_eq!(vm.guest("kill $(cat /tmp/extra.pid)").0, 0);
+    wait_until("the host port closes", || refused(loopback(false, extra)));
+
+    // The agent restarting inside the VM (its init restarts it): forwards resync.
+    assert_eq!(vm.guest("killall hostnet-agent").0, 0);
+    let killed = Instant::now();
+    wait_until("the proxy sees the agent go", || vm.status()["agent"] != "connected");
+    let (c, _) = connect_when_forwarded(loopback(false, GUEST_ECHO_PORT));
+    eprintln!("agent killed → forwarding again: {:?}", killed.elapsed());
+    assert_eq!(echo_round_trip(c, b"after restart"), b"after restart");
+
+    // The VM going away: the proxy stays up and says so.
+    let qemu = format!("qemu-system-x86_64 .*{}/vhu.sock", vm.run.display());
+    assert!(Command::new("pkill").args(["-f", &qemu]).status().unwrap().success(), "QEMU was running");
+    wait_until("the proxy reports the agent gone", || vm.status()["agent"] == "disconnected");
+    wait_until("forwarded ports close", || refused(loopback(false, GUEST_ECHO_PORT)));
+    assert!(vm.status()["enabled"] == true, "the proxy still answers");
+}
