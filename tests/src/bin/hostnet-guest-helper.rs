@@ -6,7 +6,7 @@
 //!   connection sends one line; it runs under `sh -c` and the answer is the output followed by
 //!   `EXIT <code>`. Test images only: it runs anything it is sent.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::indexing_slicing)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, UdpSocket};
