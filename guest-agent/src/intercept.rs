@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hostnet_net::Connector;
-use hostnet_net::handshake::{self, FrameReader};
+use hostnet_net::handshake::{self, OpenError};
 use hostnet_net::relay::{self, RelayCounters};
-use hostnet_protocol::{ListenerSet, Open, OpenReply, Proto};
+use hostnet_protocol::{ListenerSet, Open, Proto};
 use socket2::{Domain, Socket, Type};
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
@@ -188,33 +188,18 @@ async fn relay_to_host(
     let span = info_span!("guest→host", port = original.port(), client = %peer);
     async move {
         let _ = conn.set_nodelay(true);
-        let stream = match to_host.connect().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("cannot reach the proxy for guest→host: {e}");
-                let _ = hostnet_net::RawStream::set_reset_on_close(&conn);
-                return;
-            }
-        };
         let open = Open::Tcp { addr: original.ip(), port: original.port(), peer: Some(peer) };
-        let mut reader = FrameReader::new();
-        let reply = async {
-            handshake::send_preface_and(&stream, &open).await?;
-            reader.read_opening::<_, OpenReply>(&stream).await
-        };
-        match reply.await {
-            Ok(OpenReply::Connected) => {}
-            Ok(OpenReply::Refused { reason }) => {
-                debug!("proxy refused: {reason}");
-                let _ = hostnet_net::RawStream::set_reset_on_close(&conn);
-                return;
-            }
+        let (stream, reader) = match handshake::open_stream(&*to_host, &open).await {
+            Ok(opened) => opened,
             Err(e) => {
-                warn!("proxy did not open the connection: {e}");
+                match e {
+                    OpenError::Refused(_) => debug!("proxy {e}"),
+                    OpenError::Failed(_) => warn!("cannot reach the proxy for guest→host: {e}"),
+                }
                 let _ = hostnet_net::RawStream::set_reset_on_close(&conn);
                 return;
             }
-        }
+        };
         let counters = RelayCounters::default();
         let outcome = relay::relay(&conn, &stream, reader.into_leftover(), &counters, &shutdown).await;
         debug!(?outcome, ?counters, "guest→host connection finished");

@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hostnet_net::Connector;
-use hostnet_net::handshake::{self, FrameReader};
+use hostnet_net::handshake::{self, OpenError};
 use hostnet_net::udp::{Activity, DatagramBatch, UDP_SOCKET_BUFFER};
+use hostnet_protocol::Open;
 use hostnet_protocol::datagram::MAX_DATAGRAM_LEN;
-use hostnet_protocol::{Open, OpenReply};
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt};
 use socket2::{Domain, Socket, Type};
 use tokio::io::Interest;
@@ -178,21 +178,12 @@ async fn flow(
     to_host: Arc<dyn Connector>,
     shutdown: CancellationToken,
 ) {
-    let stream = match to_host.connect().await {
-        Ok(s) => s,
+    let open = Open::Udp { addr: original.ip(), port: original.port(), peer: Some(client) };
+    let (stream, mut reader) = match handshake::open_stream(&*to_host, &open).await {
+        Ok(opened) => opened,
+        Err(e @ OpenError::Refused(_)) => return debug!("proxy {e}"),
         Err(e) => return warn!("cannot reach the proxy for guest→host: {e}"),
     };
-    let mut reader = FrameReader::new();
-    let open = Open::Udp { addr: original.ip(), port: original.port(), peer: Some(client) };
-    let opened = async {
-        handshake::send_preface_and(&stream, &open).await?;
-        reader.read_opening::<_, OpenReply>(&stream).await
-    };
-    match opened.await {
-        Ok(OpenReply::Connected) => {}
-        Ok(OpenReply::Refused { reason }) => return debug!("proxy refused: {reason}"),
-        Err(e) => return warn!("proxy did not open the flow: {e}"),
-    }
     let activity = Activity::new();
     // Guest client → host: from the queue (datagrams that beat the flow socket) and the socket.
     let up = async {

@@ -10,7 +10,7 @@ use hostnet_net::connect::connect_tcp;
 use hostnet_net::handshake::{self, FrameReader, HandshakeError};
 use hostnet_net::relay::{self, RelayCounters};
 use hostnet_net::udp;
-use hostnet_protocol::{Control, ListenerSet, Open, OpenReply, PrefaceError, Role};
+use hostnet_protocol::{Control, ListenerSet, Open, PrefaceError, Role};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -166,18 +166,10 @@ impl Sessions {
         } else {
             connect_tcp(SocketAddr::new(addr, port), self.mark, "in the guest").await
         };
-        let server = match server {
-            Ok(s) => s,
-            Err(reason) => {
-                debug!("refused: {reason}");
-                let _ = handshake::send_preface_and(&stream, &OpenReply::Refused { reason }).await;
-                return;
-            }
-        };
-        if let Err(e) = handshake::send_preface_and(&stream, &OpenReply::Connected).await {
-            debug!("proxy went away before the relay started: {e}");
+        if !handshake::answer_open(&stream, &server).await {
             return;
         }
+        let Ok(server) = server else { return };
         let counters = RelayCounters::default();
         let outcome = relay::relay(&server, &stream, reader.into_leftover(), &counters, &self.shutdown).await;
         debug!(?outcome, ?counters, "relay finished");
@@ -196,17 +188,10 @@ impl Sessions {
                 .await
                 .map_err(|e| format!("opening a UDP socket to {target} in the guest failed: {e}"))
         };
-        let socket = match socket {
-            Ok(s) => s,
-            Err(reason) => {
-                debug!("refused: {reason}");
-                let _ = handshake::send_preface_and(&stream, &OpenReply::Refused { reason }).await;
-                return;
-            }
-        };
-        if handshake::send_preface_and(&stream, &OpenReply::Connected).await.is_err() {
+        if !handshake::answer_open(&stream, &socket).await {
             return;
         }
+        let Ok(socket) = socket else { return };
         let stats = udp::relay_connected(&stream, &mut reader, &socket, None, &self.shutdown).await;
         debug!(?stats, "udp flow finished");
     }

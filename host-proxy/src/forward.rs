@@ -9,10 +9,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use hostnet_net::handshake::{self, FrameReader};
+use hostnet_net::handshake::{self, OpenError};
 use hostnet_net::relay::{self, Outcome, RelayCounters};
 use hostnet_net::{Connector, RawStream};
-use hostnet_protocol::{Listener, ListenerSet, Open, OpenReply, Proto};
+use hostnet_protocol::{Listener, ListenerSet, Open, Proto};
 use serde::Serialize;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -439,33 +439,18 @@ impl Forwards {
             let _ = client.set_reset_on_close();
             return;
         };
-        let stream = match self.connector.connect().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("cannot open a stream to the agent: {e}");
-                let _ = client.set_reset_on_close();
-                return;
-            }
-        };
         let open = Open::Tcp { addr: target, port, peer: Some(peer) };
-        let mut reader = FrameReader::new();
-        let reply = async {
-            handshake::send_preface_and(&stream, &open).await?;
-            reader.read_opening::<_, OpenReply>(&stream).await
-        };
-        match reply.await {
-            Ok(OpenReply::Connected) => {}
-            Ok(OpenReply::Refused { reason }) => {
-                debug!("agent refused: {reason}");
-                let _ = client.set_reset_on_close();
-                return;
-            }
+        let (stream, reader) = match handshake::open_stream(&*self.connector, &open).await {
+            Ok(opened) => opened,
             Err(e) => {
-                warn!("agent did not open the connection: {e}");
+                match e {
+                    OpenError::Refused(_) => debug!("agent {e}"),
+                    OpenError::Failed(_) => warn!("cannot open a stream to the agent: {e}"),
+                }
                 let _ = client.set_reset_on_close();
                 return;
             }
-        }
+        };
         let outcome = relay::relay(&client, &stream, reader.into_leftover(), &stats.bytes, token).await;
         match outcome {
             Outcome::ProtocolError => warn!("agent broke the stream protocol; connection reset"),

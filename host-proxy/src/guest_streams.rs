@@ -12,7 +12,7 @@ use hostnet_net::handshake::{self, FrameReader};
 use hostnet_net::relay;
 use hostnet_net::udp;
 use hostnet_net::{TransportSpec, TransportStream, watcher};
-use hostnet_protocol::{ListenerSet, Open, OpenReply, Proto};
+use hostnet_protocol::{ListenerSet, Open, Proto};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -143,17 +143,10 @@ async fn serve(
             None => Err(format!("host port {port} is not advertised to the guest")),
             Some(ip) => connect_tcp(SocketAddr::new(ip, port), None, "on the host").await,
         };
-        let server = match server {
-            Ok(s) => s,
-            Err(reason) => {
-                debug!("refused: {reason}");
-                let _ = handshake::send_preface_and(&stream, &OpenReply::Refused { reason }).await;
-                return;
-            }
-        };
-        if handshake::send_preface_and(&stream, &OpenReply::Connected).await.is_err() {
+        if !handshake::answer_open(&stream, &server).await {
             return;
         }
+        let Ok(server) = server else { return };
         let stats = stats_for(&stats, Proto::Tcp, port);
         let _active = stats.open();
         let outcome = relay::relay(&server, &stream, reader.into_leftover(), &stats.bytes, &shutdown).await;
@@ -181,17 +174,10 @@ async fn serve_udp(
             .await
             .map_err(|e| format!("opening a UDP socket to {ip}:{port} on the host failed: {e}")),
     };
-    let socket = match socket {
-        Ok(s) => s,
-        Err(reason) => {
-            debug!("refused: {reason}");
-            let _ = handshake::send_preface_and(&stream, &OpenReply::Refused { reason }).await;
-            return;
-        }
-    };
-    if handshake::send_preface_and(&stream, &OpenReply::Connected).await.is_err() {
+    if !handshake::answer_open(&stream, &socket).await {
         return;
     }
+    let Ok(socket) = socket else { return };
     let _active = stats.open();
     // The agent closes idle flows; twice its timeout here bounds a flow whose agent went quiet.
     let idle = Some(crate::udp::UDP_IDLE_TIMEOUT * 2);

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hostnet_net::handshake::{self, FrameReader};
+use hostnet_net::handshake::{self, OpenError};
 use hostnet_net::udp::{Activity, DatagramBatch};
-use hostnet_protocol::{Open, OpenReply, Proto};
+use hostnet_protocol::{Open, Proto};
 use tokio::net::UdpSocket;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -135,30 +135,12 @@ impl Flow {
             debug!("no guest socket any more");
             return;
         };
-        let stream = match self.forwards.connector.connect().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("cannot open a stream to the agent: {e}");
-                return;
-            }
-        };
-        let mut reader = FrameReader::new();
         let open = Open::Udp { addr: target, port: self.port, peer: Some(self.peer) };
-        let opened = async {
-            handshake::send_preface_and(&stream, &open).await?;
-            reader.read_opening::<_, OpenReply>(&stream).await
+        let (stream, mut reader) = match handshake::open_stream(&*self.forwards.connector, &open).await {
+            Ok(opened) => opened,
+            Err(e @ OpenError::Refused(_)) => return debug!("agent {e}"),
+            Err(e) => return warn!("cannot open a flow to the agent: {e}"),
         };
-        match opened.await {
-            Ok(OpenReply::Connected) => {}
-            Ok(OpenReply::Refused { reason }) => {
-                debug!("agent refused: {reason}");
-                return;
-            }
-            Err(e) => {
-                warn!("agent did not open the flow: {e}");
-                return;
-            }
-        }
         // The two directions run side by side: a blocked write one way must never stop the
         // other way from draining, or both ends could wait on each other's writes.
         let activity = Activity::new();

@@ -143,3 +143,45 @@ impl FrameReader {
         }
     }
 }
+
+/// Why a data stream could not be opened.
+#[derive(Debug, Error)]
+pub enum OpenError {
+    /// The far side answered `refused` (nothing listens there, not advertised, …): expected,
+    /// worth a debug line.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The transport or the handshake failed: worth a warning.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Opens a data stream: connects, sends our preface and `open`, waits for the reply. On
+/// success returns the stream and the reader holding any bytes read past the reply.
+pub async fn open_stream(
+    connector: &dyn crate::Connector,
+    open: &hostnet_protocol::Open,
+) -> Result<(crate::TransportStream, FrameReader), OpenError> {
+    let stream = connector.connect().await.map_err(|e| OpenError::Failed(e.to_string()))?;
+    let mut reader = FrameReader::new();
+    send_preface_and(&stream, open).await.map_err(|e| OpenError::Failed(e.to_string()))?;
+    match reader.read_opening::<_, hostnet_protocol::OpenReply>(&stream).await {
+        Ok(hostnet_protocol::OpenReply::Connected) => Ok((stream, reader)),
+        Ok(hostnet_protocol::OpenReply::Refused { reason }) => Err(OpenError::Refused(reason)),
+        Err(e) => Err(OpenError::Failed(e.to_string())),
+    }
+}
+
+/// Answers an `Open` from the far side: `connected` when `outcome` is `Ok`, else `refused`
+/// with the reason. Returns whether the stream can go on (connected and the answer sent).
+pub async fn answer_open<S: RawStream, T>(stream: &S, outcome: &Result<T, String>) -> bool {
+    match outcome {
+        Ok(_) => send_preface_and(stream, &hostnet_protocol::OpenReply::Connected).await.is_ok(),
+        Err(reason) => {
+            tracing::debug!("refused: {reason}");
+            let reply = hostnet_protocol::OpenReply::Refused { reason: reason.clone() };
+            let _ = send_preface_and(stream, &reply).await;
+            false
+        }
+    }
+}
