@@ -491,3 +491,49 @@ pub fn udp_echo(c: &std::net::UdpSocket, data: &[u8]) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; 65_536];
     c.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
 }
+
+/// Runs a program with its standard input and output piped (stderr discarded).
+pub fn spawn_piped(program: &str, args: &[&str]) -> Child {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} is needed ({e}); the README's setup installs it"))
+}
+
+/// Two `nc` processes already connected through hostnet: a line typed into each shows up on
+/// the other. Kills both afterwards.
+pub fn assert_typing_flows_both_ways(mut server: Child, mut client: Child) {
+    let mut server_out = BufReader::new(server.stdout.take().unwrap());
+    let mut client_out = BufReader::new(client.stdout.take().unwrap());
+    let mut server_in = server.stdin.take().unwrap();
+    let mut client_in = client.stdin.take().unwrap();
+    for (input, output, text) in [
+        (&mut client_in, &mut server_out, "hello from the desktop\n"),
+        (&mut server_in, &mut client_out, "hello from the container\n"),
+    ] {
+        input.write_all(text.as_bytes()).unwrap();
+        input.flush().unwrap();
+        let mut line = String::new();
+        output.read_line(&mut line).unwrap();
+        assert_eq!(line, text);
+    }
+    for p in [&mut client, &mut server] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+}
+
+/// `python3 -m http.server PORT --bind 127.0.0.1` serving the tests crate's directory, which
+/// has a `Cargo.toml` naming `hostnet-tests`: a desktop web server for guest→host tests.
+pub fn desktop_web_server(port: u16) -> Child {
+    Command::new("python3")
+        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 is needed; the README's setup installs it")
+}

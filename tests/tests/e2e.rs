@@ -6,10 +6,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use hostnet_tests::*;
@@ -22,45 +22,12 @@ fn addr(s: &str, port: u16) -> SocketAddr {
 fn nc_workflow_typing_flows_both_ways() {
     let demo = Demo::start();
     let port = free_port();
-    // The "container": real nc listening inside the VM stand-in.
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &demo.netns, "nc", "-lk", "0.0.0.0", &port.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nc is needed (Debian: netcat-openbsd); the README's setup installs it");
+    // The "container": real nc listening inside the VM stand-in; the "desktop": real nc.
+    let server =
+        spawn_piped("ip", &["netns", "exec", &demo.netns, "nc", "-lk", "0.0.0.0", &port.to_string()]);
     wait_until("the host port is bound", || TcpStream::connect(loopback(false, port)).is_ok());
-
-    // The "desktop": real nc connecting to localhost.
-    let mut client = Command::new("nc")
-        .args(["localhost", &port.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut server_out = BufReader::new(server.stdout.take().unwrap());
-    let mut client_out = BufReader::new(client.stdout.take().unwrap());
-    let mut server_in = server.stdin.take().unwrap();
-    let mut client_in = client.stdin.take().unwrap();
-
-    client_in.write_all(b"hello from the desktop\n").unwrap();
-    client_in.flush().unwrap();
-    let mut line = String::new();
-    server_out.read_line(&mut line).unwrap();
-    assert_eq!(line, "hello from the desktop\n");
-
-    server_in.write_all(b"hello from the container\n").unwrap();
-    server_in.flush().unwrap();
-    line.clear();
-    client_out.read_line(&mut line).unwrap();
-    assert_eq!(line, "hello from the container\n");
-
-    let _ = client.kill();
-    let _ = server.kill();
-    let _ = client.wait();
-    let _ = server.wait();
+    let client = spawn_piped("nc", &["localhost", &port.to_string()]);
+    assert_typing_flows_both_ways(server, client);
 }
 
 #[test]

@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use hostnet_tests::*;
 
@@ -59,13 +59,7 @@ fn nft_set(demo: &Demo, set: &str) -> String {
 fn curl_in_the_guest_reaches_a_desktop_web_server() {
     let demo = Demo::start();
     let port = free_port();
-    let mut server = Command::new("python3")
-        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = desktop_web_server(port);
     wait_until("the desktop server listens", || TcpStream::connect(loopback(false, port)).is_ok());
     let url = format!("http://localhost:{port}/Cargo.toml");
     let mut body = String::new();

@@ -2,9 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hostnet_tests::*;
@@ -29,41 +27,11 @@ fn nc_udp_workflow_typing_flows_both_ways() {
     let demo = Demo::start();
     let port = free_port();
     // `nc -ul` (not `-ulk`: netcat-openbsd only answers the peer it locked on to without -k).
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &demo.netns, "nc", "-ul", "0.0.0.0", &port.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let server =
+        spawn_piped("ip", &["netns", "exec", &demo.netns, "nc", "-ul", "0.0.0.0", &port.to_string()]);
     wait_until("hostnet binds the UDP port", || udp_port_taken(loopback(false, port)));
-    let mut client = Command::new("nc")
-        .args(["-u", "localhost", &port.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut server_out = BufReader::new(server.stdout.take().unwrap());
-    let mut client_out = BufReader::new(client.stdout.take().unwrap());
-    let mut server_in = server.stdin.take().unwrap();
-    let mut client_in = client.stdin.take().unwrap();
-
-    client_in.write_all(b"hello over udp from the desktop\n").unwrap();
-    client_in.flush().unwrap();
-    let mut line = String::new();
-    server_out.read_line(&mut line).unwrap();
-    assert_eq!(line, "hello over udp from the desktop\n");
-
-    server_in.write_all(b"hello over udp from the container\n").unwrap();
-    server_in.flush().unwrap();
-    line.clear();
-    client_out.read_line(&mut line).unwrap();
-    assert_eq!(line, "hello over udp from the container\n");
-    for p in [&mut client, &mut server] {
-        let _ = p.kill();
-        let _ = p.wait();
-    }
+    let client = spawn_piped("nc", &["-u", "localhost", &port.to_string()]);
+    assert_typing_flows_both_ways(server, client);
 }
 
 #[test]

@@ -145,13 +145,7 @@ fn hostnet_across_a_real_virtio_vsock_link() {
 
     // Guest → desktop TCP: a desktop web server fetched from inside the guest.
     let port = free_port();
-    let mut server = Command::new("python3")
-        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = desktop_web_server(port);
     let fetch = format!("wget -q -O - http://127.0.0.1:{port}/Cargo.toml");
     wait_until("the guest fetches from the desktop", || {
         let (code, body) = vm.guest(&fetch);

@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::indexing_slicing)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, UdpSocket};
 
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -36,21 +36,7 @@ fn main() {
 fn tcp_echo(port: u16) {
     let l = TcpListener::bind(("0.0.0.0", port)).expect("tcp echo bind");
     for c in l.incoming().flatten() {
-        std::thread::spawn(move || {
-            let mut c = c;
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match c.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if c.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-            let _ = c.shutdown(std::net::Shutdown::Write);
-        });
+        std::thread::spawn(move || hostnet_tests::echo(c));
     }
 }
 
