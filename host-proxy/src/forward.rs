@@ -363,10 +363,17 @@ impl Forwards {
             BindScope::Loopback => "loopback",
             BindScope::All => "ALL addresses (reachable from the network)",
         };
-        info!(
-            port = host_port,
-            "forwarding host {proto} port {host_port} ({scope}) → guest port {guest_port}"
-        );
+        if bind_scope == BindScope::All {
+            warn!(
+                port = host_port,
+                "forwarding host {proto} port {host_port} on {scope} → guest port {guest_port}"
+            );
+        } else {
+            info!(
+                port = host_port,
+                "forwarding host {proto} port {host_port} ({scope}) → guest port {guest_port}"
+            );
+        }
         for socket in bound {
             let this = self.clone();
             let (stop, stats) = (fwd.stop.clone(), fwd.stats.clone());
