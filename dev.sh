@@ -80,7 +80,8 @@ case "$cmd" in
         say "testing (unit, property, in-process and end-to-end)"
         cargo test --workspace --locked
         say "benchmark, quick form (reports ratios; noise does not fail the run)"
-        cargo build --release --locked -q -p host-proxy -p guest-agent -p hostnet-tests --bin hostnet-bench
+        cargo build --release --locked -q -p host-proxy -p guest-agent -p hostnet-tests \
+            --bin hostnet-proxy --bin hostnet-agent --bin hostnet-bench
         ./target/release/hostnet-bench --quick --json target/bench-quick.json \
             || echo "WARNING: the quick benchmark did not complete (see above)" >&2
         ;;
