@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hostnet_tests::{Demo, UdpEcho, free_port, loopback};
+use hostnet_tests::{
+    Demo, GuestServer, UdpEcho, connect_when_forwarded, echo, free_port, loopback, percentile,
+};
 
 struct Opts {
     quick: bool,
@@ -55,11 +57,32 @@ fn main() {
     let mut rows = Vec::new();
 
     let bytes: u64 = if opts.quick { 256 << 20 } else { 2 << 30 };
+    for (workload, streams) in [("TCP throughput, 1 stream", 1), ("TCP throughput, 8 streams", 8)] {
+        rows.push(Row {
+            workload,
+            unit: "GiB/s",
+            direct: tcp_throughput(|| TcpListener::bind("127.0.0.1:0").unwrap(), bytes, streams),
+            hostnet: tcp_throughput(
+                || demo.listen(SocketAddr::from(([0, 0, 0, 0], free_port())), false),
+                bytes,
+                streams,
+            ),
+        });
+    }
+
+    let (direct_echo_addr, _direct_srv) = echo_target(None);
+    let (hostnet_echo_addr, _hostnet_srv) = echo_target(Some(&demo));
+    let trips = if opts.quick { 2_000 } else { 20_000 };
+    let (d50, d99) = rtt_micros(direct_echo_addr, trips);
+    let (h50, h99) = rtt_micros(hostnet_echo_addr, trips);
+    rows.push(Row { workload: "RTT 1 B ping-pong, p50", unit: "µs", direct: d50, hostnet: h50 });
+    rows.push(Row { workload: "RTT 1 B ping-pong, p99", unit: "µs", direct: d99, hostnet: h99 });
+    let window = Duration::from_secs_f64(if opts.quick { 0.5 } else { 2.0 });
     rows.push(Row {
-        workload: "TCP throughput, 1 stream",
-        unit: "GiB/s",
-        direct: tcp_throughput(|| TcpListener::bind("127.0.0.1:0").unwrap(), bytes),
-        hostnet: tcp_throughput(|| demo.listen(SocketAddr::from(([0, 0, 0, 0], free_port())), false), bytes),
+        workload: "new connections (1 request)",
+        unit: "conn/s",
+        direct: connections_per_second(direct_echo_addr, window),
+        hostnet: connections_per_second(hostnet_echo_addr, window),
     });
 
     let seconds = if opts.quick { 0.3 } else { 1.0 };
@@ -109,34 +132,96 @@ fn main() {
     demo.stop();
 }
 
-/// Sends `bytes` into a sink server; GiB/s from the first byte written to the last byte read.
-fn tcp_throughput(listen: impl FnOnce() -> TcpListener, bytes: u64) -> f64 {
+/// Sends `bytes` (split over `streams` connections) into a sink server; GiB/s from the first
+/// byte written to the last byte read.
+fn tcp_throughput(listen: impl FnOnce() -> TcpListener, bytes: u64, streams: usize) -> f64 {
     let listener = listen();
     let addr = loopback(false, listener.local_addr().unwrap().port());
     let sink = std::thread::spawn(move || {
-        let (mut c, _) = listener.accept().unwrap();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            match c.read(&mut buf) {
-                Ok(0) | Err(_) => break total,
-                Ok(n) => total += n as u64,
-            }
-        }
+        let readers: Vec<_> = (0..streams)
+            .map(|_| {
+                let (mut c, _) = listener.accept().unwrap();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut total = 0u64;
+                    loop {
+                        match c.read(&mut buf) {
+                            Ok(0) | Err(_) => break total,
+                            Ok(n) => total += n as u64,
+                        }
+                    }
+                })
+            })
+            .collect();
+        readers.into_iter().map(|r| r.join().unwrap()).sum::<u64>()
     });
-    let mut c = connect_retrying(addr);
-    let chunk = vec![0x5au8; 1 << 20];
+    let conns: Vec<TcpStream> = (0..streams).map(|_| connect_retrying(addr)).collect();
+    let per_stream = bytes / streams as u64;
     let start = Instant::now();
-    let mut sent = 0u64;
-    while sent < bytes {
-        c.write_all(&chunk).unwrap();
-        sent += chunk.len() as u64;
-    }
-    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let writers: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            std::thread::spawn(move || {
+                let chunk = vec![0x5au8; 1 << 20];
+                let mut sent = 0u64;
+                while sent < per_stream {
+                    c.write_all(&chunk).unwrap();
+                    sent += chunk.len() as u64;
+                }
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+                sent
+            })
+        })
+        .collect();
+    let sent: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
     let got = sink.join().unwrap();
     let secs = start.elapsed().as_secs_f64();
     assert_eq!(got, sent, "sink got every byte");
     got as f64 / secs / (1u64 << 30) as f64
+}
+
+/// An echo server on this machine (`None`) or in the stand-in's "VM", and where to reach it.
+fn echo_target(demo: Option<&Demo>) -> (SocketAddr, GuestServer) {
+    let port = free_port();
+    let listener = match demo {
+        Some(d) => d.listen(SocketAddr::from(([0, 0, 0, 0], port)), false),
+        None => TcpListener::bind(loopback(false, port)).unwrap(),
+    };
+    let server = GuestServer::serve(listener, echo);
+    let addr = loopback(false, port);
+    connect_when_forwarded(addr);
+    (addr, server)
+}
+
+/// Median and 99th percentile of 1-byte round trips on one connection, in microseconds.
+fn rtt_micros(addr: SocketAddr, trips: usize) -> (f64, f64) {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_nodelay(true).unwrap();
+    let mut samples = Vec::with_capacity(trips);
+    let mut b = [0u8; 1];
+    for _ in 0..trips {
+        let t = Instant::now();
+        c.write_all(b"x").unwrap();
+        c.read_exact(&mut b).unwrap();
+        samples.push(t.elapsed());
+    }
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    (us(percentile(&mut samples, 50)), us(percentile(&mut samples, 99)))
+}
+
+/// Connect, one 1-byte request and its answer, close — as many as fit in `window`.
+fn connections_per_second(addr: SocketAddr, window: Duration) -> f64 {
+    let start = Instant::now();
+    let mut n = 0u64;
+    let mut b = [0u8; 1];
+    while start.elapsed() < window {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_nodelay(true).unwrap();
+        c.write_all(b"x").unwrap();
+        c.read_exact(&mut b).unwrap();
+        n += 1;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
 }
 
 fn connect_retrying(addr: SocketAddr) -> TcpStream {
