@@ -3,6 +3,7 @@
 #
 #   ./dev.sh demo [ARGS…]   build, then run `hostnet-proxy demo` (the netns stand-in for a VM)
 #   ./dev.sh test           build, then run every check and test (what .ci/run runs)
+#   ./dev.sh gui            build and open the settings window (run a demo first)
 #   ./dev.sh setup          only install what the project needs
 #
 # Needs root: the demo and the end-to-end tests create network namespaces.
@@ -39,6 +40,10 @@ setup() {
     command -v xz >/dev/null || missing+=(xz-utils)        # guest image: kernel modules
     command -v depmod >/dev/null || missing+=(kmod)        # guest image: modules.dep
     command -v strip >/dev/null || missing+=(binutils)
+    # The settings window (Tauri 2 / WebKitGTK) and its end-to-end test under Xvfb.
+    for pkg in libwebkit2gtk-4.1-dev libayatana-appindicator3-dev pkg-config xvfb xauth imagemagick xdotool; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
+    done
     command -v gcc >/dev/null || missing+=(gcc libc6-dev)
     if [ ${#missing[@]} -gt 0 ]; then
         say "installing Debian packages: ${missing[*]}"
@@ -65,6 +70,10 @@ case "$cmd" in
         say "starting the demo (Ctrl-C stops it and removes everything it created)"
         exec ./target/release/hostnet-proxy demo "$@"
         ;;
+    gui)
+        setup
+        cargo run --locked -p hostnet-gui
+        ;;
     test)
         require_root test
         setup
@@ -86,7 +95,7 @@ case "$cmd" in
             || echo "WARNING: the quick benchmark did not complete (see above)" >&2
         ;;
     *)
-        sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac
