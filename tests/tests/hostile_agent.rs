@@ -69,15 +69,28 @@ impl Drop for Proxy {
 }
 
 /// Accepts the proxy's control stream and completes the handshake; returns the stream.
+/// Data streams the proxy opens meanwhile (a probe connecting to a forwarded port makes one)
+/// arrive on the same socket: they are closed and skipped.
 fn accept_control(agent: &UnixListener) -> UnixStream {
-    let (mut s, _) = agent.accept().unwrap();
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    // The proxy's preface, `{"type":"control"}` and its hello: read what is there.
-    let mut buf = [0u8; 512];
-    let _ = s.read(&mut buf).unwrap();
-    s.write_all(PREFACE).unwrap();
-    s.write_all(&frame(r#"{"type":"hello","role":"agent","software":"evil"}"#)).unwrap();
-    s
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        assert!(Instant::now() < deadline, "the proxy did not reconnect its control stream");
+        let (mut s, _) = agent.accept().unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        // The proxy's preface, then its `open` frame: control or a data stream.
+        let mut preface = [0u8; PREFACE.len()];
+        let mut len = [0u8; 4];
+        if s.read_exact(&mut preface).is_err() || s.read_exact(&mut len).is_err() {
+            continue;
+        }
+        let mut open = vec![0u8; u32::from_be_bytes(len) as usize];
+        if s.read_exact(&mut open).is_err() || !String::from_utf8_lossy(&open).contains("\"control\"") {
+            continue;
+        }
+        s.write_all(PREFACE).unwrap();
+        s.write_all(&frame(r#"{"type":"hello","role":"agent","software":"evil"}"#)).unwrap();
+        return s;
+    }
 }
 
 #[test]
