@@ -35,6 +35,7 @@ setup() {
     dpkg-query -W -f='${Status}' netcat-openbsd 2>/dev/null | grep -q 'ok installed' || missing+=(netcat-openbsd)
     command -v setpriv >/dev/null || missing+=(util-linux)
     command -v nft >/dev/null || missing+=(nftables)
+    command -v clang >/dev/null || missing+=(clang)      # the listener-events BPF program
     command -v curl >/dev/null || missing+=(curl)
     command -v python3 >/dev/null || missing+=(python3)
     command -v xz >/dev/null || missing+=(xz-utils)        # guest image: kernel modules

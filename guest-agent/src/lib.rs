@@ -22,8 +22,10 @@ pub use hostnet_net::watcher::DEFAULT_POLL_INTERVAL;
 pub struct AgentConfig {
     /// Where to wait for the proxy.
     pub transport: TransportSpec,
-    /// How often the listener table is read.
+    /// How often the listener table is read when kernel events are not available (or off).
     pub poll_interval: Duration,
+    /// Use kernel listener events (eBPF) where the kernel allows them.
+    pub listener_events: bool,
     /// Guest ports never advertised (the VM's own services).
     pub ignore_ports: BTreeSet<u16>,
     /// Where to reach the proxy for guest→host connections (`None`: guest→host off).
@@ -35,6 +37,7 @@ impl AgentConfig {
         AgentConfig {
             transport,
             poll_interval: DEFAULT_POLL_INTERVAL,
+            listener_events: true,
             ignore_ports: BTreeSet::new(),
             host_transport: None,
         }
@@ -52,9 +55,13 @@ pub enum AgentError {
 /// Runs until `shutdown` fires. Returns an error only if it cannot start.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let source = watcher::platform_source().map_err(AgentError::Discovery)?;
-    let listeners =
-        watcher::spawn(source, config.poll_interval, config.ignore_ports.clone(), shutdown.clone())
-            .map_err(AgentError::Discovery)?;
+    let trigger = if config.listener_events {
+        watcher::Trigger::best(config.poll_interval)
+    } else {
+        watcher::Trigger::Poll(config.poll_interval)
+    };
+    let listeners = watcher::spawn(source, trigger, config.ignore_ports.clone(), shutdown.clone())
+        .map_err(AgentError::Discovery)?;
     let acceptor = config.transport.bind().await?;
     info!(transport = %config.transport, "hostnet-agent listening for the proxy");
 

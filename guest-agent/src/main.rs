@@ -33,9 +33,15 @@ struct Args {
     #[arg(long, env = "HOSTNET_AGENT_HOST_TRANSPORT", value_name = "SPEC")]
     host_transport: Option<TransportSpec>,
 
-    /// Milliseconds between two reads of the listener table.
+    /// Milliseconds between two reads of the listener table when polling (kernel listener
+    /// events unavailable or turned off).
     #[arg(long, default_value_t = guest_agent::DEFAULT_POLL_INTERVAL.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     poll_interval_ms: u64,
+
+    /// Do not use kernel listener events (eBPF); poll the listener table instead. Events need
+    /// root (CAP_BPF + CAP_PERFMON); without them the agent polls anyway.
+    #[arg(long)]
+    no_listener_events: bool,
 
     /// Guest port never to advertise; repeat for more.
     #[arg(long = "ignore-port", value_name = "PORT")]
@@ -48,6 +54,7 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     let mut config = AgentConfig::new(args.transport);
     config.poll_interval = Duration::from_millis(args.poll_interval_ms);
+    config.listener_events = !args.no_listener_events;
     config.ignore_ports = args.ignore_ports.into_iter().collect::<BTreeSet<_>>();
     config.host_transport = args.host_transport;
 

@@ -33,9 +33,9 @@ pub async fn start(
     shutdown: &CancellationToken,
 ) -> watch::Receiver<Arc<ListenerSet>> {
     let off = || watch::channel(Arc::new(ListenerSet::new())).1;
-    let raw = match watcher::platform_source()
-        .and_then(|src| watcher::spawn(src, HOST_POLL_INTERVAL, BTreeSet::new(), shutdown.clone()))
-    {
+    let raw = match watcher::platform_source().and_then(|src| {
+        watcher::spawn(src, watcher::Trigger::best(HOST_POLL_INTERVAL), BTreeSet::new(), shutdown.clone())
+    }) {
         Ok(rx) => rx,
         Err(e) => {
             warn!("guest→host is off: cannot read this machine's listening sockets: {e}");

@@ -7,12 +7,14 @@
 //! - [`handshake`]: preface and header frames at the start of a stream.
 //! - [`relay`]: one TCP connection ↔ one data stream, FIN and RST carried in-band.
 //! - [`discovery`]: listening sockets through netlink `sock_diag` (Linux).
-//! - [`watcher`]: the polling thread both sides run over a listener source.
+//! - [`events`]: kernel listener events (eBPF) that wake the watcher at once.
+//! - [`watcher`]: the thread both sides run over a listener source, woken by events or a tick.
 
 pub mod cli;
 pub mod connect;
 #[cfg(target_os = "linux")]
 pub mod discovery;
+pub mod events;
 pub mod handshake;
 pub mod relay;
 pub mod stream;

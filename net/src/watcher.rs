@@ -16,7 +16,7 @@ use std::time::Duration;
 use hostnet_protocol::{Listener, ListenerSet};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// One socket a [`ListenerSource`] reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,18 +56,70 @@ pub fn platform_source() -> io::Result<Box<dyn ListenerSource>> {
     }
 }
 
-/// Default period between two reads of the guest's listener table: a new listener is usable
-/// from the host within about this long (`../shared/notes/discovery.md`: ~2 % of a core at
-/// this rate with few sockets; measured ~1 %).
+/// Default period between two reads of the listener table when polling (no kernel events): a
+/// new listener is usable from the host within about this long (`../shared/notes/discovery.md`:
+/// ~2 % of a core at this rate with few sockets; measured ~1 %).
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// With kernel events, the table is still read this often, as the source of truth.
+pub const EVENT_RESYNC: Duration = Duration::from_secs(1);
+/// A TCP listen event fires just before the kernel hashes the socket: when an event finds the
+/// table unchanged, it is read again after these delays.
+const CONFIRM_AFTER_EVENT: [Duration; 2] = [Duration::from_micros(500), Duration::from_millis(4)];
 /// Back-off after a failed read of the table.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
-/// Starts a watcher on `source`. The first read happens before this returns, so the first
-/// snapshot a peer gets is already the truth.
+/// How the watcher learns that the table may have changed.
+#[derive(Debug)]
+pub enum Trigger {
+    /// Read it every so often.
+    Poll(Duration),
+    /// Read it when the kernel reports a listener change, and every `resync` regardless.
+    Events { events: Box<crate::events::ListenerEvents>, resync: Duration },
+}
+
+impl Trigger {
+    /// Kernel events where this build and the kernel allow them, else polling every `poll`.
+    /// Says which it chose, and why not events.
+    pub fn best(poll: Duration) -> Trigger {
+        match crate::events::ListenerEvents::load() {
+            Ok(events) => {
+                info!("listener discovery: kernel events (eBPF), full read every {EVENT_RESYNC:?}");
+                Trigger::Events { events: Box::new(events), resync: EVENT_RESYNC }
+            }
+            Err(e) => {
+                info!("listener discovery: polling every {poll:?} (no kernel events: {e})");
+                Trigger::Poll(poll)
+            }
+        }
+    }
+
+    /// Blocks until the table should be read; `true` if an event (not a timer) says so.
+    fn wait(&mut self) -> bool {
+        match self {
+            Trigger::Poll(interval) => {
+                std::thread::sleep(*interval);
+                false
+            }
+            Trigger::Events { events, resync } => match events.wait(*resync) {
+                Ok(n) => {
+                    tracing::trace!(events = n, "woken");
+                    n > 0
+                }
+                Err(e) => {
+                    warn!("listener events failed ({e}); polling every {DEFAULT_POLL_INTERVAL:?} instead");
+                    *self = Trigger::Poll(DEFAULT_POLL_INTERVAL);
+                    false
+                }
+            },
+        }
+    }
+}
+
+/// Starts a watcher on `source`, woken by `trigger`. The first read happens before this
+/// returns, so the first snapshot a peer gets is already the truth.
 pub fn spawn(
     mut diag: Box<dyn ListenerSource>,
-    interval: Duration,
+    mut trigger: Trigger,
     ignore_ports: BTreeSet<u16>,
     shutdown: CancellationToken,
 ) -> io::Result<watch::Receiver<Arc<ListenerSet>>> {
@@ -76,22 +128,30 @@ pub fn spawn(
     let first = read_set(&mut diag, &mut found, &ignore_ports, &mut own)?;
     let (tx, rx) = watch::channel(Arc::new(first));
     std::thread::Builder::new().name("hostnet-listeners".into()).spawn(move || {
-        while !shutdown.is_cancelled() && !tx.is_closed() {
-            std::thread::sleep(interval);
-            match read_set(&mut diag, &mut found, &ignore_ports, &mut own) {
-                Ok(set) => {
-                    tx.send_if_modified(|current| {
-                        if **current == set {
-                            return false;
-                        }
-                        debug!(listeners = set.len(), "guest listeners changed");
-                        *current = Arc::new(set);
-                        true
-                    });
+        // Reads the table and publishes it; `Some(changed)`, or `None` after a failed read.
+        let mut update = || match read_set(&mut diag, &mut found, &ignore_ports, &mut own) {
+            Ok(set) => Some(tx.send_if_modified(|current| {
+                if **current == set {
+                    return false;
                 }
-                Err(e) => {
-                    warn!("reading the guest's listening sockets failed: {e}; retrying");
-                    std::thread::sleep(RETRY_AFTER_ERROR);
+                debug!(listeners = set.len(), "listeners changed");
+                *current = Arc::new(set);
+                true
+            })),
+            Err(e) => {
+                warn!("reading the listening sockets failed: {e}; retrying");
+                std::thread::sleep(RETRY_AFTER_ERROR);
+                None
+            }
+        };
+        while !shutdown.is_cancelled() && !tx.is_closed() {
+            let event = trigger.wait();
+            if update() == Some(false) && event {
+                for delay in CONFIRM_AFTER_EVENT {
+                    std::thread::sleep(delay);
+                    if update() != Some(false) {
+                        break;
+                    }
                 }
             }
         }
