@@ -94,9 +94,9 @@ impl Params {
     fn new(opts: &Opts) -> Params {
         let quick = opts.quick;
         Params {
-            bytes: if quick { 256 << 20 } else { 2 << 30 },
-            trips: if quick { 2_000 } else { 20_000 },
-            connect_window: Duration::from_secs_f64(if quick { 0.5 } else { 2.0 }),
+            bytes: if quick { 512 << 20 } else { 2 << 30 },
+            trips: if quick { 5_000 } else { 20_000 },
+            connect_window: Duration::from_secs_f64(if quick { 1.0 } else { 3.0 }),
             udp_seconds: if quick { 0.3 } else { 1.0 },
             listeners: if quick { 50 } else { 200 },
             ports: 1000,
@@ -125,6 +125,7 @@ impl Params {
 fn main() {
     let opts = Opts::parse();
     let started = Instant::now();
+    let machine = procs::machine();
     let p = Params::new(&opts);
     let run = |w: Workload| opts.only.is_empty() || opts.only.contains(&w);
     // Each idle connection costs two descriptors here (client and server) and two in each of
@@ -174,7 +175,10 @@ fn main() {
             Row::new(format!("agent CPU idle, {n} ports forwarded"), "% of a core")
                 .hostnet(m.agent_idle_pct)
                 .goal(Goal::AtMost(1.0))
-                .note(format!("over {:?}", p.idle_window)),
+                .note(format!(
+                    "over {:?}; before the {n} ports existed: agent {:.2} %, proxy {:.2} %",
+                    p.idle_window, m.agent_base_pct, m.proxy_base_pct
+                )),
         );
         rows.push(
             Row::new(format!("proxy CPU idle, {n} ports forwarded"), "% of a core").hostnet(m.proxy_idle_pct),
@@ -268,7 +272,7 @@ fn main() {
         let doc = serde_json::json!({
             "harness": "hostnet-bench",
             "quick": opts.quick,
-            "machine": procs::machine(),
+            "machine": machine,
             "params": p.json(),
             "demo_args": opts.demo_arg,
             "socat": {

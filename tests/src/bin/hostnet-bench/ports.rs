@@ -78,6 +78,9 @@ pub struct ManyPorts {
     /// Agent and proxy CPU while idle with every port forwarded, in % of one core.
     pub agent_idle_pct: f64,
     pub proxy_idle_pct: f64,
+    /// The same before any of the ports exist.
+    pub agent_base_pct: f64,
+    pub proxy_base_pct: f64,
     /// From closing every guest listener to every host port gone, in seconds.
     pub release_s: f64,
 }
@@ -85,6 +88,8 @@ pub struct ManyPorts {
 /// Opens `n` guest listeners at once, waits for all to be forwarded, measures the agent's and
 /// proxy's CPU over `idle` with nothing happening, then closes them all.
 pub fn many_ports(demo: &Demo, n: usize, idle: Duration) -> ManyPorts {
+    let hn = Hostnet::find(demo);
+    let (agent_base_pct, proxy_base_pct) = idle_cpu(hn, idle);
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let mut first = None;
     let mut listeners = Vec::with_capacity(n);
@@ -111,13 +116,7 @@ pub fn many_ports(demo: &Demo, n: usize, idle: Duration) -> ManyPorts {
     }
     let bring_up_s = last.elapsed().as_secs_f64();
     let from_first_s = first.elapsed().as_secs_f64();
-    let hn = Hostnet::find(demo);
-    let (a0, p0) = (procs::cpu_seconds(hn.agent, false), procs::cpu_seconds(hn.proxy, false));
-    let t0 = Instant::now();
-    std::thread::sleep(idle);
-    let secs = t0.elapsed().as_secs_f64();
-    let agent_idle_pct = (procs::cpu_seconds(hn.agent, false) - a0) / secs * 100.0;
-    let proxy_idle_pct = (procs::cpu_seconds(hn.proxy, false) - p0) / secs * 100.0;
+    let (agent_idle_pct, proxy_idle_pct) = idle_cpu(Hostnet::find(demo), idle);
 
     // Listening is accepting: check that on every port once (not timed).
     for &p in &ports {
@@ -139,8 +138,23 @@ pub fn many_ports(demo: &Demo, n: usize, idle: Duration) -> ManyPorts {
         from_first_s,
         agent_idle_pct,
         proxy_idle_pct,
+        agent_base_pct,
+        proxy_base_pct,
         release_s: closed.elapsed().as_secs_f64(),
     }
+}
+
+/// CPU of the agent and of the proxy over `window` (a measurement window: nothing else
+/// happens), in % of one core.
+fn idle_cpu(hn: Hostnet, window: Duration) -> (f64, f64) {
+    let (a0, p0) = (procs::cpu_seconds(hn.agent, false), procs::cpu_seconds(hn.proxy, false));
+    let t0 = Instant::now();
+    std::thread::sleep(window);
+    let secs = t0.elapsed().as_secs_f64();
+    (
+        (procs::cpu_seconds(hn.agent, false) - a0) / secs * 100.0,
+        (procs::cpu_seconds(hn.proxy, false) - p0) / secs * 100.0,
+    )
 }
 
 /// TCP ports listening on 127.0.0.1 in this machine's namespace.

@@ -104,7 +104,7 @@ pub fn own_cpu_seconds() -> f64 {
     cpu_seconds(std::process::id(), false)
 }
 
-/// One line describing the machine: CPU model and count, memory, kernel, OS.
+/// The machine: CPU model and count, memory, kernel, OS, and its load when the run started.
 pub fn machine() -> serde_json::Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -126,7 +126,11 @@ pub fn machine() -> serde_json::Value {
         .lines()
         .find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_owned()))
         .unwrap_or_default();
+    // Other work on the machine skews every path alike; the load says how much there was.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load1: f64 = load.split_whitespace().next().and_then(|l| l.parse().ok()).unwrap_or(0.0);
     serde_json::json!({
+        "load_average_1min_at_start": load1,
         "cpu": model,
         "cores": cores,
         "memory_gib": (mem_gib * 10.0).round() / 10.0,
