@@ -143,126 +143,144 @@ fn main() {
         socat.buffer
     );
     let mut rows = Vec::new();
+    let mut failed = false;
 
     // Discovery workloads first: they read the kernel's socket table, which the connection
     // workloads below fill with TIME_WAIT entries.
     if run(Workload::Throughput) {
-        step("TCP throughput and CPU per GiB");
-        throughput(&demo, &socat, &p, &mut rows);
+        guard("throughput", &mut rows, &mut failed, |rows| {
+            step("TCP throughput and CPU per GiB");
+            throughput(&demo, &socat, &p, rows);
+        });
     }
     if run(Workload::Listen) {
-        step(&format!("guest listen() → usable host port, {} listeners", p.listeners));
-        let ((u50, u99), (r50, r99)) = ports::listen_close(&demo, p.listeners);
-        let note = format!("{} listeners one after the other; connect + 1-byte echo", p.listeners);
-        rows.push(Row::new("listen() → usable from the host, p50", "ms").hostnet(u50).note(note));
-        rows.push(
-            Row::new("listen() → usable from the host, p99", "ms").hostnet(u99).goal(Goal::AtMost(2.0)),
-        );
-        rows.push(Row::new("close → host port refused, p50", "ms").hostnet(r50));
-        rows.push(Row::new("close → host port refused, p99", "ms").hostnet(r99).goal(Goal::AtMost(2.0)));
+        guard("listen", &mut rows, &mut failed, |rows| {
+            step(&format!("guest listen() → usable host port, {} listeners", p.listeners));
+            let ((u50, u99), (r50, r99)) = ports::listen_close(&demo, p.listeners);
+            let note = format!("{} listeners one after the other; connect + 1-byte echo", p.listeners);
+            rows.push(Row::new("listen() → usable from the host, p50", "ms").hostnet(u50).note(note));
+            rows.push(
+                Row::new("listen() → usable from the host, p99", "ms").hostnet(u99).goal(Goal::AtMost(2.0)),
+            );
+            rows.push(Row::new("close → host port refused, p50", "ms").hostnet(r50));
+            rows.push(Row::new("close → host port refused, p99", "ms").hostnet(r99).goal(Goal::AtMost(2.0)));
+        });
     }
     if run(Workload::Ports) {
-        step(&format!("{} forwarded ports: bring-up, idle CPU, release", p.ports));
-        let m = ports::many_ports(&demo, p.ports, p.idle_window);
-        let n = p.ports;
-        rows.push(
-            Row::new(format!("bring up {n} ports (last listen → all)"), "s")
-                .hostnet(m.bring_up_s)
-                .goal(Goal::AtMost(1.0))
-                .note(format!("from the first listen(): {:.3} s", m.from_first_s)),
-        );
-        rows.push(
-            Row::new(format!("agent CPU idle, {n} ports forwarded"), "% of a core")
-                .hostnet(m.agent_idle_pct)
-                .goal(Goal::AtMost(1.0))
-                .note(format!(
-                    "over {:?}; before the {n} ports existed: agent {:.2} %, proxy {:.2} %",
-                    p.idle_window, m.agent_base_pct, m.proxy_base_pct
-                )),
-        );
-        rows.push(
-            Row::new(format!("proxy CPU idle, {n} ports forwarded"), "% of a core").hostnet(m.proxy_idle_pct),
-        );
-        rows.push(Row::new(format!("release {n} ports (close → all gone)"), "s").hostnet(m.release_s));
+        guard("ports", &mut rows, &mut failed, |rows| {
+            step(&format!("{} forwarded ports: bring-up, idle CPU, release", p.ports));
+            let m = ports::many_ports(&demo, p.ports, p.idle_window);
+            let n = p.ports;
+            rows.push(
+                Row::new(format!("bring up {n} ports (last listen → all)"), "s")
+                    .hostnet(m.bring_up_s)
+                    .goal(Goal::AtMost(1.0))
+                    .note(format!("from the first listen(): {:.3} s", m.from_first_s)),
+            );
+            rows.push(
+                Row::new(format!("agent CPU idle, {n} ports forwarded"), "% of a core")
+                    .hostnet(m.agent_idle_pct)
+                    .goal(Goal::AtMost(1.0))
+                    .note(format!(
+                        "over {:?}; before the {n} ports existed: agent {:.2} %, proxy {:.2} %",
+                        p.idle_window, m.agent_base_pct, m.proxy_base_pct
+                    )),
+            );
+            rows.push(
+                Row::new(format!("proxy CPU idle, {n} ports forwarded"), "% of a core")
+                    .hostnet(m.proxy_idle_pct),
+            );
+            rows.push(Row::new(format!("release {n} ports (close → all gone)"), "s").hostnet(m.release_s));
+        });
     }
     if run(Workload::Rtt) {
-        step("1-byte round trips");
-        let rtt = |via| {
-            (via != Via::Socat || socat.ok()).then(|| {
-                let ep = endpoint(via, &demo, &socat, echo);
-                tcp::rtt_micros(ep.addr, p.trips)
-            })
-        };
-        let (d, h, s) = (rtt(Via::Direct).unwrap(), rtt(Via::Hostnet).unwrap(), rtt(Via::Socat));
-        rows.push(
-            Row::new("RTT 1 B ping-pong, p50", "µs")
-                .direct(d.0)
-                .hostnet(h.0)
-                .socat(s.map(|s| s.0))
-                .goal(Goal::AddedAtMost(30.0))
-                .note(format!("added by hostnet: {:.1} µs", h.0 - d.0)),
-        );
-        rows.push(Row::new("RTT 1 B ping-pong, p99", "µs").direct(d.1).hostnet(h.1).socat(s.map(|s| s.1)));
+        guard("rtt", &mut rows, &mut failed, |rows| {
+            step("1-byte round trips");
+            let rtt = |via| {
+                (via != Via::Socat || socat.ok()).then(|| {
+                    let ep = endpoint(via, &demo, &socat, echo);
+                    tcp::rtt_micros(ep.addr, p.trips)
+                })
+            };
+            let (d, h, s) = (rtt(Via::Direct).unwrap(), rtt(Via::Hostnet).unwrap(), rtt(Via::Socat));
+            rows.push(
+                Row::new("RTT 1 B ping-pong, p50", "µs")
+                    .direct(d.0)
+                    .hostnet(h.0)
+                    .socat(s.map(|s| s.0))
+                    .goal(Goal::AddedAtMost(30.0))
+                    .note(format!("added by hostnet: {:.1} µs", h.0 - d.0)),
+            );
+            rows.push(
+                Row::new("RTT 1 B ping-pong, p99", "µs").direct(d.1).hostnet(h.1).socat(s.map(|s| s.1)),
+            );
+        });
     }
     if run(Workload::Udp) {
-        step("UDP lossless rate");
-        let direct_port = free_port();
-        let _direct_echo = UdpEcho::start_here(loopback(false, direct_port));
-        let hostnet_port = free_port();
-        let _hostnet_echo = UdpEcho::start(&demo, SocketAddr::from(([0, 0, 0, 0], hostnet_port)));
-        for size in [64usize, 1400] {
-            let mut row = Row::new(format!("UDP lossless rate, {size} B"), "datagrams/s")
-                .direct(udp::lossless_rate(loopback(false, direct_port), size, p.udp_seconds))
-                .hostnet(udp::lossless_rate(loopback(false, hostnet_port), size, p.udp_seconds));
-            if size == 64 {
-                row = row.goal(Goal::AtLeast(100_000.0)).note(format!(
-                    "paced ladder {}–{} /s, {} s per step; no socat column (its chain is a byte stream)",
-                    report::num(udp::LADDER[0]),
-                    report::num(udp::LADDER[udp::LADDER.len() - 1]),
-                    p.udp_seconds
-                ));
+        guard("udp", &mut rows, &mut failed, |rows| {
+            step("UDP lossless rate");
+            let direct_port = free_port();
+            let _direct_echo = UdpEcho::start_here(loopback(false, direct_port));
+            let hostnet_port = free_port();
+            let _hostnet_echo = UdpEcho::start(&demo, SocketAddr::from(([0, 0, 0, 0], hostnet_port)));
+            for size in [64usize, 1400] {
+                let mut row = Row::new(format!("UDP lossless rate, {size} B"), "datagrams/s")
+                    .direct(udp::lossless_rate(loopback(false, direct_port), size, p.udp_seconds))
+                    .hostnet(udp::lossless_rate(loopback(false, hostnet_port), size, p.udp_seconds));
+                if size == 64 {
+                    row = row.goal(Goal::AtLeast(100_000.0)).note(format!(
+                        "paced ladder {}–{} /s, {} s per step; no socat column (its chain is a byte stream)",
+                        report::num(udp::LADDER[0]),
+                        report::num(udp::LADDER[udp::LADDER.len() - 1]),
+                        p.udp_seconds
+                    ));
+                }
+                rows.push(row);
             }
-            rows.push(row);
-        }
+        });
     }
     if run(Workload::Connect) {
-        step("new connections per second");
-        let rate = |via| {
-            (via != Via::Socat || socat.ok()).then(|| {
-                let ep = endpoint(via, &demo, &socat, echo);
-                tcp::connections_per_second(ep.addr, p.connect_window)
-            })
-        };
-        rows.push(
-            Row::new("new connections (1 request)", "conn/s")
-                .direct(rate(Via::Direct).unwrap())
-                .hostnet(rate(Via::Hostnet).unwrap())
-                .socat(rate(Via::Socat))
-                .goal(Goal::AtLeast(10_000.0))
-                .note(format!("one client, sequential, {:?} each", p.connect_window)),
-        );
+        guard("connect", &mut rows, &mut failed, |rows| {
+            step("new connections per second");
+            let rate = |via| {
+                (via != Via::Socat || socat.ok()).then(|| {
+                    let ep = endpoint(via, &demo, &socat, echo);
+                    tcp::connections_per_second(ep.addr, p.connect_window)
+                })
+            };
+            rows.push(
+                Row::new("new connections (1 request)", "conn/s")
+                    .direct(rate(Via::Direct).unwrap())
+                    .hostnet(rate(Via::Hostnet).unwrap())
+                    .socat(rate(Via::Socat))
+                    .goal(Goal::AtLeast(10_000.0))
+                    .note(format!("one client, sequential, {:?} each", p.connect_window)),
+            );
+        });
     }
     if run(Workload::Memory) {
-        step(&format!("memory per idle connection ({} connections)", p.connections));
-        let [proxy, agent] = idle_memory(&demo, None, p.connections);
-        let socat_kib = socat.ok().then(|| idle_memory(&demo, Some(&socat), p.socat_connections)[0]);
-        let mut note = format!(
-            "hostnet: RSS growth of proxy ({proxy:.1} KiB) + agent ({agent:.1} KiB) over {} connections idle for 1 s; socat: PSS growth of all its processes over {} (it forks two per connection); kernel socket buffers not included",
-            p.connections, p.socat_connections
-        );
-        if p.connections < wanted_connections {
-            note.push_str(&format!(
-                "; {} instead of {wanted_connections}: the open-file limit is {nofile} (each connection holds two descriptors in the proxy, the agent and this harness)",
-                p.connections
-            ));
-        }
-        rows.push(
-            Row::new("memory per idle connection", "KiB")
-                .hostnet(proxy + agent)
-                .socat(socat_kib)
-                .goal(Goal::AtMost(16.0))
-                .note(note),
-        );
+        guard("memory", &mut rows, &mut failed, |rows| {
+            step(&format!("memory per idle connection ({} connections)", p.connections));
+            let [proxy, agent] = idle_memory(&demo, None, p.connections);
+            let socat_kib = socat.ok().then(|| idle_memory(&demo, Some(&socat), p.socat_connections)[0]);
+            let mut note = format!(
+                "hostnet: RSS growth of proxy ({proxy:.1} KiB) + agent ({agent:.1} KiB) over {} connections idle for 1 s; socat: PSS growth of all its processes over {} (it forks two per connection); kernel socket buffers not included",
+                p.connections, p.socat_connections
+            );
+            if p.connections < wanted_connections {
+                note.push_str(&format!(
+                    "; {} instead of {wanted_connections}: the open-file limit is {nofile} (each connection holds two descriptors in the proxy, the agent and this harness)",
+                    p.connections
+                ));
+            }
+            rows.push(
+                Row::new("memory per idle connection", "KiB")
+                    .hostnet(proxy + agent)
+                    .socat(socat_kib)
+                    .goal(Goal::AtMost(16.0))
+                    .note(note),
+            );
+        });
     }
 
     report::print_table(&rows);
@@ -287,6 +305,26 @@ fn main() {
         println!("JSON written to {}", path.display());
     }
     demo.stop();
+    if failed {
+        std::process::exit(1);
+    }
+}
+
+/// Runs one workload; if it fails (a deadline passed, a connection broke), the run goes on with
+/// the next one and the table says which did not complete.
+fn guard(name: &str, rows: &mut Vec<Row>, failed: &mut bool, f: impl FnOnce(&mut Vec<Row>)) {
+    let mut got = Vec::new();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut got)));
+    rows.append(&mut got);
+    if let Err(e) = result {
+        let why = e
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| e.downcast_ref::<&str>().copied())
+            .unwrap_or("panicked");
+        rows.push(Row::new(format!("{name}: did not complete"), "").note(why.to_owned()));
+        *failed = true;
+    }
 }
 
 fn step(what: &str) {

@@ -67,7 +67,7 @@ pub fn wait_accepting(addr: SocketAddr) -> Duration {
 }
 
 /// How to run socat, or why it cannot run.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Socat {
     pub available: Result<String, String>,
     /// socat's `-b`: the relay buffer size per direction (socat's default: 8192).
@@ -158,6 +158,12 @@ impl Socat {
             std::thread::sleep(Duration::from_millis(1));
         }
         chain
+    }
+}
+
+impl Drop for Socat {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
