@@ -101,7 +101,7 @@ impl Params {
             listeners: if quick { 50 } else { 200 },
             ports: 1000,
             idle_window: Duration::from_secs(if quick { 3 } else { 10 }),
-            connections: opts.connections.unwrap_or(10_000),
+            connections: opts.connections.unwrap_or(10_000).max(1),
             // socat forks two processes per connection: fewer of them.
             socat_connections: if quick { 200 } else { 1000 },
         }
