@@ -41,6 +41,7 @@ setup() {
     command -v xz >/dev/null || missing+=(xz-utils)        # guest image: kernel modules
     command -v depmod >/dev/null || missing+=(kmod)        # guest image: modules.dep
     command -v strip >/dev/null || missing+=(binutils)
+    command -v socat >/dev/null || missing+=(socat)          # the benchmark's peer relay
     # The settings window (Tauri 2 / WebKitGTK) and its end-to-end test under Xvfb.
     for pkg in libwebkit2gtk-4.1-dev libayatana-appindicator3-dev pkg-config xvfb xauth imagemagick xdotool; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")

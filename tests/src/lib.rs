@@ -190,6 +190,11 @@ impl Demo {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Process id of the demo (the proxy; the agent is its child).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap()
+    }
+
     /// The demo's log so far (its stderr).
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -1,0 +1,426 @@
+//! hostnet's benchmark harness: the same workloads over direct loopback (the limit), through
+//! hostnet's netns stand-in, and through a socat relay chain with hostnet's topology (the peer
+//! to beat), side by side in one run, printed with ratios and the performance targets.
+//!
+//! Needs root (it starts `hostnet-proxy demo`). Build in release first:
+//! `cargo build --release -p host-proxy -p guest-agent -p hostnet-tests`, then
+//! `sudo target/release/hostnet-bench [--quick] [--json PATH] [--only WORKLOAD,…]`.
+//!
+//! Figures are measured, never asserted: a slow machine gives slow figures, and the ratios
+//! taken in one run are what compares.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::print_stdout)]
+
+mod paths;
+mod ports;
+mod procs;
+mod report;
+mod tcp;
+mod udp;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use hostnet_tests::{Demo, UdpEcho, count_then_reply, echo, free_port, loopback};
+
+use crate::paths::{Socat, Via, endpoint, tcp_listening};
+use crate::procs::Hostnet;
+use crate::report::{Goal, Row};
+use crate::tcp::Holder;
+
+/// Runs each workload over direct loopback, hostnet's netns stand-in and a socat relay chain
+/// (host TCP → Unix socket → TCP in the namespace), and prints the figures with the ratios
+/// hostnet/direct and hostnet/socat. Needs root.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Opts {
+    /// A short run (well under two minutes; what CI runs): smaller transfers, shorter windows,
+    /// fewer listeners.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the results as JSON to PATH.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Run only these workloads (comma-separated or repeated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Workload>,
+    /// socat's relay buffer per direction (`socat -b`); socat's own default is 8192.
+    #[arg(long, value_name = "BYTES", default_value_t = 8192)]
+    socat_buffer: usize,
+    /// An extra argument for `hostnet-proxy demo` (repeat for several), e.g.
+    /// `--demo-arg=--poll-interval-ms=5`: to measure a setting's effect.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    demo_arg: Vec<String>,
+    /// Idle connections for the memory workload [default: 10000].
+    #[arg(long, value_name = "N")]
+    connections: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    /// TCP throughput, 1 and 8 streams, and CPU-seconds per GiB.
+    Throughput,
+    /// Guest listen() → usable host port, and close → refused.
+    Listen,
+    /// 1000 forwarded ports: bring-up, idle agent CPU, release.
+    Ports,
+    /// 1-byte ping-pong round trips.
+    Rtt,
+    /// UDP lossless datagram rate, 64 B and 1400 B.
+    Udp,
+    /// New connections per second.
+    Connect,
+    /// Memory per idle connection.
+    Memory,
+}
+
+/// Sizes of one run.
+#[derive(Debug)]
+struct Params {
+    bytes: u64,
+    trips: usize,
+    connect_window: Duration,
+    udp_seconds: f64,
+    listeners: usize,
+    ports: usize,
+    idle_window: Duration,
+    connections: usize,
+    socat_connections: usize,
+}
+
+impl Params {
+    fn new(opts: &Opts) -> Params {
+        let quick = opts.quick;
+        Params {
+            bytes: if quick { 512 << 20 } else { 2 << 30 },
+            trips: if quick { 5_000 } else { 20_000 },
+            connect_window: Duration::from_secs_f64(if quick { 1.0 } else { 3.0 }),
+            udp_seconds: if quick { 0.3 } else { 1.0 },
+            listeners: if quick { 50 } else { 200 },
+            ports: 1000,
+            idle_window: Duration::from_secs(if quick { 3 } else { 10 }),
+            connections: opts.connections.unwrap_or(10_000).max(1),
+            // socat forks two processes per connection: fewer of them.
+            socat_connections: if quick { 200 } else { 1000 },
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "tcp_bytes": self.bytes,
+            "rtt_trips": self.trips,
+            "connect_window_s": self.connect_window.as_secs_f64(),
+            "udp_seconds_per_rate": self.udp_seconds,
+            "listeners": self.listeners,
+            "ports": self.ports,
+            "idle_window_s": self.idle_window.as_secs_f64(),
+            "idle_connections": self.connections,
+            "socat_idle_connections": self.socat_connections,
+        })
+    }
+}
+
+fn main() {
+    let opts = Opts::parse();
+    let started = Instant::now();
+    let machine = procs::machine();
+    let p = Params::new(&opts);
+    let run = |w: Workload| opts.only.is_empty() || opts.only.contains(&w);
+    // Each idle connection costs two descriptors here (client and server) and two in each of
+    // the proxy and the agent, which inherit this limit through the demo.
+    let nofile = procs::raise_nofile((p.connections as u64 * 2 + 4096).max(65_536));
+    let wanted_connections = p.connections;
+    // Without CAP_SYS_RESOURCE the hard limit caps the open files; leave room for the rest.
+    let p = Params { connections: p.connections.min((nofile.saturating_sub(512) / 2) as usize), ..p };
+    let socat = Socat::prepare(opts.socat_buffer);
+    let demo = Demo::start_with(&opts.demo_arg.iter().map(String::as_str).collect::<Vec<_>>());
+    println!(
+        "hostnet-bench{}: direct loopback vs hostnet (netns stand-in) vs socat chain ({}, -b {})",
+        if opts.quick { " --quick" } else { "" },
+        socat.available.as_deref().unwrap_or("unavailable"),
+        socat.buffer
+    );
+    let mut rows = Vec::new();
+    let mut failed = false;
+
+    // Discovery workloads first: they read the kernel's socket table, which the connection
+    // workloads below fill with TIME_WAIT entries.
+    if run(Workload::Throughput) {
+        guard("throughput", &mut rows, &mut failed, |rows| {
+            step("TCP throughput and CPU per GiB");
+            throughput(&demo, &socat, &p, rows);
+        });
+    }
+    if run(Workload::Listen) {
+        guard("listen", &mut rows, &mut failed, |rows| {
+            step(&format!("guest listen() → usable host port, {} listeners", p.listeners));
+            let ((u50, u99), (r50, r99)) = ports::listen_close(&demo, p.listeners);
+            let note = format!("{} listeners one after the other; connect + 1-byte echo", p.listeners);
+            rows.push(Row::new("listen() → usable from the host, p50", "ms").hostnet(u50).note(note));
+            rows.push(
+                Row::new("listen() → usable from the host, p99", "ms").hostnet(u99).goal(Goal::AtMost(2.0)),
+            );
+            rows.push(Row::new("close → host port refused, p50", "ms").hostnet(r50));
+            rows.push(Row::new("close → host port refused, p99", "ms").hostnet(r99).goal(Goal::AtMost(2.0)));
+        });
+    }
+    if run(Workload::Ports) {
+        guard("ports", &mut rows, &mut failed, |rows| {
+            step(&format!("{} forwarded ports: bring-up, idle CPU, release", p.ports));
+            let m = ports::many_ports(&demo, p.ports, p.idle_window);
+            let n = p.ports;
+            rows.push(
+                Row::new(format!("bring up {n} ports (last listen → all)"), "s")
+                    .hostnet(m.bring_up_s)
+                    .goal(Goal::AtMost(1.0))
+                    .note(format!("from the first listen(): {:.3} s", m.from_first_s)),
+            );
+            rows.push(
+                Row::new(format!("agent CPU idle, {n} ports forwarded"), "% of a core")
+                    .hostnet(m.agent_idle_pct)
+                    .goal(Goal::AtMost(1.0))
+                    .note(format!(
+                        "over {:?}; before the {n} ports existed: agent {:.2} %, proxy {:.2} %",
+                        p.idle_window, m.agent_base_pct, m.proxy_base_pct
+                    )),
+            );
+            rows.push(
+                Row::new(format!("proxy CPU idle, {n} ports forwarded"), "% of a core")
+                    .hostnet(m.proxy_idle_pct),
+            );
+            rows.push(Row::new(format!("release {n} ports (close → all gone)"), "s").hostnet(m.release_s));
+        });
+    }
+    if run(Workload::Rtt) {
+        guard("rtt", &mut rows, &mut failed, |rows| {
+            step("1-byte round trips");
+            let rtt = |via| {
+                (via != Via::Socat || socat.ok()).then(|| {
+                    let ep = endpoint(via, &demo, &socat, echo);
+                    tcp::rtt_micros(ep.addr, p.trips)
+                })
+            };
+            let (d, h, s) = (rtt(Via::Direct).unwrap(), rtt(Via::Hostnet).unwrap(), rtt(Via::Socat));
+            rows.push(
+                Row::new("RTT 1 B ping-pong, p50", "µs")
+                    .direct(d.0)
+                    .hostnet(h.0)
+                    .socat(s.map(|s| s.0))
+                    .goal(Goal::AddedAtMost(30.0))
+                    .note(format!("added by hostnet: {:.1} µs", h.0 - d.0)),
+            );
+            rows.push(
+                Row::new("RTT 1 B ping-pong, p99", "µs").direct(d.1).hostnet(h.1).socat(s.map(|s| s.1)),
+            );
+        });
+    }
+    if run(Workload::Udp) {
+        guard("udp", &mut rows, &mut failed, |rows| {
+            step("UDP lossless rate");
+            let direct_port = free_port();
+            let _direct_echo = UdpEcho::start_here(loopback(false, direct_port));
+            let hostnet_port = free_port();
+            let _hostnet_echo = UdpEcho::start(&demo, SocketAddr::from(([0, 0, 0, 0], hostnet_port)));
+            for size in [64usize, 1400] {
+                let mut row = Row::new(format!("UDP lossless rate, {size} B"), "datagrams/s")
+                    .direct(udp::lossless_rate(loopback(false, direct_port), size, p.udp_seconds))
+                    .hostnet(udp::lossless_rate(loopback(false, hostnet_port), size, p.udp_seconds));
+                if size == 64 {
+                    row = row.goal(Goal::AtLeast(100_000.0)).note(format!(
+                        "paced ladder {}–{} /s, {} s per step; no socat column (its chain is a byte stream)",
+                        report::num(udp::LADDER[0]),
+                        report::num(udp::LADDER[udp::LADDER.len() - 1]),
+                        p.udp_seconds
+                    ));
+                }
+                rows.push(row);
+            }
+        });
+    }
+    if run(Workload::Connect) {
+        guard("connect", &mut rows, &mut failed, |rows| {
+            step("new connections per second");
+            let rate = |via| {
+                (via != Via::Socat || socat.ok()).then(|| {
+                    let ep = endpoint(via, &demo, &socat, echo);
+                    tcp::connections_per_second(ep.addr, p.connect_window)
+                })
+            };
+            rows.push(
+                Row::new("new connections (1 request)", "conn/s")
+                    .direct(rate(Via::Direct).unwrap())
+                    .hostnet(rate(Via::Hostnet).unwrap())
+                    .socat(rate(Via::Socat))
+                    .goal(Goal::AtLeast(10_000.0))
+                    .note(format!("one client, sequential, {:?} each", p.connect_window)),
+            );
+        });
+    }
+    if run(Workload::Memory) {
+        guard("memory", &mut rows, &mut failed, |rows| {
+            step(&format!("memory per idle connection ({} connections)", p.connections));
+            let [proxy, agent] = idle_memory(&demo, None, p.connections);
+            let socat_kib = socat.ok().then(|| idle_memory(&demo, Some(&socat), p.socat_connections)[0]);
+            let mut note = format!(
+                "hostnet: RSS growth of proxy ({proxy:.1} KiB) + agent ({agent:.1} KiB) over {} connections idle for 1 s; socat: PSS growth of all its processes over {} (it forks two per connection); kernel socket buffers not included",
+                p.connections, p.socat_connections
+            );
+            if p.connections < wanted_connections {
+                note.push_str(&format!(
+                    "; {} instead of {wanted_connections}: the open-file limit is {nofile} (each connection holds two descriptors in the proxy, the agent and this harness)",
+                    p.connections
+                ));
+            }
+            rows.push(
+                Row::new("memory per idle connection", "KiB")
+                    .hostnet(proxy + agent)
+                    .socat(socat_kib)
+                    .goal(Goal::AtMost(16.0))
+                    .note(note),
+            );
+        });
+    }
+
+    report::print_table(&rows);
+    let total = started.elapsed();
+    println!("\n{} rows in {:.1} s", rows.len(), total.as_secs_f64());
+    if let Some(path) = &opts.json {
+        let doc = serde_json::json!({
+            "harness": "hostnet-bench",
+            "quick": opts.quick,
+            "machine": machine,
+            "params": p.json(),
+            "demo_args": opts.demo_arg,
+            "socat": {
+                "version": socat.available.as_ref().ok(),
+                "buffer": socat.buffer,
+                "topology": "TCP-LISTEN on 127.0.0.1 → UNIX-CONNECT → (netns) UNIX-LISTEN,fork → TCP:127.0.0.1:PORT",
+            },
+            "seconds": total.as_secs_f64(),
+            "results": rows.iter().map(Row::json).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap() + "\n").unwrap();
+        println!("JSON written to {}", path.display());
+    }
+    demo.stop();
+    if failed {
+        std::process::exit(1);
+    }
+}
+
+/// Runs one workload; if it fails (a deadline passed, a connection broke), the run goes on with
+/// the next one and the table says which did not complete.
+fn guard(name: &str, rows: &mut Vec<Row>, failed: &mut bool, f: impl FnOnce(&mut Vec<Row>)) {
+    let mut got = Vec::new();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut got)));
+    rows.append(&mut got);
+    if let Err(e) = result {
+        let why = e
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| e.downcast_ref::<&str>().copied())
+            .unwrap_or("panicked");
+        rows.push(Row::new(format!("{name}: did not complete"), "").note(why.to_owned()));
+        *failed = true;
+    }
+}
+
+fn step(what: &str) {
+    println!("==> {what}");
+}
+
+/// Throughput rows (1 and 8 streams) and the CPU each GiB costs on each path.
+fn throughput(demo: &Demo, socat: &Socat, p: &Params, rows: &mut Vec<Row>) {
+    let over = |via: Via, streams: usize| -> Option<tcp::Transfer> {
+        if via == Via::Socat && !socat.ok() {
+            return None;
+        }
+        let ep = endpoint(via, demo, socat, count_then_reply);
+        let hn = Hostnet::find(demo);
+        let relay_cpu = || match (via, &ep.socat) {
+            (Via::Hostnet, _) => hn.cpu_seconds(),
+            (Via::Socat, Some(chain)) => chain.cpu_seconds(),
+            _ => 0.0,
+        };
+        let settle = || {
+            if let Some(chain) = &ep.socat {
+                chain.wait_children_gone();
+            }
+        };
+        Some(tcp::transfer(ep.addr, p.bytes, streams, &relay_cpu, &settle))
+    };
+    let mut one = None;
+    for streams in [1, 8] {
+        let (d, h, s) = (
+            over(Via::Direct, streams).unwrap(),
+            over(Via::Hostnet, streams).unwrap(),
+            over(Via::Socat, streams),
+        );
+        let mut row = Row::new(
+            format!("TCP throughput, {streams} stream{}", if streams > 1 { "s" } else { "" }),
+            "GiB/s",
+        )
+        .direct(d.gib_per_s)
+        .hostnet(h.gib_per_s)
+        .socat(s.map(|s| s.gib_per_s))
+        .goal(Goal::Ratios { direct: 0.5, socat: 2.0 });
+        if streams == 1 {
+            row = row.note(format!("{} MiB per path", p.bytes >> 20));
+            one = Some((d, h, s));
+        }
+        rows.push(row);
+    }
+    let (d, h, s) = one.unwrap();
+    rows.push(
+        Row::new("CPU per GiB moved, whole path (1 stream)", "CPU-s/GiB")
+            .direct(d.cpu_per_gib)
+            .hostnet(h.cpu_per_gib)
+            .socat(s.map(|s| s.cpu_per_gib))
+            .note("client + server + relay processes, user + system"),
+    );
+    rows.push(
+        Row::new("CPU per GiB moved, relay only (1 stream)", "CPU-s/GiB")
+            .hostnet(h.relay_cpu_per_gib)
+            .socat(s.map(|s| s.relay_cpu_per_gib))
+            .note("hostnet: proxy + agent; socat: both listeners and their forked children"),
+    );
+}
+
+/// Memory per idle connection in KiB: opens `n` connections to a guest server that holds them,
+/// through hostnet (`socat: None`) or a socat chain, and divides the relay's memory growth.
+/// Returns [proxy, agent] for hostnet, [the whole chain, 0] for socat.
+fn idle_memory(demo: &Demo, socat: Option<&Socat>, n: usize) -> [f64; 2] {
+    let port = free_port();
+    let holder = Holder::serve(demo.in_netns(|| Holder::bind(SocketAddr::from(([0, 0, 0, 0], port)))));
+    let chain;
+    let (addr, memory): (SocketAddr, Box<dyn Fn() -> [u64; 2] + '_>) = match socat {
+        None => {
+            let start = Instant::now();
+            while !tcp_listening(port) {
+                assert!(start.elapsed() < hostnet_tests::DEADLINE, "port {port} was never forwarded");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let hn = Hostnet::find(demo);
+            (
+                loopback(false, port),
+                Box::new(move || [procs::rss_bytes(hn.proxy), procs::rss_bytes(hn.agent)]),
+            )
+        }
+        Some(s) => {
+            chain = s.chain(demo, port);
+            (chain.addr, Box::new(|| [chain.all_pids().into_iter().map(procs::pss_bytes).sum(), 0]))
+        }
+    };
+    let before = memory();
+    let conns = tcp::open_idle(addr, n, &holder.accepted, 256);
+    // The measurement window: let the relay settle with every connection idle.
+    // hostnet's relay gives an idle direction's buffer back after half a second.
+    std::thread::sleep(Duration::from_secs(1));
+    let after = memory();
+    drop(conns);
+    drop(holder);
+    let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / 1024.0 / n as f64;
+    [per(0), per(1)]
+}

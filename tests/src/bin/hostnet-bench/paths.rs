@@ -1,0 +1,242 @@
+//! The three paths every TCP workload runs over, each ending at a server the harness runs:
+//!
+//! - **direct**: the server listens on this machine's loopback — the limit.
+//! - **hostnet**: the server listens inside the stand-in's namespace ("the VM"); the desktop
+//!   reaches it at the same port on its loopback through `hostnet-proxy` and `hostnet-agent`.
+//! - **socat**: the peer to beat, with hostnet's topology: `socat TCP-LISTEN` on loopback →
+//!   a Unix socket → `socat UNIX-LISTEN` inside the namespace → TCP to the server there.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hostnet_tests::{DEADLINE, Demo, GuestServer, free_port, loopback};
+
+use crate::procs;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Direct,
+    Hostnet,
+    Socat,
+}
+
+/// A server on one path and the address the desktop connects to; dropping it stops both.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub socat: Option<SocatChain>,
+    _server: GuestServer,
+}
+
+/// Starts `handler` (one thread per connection) behind `via` and waits until the desktop can
+/// connect to it.
+pub fn endpoint(via: Via, demo: &Demo, socat: &Socat, handler: fn(TcpStream)) -> Endpoint {
+    let port = free_port();
+    let listener = match via {
+        Via::Direct => TcpListener::bind(loopback(false, port)).unwrap(),
+        Via::Hostnet | Via::Socat => demo.listen(SocketAddr::from(([0, 0, 0, 0], port)), false),
+    };
+    let server = GuestServer::serve(listener, handler);
+    match via {
+        Via::Direct => Endpoint { addr: loopback(false, port), socat: None, _server: server },
+        Via::Hostnet => {
+            let addr = loopback(false, port);
+            wait_accepting(addr);
+            Endpoint { addr, socat: None, _server: server }
+        }
+        Via::Socat => {
+            let chain = socat.chain(demo, port);
+            Endpoint { addr: chain.addr, socat: Some(chain), _server: server }
+        }
+    }
+}
+
+/// Waits until a connect to `addr` succeeds (for hostnet: the port is forwarded). The probe
+/// connection is closed at once.
+pub fn wait_accepting(addr: SocketAddr) -> Duration {
+    let start = Instant::now();
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < DEADLINE, "{addr} never accepted within {DEADLINE:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// How to run socat, or why it cannot run.
+#[derive(Debug)]
+pub struct Socat {
+    pub available: Result<String, String>,
+    /// socat's `-b`: the relay buffer size per direction (socat's default: 8192).
+    pub buffer: usize,
+    dir: PathBuf,
+}
+
+impl Socat {
+    /// Finds socat, installing it with apt-get if it is missing.
+    pub fn prepare(buffer: usize) -> Socat {
+        let dir = std::env::temp_dir().join(format!("hostnet-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let version = || {
+            Command::new("socat").arg("-V").stderr(Stdio::null()).output().ok().and_then(|o| {
+                let text = String::from_utf8_lossy(&o.stdout).into_owned();
+                text.lines()
+                    .find_map(|l| l.strip_prefix("socat version ")?.split_whitespace().next())
+                    .map(|v| format!("socat {v}"))
+            })
+        };
+        let available = match version() {
+            Some(v) => Ok(v),
+            None => {
+                println!("socat is missing: installing it (apt-get install socat)");
+                let ok = Command::new("apt-get")
+                    .args(["install", "-y", "-qq", "--no-install-recommends", "socat"])
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .stdout(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                match version() {
+                    Some(v) => Ok(v),
+                    None if ok => Err("socat installed but does not run".into()),
+                    None => Err("socat is not installed and apt-get could not install it".into()),
+                }
+            }
+        };
+        if let Err(e) = &available {
+            println!("WARNING: {e}; the socat column stays empty");
+        }
+        Socat { available, buffer, dir }
+    }
+
+    pub fn ok(&self) -> bool {
+        self.available.is_ok()
+    }
+
+    /// Starts a chain to `guest_port` inside the demo's namespace; returns once both ends
+    /// listen.
+    pub fn chain(&self, demo: &Demo, guest_port: u16) -> SocatChain {
+        let host_port = free_port();
+        let sock = self.dir.join(format!("relay-{guest_port}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let backlog = "backlog=4096";
+        let b = self.buffer.to_string();
+        let inner = Command::new("ip")
+            .args(["netns", "exec", &demo.netns, "socat", "-b", &b])
+            .arg(format!("UNIX-LISTEN:{},fork,{backlog}", sock.display()))
+            .arg(format!("TCP:127.0.0.1:{guest_port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let inner_pid = inner.id();
+        let start = Instant::now();
+        while !unix_listening(inner_pid, &sock) {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "socat in the namespace never listened on {}",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let outer = Command::new("socat")
+            .args(["-b", &b])
+            .arg(format!("TCP-LISTEN:{host_port},bind=127.0.0.1,reuseaddr,fork,{backlog}"))
+            .arg(format!("UNIX-CONNECT:{}", sock.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let chain = SocatChain { addr: loopback(false, host_port), outer, inner, sock };
+        let start = Instant::now();
+        while !tcp_listening(host_port) {
+            assert!(start.elapsed() < DEADLINE, "socat never listened on 127.0.0.1:{host_port}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        chain
+    }
+}
+
+impl Drop for Socat {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running socat chain: `outer` on this machine, `inner` in the namespace.
+#[derive(Debug)]
+pub struct SocatChain {
+    pub addr: SocketAddr,
+    outer: Child,
+    inner: Child,
+    sock: PathBuf,
+}
+
+impl SocatChain {
+    /// The two listening socat processes.
+    pub fn parents(&self) -> [u32; 2] {
+        [self.outer.id(), self.inner.id()]
+    }
+
+    /// Every socat process of the chain: both listeners and their per-connection children.
+    pub fn all_pids(&self) -> Vec<u32> {
+        let mut pids = self.parents().to_vec();
+        for p in self.parents() {
+            pids.extend(procs::children(p));
+        }
+        pids
+    }
+
+    /// CPU-seconds of the chain, counting per-connection children once they have exited.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.parents().iter().map(|&p| procs::cpu_seconds(p, true)).sum()
+    }
+
+    /// Waits until every per-connection child has exited and been reaped (so its CPU time is
+    /// counted in its parent's).
+    pub fn wait_children_gone(&self) {
+        let start = Instant::now();
+        while self.parents().iter().any(|&p| !procs::children(p).is_empty()) {
+            assert!(start.elapsed() < DEADLINE, "socat children did not exit within {DEADLINE:?}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for SocatChain {
+    fn drop(&mut self) {
+        for c in [&mut self.outer, &mut self.inner] {
+            // SIGTERM reaches the listener; its children exit as their connections close.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+/// Whether `pid`'s network namespace has a listening Unix socket at `path`.
+fn unix_listening(pid: u32, path: &Path) -> bool {
+    let want = path.to_string_lossy();
+    std::fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap_or_default().lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // Num RefCount Protocol Flags Type St Inode Path; Flags 00010000 = listening.
+        f.len() >= 8 && f[3] == "00010000" && f[7] == want
+    })
+}
+
+/// Whether something listens on TCP 127.0.0.1:`port` in this namespace.
+pub fn tcp_listening(port: u16) -> bool {
+    // The address is printed as the in-memory (network order) u32 in host-order hex.
+    let local = format!("{:08X}:{port:04X}", u32::from_ne_bytes([127, 0, 0, 1]));
+    std::fs::read_to_string("/proc/net/tcp").unwrap_or_default().lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[1] == local && f[3] == "0A"
+    })
+}

@@ -1,0 +1,172 @@
+//! Discovery workloads: how fast a guest's `listen()` becomes a usable host port and a closed
+//! listener a refused one, bringing up many ports at once, and what the agent costs while
+//! idle with many ports forwarded.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use hostnet_tests::{DEADLINE, Demo, GuestServer, echo, free_port, loopback, percentile};
+use socket2::{Domain, Socket, Type};
+
+use crate::procs::{self, Hostnet};
+
+/// A listener inside the namespace and the instant `listen()` returned.
+fn guest_listen(demo: &Demo, port: u16, backlog: i32) -> (TcpListener, Instant) {
+    demo.in_netns(|| {
+        let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&addr.into()).unwrap();
+        s.listen(backlog).unwrap();
+        (s.into(), Instant::now())
+    })
+}
+
+/// Whether a connect to `addr`, a one-byte echo and its answer succeed.
+fn usable(addr: SocketAddr) -> bool {
+    let Ok(mut c) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else { return false };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut b = [0u8; 1];
+    c.write_all(b"?").is_ok() && c.read_exact(&mut b).is_ok()
+}
+
+/// For `n` guest listeners one after the other: the time from `listen()` returning in the
+/// guest to the first successful connect + echo from the host, and from the guest closing
+/// its listener to the host port refusing connections. Each in milliseconds: (listen→usable
+/// p50, p99), (close→refused p50, p99).
+pub fn listen_close(demo: &Demo, n: usize) -> ((f64, f64), (f64, f64)) {
+    let mut up = Vec::with_capacity(n);
+    let mut down = Vec::with_capacity(n);
+    for _ in 0..n {
+        let port = free_port();
+        let addr = loopback(false, port);
+        let (listener, listened) = guest_listen(demo, port, 128);
+        let server = GuestServer::serve(listener, echo);
+        while !usable(addr) {
+            assert!(listened.elapsed() < DEADLINE, "{addr} never became usable");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        up.push(listened.elapsed());
+        server.close();
+        let closed = Instant::now();
+        loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+                _ => {}
+            }
+            assert!(closed.elapsed() < DEADLINE, "{addr} was never released");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        down.push(closed.elapsed());
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    (
+        (ms(percentile(&mut up, 50)), ms(percentile(&mut up, 99))),
+        (ms(percentile(&mut down, 50)), ms(percentile(&mut down, 99))),
+    )
+}
+
+/// Figures of the many-ports workload.
+#[derive(Debug, Clone, Copy)]
+pub struct ManyPorts {
+    /// From the last guest `listen()` to every host port listening, in seconds.
+    pub bring_up_s: f64,
+    /// From the first guest `listen()` to every host port listening, in seconds.
+    pub from_first_s: f64,
+    /// Agent and proxy CPU while idle with every port forwarded, in % of one core.
+    pub agent_idle_pct: f64,
+    pub proxy_idle_pct: f64,
+    /// The same before any of the ports exist.
+    pub agent_base_pct: f64,
+    pub proxy_base_pct: f64,
+    /// From closing every guest listener to every host port gone, in seconds.
+    pub release_s: f64,
+}
+
+/// Opens `n` guest listeners at once, waits for all to be forwarded, measures the agent's and
+/// proxy's CPU over `idle` with nothing happening, then closes them all.
+pub fn many_ports(demo: &Demo, n: usize, idle: Duration) -> ManyPorts {
+    let hn = Hostnet::find(demo);
+    let (agent_base_pct, proxy_base_pct) = idle_cpu(hn, idle);
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let mut first = None;
+    let mut listeners = Vec::with_capacity(n);
+    let mut last = Instant::now();
+    demo.in_netns(|| {
+        for &p in &ports {
+            let addr = SocketAddr::from(([0, 0, 0, 0], p));
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.set_reuse_address(true).unwrap();
+            s.bind(&addr.into()).unwrap();
+            s.listen(16).unwrap();
+            last = Instant::now();
+            first.get_or_insert(last);
+            listeners.push(TcpListener::from(s));
+        }
+    });
+    let first = first.unwrap();
+    let want: BTreeSet<u16> = ports.iter().copied().collect();
+    // Host listeners are read from the kernel's table rather than probed with connects, so the
+    // measurement does not load the proxy and agent it measures.
+    while !want.is_subset(&host_listening_ports()) {
+        assert!(last.elapsed() < DEADLINE, "not all {n} ports were forwarded within {DEADLINE:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let bring_up_s = last.elapsed().as_secs_f64();
+    let from_first_s = first.elapsed().as_secs_f64();
+    let (agent_idle_pct, proxy_idle_pct) = idle_cpu(Hostnet::find(demo), idle);
+
+    // Listening is accepting: check that on every port once (not timed).
+    for &p in &ports {
+        let addr = loopback(false, p);
+        assert!(
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok(),
+            "{addr} listens but refused"
+        );
+    }
+
+    drop(listeners);
+    let closed = Instant::now();
+    while !want.is_disjoint(&host_listening_ports()) {
+        assert!(closed.elapsed() < DEADLINE, "not all {n} ports were released within {DEADLINE:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    ManyPorts {
+        bring_up_s,
+        from_first_s,
+        agent_idle_pct,
+        proxy_idle_pct,
+        agent_base_pct,
+        proxy_base_pct,
+        release_s: closed.elapsed().as_secs_f64(),
+    }
+}
+
+/// CPU of the agent and of the proxy over `window` (a measurement window: nothing else
+/// happens), in % of one core.
+fn idle_cpu(hn: Hostnet, window: Duration) -> (f64, f64) {
+    let (a0, p0) = (procs::cpu_seconds(hn.agent, false), procs::cpu_seconds(hn.proxy, false));
+    let t0 = Instant::now();
+    std::thread::sleep(window);
+    let secs = t0.elapsed().as_secs_f64();
+    (
+        (procs::cpu_seconds(hn.agent, false) - a0) / secs * 100.0,
+        (procs::cpu_seconds(hn.proxy, false) - p0) / secs * 100.0,
+    )
+}
+
+/// TCP ports listening on 127.0.0.1 in this machine's namespace.
+fn host_listening_ports() -> BTreeSet<u16> {
+    let local = format!("{:08X}", u32::from_ne_bytes([127, 0, 0, 1]));
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (addr, port) = f.get(1)?.split_once(':')?;
+            (addr == local && *f.get(3)? == "0A").then(|| u16::from_str_radix(port, 16).ok()).flatten()
+        })
+        .collect()
+}

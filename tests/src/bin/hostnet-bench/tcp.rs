@@ -1,0 +1,177 @@
+//! TCP workloads: throughput (with the CPU it costs), 1-byte round trips, new connections per
+//! second, and memory per idle connection.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hostnet_tests::{DEADLINE, percentile};
+use socket2::{Domain, SockRef, Socket, Type};
+
+use crate::procs;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// One bulk transfer: its rate and the CPU it cost.
+#[derive(Debug, Clone, Copy)]
+pub struct Transfer {
+    pub gib_per_s: f64,
+    /// CPU-seconds per GiB of the whole path: the client and server (this process) plus the
+    /// relay processes.
+    pub cpu_per_gib: f64,
+    /// CPU-seconds per GiB of the relay processes alone (zero for the direct path).
+    pub relay_cpu_per_gib: f64,
+}
+
+/// Sends `bytes` (split over `streams` connections) to a server that counts them and answers
+/// `got N bytes`; the rate runs from the first byte written to the last answer read.
+/// `relay_cpu` reads the relay's CPU-seconds; `settle` waits until the relay has accounted
+/// for the transfer (socat's per-connection children have exited).
+pub fn transfer(
+    addr: SocketAddr,
+    bytes: u64,
+    streams: usize,
+    relay_cpu: &dyn Fn() -> f64,
+    settle: &dyn Fn(),
+) -> Transfer {
+    let conns: Vec<TcpStream> = (0..streams).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let per_stream = bytes / streams as u64;
+    let (own0, relay0) = (procs::own_cpu_seconds(), relay_cpu());
+    let start = Instant::now();
+    let writers: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            std::thread::spawn(move || {
+                let chunk = vec![0x5au8; 1 << 20];
+                let mut sent = 0u64;
+                while sent < per_stream {
+                    c.write_all(&chunk).unwrap();
+                    sent += chunk.len() as u64;
+                }
+                c.shutdown(Shutdown::Write).unwrap();
+                c.set_read_timeout(Some(DEADLINE)).unwrap();
+                let mut answer = String::new();
+                c.read_to_string(&mut answer).unwrap();
+                assert_eq!(answer, format!("got {sent} bytes"), "the server got every byte");
+                sent
+            })
+        })
+        .collect();
+    let sent: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    let secs = start.elapsed().as_secs_f64();
+    settle();
+    let own = procs::own_cpu_seconds() - own0;
+    let relay = relay_cpu() - relay0;
+    let gib = sent as f64 / GIB;
+    Transfer { gib_per_s: gib / secs, cpu_per_gib: (own + relay) / gib, relay_cpu_per_gib: relay / gib }
+}
+
+/// Median and 99th percentile of 1-byte round trips on one connection, in microseconds.
+pub fn rtt_micros(addr: SocketAddr, trips: usize) -> (f64, f64) {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_nodelay(true).unwrap();
+    let mut b = [0u8; 1];
+    // Warm up: the first trips pay for lazy set-up along the path.
+    for _ in 0..(trips / 10).max(10) {
+        c.write_all(b"x").unwrap();
+        c.read_exact(&mut b).unwrap();
+    }
+    let mut samples = Vec::with_capacity(trips);
+    for _ in 0..trips {
+        let t = Instant::now();
+        c.write_all(b"x").unwrap();
+        c.read_exact(&mut b).unwrap();
+        samples.push(t.elapsed());
+    }
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    (us(percentile(&mut samples, 50)), us(percentile(&mut samples, 99)))
+}
+
+/// Connect, one 1-byte request and its answer, close — as many as fit in `window`, one after
+/// the other.
+pub fn connections_per_second(addr: SocketAddr, window: Duration) -> f64 {
+    let start = Instant::now();
+    let mut n = 0u64;
+    let mut b = [0u8; 1];
+    while start.elapsed() < window {
+        let mut c = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr} #{n}: {e}"));
+        c.set_nodelay(true).unwrap();
+        c.write_all(b"x").unwrap();
+        c.read_exact(&mut b).unwrap();
+        n += 1;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A server that accepts connections and keeps them open, idle, until dropped.
+#[derive(Debug)]
+pub struct Holder {
+    pub accepted: Arc<AtomicUsize>,
+    listener: TcpListener,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Holder {
+    /// Listens on `addr` (call it inside the namespace for a guest server) with a backlog
+    /// deep enough for connections opened back to back.
+    pub fn bind(addr: SocketAddr) -> TcpListener {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&addr.into()).unwrap();
+        s.listen(4096).unwrap();
+        s.into()
+    }
+
+    pub fn serve(listener: TcpListener) -> Holder {
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (l, count) = (listener.try_clone().unwrap(), accepted.clone());
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while let Ok((c, _)) = l.accept() {
+                held.push(c);
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        Holder { accepted, listener, thread: Some(thread) }
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = SockRef::from(&self.listener).shutdown(Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Opens `n` connections to `addr` and keeps them until the returned vector is dropped; never
+/// more than `ahead` connections ahead of the server's accepts (so no backlog overflows
+/// into SYN retries). Returns once the server holds all of them.
+pub fn open_idle(addr: SocketAddr, n: usize, accepted: &AtomicUsize, ahead: usize) -> Vec<TcpStream> {
+    let base = accepted.load(Ordering::SeqCst);
+    let mut conns = Vec::with_capacity(n);
+    let start = Instant::now();
+    while conns.len() < n {
+        while conns.len() >= accepted.load(Ordering::SeqCst) - base + ahead {
+            assert!(start.elapsed() < DEADLINE * 6, "the server stopped accepting at {}", conns.len());
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        conns.push(
+            TcpStream::connect(addr).unwrap_or_else(|e| panic!("connection {} to {addr}: {e}", conns.len())),
+        );
+    }
+    let start = Instant::now();
+    while accepted.load(Ordering::SeqCst) - base < n {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the server got {} of {n} connections",
+            accepted.load(Ordering::SeqCst) - base
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    conns
+}

@@ -1,0 +1,70 @@
+//! UDP: the highest datagram rate at which nothing is lost, through an echo server.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hostnet_tests::DEADLINE;
+
+/// Paced rates tried in order; the result is the last one with every echo back.
+pub const LADDER: [f64; 9] =
+    [10_000.0, 25_000.0, 50_000.0, 75_000.0, 100_000.0, 150_000.0, 200_000.0, 300_000.0, 400_000.0];
+
+/// The highest rate (of [`LADDER`]) at which every datagram of a paced run comes back.
+pub fn lossless_rate(target: SocketAddr, size: usize, seconds: f64) -> f64 {
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let _ = socket2::SockRef::from(&c).set_recv_buffer_size(8 << 20);
+    c.connect(target).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    // Warm the path (opens the flow through hostnet).
+    let start = Instant::now();
+    let mut buf = [0u8; 2048];
+    while c.send(&[0u8; 8]).is_ok() && c.recv(&mut buf).is_err() {
+        assert!(start.elapsed() < DEADLINE, "no UDP echo from {target}");
+    }
+    let mut best = 0.0;
+    for rate in LADDER {
+        let (sent, got) = paced_run(&c, size, rate, seconds);
+        if got < sent {
+            break;
+        }
+        best = rate;
+    }
+    best
+}
+
+/// Sends at `rate` for `seconds`, counting echoes until they stop for 200 ms.
+fn paced_run(c: &UdpSocket, size: usize, rate: f64, seconds: f64) -> (u64, u64) {
+    let total = (rate * seconds) as u64;
+    let receiver = c.try_clone().unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let done2 = done.clone();
+    let counter = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        let mut got = 0u64;
+        loop {
+            match receiver.recv(&mut buf) {
+                Ok(_) => got += 1,
+                Err(_) if done2.load(Ordering::SeqCst) => break got,
+                Err(_) => {}
+            }
+            if got == total {
+                break got;
+            }
+        }
+    });
+    let data = vec![0xa5u8; size];
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        let due = (start.elapsed().as_secs_f64() * rate) as u64;
+        while sent < due.min(total) {
+            let _ = c.send(&data);
+            sent += 1;
+        }
+        std::hint::spin_loop();
+    }
+    done.store(true, Ordering::SeqCst);
+    (sent, counter.join().unwrap())
+}
