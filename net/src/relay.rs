@@ -2,9 +2,15 @@
 //! as chunk headers (see `hostnet_protocol::chunk`).
 //!
 //! Both sides run the same code: the proxy with the desktop client as `local`, the agent with
-//! the guest server as `local`. A buffer is taken only once bytes are waiting and given back
-//! after [`IDLE_BUFFER_RELEASE`] of silence, so an idle connection costs no buffer memory.
+//! the guest server as `local`.
+//!
+//! Buffers: bytes are read into a per-thread scratch buffer and written on at once, in the
+//! same synchronous step; while the far side keeps up (interactive traffic, new connections)
+//! a connection owns no buffer at all — no allocation, no zeroing, no timer. Only when a write
+//! would block does a direction take a buffer of its own for what is left, and keep it for the
+//! bulk transfer that follows until [`IDLE_BUFFER_RELEASE`] of silence gives it back.
 
+use std::cell::RefCell;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -112,6 +118,35 @@ fn new_buffer() -> Box<[u8]> {
     vec![0u8; CHUNK_HEADER_LEN + RELAY_BUF_LEN].into_boxed_slice()
 }
 
+thread_local! {
+    /// The per-thread scratch buffer: borrowed only inside synchronous steps (never across an
+    /// `.await`), so tasks sharing a thread never see each other's bytes.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(new_buffer());
+}
+
+/// Runs `f` with this thread's scratch buffer.
+fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with(|b| match b.try_borrow_mut() {
+        Ok(mut b) => f(&mut b),
+        // Not reachable (no step runs inside another), but never worth a panic.
+        Err(_) => f(&mut new_buffer()),
+    })
+}
+
+/// Writes as much of `buf` as `s` takes right now; `Ok(written)`.
+fn write_now<S: RawStream>(s: &S, mut buf: &[u8]) -> io::Result<usize> {
+    let total = buf.len();
+    while !buf.is_empty() {
+        match s.try_write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = buf.get(n..).unwrap_or_default(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total - buf.len())
+}
+
 /// Waits for `s` to be readable. With a buffer in hand it waits only so long before giving
 /// the buffer back and waiting on without one.
 async fn wait_readable<S: RawStream>(s: &S, buf: &mut Option<Box<[u8]>>) -> io::Result<()> {
@@ -128,6 +163,22 @@ fn is_reset_like(e: &io::Error) -> bool {
     e.kind() != io::ErrorKind::WouldBlock
 }
 
+/// What one synchronous read-and-forward step did.
+enum Step {
+    /// `n` bytes read and all of them passed on.
+    Sent(usize),
+    /// `n` bytes read; `rest` (the tail of the chunk) still to be written.
+    Blocked(usize, Vec<u8>),
+    /// Nothing to read after all.
+    Again,
+    /// The local socket reached EOF.
+    Eof,
+    /// The local socket failed.
+    LocalFailed,
+    /// The peer could not be written.
+    PeerFailed,
+}
+
 /// Local socket → peer. Ends `Closed` after sending FIN, `LocalReset` after sending RST,
 /// `PeerVanished` if the peer cannot be written.
 async fn pump_up<L: RawStream, P: RawStream>(
@@ -136,38 +187,93 @@ async fn pump_up<L: RawStream, P: RawStream>(
     counters: &RelayCounters,
     mid_chunk: &AtomicBool,
 ) -> Outcome {
-    let mut buf: Option<Box<[u8]>> = None;
+    // A buffer of this direction's own, held only while the peer has been slow (bulk).
+    let mut own: Option<Box<[u8]>> = None;
     loop {
-        if wait_readable(local, &mut buf).await.is_err() {
+        if wait_readable(local, &mut own).await.is_err() {
             let _ = stream::write_all(peer, &RST).await;
             return Outcome::LocalReset;
         }
-        let b = buf.get_or_insert_with(new_buffer);
-        let Some((header, body)) = b.split_first_chunk_mut::<CHUNK_HEADER_LEN>() else {
-            return Outcome::ProtocolError;
+        let step = if let Some(b) = own.as_deref_mut() {
+            // Bulk: read into our own buffer, wait for the peer to take all of it.
+            match read_chunk(local, b) {
+                Ok(0) => Step::Eof,
+                Ok(n) => {
+                    mid_chunk.store(true, Ordering::Relaxed);
+                    if stream::write_all(peer, b.get(..CHUNK_HEADER_LEN + n).unwrap_or_default())
+                        .await
+                        .is_err()
+                    {
+                        return Outcome::PeerVanished;
+                    }
+                    mid_chunk.store(false, Ordering::Relaxed);
+                    Step::Sent(n)
+                }
+                Err(step) => step,
+            }
+        } else {
+            with_scratch(|b| forward_now(local, peer, b))
         };
-        match local.try_read(body) {
-            Ok(0) => {
+        match step {
+            Step::Sent(n) => {
+                counters.to_peer.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Step::Blocked(n, rest) => {
+                mid_chunk.store(true, Ordering::Relaxed);
+                if stream::write_all(peer, &rest).await.is_err() {
+                    return Outcome::PeerVanished;
+                }
+                mid_chunk.store(false, Ordering::Relaxed);
+                counters.to_peer.fetch_add(n as u64, Ordering::Relaxed);
+                // The peer is slower than the local side: a bulk transfer, keep a buffer.
+                own.get_or_insert_with(new_buffer);
+            }
+            Step::Again => {}
+            Step::Eof => {
                 return match stream::write_all(peer, &FIN).await {
                     Ok(()) => Outcome::Closed,
                     Err(_) => Outcome::PeerVanished,
                 };
             }
-            Ok(n) => {
-                *header = chunk::data_header(n);
-                mid_chunk.store(true, Ordering::Relaxed);
-                if stream::write_all(peer, b.get(..CHUNK_HEADER_LEN + n).unwrap_or_default()).await.is_err() {
-                    return Outcome::PeerVanished;
-                }
-                mid_chunk.store(false, Ordering::Relaxed);
-                counters.to_peer.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            Err(e) if !is_reset_like(&e) => continue,
-            Err(_) => {
+            Step::LocalFailed => {
                 let _ = stream::write_all(peer, &RST).await;
                 return Outcome::LocalReset;
             }
+            Step::PeerFailed => return Outcome::PeerVanished,
         }
+    }
+}
+
+/// Reads from `local` into `b` after room for a chunk header, and writes the header.
+/// `Ok(n)` (0 at EOF); `Err(Again | LocalFailed)`.
+fn read_chunk<L: RawStream>(local: &L, b: &mut [u8]) -> Result<usize, Step> {
+    let Some((header, body)) = b.split_first_chunk_mut::<CHUNK_HEADER_LEN>() else {
+        return Err(Step::LocalFailed);
+    };
+    match local.try_read(body) {
+        Ok(0) => Ok(0),
+        Ok(n) => {
+            *header = chunk::data_header(n);
+            Ok(n)
+        }
+        Err(e) if !is_reset_like(&e) => Err(Step::Again),
+        Err(_) => Err(Step::LocalFailed),
+    }
+}
+
+/// One synchronous step through the scratch buffer: read, frame, write what the peer takes.
+fn forward_now<L: RawStream, P: RawStream>(local: &L, peer: &P, b: &mut [u8]) -> Step {
+    match read_chunk(local, b) {
+        Ok(0) => Step::Eof,
+        Ok(n) => {
+            let frame = b.get(..CHUNK_HEADER_LEN + n).unwrap_or_default();
+            match write_now(peer, frame) {
+                Ok(w) if w == frame.len() => Step::Sent(n),
+                Ok(w) => Step::Blocked(n, frame.get(w..).unwrap_or_default().to_vec()),
+                Err(_) => Step::PeerFailed,
+            }
+        }
+        Err(step) => step,
     }
 }
 
@@ -185,7 +291,8 @@ async fn pump_down<P: RawStream, L: RawStream>(
         return end;
     }
     drop(pending);
-    let mut buf: Option<Box<[u8]>> = None;
+    // A buffer of this direction's own, held only while the local side has been slow (bulk).
+    let mut own: Option<Box<[u8]>> = None;
     loop {
         if decoder.is_finished() {
             // Our side of the peer's connection is done; keep listening only for an RST
@@ -195,22 +302,84 @@ async fn pump_down<P: RawStream, L: RawStream>(
                 _ = up_done.cancelled() => return Outcome::Closed,
                 r = stream::readable(peer) => if r.is_err() { return Outcome::PeerVanished },
             }
-        } else if wait_readable(peer, &mut buf).await.is_err() {
+        } else if wait_readable(peer, &mut own).await.is_err() {
             return Outcome::PeerVanished;
         }
-        let b = buf.get_or_insert_with(new_buffer);
-        match peer.try_read(b) {
-            Ok(0) => return Outcome::PeerVanished,
-            Ok(n) => {
-                if let Err(end) = deliver(&mut decoder, b.get(..n).unwrap_or_default(), local, counters).await
-                {
+        if let Some(b) = own.as_deref_mut() {
+            match peer.try_read(b) {
+                Ok(0) => return Outcome::PeerVanished,
+                Ok(n) => {
+                    if let Err(end) =
+                        deliver(&mut decoder, b.get(..n).unwrap_or_default(), local, counters).await
+                    {
+                        return end;
+                    }
+                }
+                Err(e) if !is_reset_like(&e) => {}
+                Err(_) => return Outcome::PeerVanished,
+            }
+            continue;
+        }
+        let step = with_scratch(|b| match peer.try_read(b) {
+            Ok(0) => Err(Outcome::PeerVanished),
+            Ok(n) => deliver_now(&mut decoder, b.get(..n).unwrap_or_default(), local, counters),
+            Err(e) if !is_reset_like(&e) => Ok(None),
+            Err(_) => Err(Outcome::PeerVanished),
+        });
+        match step {
+            Ok(None) => {}
+            Ok(Some(Leftover { data, raw })) => {
+                if stream::write_all(local, &data).await.is_err() {
+                    return Outcome::LocalReset;
+                }
+                counters.from_peer.fetch_add(data.len() as u64, Ordering::Relaxed);
+                if let Err(end) = deliver(&mut decoder, &raw, local, counters).await {
                     return end;
                 }
+                // The local side is slower than the peer: a bulk transfer, keep a buffer.
+                own = Some(new_buffer());
             }
-            Err(e) if !is_reset_like(&e) => continue,
-            Err(_) => return Outcome::PeerVanished,
+            Err(end) => return end,
         }
     }
+}
+
+/// What [`deliver_now`] could not write without waiting.
+struct Leftover {
+    /// The rest of the data chunk being written.
+    data: Vec<u8>,
+    /// Bytes not decoded yet.
+    raw: Vec<u8>,
+}
+
+/// [`deliver`] without waiting: writes what the local socket takes now and hands back the rest.
+fn deliver_now<L: RawStream>(
+    decoder: &mut ChunkDecoder,
+    mut bytes: &[u8],
+    local: &L,
+    counters: &RelayCounters,
+) -> Result<Option<Leftover>, Outcome> {
+    while !bytes.is_empty() {
+        let (used, event) = decoder.decode(bytes).map_err(|_| Outcome::ProtocolError)?;
+        bytes = bytes.get(used..).unwrap_or_default();
+        match event {
+            Some(ChunkEvent::Data(d)) => {
+                let w = write_now(local, d).map_err(|_| Outcome::LocalReset)?;
+                counters.from_peer.fetch_add(w as u64, Ordering::Relaxed);
+                if w < d.len() {
+                    let data = d.get(w..).unwrap_or_default().to_vec();
+                    return Ok(Some(Leftover { data, raw: bytes.to_vec() }));
+                }
+            }
+            Some(ChunkEvent::Fin) => {
+                // The local peer may already be gone; its reset shows up on the other direction.
+                let _ = local.shutdown_write();
+            }
+            Some(ChunkEvent::Reset) => return Err(Outcome::PeerReset),
+            None => {}
+        }
+    }
+    Ok(None)
 }
 
 /// Decodes `bytes` and acts on each chunk: data to the local socket, FIN as a half-close.

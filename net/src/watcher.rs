@@ -167,39 +167,52 @@ fn read_set(
 ) -> io::Result<ListenerSet> {
     found.clear();
     diag.read(found)?;
+    own.learn(found);
     let set = found
         .iter()
         .filter(|f| f.listener.is_forwardable() && !ignore_ports.contains(&f.listener.port))
         .filter(|f| !own.contains(f.inode))
         .map(|f| f.listener)
         .collect();
-    own.retain_seen(found);
     Ok(set)
 }
 
 /// Which socket inodes belong to this process, so a side never advertises its own sockets:
 /// the agent its `tcp:` transport listener or interception sockets, the proxy the mirrors of
-/// guest ports (never mirror a mirror). Looked up once per new inode.
+/// guest ports (never mirror a mirror). Learned from one pass over `/proc/self/fd` whenever a
+/// read brings inodes not seen before — one pass for a whole burst, so a proxy that opens
+/// 2000 mirror sockets at once does 2000 `readlink`s, not 2000 × 2000.
 #[derive(Debug, Default)]
 struct OwnSockets(HashMap<u32, bool>);
 
 impl OwnSockets {
-    fn contains(&mut self, inode: u32) -> bool {
-        *self.0.entry(inode).or_insert_with(|| is_own_socket(inode))
+    fn learn(&mut self, found: &[Found]) {
+        if found.iter().all(|f| self.0.contains_key(&f.inode)) {
+            if self.0.len() > found.len() {
+                let seen: BTreeSet<u32> = found.iter().map(|f| f.inode).collect();
+                self.0.retain(|inode, _| seen.contains(inode));
+            }
+            return;
+        }
+        let mine = own_socket_inodes();
+        self.0 = found.iter().map(|f| (f.inode, mine.contains(&f.inode))).collect();
     }
 
-    fn retain_seen(&mut self, found: &[Found]) {
-        if self.0.len() > found.len() {
-            let seen: BTreeSet<u32> = found.iter().map(|f| f.inode).collect();
-            self.0.retain(|inode, _| seen.contains(inode));
-        }
+    fn contains(&self, inode: u32) -> bool {
+        self.0.get(&inode).copied().unwrap_or(false)
     }
 }
 
-fn is_own_socket(inode: u32) -> bool {
-    let want = format!("socket:[{inode}]");
+/// Inodes of every socket this process holds open.
+fn own_socket_inodes() -> BTreeSet<u32> {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return false;
+        return BTreeSet::new();
     };
-    dir.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == want.as_str()))
+    dir.flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|t| {
+            let t = t.to_str()?;
+            t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect()
 }

@@ -31,9 +31,29 @@ struct Chain {
 
 /// client ⇄ [host relay] ⇄ unix pair ⇄ [guest relay] ⇄ server
 async fn chain() -> Chain {
+    chain_with_buffers(None).await
+}
+
+/// [`chain`], with every socket's kernel buffers shrunk to about `small` bytes if given, so
+/// writes block early and often.
+async fn chain_with_buffers(small: Option<usize>) -> Chain {
     let (client, host_local) = tcp_pair().await;
     let (guest_local, server) = tcp_pair().await;
+    if let Some(size) = small {
+        for s in [&client, &host_local, &guest_local, &server] {
+            let s = socket2::SockRef::from(s);
+            s.set_send_buffer_size(size).unwrap();
+            s.set_recv_buffer_size(size).unwrap();
+        }
+    }
     let (t1, t2) = UnixStream::pair().unwrap();
+    if let Some(size) = small {
+        for s in [&t1, &t2] {
+            let s = socket2::SockRef::from(s);
+            s.set_send_buffer_size(size).unwrap();
+            s.set_recv_buffer_size(size).unwrap();
+        }
+    }
     let spawn_relay = |local: TcpStream, peer: UnixStream| {
         tokio::spawn(async move {
             relay(&local, &peer, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
@@ -126,4 +146,59 @@ async fn shutdown_cancels_an_idle_relay() {
         );
     token.cancel();
     assert_eq!(within(host_side).await.unwrap(), Outcome::Cancelled);
+}
+
+/// Many connections on few threads share each thread's scratch buffer; slow readers on both
+/// ends force the partial-write path (a direction's own buffer) again and again. Every byte
+/// must arrive, in order, on the right connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_and_many_connections_keep_every_byte_in_place() {
+    const CONNECTIONS: u32 = 8;
+    const LEN: usize = 1 << 18;
+    let mut tasks = Vec::new();
+    for c in 0..CONNECTIONS {
+        tasks.push(tokio::spawn(async move {
+            let Chain { client, server, host_side, guest_side } = chain_with_buffers(Some(4096)).await;
+            let pattern = move |seed: u32| -> Vec<u8> {
+                (0..LEN as u32).map(|i| (i.wrapping_mul(31).wrapping_add(seed * 7)) as u8).collect()
+            };
+            // Both directions at once, each read back slowly, a few bytes at a time. Returns
+            // what `s` received.
+            let pump = |mut s: TcpStream, seed: u32| async move {
+                let out = pattern(seed);
+                let (mut r, mut w) = s.split();
+                let send = async {
+                    w.write_all(&out).await.unwrap();
+                    w.shutdown().await.unwrap();
+                };
+                let recv = async {
+                    let mut got = Vec::with_capacity(LEN);
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let n = r.read(&mut buf[..1 + got.len() % 4096]).await.unwrap();
+                        if n == 0 {
+                            break got;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        if got.len() % 7 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                };
+                let ((), got) = tokio::join!(send, recv);
+                got
+            };
+            let (at_client, at_server) = tokio::join!(pump(client, c), pump(server, c + 1000));
+            assert!(at_server == pattern(c), "connection {c}: the server did not get the client's bytes");
+            assert!(
+                at_client == pattern(c + 1000),
+                "connection {c}: the client did not get the server's bytes"
+            );
+            assert_eq!(host_side.await.unwrap(), Outcome::Closed);
+            assert_eq!(guest_side.await.unwrap(), Outcome::Closed);
+        }));
+    }
+    for t in tasks {
+        within(t).await.unwrap();
+    }
 }

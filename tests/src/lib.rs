@@ -511,24 +511,40 @@ pub fn spawn_piped(program: &str, args: &[&str]) -> Child {
 /// Two `nc` processes already connected through hostnet: a line typed into each shows up on
 /// the other. Kills both afterwards.
 pub fn assert_typing_flows_both_ways(mut server: Child, mut client: Child) {
-    let mut server_out = BufReader::new(server.stdout.take().unwrap());
-    let mut client_out = BufReader::new(client.stdout.take().unwrap());
+    let server_out = lines_of(server.stdout.take().unwrap());
+    let client_out = lines_of(client.stdout.take().unwrap());
     let mut server_in = server.stdin.take().unwrap();
     let mut client_in = client.stdin.take().unwrap();
     for (input, output, text) in [
-        (&mut client_in, &mut server_out, "hello from the desktop\n"),
-        (&mut server_in, &mut client_out, "hello from the container\n"),
+        (&mut client_in, &server_out, "hello from the desktop\n"),
+        (&mut server_in, &client_out, "hello from the container\n"),
     ] {
         input.write_all(text.as_bytes()).unwrap();
         input.flush().unwrap();
-        let mut line = String::new();
-        output.read_line(&mut line).unwrap();
+        let line = output
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("{text:?} did not come through within {DEADLINE:?}"));
         assert_eq!(line, text);
     }
     for p in [&mut client, &mut server] {
         let _ = p.kill();
         let _ = p.wait();
     }
+}
+
+/// The lines a child writes, read on a thread so a test can wait for one with a deadline.
+fn lines_of(out: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = BufReader::new(out);
+        loop {
+            let mut line = String::new();
+            if !matches!(out.read_line(&mut line), Ok(n) if n > 0) || tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// `python3 -m http.server PORT --bind 127.0.0.1` serving the tests crate's directory, which

@@ -29,7 +29,10 @@ fn nc_udp_workflow_typing_flows_both_ways() {
     // `nc -ul` (not `-ulk`: netcat-openbsd only answers the peer it locked on to without -k).
     let server =
         spawn_piped("ip", &["netns", "exec", &demo.netns, "nc", "-ul", "0.0.0.0", &port.to_string()]);
-    wait_until("hostnet binds the UDP port", || udp_port_taken(loopback(false, port)));
+    // `localhost` may be tried as ::1 first: wait for both families.
+    wait_until("hostnet binds the UDP port", || {
+        udp_port_taken(loopback(false, port)) && (!has_ipv6() || udp_port_taken(loopback(true, port)))
+    });
     let client = spawn_piped("nc", &["-u", "localhost", &port.to_string()]);
     assert_typing_flows_both_ways(server, client);
 }
