@@ -88,6 +88,11 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> ExitCode {
     cli::init_logging();
+    cli::tune_allocator();
+    match cli::raise_fd_limit() {
+        Ok(n) => tracing::debug!("open-file limit: {n}"),
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
     let args = Args::parse();
     let shutdown = cli::cancel_on_termination();
     let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
