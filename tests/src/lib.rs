@@ -212,6 +212,22 @@ impl Demo {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// The `to_guest` forward of guest port `port` (`proto` "tcp" or "udp") in `status`.
+    pub fn forward_status(&self, proto: &str, port: u16) -> Option<serde_json::Value> {
+        let status = self.status();
+        status["forwards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["direction"] == "to_guest" && f["guest_port"] == port && f["proto"] == proto)
+            .cloned()
+    }
+
+    /// A number in the `to_guest` forward of `port` in `status` (0 while there is none).
+    pub fn forward_count(&self, proto: &str, port: u16, key: &str) -> u64 {
+        self.forward_status(proto, port).and_then(|f| f[key].as_u64()).unwrap_or(0)
+    }
+
     /// The demo's log so far (its stderr).
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -247,7 +263,7 @@ impl Demo {
             }
             s.set_reuse_address(true).unwrap();
             s.bind(&addr.into()).unwrap();
-            s.listen(128).unwrap();
+            s.listen(4096).unwrap();
             s.into()
         })
     }
@@ -338,6 +354,35 @@ impl Drop for LeftBehind {
         let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
         let _ = std::fs::remove_dir_all(Path::new("/run/hostnet").join(&self.netns));
     }
+}
+
+/// A process's resident memory (`VmRSS` in `/proc/<pid>/status`), in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Raises this test process's open-file limit towards `n` and returns the limit in force. Above
+/// the hard limit this needs `CAP_SYS_RESOURCE`; without it the soft limit goes up to the hard
+/// one. The demo started afterwards inherits the limits.
+pub fn raise_fd_limit(n: u64) -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    if lim.rlim_cur >= n {
+        return lim.rlim_cur;
+    }
+    for want in [
+        libc::rlimit { rlim_cur: n, rlim_max: lim.rlim_max.max(n) },
+        libc::rlimit { rlim_cur: n.min(lim.rlim_max), rlim_max: lim.rlim_max },
+    ] {
+        // SAFETY: `want` is a valid rlimit; the call only reads it.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            return want.rlim_cur;
+        }
+    }
+    lim.rlim_cur
 }
 
 /// `nft list tables` inside network namespace `netns`.
@@ -445,6 +490,14 @@ pub fn count_then_reply(mut c: TcpStream) {
 pub fn flood(mut c: TcpStream) {
     let chunk = pattern(64 * 1024, 77);
     while c.write_all(&chunk).is_ok() {}
+}
+
+/// Reads slowly — 1 KiB every 10 ms, about 100 KiB/s — until the client goes away.
+pub fn slow_read(mut c: TcpStream) {
+    let mut buf = [0u8; 1024];
+    while matches!(c.read(&mut buf), Ok(n) if n > 0) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Reads everything until the client goes away, answering nothing.

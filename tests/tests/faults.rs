@@ -42,17 +42,6 @@ fn agent_connected(demo: &Demo) -> bool {
     demo.status()["agent"] == "connected"
 }
 
-/// The `to_guest` forward of `port` in `status`, if there is one.
-fn to_guest_forward(demo: &Demo, port: u16) -> Option<serde_json::Value> {
-    let status = demo.status();
-    status["forwards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["direction"] == "to_guest" && f["guest_port"] == port && f["proto"] == "tcp")
-        .cloned()
-}
-
 #[test]
 fn killing_the_agent_mid_transfer_resets_clients_and_forwards_resync() {
     let mut demo = Demo::start();
@@ -206,11 +195,11 @@ fn a_listener_flapping_hundreds_of_times_a_second_ends_in_the_right_state() {
                 let (c, waited) = connect_when_forwarded(loopback(false, port));
                 eprintln!("  settled to forwarding in {waited:?}");
                 assert_eq!(echo_round_trip(c, b"steady"), b"steady");
-                assert_eq!(to_guest_forward(&demo, port).unwrap()["state"], "forwarding");
+                assert_eq!(demo.forward_status("tcp", port).unwrap()["state"], "forwarding");
             }
             None => {
                 let waited = wait_until("the host port is closed", || refused(loopback(false, port)));
-                wait_until("status shows no forward", || to_guest_forward(&demo, port).is_none());
+                wait_until("status shows no forward", || demo.forward_status("tcp", port).is_none());
                 eprintln!("  settled to closed in {waited:?}");
             }
         }
