@@ -51,6 +51,11 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     cli::init_logging();
+    cli::tune_allocator();
+    match cli::raise_fd_limit() {
+        Ok(n) => tracing::debug!("open-file limit: {n}"),
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
     let args = Args::parse();
     let mut config = AgentConfig::new(args.transport);
     config.poll_interval = Duration::from_millis(args.poll_interval_ms);

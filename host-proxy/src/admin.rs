@@ -147,6 +147,7 @@ fn to_host_status(
         host_addresses,
         connections_active: counts.active.load(Relaxed),
         connections_total: counts.total.load(Relaxed),
+        connections_refused: counts.refused.load(Relaxed),
         bytes_to_guest: counts.bytes.to_peer.load(Relaxed),
         bytes_from_guest: counts.bytes.from_peer.load(Relaxed),
     }

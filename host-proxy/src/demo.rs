@@ -43,6 +43,8 @@ pub struct DemoOptions {
     pub settings_path: PathBuf,
     /// The admin socket (`None`: no admin API).
     pub admin_socket: Option<PathBuf>,
+    /// Connections and UDP flows served at once.
+    pub limits: crate::forward::Limits,
 }
 
 /// Sets the stand-in up, runs the proxy against it until `shutdown`, tears it down.
@@ -70,6 +72,7 @@ pub async fn run(
     config.guest_listen = opts.guest_to_host.then_some(host_spec);
     config.settings_path = opts.settings_path.clone();
     config.admin_socket = opts.admin_socket.clone();
+    config.limits = opts.limits;
     crate::run(config, shutdown, state).await;
     if let Err(e) = supervisor.await {
         warn!("agent supervisor failed: {e}");

@@ -23,8 +23,24 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::settings::{BindScope, Settings};
 
-/// Most relayed connections open at once; past it new ones are reset, counted and logged.
+/// Most relayed connections open at once (all ports together), unless `--max-connections`
+/// says otherwise; past it new ones are reset at once, counted in `status` and logged.
 pub const MAX_CONNECTIONS: usize = 16_384;
+
+/// How many connections and flows the proxy serves at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Relayed TCP connections open at once.
+    pub connections: usize,
+    /// UDP flows open at once.
+    pub udp_flows: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { connections: MAX_CONNECTIONS, udp_flows: crate::udp::MAX_UDP_FLOWS }
+    }
+}
 /// Backlog of each mirrored listening socket.
 const LISTEN_BACKLOG: i32 = 1024;
 
@@ -46,6 +62,9 @@ pub enum PortState {
 pub struct ForwardStats {
     pub active: AtomicU64,
     pub total: AtomicU64,
+    /// TCP connections reset, or UDP datagrams of new clients dropped, because a limit was
+    /// reached.
+    pub refused: AtomicU64,
     /// `to_peer`: bytes towards the far side; `from_peer`: bytes back.
     pub bytes: RelayCounters,
 }
@@ -85,6 +104,8 @@ pub struct ForwardStatus {
     pub host_addresses: Vec<IpAddr>,
     pub connections_active: u64,
     pub connections_total: u64,
+    /// Refused because a limit was reached: TCP connections, or UDP datagrams of new flows.
+    pub connections_refused: u64,
     pub bytes_to_guest: u64,
     pub bytes_from_guest: u64,
 }
@@ -147,6 +168,11 @@ pub struct Forwards {
     pub(crate) shutdown: CancellationToken,
     connections: Arc<Semaphore>,
     pub(crate) udp_flows: Arc<Semaphore>,
+    pub(crate) limits: Limits,
+    /// Everything refused over the limits, and agent streams that could not be opened: logs
+    /// about them are rate-limited on these counts.
+    refused: Arc<AtomicU64>,
+    open_failures: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Forwards {
@@ -156,15 +182,23 @@ impl std::fmt::Debug for Forwards {
 }
 
 impl Forwards {
-    pub fn new(connector: Arc<dyn Connector>, tracker: TaskTracker, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        connector: Arc<dyn Connector>,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+        limits: Limits,
+    ) -> Self {
         Forwards {
             table: Arc::default(),
             generation: Arc::new(Mutex::new(shutdown.child_token())),
             connector,
             tracker,
             shutdown,
-            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-            udp_flows: Arc::new(Semaphore::new(crate::udp::MAX_UDP_FLOWS)),
+            connections: Arc::new(Semaphore::new(limits.connections)),
+            udp_flows: Arc::new(Semaphore::new(limits.udp_flows)),
+            limits,
+            refused: Arc::default(),
+            open_failures: Arc::default(),
         }
     }
 
@@ -186,6 +220,11 @@ impl Forwards {
             }
         }
         self.reconcile().await;
+    }
+
+    /// Counts one more thing refused over a limit; returns the count so far (all ports).
+    pub(crate) fn count_refused(&self) -> u64 {
+        self.refused.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// The token connections opened now are closed by.
@@ -212,6 +251,7 @@ impl Forwards {
                     host_addresses,
                     connections_active: f.stats.active.load(Ordering::Relaxed),
                     connections_total: f.stats.total.load(Ordering::Relaxed),
+                    connections_refused: f.stats.refused.load(Ordering::Relaxed),
                     bytes_to_guest: f.stats.bytes.to_peer.load(Ordering::Relaxed),
                     bytes_from_guest: f.stats.bytes.from_peer.load(Ordering::Relaxed),
                 }
@@ -413,8 +453,19 @@ impl Forwards {
                 }
             };
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-                warn!(port, %peer, "over {MAX_CONNECTIONS} connections: refusing this one");
+                // Reset at once (the drop closes it), counted; logged at 1, 2, 4, 8… so a
+                // storm cannot flood the log.
                 let _ = client.set_reset_on_close();
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                let refused = self.count_refused();
+                if refused.is_power_of_two() {
+                    warn!(
+                        port,
+                        %peer,
+                        "{} connections open, the limit: resetting new ones ({refused} refused so far)",
+                        self.limits.connections
+                    );
+                }
                 continue;
             };
             let this = self.clone();
@@ -452,7 +503,16 @@ impl Forwards {
             Err(e) => {
                 match e {
                     OpenError::Refused(_) => debug!("agent {e}"),
-                    OpenError::Failed(_) => warn!("cannot open a stream to the agent: {e}"),
+                    OpenError::Failed(_) => {
+                        // While the agent restarts every client fails the same way: say it at
+                        // 1, 2, 4, 8… failures rather than once per client.
+                        let failures = self.open_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                        if failures.is_power_of_two() {
+                            warn!("cannot open a stream to the agent: {e} ({failures} so far)");
+                        } else {
+                            debug!("cannot open a stream to the agent: {e}");
+                        }
+                    }
                 }
                 let _ = client.set_reset_on_close();
                 return;

@@ -41,6 +41,8 @@ pub struct ProxyConfig {
     pub settings_path: PathBuf,
     /// Where the admin API listens (`None`: no admin API).
     pub admin_socket: Option<PathBuf>,
+    /// Connections and UDP flows served at once.
+    pub limits: forward::Limits,
 }
 
 impl ProxyConfig {
@@ -50,6 +52,7 @@ impl ProxyConfig {
             guest_listen: None,
             settings_path: settings::default_path(),
             admin_socket: Some(admin::default_socket_path()),
+            limits: forward::Limits::default(),
         }
     }
 }
@@ -70,7 +73,8 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
     let tracker = TaskTracker::new();
     let settings = SettingsHandle::load(config.settings_path.clone());
     settings.watch(&tracker, &shutdown);
-    let forwards = forward::Forwards::new(config.connector.clone(), tracker.clone(), shutdown.clone());
+    let forwards =
+        forward::Forwards::new(config.connector.clone(), tracker.clone(), shutdown.clone(), config.limits);
     forwards.apply_settings(settings.current()).await;
     {
         let (forwards, mut changes, stop) = (forwards.clone(), settings.subscribe(), shutdown.clone());

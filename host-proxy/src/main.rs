@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use host_proxy::admin::{self, Request};
 use host_proxy::demo::{self, DemoOptions};
+use host_proxy::forward;
 use host_proxy::settings::{self, Settings};
 use host_proxy::{LinkState, ProxyConfig};
 use hostnet_net::{TransportSpec, cli};
@@ -49,6 +50,8 @@ enum Cmd {
         /// as localhost:PORT): for hybrid vsock, unix:<VM socket>_<PORT>. Off when not given.
         #[arg(long, value_name = "SPEC")]
         listen: Option<TransportSpec>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Stand up a network namespace as a stand-in VM, run the agent in it and forward its ports
     /// (needs root). Ctrl-C removes everything it created.
@@ -71,6 +74,8 @@ enum Cmd {
         /// Do not let the namespace reach this machine's servers through localhost.
         #[arg(long)]
         no_guest_to_host: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Show whether host networking is on and every forward with its state and traffic.
     Status {
@@ -85,9 +90,31 @@ enum Cmd {
     Disable,
 }
 
+/// How much the proxy serves at once; past a limit it refuses (and counts it in `status`).
+#[derive(Debug, clap::Args)]
+struct LimitArgs {
+    /// Relayed TCP connections open at once (all ports together); more are reset at once.
+    #[arg(long, value_name = "N", default_value_t = forward::MAX_CONNECTIONS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: u32,
+    /// UDP flows (desktop client addresses) open at once; datagrams of more are dropped.
+    #[arg(long, value_name = "N", default_value_t = host_proxy::udp::MAX_UDP_FLOWS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_udp_flows: u32,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> forward::Limits {
+        forward::Limits { connections: self.max_connections as usize, udp_flows: self.max_udp_flows as usize }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     cli::init_logging();
+    cli::tune_allocator();
+    match cli::raise_fd_limit() {
+        Ok(n) => tracing::debug!("open-file limit: {n}"),
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
     let args = Args::parse();
     let shutdown = cli::cancel_on_termination();
     let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
@@ -98,7 +125,7 @@ async fn main() -> ExitCode {
         Cmd::Status { json } => cli_status(&admin_socket, json).await,
         Cmd::Enable => cli_set_enabled(&admin_socket, &settings_path, true).await,
         Cmd::Disable => cli_set_enabled(&admin_socket, &settings_path, false).await,
-        Cmd::Run { transport, listen } => {
+        Cmd::Run { transport, listen, limits } => {
             tokio::spawn(announce_ready(
                 state_rx,
                 format!("hostnet-proxy ready: forwarding ports from the agent at {transport}"),
@@ -107,10 +134,11 @@ async fn main() -> ExitCode {
             config.guest_listen = listen;
             config.settings_path = settings_path;
             config.admin_socket = Some(admin_socket);
+            config.limits = limits.limits();
             host_proxy::run(config, shutdown, state_tx).await;
             Ok(())
         }
-        Cmd::Demo { netns, reuse, agent, poll_interval_ms, no_guest_to_host } => {
+        Cmd::Demo { netns, reuse, agent, poll_interval_ms, no_guest_to_host, limits } => {
             let agent_args = poll_interval_ms
                 .map(|ms| vec!["--poll-interval-ms".to_owned(), ms.to_string()])
                 .unwrap_or_default();
@@ -124,6 +152,7 @@ async fn main() -> ExitCode {
                 guest_to_host,
                 settings_path,
                 admin_socket: Some(admin_socket),
+                limits: limits.limits(),
             };
             demo::run(opts, shutdown, state_tx).await
         }

@@ -18,8 +18,8 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::forward::{ForwardStats, Forwards};
 
-/// Most UDP flows open at once (all ports together); datagrams from new clients beyond it
-/// are dropped and counted.
+/// Most UDP flows open at once (all ports together), unless `--max-udp-flows` says otherwise;
+/// datagrams from new clients beyond it are dropped, counted in `status` and logged.
 pub const MAX_UDP_FLOWS: usize = 4096;
 /// A flow with no datagram either way for this long is closed and its guest socket freed.
 pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -56,7 +56,6 @@ pub(crate) async fn serve(
     let mut flows: HashMap<SocketAddr, FlowHandle> = HashMap::new();
     let mut buf = vec![0u8; hostnet_protocol::datagram::MAX_DATAGRAM_LEN];
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
-    let mut refused = 0u64;
     loop {
         let (n, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -88,9 +87,11 @@ pub(crate) async fn serve(
             continue;
         }
         let Ok(permit) = forwards.udp_flows.clone().try_acquire_owned() else {
-            refused += 1;
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            let refused = forwards.count_refused();
             if refused.is_power_of_two() {
-                warn!(port, %peer, "over {MAX_UDP_FLOWS} UDP flows: dropped datagrams from new clients ({refused} so far)");
+                let limit = forwards.limits.udp_flows;
+                warn!(port, %peer, "{limit} UDP flows open, the limit: dropping datagrams from new clients ({refused} refused so far)");
             }
             continue;
         };

@@ -43,3 +43,43 @@ pub fn cancel_on_termination() -> CancellationToken {
     });
     token
 }
+
+/// Raises this process's soft limit on open files to its hard limit, so thousands of relayed
+/// connections (each holds a socket on both sides) do not run into the usual 1 024. Returns the
+/// limit now in force.
+#[cfg(unix)]
+pub fn raise_fd_limit() -> std::io::Result<libc::rlim_t> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: `raised` is a valid rlimit; the call only reads it.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        lim = raised;
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Makes the allocator give large buffers back to the system as soon as they are freed.
+///
+/// The relay takes a 256 KiB buffer per direction while a connection is busy and frees it when
+/// the connection goes quiet. glibc serves the first such buffer with `mmap`, but freeing it
+/// raises its mmap threshold above 256 KiB, so every later buffer comes from the heap — zeroed,
+/// so fully resident — and stays resident after it is freed. Measured with 3 000 connections
+/// through the stand-in: ~500 MiB resident in the proxy, still there when they were idle;
+/// with the threshold fixed at 128 KiB: 40 MiB at the peak, 23 MiB idle. Fixing the threshold
+/// also turns off glibc's dynamic adjustment. Other allocators (musl) already map large
+/// blocks.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const THRESHOLD: libc::c_int = 128 * 1024;
+        // SAFETY: mallopt only sets an allocator parameter, which glibc allows at any time.
+        let _ = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD) };
+    }
+}

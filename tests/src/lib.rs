@@ -125,18 +125,40 @@ impl Demo {
 
     /// Starts a demo on `netns`; `Err` carries its log if it exited instead of becoming ready.
     pub fn start_named(netns: &str, extra: &[&str]) -> Result<Demo, String> {
-        let log = std::env::temp_dir().join(format!("hostnet-{netns}.log"));
+        let mut args: Vec<std::ffi::OsString> = vec!["demo".into(), "--netns".into(), netns.into()];
+        args.extend(extra.iter().map(Into::into));
+        Self::launch(netns, "demo", args)
+    }
+
+    /// Starts a plain `hostnet-proxy run` against the agent a demo left running in `netns`
+    /// (after [`Demo::kill`]): the proxy restarting while the "VM" lives on. The result is a
+    /// `Demo` in all but name: status, the namespace's sockets and so on work the same.
+    pub fn run_against(netns: &str) -> Demo {
+        let dir = Path::new("/run/hostnet").join(netns);
+        let args: Vec<std::ffi::OsString> = vec![
+            "run".into(),
+            "--transport".into(),
+            format!("unix:{}", dir.join("agent.sock").display()).into(),
+            "--listen".into(),
+            format!("unix:{}", dir.join("host.sock").display()).into(),
+        ];
+        Self::launch(netns, "run", args).unwrap_or_else(|e| panic!("the proxy did not start: {e}"))
+    }
+
+    /// Spawns `hostnet-proxy` with this demo's admin socket and settings file and `args`,
+    /// and waits for its `ready` line.
+    fn launch(netns: &str, what: &str, args: Vec<std::ffi::OsString>) -> Result<Demo, String> {
+        let log = std::env::temp_dir().join(format!("hostnet-{netns}-{what}.log"));
         let dir = std::env::temp_dir().join(format!("hostnet-{netns}"));
         std::fs::create_dir_all(&dir).unwrap();
         let admin_socket = dir.join("admin").join("admin.sock");
         let config = dir.join("config").join("settings.toml");
         let mut child = Command::new(bin("hostnet-proxy"))
-            .args(["demo", "--netns", netns])
             .arg("--admin-socket")
             .arg(&admin_socket)
             .arg("--config")
             .arg(&config)
-            .args(extra)
+            .args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -162,7 +184,7 @@ impl Demo {
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = demo.child.as_mut().unwrap().wait().unwrap();
                     demo.child = None;
-                    return Err(format!("demo exited ({status}) without `ready`:\n{}", demo.log_text()));
+                    return Err(format!("{what} exited ({status}) without `ready`:\n{}", demo.log_text()));
                 }
             }
             if start.elapsed() > DEADLINE {
@@ -190,9 +212,20 @@ impl Demo {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    /// Process id of the demo (the proxy; the agent is its child).
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).unwrap()
+    /// The `to_guest` forward of guest port `port` (`proto` "tcp" or "udp") in `status`.
+    pub fn forward_status(&self, proto: &str, port: u16) -> Option<serde_json::Value> {
+        let status = self.status();
+        status["forwards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["direction"] == "to_guest" && f["guest_port"] == port && f["proto"] == proto)
+            .cloned()
+    }
+
+    /// A number in the `to_guest` forward of `port` in `status` (0 while there is none).
+    pub fn forward_count(&self, proto: &str, port: u16, key: &str) -> u64 {
+        self.forward_status(proto, port).and_then(|f| f[key].as_u64()).unwrap_or(0)
     }
 
     /// The demo's log so far (its stderr).
@@ -230,7 +263,7 @@ impl Demo {
             }
             s.set_reuse_address(true).unwrap();
             s.bind(&addr.into()).unwrap();
-            s.listen(128).unwrap();
+            s.listen(4096).unwrap();
             s.into()
         })
     }
@@ -239,6 +272,45 @@ impl Demo {
     pub fn netns_pids(&self) -> Vec<i32> {
         let out = Command::new("ip").args(["netns", "pids", &self.netns]).output().unwrap();
         String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
+    }
+
+    /// The agent's PID: the one process in the namespace (waits for it to be there).
+    pub fn agent_pid(&self) -> i32 {
+        let mut pids = Vec::new();
+        wait_until("the agent runs in the namespace", || {
+            pids = self.netns_pids();
+            pids.len() == 1
+        });
+        pids[0]
+    }
+
+    /// Whether the proxy process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// The proxy's PID.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// `nft list tables` inside the namespace.
+    pub fn nft_tables(&self) -> String {
+        nft_tables(&self.netns)
+    }
+
+    /// Whether the proxy's log (and the agent's, which shares it) shows a panic.
+    pub fn panicked(&self) -> bool {
+        self.log_text().contains("panicked")
+    }
+
+    /// SIGKILLs the proxy, as a crash would: nothing is cleaned up, and the agent lives on in
+    /// the namespace (as in a VM). The returned guard removes what was left behind.
+    pub fn kill(mut self) -> LeftBehind {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        LeftBehind { netns: self.netns.clone() }
     }
 }
 
@@ -254,6 +326,75 @@ impl Drop for Demo {
             }
         }
     }
+}
+
+/// What a killed demo leaves behind: its namespace with the agent still running, and its run
+/// directory. Dropping it ends the agent (SIGTERM, so it removes its nftables table) and
+/// removes both.
+#[derive(Debug)]
+pub struct LeftBehind {
+    pub netns: String,
+}
+
+impl Drop for LeftBehind {
+    fn drop(&mut self) {
+        let out = Command::new("ip").args(["netns", "pids", &self.netns]).output();
+        let pids = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
+            signal(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        let start = Instant::now();
+        while start.elapsed() < DEADLINE {
+            let out = Command::new("ip").args(["netns", "pids", &self.netns]).output();
+            if out.map(|o| o.stdout.iter().all(u8::is_ascii_whitespace)).unwrap_or(true) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+        let _ = std::fs::remove_dir_all(Path::new("/run/hostnet").join(&self.netns));
+    }
+}
+
+/// A process's resident memory (`VmRSS` in `/proc/<pid>/status`), in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Raises this test process's open-file limit towards `n` and returns the limit in force. Above
+/// the hard limit this needs `CAP_SYS_RESOURCE`; without it the soft limit goes up to the hard
+/// one. The demo started afterwards inherits the limits.
+pub fn raise_fd_limit(n: u64) -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    if lim.rlim_cur >= n {
+        return lim.rlim_cur;
+    }
+    for want in [
+        libc::rlimit { rlim_cur: n, rlim_max: lim.rlim_max.max(n) },
+        libc::rlimit { rlim_cur: n.min(lim.rlim_max), rlim_max: lim.rlim_max },
+    ] {
+        // SAFETY: `want` is a valid rlimit; the call only reads it.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            return want.rlim_cur;
+        }
+    }
+    lim.rlim_cur
+}
+
+/// `nft list tables` inside network namespace `netns`.
+pub fn nft_tables(netns: &str) -> String {
+    let out = Command::new("ip").args(["netns", "exec", netns, "nft", "list", "tables"]).output().unwrap();
+    assert!(out.status.success(), "nft list tables: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Sends `sig` to process `pid` (ignoring a process that is already gone).
+pub fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
 }
 
 fn terminate(child: &mut Child) -> Option<ExitStatus> {
@@ -343,6 +484,43 @@ pub fn count_then_reply(mut c: TcpStream) {
         }
     }
     let _ = c.write_all(format!("got {n} bytes").as_bytes());
+}
+
+/// Sends an endless pseudo-random stream until the client goes away.
+pub fn flood(mut c: TcpStream) {
+    let chunk = pattern(64 * 1024, 77);
+    while c.write_all(&chunk).is_ok() {}
+}
+
+/// Reads slowly — 1 KiB every 10 ms, about 100 KiB/s — until the client goes away.
+pub fn slow_read(mut c: TcpStream) {
+    let mut buf = [0u8; 1024];
+    while matches!(c.read(&mut buf), Ok(n) if n > 0) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Reads everything until the client goes away, answering nothing.
+pub fn sink(mut c: TcpStream) {
+    let _ = std::io::copy(&mut c, &mut std::io::sink());
+}
+
+/// Reads from `c` until it ends; `Ok(bytes)` on EOF, `Err` on a reset or other error. A
+/// connection still open after [`DEADLINE`] fails the test: a client must never hang.
+pub fn read_until_closed(c: &mut TcpStream) -> Result<usize, std::io::Error> {
+    c.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                panic!("the connection hung: still open and silent after {DEADLINE:?}")
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Connects to `addr` on the host, retrying until it is accepted and an echo round trip

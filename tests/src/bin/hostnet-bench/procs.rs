@@ -83,7 +83,7 @@ pub struct Hostnet {
 impl Hostnet {
     /// Finds the agent under the demo, waiting for it (it may be restarting) up to the deadline.
     pub fn find(demo: &Demo) -> Hostnet {
-        let proxy = demo.pid();
+        let proxy = demo.pid().unsigned_abs();
         let start = Instant::now();
         loop {
             if let Some(agent) = children(proxy).into_iter().find(|&c| comm(c) == "hostnet-agent") {
