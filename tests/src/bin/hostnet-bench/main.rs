@@ -239,6 +239,8 @@ fn main() {
             }
         });
     }
+    /// Clients of the parallel connection-rate workload.
+    const CONNECT_CLIENTS: usize = 4;
     if run(Workload::Connect) {
         guard("connect", &mut rows, &mut failed, |rows| {
             step("new connections per second");
@@ -253,8 +255,24 @@ fn main() {
                     .direct(rate(Via::Direct).unwrap())
                     .hostnet(rate(Via::Hostnet).unwrap())
                     .socat(rate(Via::Socat))
-                    .goal(Goal::AtLeast(10_000.0))
                     .note(format!("one client, sequential, {:?} each", p.connect_window)),
+            );
+            let parallel = |via| {
+                (via != Via::Socat || socat.ok()).then(|| {
+                    let ep = endpoint(via, &demo, &socat, echo);
+                    tcp::connections_per_second_parallel(ep.addr, p.connect_window, CONNECT_CLIENTS)
+                })
+            };
+            rows.push(
+                Row::new("new connections (1 request), 4 clients", "conn/s")
+                    .direct(parallel(Via::Direct).unwrap())
+                    .hostnet(parallel(Via::Hostnet).unwrap())
+                    .socat(parallel(Via::Socat))
+                    .goal(Goal::AtLeast(10_000.0))
+                    .note(format!(
+                        "{CONNECT_CLIENTS} clients at once, each sequential, {:?}",
+                        p.connect_window
+                    )),
             );
         });
     }

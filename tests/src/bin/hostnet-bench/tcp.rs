@@ -106,6 +106,17 @@ pub fn connections_per_second(addr: SocketAddr, window: Duration) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// [`connections_per_second`] from `clients` threads at once: the rate a busy desktop (a
+/// browser, a test suite) asks of the path, not the latency of one connection after another.
+pub fn connections_per_second_parallel(addr: SocketAddr, window: Duration, clients: usize) -> f64 {
+    let rates: Vec<f64> = std::thread::scope(|s| {
+        let workers: Vec<_> =
+            (0..clients).map(|_| s.spawn(move || connections_per_second(addr, window))).collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    rates.iter().sum()
+}
+
 /// A server that accepts connections and keeps them open, idle, until dropped.
 #[derive(Debug)]
 pub struct Holder {
