@@ -179,7 +179,12 @@ fn demo_banner(netns: &str) -> String {
 /// has been applied.
 async fn announce_ready(mut state: watch::Receiver<LinkState>, message: String) {
     if state.wait_for(|s| matches!(s, LinkState::Connected { .. })).await.is_ok() {
-        println!("{message}");
+        // Whoever started us may have stopped reading: a closed stdout is not our failure.
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        if writeln!(out, "{message}").and_then(|()| out.flush()).is_err() {
+            tracing::info!("ready (stdout is closed)");
+        }
     }
 }
 
