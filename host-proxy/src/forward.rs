@@ -9,10 +9,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use hostnet_net::handshake::{self, OpenError};
+use hostnet_net::handshake::{self, FrameReader};
 use hostnet_net::relay::{self, Outcome, RelayCounters};
 use hostnet_net::{Connector, RawStream};
-use hostnet_protocol::{Listener, ListenerSet, Open, Proto};
+use hostnet_protocol::{Listener, ListenerSet, Open, OpenReply, Proto};
 use serde::Serialize;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -481,6 +481,17 @@ impl Forwards {
         }
     }
 
+    /// While the agent restarts every client fails the same way: say it at 1, 2, 4, 8…
+    /// failures rather than once per client.
+    fn open_failed(&self, e: &dyn std::fmt::Display) {
+        let failures = self.open_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures.is_power_of_two() {
+            warn!("cannot open a stream to the agent: {e} ({failures} so far)");
+        } else {
+            debug!("cannot open a stream to the agent: {e}");
+        }
+    }
+
     /// One host client: open a data stream, ask the agent to connect, relay.
     async fn serve(
         &self,
@@ -498,27 +509,36 @@ impl Forwards {
             return;
         };
         let open = Open::Tcp { addr: target, port, peer: Some(peer) };
-        let (stream, reader) = match handshake::open_stream(&*self.connector, &open).await {
-            Ok(opened) => opened,
+        let stream = match self.connector.connect().await {
+            Ok(s) => s,
             Err(e) => {
-                match e {
-                    OpenError::Refused(_) => debug!("agent {e}"),
-                    OpenError::Failed(_) => {
-                        // While the agent restarts every client fails the same way: say it at
-                        // 1, 2, 4, 8… failures rather than once per client.
-                        let failures = self.open_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                        if failures.is_power_of_two() {
-                            warn!("cannot open a stream to the agent: {e} ({failures} so far)");
-                        } else {
-                            debug!("cannot open a stream to the agent: {e}");
-                        }
-                    }
-                }
+                self.open_failed(&e);
                 let _ = client.set_reset_on_close();
                 return;
             }
         };
-        let outcome = relay::relay(&client, &stream, reader.into_leftover(), &stats.bytes, token).await;
+        if let Err(e) = handshake::send_preface_and(&stream, &open).await {
+            self.open_failed(&e);
+            let _ = client.set_reset_on_close();
+            return;
+        }
+        // The client's first bytes go out right behind `open`; the agent's answer leads the
+        // way back.
+        let answer = async {
+            let mut reader = FrameReader::new();
+            match reader.read_opening::<_, OpenReply>(&stream).await {
+                Ok(OpenReply::Connected) => Ok(reader.into_leftover()),
+                Ok(OpenReply::Refused { reason }) => {
+                    debug!("agent refused: {reason}");
+                    Err(Outcome::PeerReset)
+                }
+                Err(e) => {
+                    self.open_failed(&e);
+                    Err(Outcome::PeerVanished)
+                }
+            }
+        };
+        let outcome = relay::relay_after(&client, &stream, answer, &stats.bytes, token).await;
         match outcome {
             Outcome::ProtocolError => warn!("agent broke the stream protocol; connection reset"),
             _ => debug!(?outcome, "connection finished"),

@@ -64,6 +64,21 @@ pub async fn relay<L: RawStream, P: RawStream>(
     counters: &RelayCounters,
     shutdown: &CancellationToken,
 ) -> Outcome {
+    relay_after(local, peer, async { Ok(pending) }, counters, shutdown).await
+}
+
+/// [`relay`] on a stream whose far side has not answered yet: the local side's bytes start
+/// flowing at once, while `answer` reads what leads the peer's direction (the agent's reply
+/// to `open`) and yields the bytes read past it — or the outcome that ends the connection
+/// (a refusal: [`Outcome::PeerReset`], the local socket is reset). Saves a round trip per
+/// new connection.
+pub async fn relay_after<L: RawStream, P: RawStream>(
+    local: &L,
+    peer: &P,
+    answer: impl std::future::Future<Output = Result<BytesMut, Outcome>>,
+    counters: &RelayCounters,
+    shutdown: &CancellationToken,
+) -> Outcome {
     let abort = CancellationToken::new();
     let up_done = CancellationToken::new();
     let mid_chunk = AtomicBool::new(false);
@@ -85,7 +100,12 @@ pub async fn relay<L: RawStream, P: RawStream>(
         let end = tokio::select! {
             biased;
             _ = abort.cancelled() => None,
-            end = pump_down(peer, local, pending, counters, &up_done) => Some(end),
+            end = async {
+                match answer.await {
+                    Ok(pending) => pump_down(peer, local, pending, counters, &up_done).await,
+                    Err(end) => end,
+                }
+            } => Some(end),
         };
         if end.is_some_and(|e| e != Outcome::Closed) {
             abort.cancel();

@@ -202,3 +202,29 @@ async fn slow_readers_and_many_connections_keep_every_byte_in_place() {
         within(t).await.unwrap();
     }
 }
+
+/// Before the far side has answered `open`, the client's bytes already flow; a refusal then
+/// resets the client.
+#[tokio::test]
+async fn bytes_flow_before_the_answer_and_a_refusal_resets_the_client() {
+    use hostnet_net::relay::relay_after;
+    let (mut client, host_local) = tcp_pair().await;
+    let (t1, mut t2) = UnixStream::pair().unwrap();
+    let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<Result<BytesMut, Outcome>>();
+    let host_side = tokio::spawn(async move {
+        let answer = async { answer_rx.await.unwrap_or(Err(Outcome::PeerVanished)) };
+        relay_after(&host_local, &t1, answer, &RelayCounters::default(), &CancellationToken::new()).await
+    });
+    client.write_all(b"hi").await.unwrap();
+    let mut chunk = [0u8; 6];
+    within(t2.read_exact(&mut chunk)).await.unwrap();
+    assert_eq!(&chunk, b"\0\0\0\x02hi", "the client's bytes did not go out ahead of the answer");
+    answer_tx.send(Err(Outcome::PeerReset)).unwrap();
+    assert_eq!(within(host_side).await.unwrap(), Outcome::PeerReset);
+    let mut buf = [0u8; 1];
+    let read = within(client.read(&mut buf)).await;
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the client was not reset: {read:?}"
+    );
+}
