@@ -37,7 +37,8 @@ setup() {
     command -v nft >/dev/null || missing+=(nftables)
     command -v clang >/dev/null || missing+=(clang)      # the listener-events BPF program
     command -v curl >/dev/null || missing+=(curl)
-    command -v python3 >/dev/null || missing+=(python3)
+    command -v python3 >/dev/null || missing+=(python3)          # also checks the launchd plist
+    command -v systemd-analyze >/dev/null || missing+=(systemd)   # verifies the systemd units
     command -v xz >/dev/null || missing+=(xz-utils)        # guest image: kernel modules
     command -v depmod >/dev/null || missing+=(kmod)        # guest image: modules.dep
     command -v strip >/dev/null || missing+=(binutils)

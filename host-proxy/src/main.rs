@@ -43,7 +43,8 @@ enum Cmd {
         after_help = "Examples:\n  hostnet-proxy run --transport hybrid:/run/vm/vm.vsock:1024   # Firecracker, Cloud Hypervisor, vhost-device-vsock\n  hostnet-proxy run --transport vsock:3:1024                      # Linux host with vhost-vsock, guest CID 3\n  hostnet-proxy run --transport unix:/run/hostnet/agent.sock\n\nPrints a line containing `ready` once forwarding is live. Logging: RUST_LOG=debug."
     )]
     Run {
-        /// How to reach the agent: hybrid:PATH:PORT, vsock:CID:PORT, unix:PATH or tcp:ADDR:PORT.
+        /// How to reach the agent: hybrid:PATH:PORT, vsock:CID:PORT, unix:PATH, tcp:ADDR:PORT or
+        /// hyperv:VMID:PORT (Windows).
         #[arg(long, env = "HOSTNET_TRANSPORT")]
         transport: TransportSpec,
         /// Where the agent connects for guest→host (containers reaching this machine's servers

@@ -2,8 +2,9 @@
 //!
 //! - [`stream`]: the readiness-based stream trait the relay is written against, and the one
 //!   transport stream type every transport yields.
-//! - [`transport`]: transport specs (`unix:`, `tcp:`, `vsock:`, `hybrid:`) and the
+//! - [`transport`]: transport specs (`unix:`, `tcp:`, `vsock:`, `hybrid:`, `hyperv:`) and the
 //!   [`Connector`](transport::Connector) / [`Acceptor`](transport::Acceptor) traits.
+//! - [`hyperv`]: Hyper-V sockets on Windows hosts: the vsock port → service GUID mapping.
 //! - [`handshake`]: preface and header frames at the start of a stream.
 //! - [`relay`]: one TCP connection ↔ one data stream, FIN and RST carried in-band.
 //! - [`discovery`]: listening sockets through netlink `sock_diag` (Linux).
@@ -16,6 +17,7 @@ pub mod connect;
 pub mod discovery;
 pub mod events;
 pub mod handshake;
+pub mod hyperv;
 pub mod relay;
 pub mod stream;
 pub mod transport;

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
+use crate::hyperv::Guid;
 use crate::stream::{self, TransportStream};
 
 /// A boxed, sendable future, as the transport traits return.
@@ -36,8 +37,8 @@ pub trait Acceptor: Send + Sync + fmt::Debug {
 #[derive(Debug, Error)]
 pub enum TransportError {
     #[error(
-        "transport spec {0:?} not understood; use unix:PATH, tcp:ADDR:PORT, vsock:CID:PORT or \
-         hybrid:PATH:PORT"
+        "transport spec {0:?} not understood; use unix:PATH, tcp:ADDR:PORT, vsock:CID:PORT, \
+         hybrid:PATH:PORT or hyperv:VMID:PORT"
     )]
     BadSpec(String),
     #[error("cannot reach {target}: {source}")]
@@ -76,6 +77,9 @@ pub enum TransportSpec {
     /// `hybrid:PATH:PORT` — a VMM's Unix socket that speaks `CONNECT <port>\n` / `OK …\n`
     /// (Firecracker, Cloud Hypervisor, vhost-device-vsock).
     Hybrid { path: PathBuf, port: u32 },
+    /// `hyperv:VMID:PORT` — a Hyper-V socket to the VM `VMID` (a GUID) and the service id of
+    /// vsock port `PORT` (see [`crate::hyperv`]); Windows hosts only.
+    HyperV { vm_id: Guid, port: u32 },
 }
 
 impl FromStr for TransportSpec {
@@ -102,6 +106,13 @@ impl FromStr for TransportSpec {
                 }
                 Ok(TransportSpec::Hybrid { path: path.into(), port: port.parse().map_err(|_| bad())? })
             }
+            "hyperv" => {
+                let (vm_id, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+                Ok(TransportSpec::HyperV {
+                    vm_id: vm_id.parse().map_err(|_| bad())?,
+                    port: port.parse().map_err(|_| bad())?,
+                })
+            }
             _ => Err(bad()),
         }
     }
@@ -115,6 +126,7 @@ impl fmt::Display for TransportSpec {
             TransportSpec::Vsock { cid: VSOCK_CID_ANY, port } => write!(f, "vsock:any:{port}"),
             TransportSpec::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
             TransportSpec::Hybrid { path, port } => write!(f, "hybrid:{}:{port}", path.display()),
+            TransportSpec::HyperV { vm_id, port } => write!(f, "hyperv:{vm_id}:{port}"),
         }
     }
 }
@@ -188,6 +200,22 @@ impl Connector for SpecConnector {
                     Err(TransportError::Unsupported { target: self.0.to_string() })
                 }
                 TransportSpec::Hybrid { path, port } => hybrid_connect(path, *port, &self.0).await,
+                #[cfg(windows)]
+                TransportSpec::HyperV { vm_id, port } => {
+                    let (vm_id, service_id) = (*vm_id, crate::hyperv::vsock_service_id(*port));
+                    let std =
+                        tokio::task::spawn_blocking(move || crate::hyperv::sys::connect(&vm_id, &service_id))
+                            .await
+                            .map_err(io::Error::other)
+                            .and_then(|r| r)
+                            .map_err(connect_err)?;
+                    std.set_nonblocking(true).map_err(connect_err)?;
+                    TcpStream::from_std(std).map(TransportStream::Tcp).map_err(connect_err)
+                }
+                #[cfg(not(windows))]
+                TransportSpec::HyperV { .. } => Err(TransportError::Unsupported {
+                    target: format!("{} (Hyper-V sockets are Windows only)", self.0),
+                }),
             }
         })
     }
@@ -286,6 +314,7 @@ mod tests {
             "vsock:any:1024",
             "hybrid:/run/vm.vsock:1024",
             "hybrid:/odd:path/v.sock:7",
+            "hyperv:A42E7CDA-D03F-480C-9CC2-A4DE20ABB878:1024",
         ] {
             let spec: TransportSpec = s.parse().unwrap();
             assert_eq!(spec.to_string(), s);
@@ -297,8 +326,39 @@ mod tests {
     }
 
     #[test]
+    fn hyperv_specs_take_any_guid_spelling() {
+        let spec: TransportSpec = "hyperv:{a42e7cda-d03f-480c-9cc2-a4de20abb878}:1024".parse().unwrap();
+        let TransportSpec::HyperV { vm_id, port } = &spec else { panic!("{spec:?}") };
+        assert_eq!(*port, 1024);
+        assert_eq!(vm_id.to_string(), "A42E7CDA-D03F-480C-9CC2-A4DE20ABB878");
+        assert_eq!(spec.to_string(), "hyperv:A42E7CDA-D03F-480C-9CC2-A4DE20ABB878:1024");
+    }
+
+    #[cfg(not(windows))]
+    #[tokio::test]
+    async fn hyperv_elsewhere_says_it_is_windows_only() {
+        let spec: TransportSpec = "hyperv:a42e7cda-d03f-480c-9cc2-a4de20abb878:1024".parse().unwrap();
+        let err = spec.connector().connect().await.unwrap_err();
+        assert!(matches!(err, TransportError::Unsupported { .. }), "{err}");
+        assert!(err.to_string().contains("Windows only"), "{err}");
+    }
+
+    #[test]
     fn bad_specs_explain_the_syntax() {
-        for s in ["", "unix:", "vsock:3", "vsock:x:1", "hybrid:/p", "hybrid::5", "tcp:nope", "ftp:x"] {
+        for s in [
+            "",
+            "unix:",
+            "vsock:3",
+            "vsock:x:1",
+            "hybrid:/p",
+            "hybrid::5",
+            "tcp:nope",
+            "ftp:x",
+            "hyperv:1024",
+            "hyperv:myvm:1024",
+            "hyperv:a42e7cda-d03f-480c-9cc2-a4de20abb878:",
+            "hyperv:a42e7cda-d03f-480c-9cc2-a4de20abb878:port",
+        ] {
             let err = s.parse::<TransportSpec>().unwrap_err();
             assert!(err.to_string().contains("unix:PATH, tcp:ADDR:PORT"), "{s}: {err}");
         }

@@ -504,6 +504,91 @@ pub fn sink(mut c: TcpStream) {
     let _ = std::io::copy(&mut c, &mut std::io::sink());
 }
 
+/// Buffer size of both ends of a bulk transfer.
+const BULK_CHUNK: usize = 256 * 1024;
+
+/// Serves one bulk-transfer request on `c`, the same way over any stream (TCP through hostnet,
+/// raw vsock): one byte `U` or `D`, then a length N as 8 bytes big-endian.
+///
+/// - `U` (upload): reads N bytes (or until the stream ends), then answers how many it read, as
+///   8 bytes big-endian.
+/// - `D` (download): writes N bytes.
+///
+/// Then it waits for the client to close: the client decides when the transfer is over, so no
+/// byte is lost to a transport that cannot carry a half-close.
+pub fn bulk_serve<S: Read + Write>(mut c: S) {
+    let mut head = [0u8; 9];
+    if c.read_exact(&mut head).is_err() {
+        return;
+    }
+    let n = u64::from_be_bytes(head[1..].try_into().unwrap());
+    let mut buf = vec![0u8; BULK_CHUNK];
+    match head[0] {
+        b'U' => {
+            let mut got = 0u64;
+            while got < n {
+                let want = (n - got).min(BULK_CHUNK as u64) as usize;
+                match c.read(&mut buf[..want]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => got += k as u64,
+                }
+            }
+            if c.write_all(&got.to_be_bytes()).is_err() {
+                return;
+            }
+        }
+        b'D' => {
+            buf.copy_from_slice(&pattern(BULK_CHUNK, 11));
+            let mut sent = 0u64;
+            while sent < n {
+                let k = (n - sent).min(BULK_CHUNK as u64) as usize;
+                if c.write_all(&buf[..k]).is_err() {
+                    return;
+                }
+                sent += k as u64;
+            }
+        }
+        _ => return,
+    }
+    while matches!(c.read(&mut buf), Ok(k) if k > 0) {}
+}
+
+/// The client side of a `U` request: sends `n` bytes, returns the count the server read.
+pub fn bulk_upload<S: Read + Write>(c: &mut S, n: u64) -> u64 {
+    let mut head = [b'U'; 9];
+    head[1..].copy_from_slice(&n.to_be_bytes());
+    c.write_all(&head).unwrap();
+    let chunk = pattern(BULK_CHUNK, 12);
+    let mut sent = 0u64;
+    while sent < n {
+        let k = (n - sent).min(BULK_CHUNK as u64) as usize;
+        c.write_all(&chunk[..k]).expect("bulk upload: write failed");
+        sent += k as u64;
+    }
+    let mut answer = [0u8; 8];
+    c.read_exact(&mut answer).expect("bulk upload: no count from the server");
+    u64::from_be_bytes(answer)
+}
+
+/// The client side of a `D` request: asks for `n` bytes, returns how many arrived before the
+/// server stopped sending (reads at most `n`).
+pub fn bulk_download<S: Read + Write>(c: &mut S, n: u64) -> u64 {
+    let mut head = [b'D'; 9];
+    head[1..].copy_from_slice(&n.to_be_bytes());
+    c.write_all(&head).unwrap();
+    let mut buf = vec![0u8; BULK_CHUNK];
+    let mut got = 0u64;
+    while got < n {
+        let want = (n - got).min(BULK_CHUNK as u64) as usize;
+        match c.read(&mut buf[..want]) {
+            Ok(0) => break,
+            Ok(k) => got += k as u64,
+            Err(e) => panic!("bulk download: read failed after {got} bytes: {e}"),
+        }
+    }
+    got
+}
+
 /// Reads from `c` until it ends; `Ok(bytes)` on EOF, `Err` on a reset or other error. A
 /// connection still open after [`DEADLINE`] fails the test: a client must never hang.
 pub fn read_until_closed(c: &mut TcpStream) -> Result<usize, std::io::Error> {
@@ -734,4 +819,50 @@ pub fn desktop_web_server(port: u16) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("python3 is needed; the README's setup installs it")
+}
+
+#[cfg(test)]
+mod bulk_tests {
+    use super::*;
+
+    /// The bulk protocol the real-VM throughput check relies on, over loopback TCP: counts are
+    /// exact both ways, including lengths that are not a multiple of the chunk size.
+    #[test]
+    fn bulk_transfers_count_every_byte() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || bulk_serve(c));
+            }
+        });
+        for n in [0u64, 1, BULK_CHUNK as u64 + 7, 3 << 20] {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(DEADLINE)).unwrap();
+            assert_eq!(bulk_upload(&mut c, n), n, "upload of {n}");
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(DEADLINE)).unwrap();
+            assert_eq!(bulk_download(&mut c, n), n, "download of {n}");
+        }
+    }
+
+    /// A server that stops early is reported as a short count, not hidden.
+    #[test]
+    fn a_short_upload_is_counted_short() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || bulk_serve(l.accept().unwrap().0));
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut head = [b'U'; 9];
+        head[1..].copy_from_slice(&100u64.to_be_bytes());
+        c.write_all(&head).unwrap();
+        c.write_all(&[7u8; 40]).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut answer = [0u8; 8];
+        c.read_exact(&mut answer).unwrap();
+        assert_eq!(u64::from_be_bytes(answer), 40);
+        drop(c);
+        server.join().unwrap();
+    }
 }

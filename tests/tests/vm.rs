@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +20,12 @@ use hostnet_tests::*;
 /// Booting under TCG takes seconds; give it room on a loaded machine.
 const BOOT_DEADLINE: Duration = Duration::from_secs(180);
 const GUEST_ECHO_PORT: u16 = 8007;
+/// The image's bulk-transfer service: TCP (reached through hostnet) and vsock (the raw link).
+const GUEST_BULK_PORT: u16 = 8008;
+const GUEST_BULK_VSOCK_PORT: u32 = 1101;
+/// Bytes per timed transfer, and how many rounds of each (the median is reported).
+const BULK_BYTES: u64 = 32 << 20;
+const BULK_ROUNDS: usize = 3;
 
 struct Vm {
     child: Option<Child>,
@@ -75,18 +81,27 @@ impl Vm {
         std::fs::read_to_string(self.run.join("console.log")).unwrap_or_default()
     }
 
-    /// Runs a shell command in the guest through the test image's vsock command channel.
-    fn guest(&self, cmd: &str) -> (i32, String) {
+    /// A raw hybrid-vsock connection to guest vsock port `port`: `CONNECT`, then `OK …`.
+    fn vsock(&self, port: u32) -> UnixStream {
         let mut s = UnixStream::connect(self.run.join("vm.vsock")).unwrap();
         s.set_read_timeout(Some(DEADLINE)).unwrap();
-        s.write_all(b"CONNECT 1100\n").unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let mut ok = String::new();
-        r.read_line(&mut ok).unwrap();
-        assert!(ok.starts_with("OK"), "guest command channel: {ok:?}");
+        s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+        // Byte by byte: whatever follows the line is the guest's.
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while line.len() < 64 && s.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        assert!(line.starts_with(b"OK "), "guest vsock port {port}: {:?}", String::from_utf8_lossy(&line));
+        s
+    }
+
+    /// Runs a shell command in the guest through the test image's vsock command channel.
+    fn guest(&self, cmd: &str) -> (i32, String) {
+        let mut s = self.vsock(1100);
         s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
         let mut out = String::new();
-        let _ = r.read_to_string(&mut out);
+        let _ = s.read_to_string(&mut out);
         let (body, code) = out.rsplit_once("EXIT ").unwrap_or((&out, "-1"));
         (code.trim().parse().unwrap_or(-1), body.to_owned())
     }
@@ -123,6 +138,26 @@ impl Drop for Vm {
     }
 }
 
+/// One timed bulk transfer of [`BULK_BYTES`]: the clock runs from before the connect (and the
+/// hybrid-vsock handshake) until the last byte is accounted for, on every path alike.
+fn timed_transfer<S: Read + Write>(what: &str, open: impl FnOnce() -> S, upload: bool) -> Duration {
+    let t = Instant::now();
+    let mut s = open();
+    let got = if upload { bulk_upload(&mut s, BULK_BYTES) } else { bulk_download(&mut s, BULK_BYTES) };
+    let elapsed = t.elapsed();
+    assert_eq!(got, BULK_BYTES, "{what}: bytes accounted for");
+    elapsed
+}
+
+fn mib_per_s(d: Duration) -> f64 {
+    BULK_BYTES as f64 / f64::from(1u32 << 20) / d.as_secs_f64()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
 #[test]
 fn hostnet_across_a_real_virtio_vsock_link() {
     let (vm, boot) = Vm::start();
@@ -142,6 +177,42 @@ fn hostnet_across_a_real_virtio_vsock_link() {
         let d = pattern(len, len as u64);
         assert_eq!(udp_echo(&u, &d), Some(d), "{len}-byte datagram");
     }
+
+    // Throughput: the same bytes through hostnet and over the raw vsock link, the same guest
+    // service behind both, the same clock. Figures are printed, not asserted (TCG is no perf
+    // bed); only the byte counts are checked.
+    let bulk = loopback(false, GUEST_BULK_PORT);
+    wait_until("the bulk port is forwarded", || TcpStream::connect_timeout(&bulk, DEADLINE).is_ok());
+    let through_hostnet = || {
+        let c = TcpStream::connect(bulk).unwrap();
+        c.set_read_timeout(Some(DEADLINE)).unwrap();
+        c
+    };
+    let raw = || vm.vsock(GUEST_BULK_VSOCK_PORT);
+    let mut times: [Vec<Duration>; 4] = Default::default();
+    for round in 1..=BULK_ROUNDS {
+        times[0].push(timed_transfer("raw vsock, host → guest", raw, true));
+        times[1].push(timed_transfer("hostnet, host → guest", through_hostnet, true));
+        times[2].push(timed_transfer("raw vsock, guest → host", raw, false));
+        times[3].push(timed_transfer("hostnet, guest → host", through_hostnet, false));
+        let [a, b, c, d] = times.each_ref().map(|t| mib_per_s(*t.last().unwrap()));
+        eprintln!(
+            "throughput round {round}: host → guest raw {a:.1} / hostnet {b:.1} MiB/s; guest → host raw {c:.1} / hostnet {d:.1} MiB/s"
+        );
+    }
+    let [raw_in, net_in, raw_out, net_out] = times.map(|t| mib_per_s(median(t)));
+    eprintln!(
+        "throughput over the real VM (TCG), {} MiB per transfer, median of {BULK_ROUNDS}:",
+        BULK_BYTES >> 20
+    );
+    eprintln!(
+        "  host → guest: raw vsock {raw_in:.1} MiB/s, hostnet {net_in:.1} MiB/s, hostnet/raw {:.2}",
+        net_in / raw_in
+    );
+    eprintln!(
+        "  guest → host: raw vsock {raw_out:.1} MiB/s, hostnet {net_out:.1} MiB/s, hostnet/raw {:.2}",
+        net_out / raw_out
+    );
 
     // Guest → desktop TCP: a desktop web server fetched from inside the guest.
     let port = free_port();

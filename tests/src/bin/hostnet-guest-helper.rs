@@ -5,6 +5,10 @@
 //! - `hostnet-guest-helper ctl --vsock-port PORT`: a command channel for tests. Each vsock
 //!   connection sends one line; it runs under `sh -c` and the answer is the output followed by
 //!   `EXIT <code>`. Test images only: it runs anything it is sent.
+//! - `hostnet-guest-helper bulk --tcp PORT --vsock-port PORT`: one bulk-transfer service on a
+//!   TCP port (reached through hostnet) and on a vsock port (reached over the raw link), the
+//!   same code behind both, so the real-VM test measures both paths the same way. Protocol in
+//!   [`hostnet_tests::bulk_serve`].
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::indexing_slicing)]
 
@@ -26,8 +30,20 @@ fn main() {
             tcp_echo(tcp);
         }
         Some("ctl") => ctl(arg("--vsock-port").unwrap_or(1100)),
+        Some("bulk") => {
+            let tcp = arg("--tcp").unwrap_or(8008) as u16;
+            let vsock = arg("--vsock-port").unwrap_or(1101);
+            std::thread::spawn(move || bulk_vsock(vsock));
+            let l = TcpListener::bind(("0.0.0.0", tcp)).expect("bulk tcp bind");
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || hostnet_tests::bulk_serve(c));
+            }
+        }
         _ => {
-            eprintln!("usage: hostnet-guest-helper echo --tcp PORT --udp PORT | ctl --vsock-port PORT");
+            eprintln!(
+                "usage: hostnet-guest-helper echo --tcp PORT --udp PORT | ctl --vsock-port PORT \
+                 | bulk --tcp PORT --vsock-port PORT"
+            );
             std::process::exit(2);
         }
     }
@@ -50,10 +66,23 @@ fn udp_echo(port: u16) {
     }
 }
 
-fn ctl(port: u32) {
+fn vsock_listener(port: u32) -> Socket {
     let s = Socket::new(Domain::VSOCK, Type::STREAM, None).expect("vsock socket");
     s.bind(&SockAddr::vsock(u32::MAX, port)).expect("vsock bind");
     s.listen(16).expect("vsock listen");
+    s
+}
+
+fn bulk_vsock(port: u32) {
+    let s = vsock_listener(port);
+    loop {
+        let Ok((c, _)) = s.accept() else { continue };
+        std::thread::spawn(move || hostnet_tests::bulk_serve(c));
+    }
+}
+
+fn ctl(port: u32) {
+    let s = vsock_listener(port);
     loop {
         let Ok((c, _)) = s.accept() else { continue };
         std::thread::spawn(move || {
