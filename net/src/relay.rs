@@ -19,7 +19,9 @@ use bytes::BytesMut;
 use hostnet_protocol::chunk::{self, CHUNK_HEADER_LEN, ChunkDecoder, ChunkEvent, FIN, RST};
 use tokio_util::sync::CancellationToken;
 
+use crate::splice::Pipe;
 use crate::stream::{self, RawStream};
+use tokio::io::Interest;
 
 /// Bytes moved per read. Large, so a bulk transfer takes few system calls.
 pub const RELAY_BUF_LEN: usize = 256 * 1024;
@@ -169,14 +171,65 @@ fn write_now<S: RawStream>(s: &S, mut buf: &[u8]) -> io::Result<usize> {
 
 /// Waits for `s` to be readable. With a buffer in hand it waits only so long before giving
 /// the buffer back and waiting on without one.
-async fn wait_readable<S: RawStream>(s: &S, buf: &mut Option<Box<[u8]>>) -> io::Result<()> {
-    if buf.is_some() {
+async fn wait_readable<S: RawStream, T>(s: &S, held: &mut Option<T>) -> io::Result<()> {
+    if held.is_some() {
         match tokio::time::timeout(IDLE_BUFFER_RELEASE, stream::readable(s)).await {
             Ok(r) => return r,
-            Err(_) => *buf = None,
+            Err(_) => *held = None,
         }
     }
     stream::readable(s).await
+}
+
+/// What a direction holds while a bulk transfer goes on: a pipe where both sockets can
+/// `splice(2)` (the bytes never enter user space), else a buffer of its own.
+enum Bulk {
+    Buffer(Box<[u8]>),
+    Pipe(Pipe),
+}
+
+fn bulk_for<L: RawStream, P: RawStream>(local: &L, peer: &P) -> Bulk {
+    let can_splice = |s: &dyn RawStream| s.try_io_raw(Interest::READABLE, &mut || Ok(0)).is_some();
+    if can_splice(local) && can_splice(peer) {
+        if let Ok(pipe) = Pipe::new(RELAY_BUF_LEN) {
+            return Bulk::Pipe(pipe);
+        }
+    }
+    Bulk::Buffer(new_buffer())
+}
+
+/// One bulk step without user-space copies: local → pipe, chunk header, pipe → peer.
+async fn splice_up<L: RawStream, P: RawStream>(
+    local: &L,
+    peer: &P,
+    pipe: &mut Pipe,
+    mid_chunk: &AtomicBool,
+) -> Step {
+    let filled = local.try_io_raw(Interest::READABLE, &mut || pipe.fill_from(local.as_fd()));
+    let n = match filled {
+        Some(Ok(0)) => return Step::Eof,
+        Some(Ok(n)) => n,
+        Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Step::Again,
+        // This kernel or socket does not splice: copy instead.
+        Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => return Step::NoSplice,
+        _ => return Step::LocalFailed,
+    };
+    mid_chunk.store(true, Ordering::Relaxed);
+    if stream::write_all(peer, &chunk::data_header(n)).await.is_err() {
+        return Step::PeerFailed;
+    }
+    while pipe.pending > 0 {
+        if std::future::poll_fn(|cx| peer.poll_write_ready(cx)).await.is_err() {
+            return Step::PeerFailed;
+        }
+        match peer.try_io_raw(Interest::WRITABLE, &mut || pipe.drain_to(peer.as_fd())) {
+            Some(Ok(_)) => {}
+            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            _ => return Step::PeerFailed,
+        }
+    }
+    mid_chunk.store(false, Ordering::Relaxed);
+    Step::Sent(n)
 }
 
 fn is_reset_like(e: &io::Error) -> bool {
@@ -197,6 +250,8 @@ enum Step {
     LocalFailed,
     /// The peer could not be written.
     PeerFailed,
+    /// `splice(2)` is refused here: use a buffer.
+    NoSplice,
 }
 
 /// Local socket → peer. Ends `Closed` after sending FIN, `LocalReset` after sending RST,
@@ -207,16 +262,17 @@ async fn pump_up<L: RawStream, P: RawStream>(
     counters: &RelayCounters,
     mid_chunk: &AtomicBool,
 ) -> Outcome {
-    // A buffer of this direction's own, held only while the peer has been slow (bulk).
-    let mut own: Option<Box<[u8]>> = None;
+    // What this direction holds only while the peer has been slow (bulk): a pipe or a buffer.
+    let mut own: Option<Bulk> = None;
     loop {
         if wait_readable(local, &mut own).await.is_err() {
             let _ = stream::write_all(peer, &RST).await;
             return Outcome::LocalReset;
         }
-        let step = if let Some(b) = own.as_deref_mut() {
+        let step = match own.as_mut() {
+            Some(Bulk::Pipe(pipe)) => splice_up(local, peer, pipe, mid_chunk).await,
             // Bulk: read into our own buffer, wait for the peer to take all of it.
-            match read_chunk(local, b) {
+            Some(Bulk::Buffer(b)) => match read_chunk(local, b) {
                 Ok(0) => Step::Eof,
                 Ok(n) => {
                     mid_chunk.store(true, Ordering::Relaxed);
@@ -230,9 +286,8 @@ async fn pump_up<L: RawStream, P: RawStream>(
                     Step::Sent(n)
                 }
                 Err(step) => step,
-            }
-        } else {
-            with_scratch(|b| forward_now(local, peer, b))
+            },
+            None => with_scratch(|b| forward_now(local, peer, b)),
         };
         match step {
             Step::Sent(n) => {
@@ -245,9 +300,12 @@ async fn pump_up<L: RawStream, P: RawStream>(
                 }
                 mid_chunk.store(false, Ordering::Relaxed);
                 counters.to_peer.fetch_add(n as u64, Ordering::Relaxed);
-                // The peer is slower than the local side: a bulk transfer, keep a buffer.
-                own.get_or_insert_with(new_buffer);
+                // The peer is slower than the local side: a bulk transfer.
+                if own.is_none() {
+                    own = Some(bulk_for(local, peer));
+                }
             }
+            Step::NoSplice => own = Some(Bulk::Buffer(new_buffer())),
             Step::Again => {}
             Step::Eof => {
                 return match stream::write_all(peer, &FIN).await {

@@ -24,6 +24,17 @@ pub trait RawStream: AsFd + Send + Sync {
     /// Writes without blocking; `WouldBlock` clears the readiness.
     fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
 
+    /// Runs a raw non-blocking operation on this socket's fd (a `splice(2)`); `WouldBlock`
+    /// clears the readiness for `interest`. `None` where the stream cannot do that.
+    fn try_io_raw(
+        &self,
+        interest: tokio::io::Interest,
+        f: &mut dyn FnMut() -> io::Result<usize>,
+    ) -> Option<io::Result<usize>> {
+        let _ = (interest, f);
+        None
+    }
+
     /// Half-closes: the peer reads EOF, this side can still read.
     fn shutdown_write(&self) -> io::Result<()> {
         SockRef::from(&self.as_fd()).shutdown(std::net::Shutdown::Write)
@@ -99,6 +110,13 @@ macro_rules! tokio_raw_stream {
             fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
                 <$ty>::try_write(self, buf)
             }
+            fn try_io_raw(
+                &self,
+                interest: tokio::io::Interest,
+                f: &mut dyn FnMut() -> io::Result<usize>,
+            ) -> Option<io::Result<usize>> {
+                Some(<$ty>::try_io(self, interest, f))
+            }
         }
     };
 }
@@ -144,6 +162,13 @@ impl RawStream for TransportStream {
     }
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         each_variant!(self, s => RawStream::try_write(s, buf))
+    }
+    fn try_io_raw(
+        &self,
+        interest: tokio::io::Interest,
+        f: &mut dyn FnMut() -> io::Result<usize>,
+    ) -> Option<io::Result<usize>> {
+        each_variant!(self, s => RawStream::try_io_raw(s, interest, f))
     }
 }
 

@@ -1,0 +1,77 @@
+//! A pipe for moving a bulk transfer's bytes socket → pipe → socket with `splice(2)`, so the
+//! relay never copies them through user space. Linux only; elsewhere [`Pipe::new`] fails and
+//! the relay copies.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// A non-blocking pipe and how many bytes sit in it.
+#[derive(Debug)]
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// Bytes spliced in and not yet spliced out.
+    pub pending: usize,
+    capacity: usize,
+}
+
+impl Pipe {
+    /// A pipe of about `capacity` bytes (the kernel may give less).
+    #[cfg(target_os = "linux")]
+    pub fn new(capacity: usize) -> io::Result<Pipe> {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded: both are open descriptors owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let wanted = libc::c_int::try_from(capacity).unwrap_or(libc::c_int::MAX);
+        // SAFETY: a valid pipe fd; F_SETPIPE_SZ takes an int. Failing (limits) keeps 64 KiB.
+        let got = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, wanted) };
+        let capacity = usize::try_from(got).unwrap_or(64 * 1024);
+        Ok(Pipe { read, write, pending: 0, capacity })
+    }
+
+    /// Not available here.
+    #[cfg(not(target_os = "linux"))]
+    pub fn new(_capacity: usize) -> io::Result<Pipe> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// Moves up to the pipe's free room from `from` into the pipe; `Ok(0)` at EOF.
+    pub fn fill_from(&mut self, from: BorrowedFd<'_>) -> io::Result<usize> {
+        let room = self.capacity.saturating_sub(self.pending).max(1);
+        let n = splice(from.as_raw_fd(), self.write.as_raw_fd(), room)?;
+        self.pending += n;
+        Ok(n)
+    }
+
+    /// Moves what the pipe holds (as much as `to` takes now) out to `to`.
+    pub fn drain_to(&mut self, to: BorrowedFd<'_>) -> io::Result<usize> {
+        let n = splice(self.read.as_raw_fd(), to.as_raw_fd(), self.pending)?;
+        self.pending -= n.min(self.pending);
+        Ok(n)
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
+    // SAFETY: plain descriptors, no offsets.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn splice(_from: i32, _to: i32, _len: usize) -> io::Result<usize> {
+    Err(io::ErrorKind::Unsupported.into())
+}
