@@ -205,7 +205,7 @@ async fn splice_up<L: RawStream, P: RawStream>(
     pipe: &mut Pipe,
     mid_chunk: &AtomicBool,
 ) -> Step {
-    let filled = local.try_io_raw(Interest::READABLE, &mut || pipe.fill_from(local.as_fd()));
+    let filled = local.try_io_raw(Interest::READABLE, &mut || pipe.fill_from(local.as_fd(), usize::MAX));
     let n = match filled {
         Some(Ok(0)) => return Step::Eof,
         Some(Ok(n)) => n,
@@ -218,18 +218,57 @@ async fn splice_up<L: RawStream, P: RawStream>(
     if stream::write_all(peer, &chunk::data_header(n)).await.is_err() {
         return Step::PeerFailed;
     }
-    while pipe.pending > 0 {
-        if std::future::poll_fn(|cx| peer.poll_write_ready(cx)).await.is_err() {
-            return Step::PeerFailed;
-        }
-        match peer.try_io_raw(Interest::WRITABLE, &mut || pipe.drain_to(peer.as_fd())) {
-            Some(Ok(_)) => {}
-            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-            _ => return Step::PeerFailed,
-        }
+    if drain_pipe(pipe, peer).await.is_err() {
+        return Step::PeerFailed;
     }
     mid_chunk.store(false, Ordering::Relaxed);
     Step::Sent(n)
+}
+
+/// Splices everything in `pipe` out to `to`, waiting while `to` is full.
+async fn drain_pipe<S: RawStream>(pipe: &mut Pipe, to: &S) -> io::Result<()> {
+    while pipe.pending > 0 {
+        std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
+        match to.try_io_raw(Interest::WRITABLE, &mut || pipe.drain_to(to.as_fd())) {
+            Some(Ok(_)) => {}
+            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Some(Err(e)) => return Err(e),
+            None => return Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
+    Ok(())
+}
+
+/// One bulk step the other way without user-space copies: the chunk headers are read (4
+/// bytes at a time at most), the data between them goes peer → pipe → local.
+async fn splice_down<P: RawStream, L: RawStream>(
+    peer: &P,
+    local: &L,
+    pipe: &mut Pipe,
+    decoder: &mut ChunkDecoder,
+    counters: &RelayCounters,
+) -> Result<(), Outcome> {
+    let remaining = decoder.data_remaining();
+    if remaining == 0 {
+        let mut header = [0u8; CHUNK_HEADER_LEN];
+        let need = decoder.header_needed().min(CHUNK_HEADER_LEN);
+        return match peer.try_read(header.get_mut(..need).unwrap_or_default()) {
+            Ok(0) => Err(Outcome::PeerVanished),
+            Ok(k) => deliver(decoder, header.get(..k).unwrap_or_default(), local, counters).await,
+            Err(e) if !is_reset_like(&e) => Ok(()),
+            Err(_) => Err(Outcome::PeerVanished),
+        };
+    }
+    let n = match peer.try_io_raw(Interest::READABLE, &mut || pipe.fill_from(peer.as_fd(), remaining)) {
+        Some(Ok(0)) => return Err(Outcome::PeerVanished),
+        Some(Ok(n)) => n,
+        Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+        _ => return Err(Outcome::PeerVanished),
+    };
+    decoder.skip_data(n);
+    drain_pipe(pipe, local).await.map_err(|_| Outcome::LocalReset)?;
+    counters.from_peer.fetch_add(n as u64, Ordering::Relaxed);
+    Ok(())
 }
 
 fn is_reset_like(e: &io::Error) -> bool {
@@ -369,8 +408,8 @@ async fn pump_down<P: RawStream, L: RawStream>(
         return end;
     }
     drop(pending);
-    // A buffer of this direction's own, held only while the local side has been slow (bulk).
-    let mut own: Option<Box<[u8]>> = None;
+    // What this direction holds only while the local side has been slow (bulk).
+    let mut own: Option<Bulk> = None;
     loop {
         if decoder.is_finished() {
             // Our side of the peer's connection is done; keep listening only for an RST
@@ -383,20 +422,29 @@ async fn pump_down<P: RawStream, L: RawStream>(
         } else if wait_readable(peer, &mut own).await.is_err() {
             return Outcome::PeerVanished;
         }
-        if let Some(b) = own.as_deref_mut() {
-            match peer.try_read(b) {
-                Ok(0) => return Outcome::PeerVanished,
-                Ok(n) => {
-                    if let Err(end) =
-                        deliver(&mut decoder, b.get(..n).unwrap_or_default(), local, counters).await
-                    {
-                        return end;
-                    }
+        match own.as_mut() {
+            Some(Bulk::Pipe(pipe)) if !decoder.is_finished() => {
+                if let Err(end) = splice_down(peer, local, pipe, &mut decoder, counters).await {
+                    return end;
                 }
-                Err(e) if !is_reset_like(&e) => {}
-                Err(_) => return Outcome::PeerVanished,
+                continue;
             }
-            continue;
+            Some(Bulk::Buffer(b)) => {
+                match peer.try_read(b) {
+                    Ok(0) => return Outcome::PeerVanished,
+                    Ok(n) => {
+                        if let Err(end) =
+                            deliver(&mut decoder, b.get(..n).unwrap_or_default(), local, counters).await
+                        {
+                            return end;
+                        }
+                    }
+                    Err(e) if !is_reset_like(&e) => {}
+                    Err(_) => return Outcome::PeerVanished,
+                }
+                continue;
+            }
+            _ => {}
         }
         let step = with_scratch(|b| match peer.try_read(b) {
             Ok(0) => Err(Outcome::PeerVanished),
@@ -414,8 +462,10 @@ async fn pump_down<P: RawStream, L: RawStream>(
                 if let Err(end) = deliver(&mut decoder, &raw, local, counters).await {
                     return end;
                 }
-                // The local side is slower than the peer: a bulk transfer, keep a buffer.
-                own = Some(new_buffer());
+                // The local side is slower than the peer: a bulk transfer.
+                if own.is_none() {
+                    own = Some(bulk_for(local, peer));
+                }
             }
             Err(end) => return end,
         }

@@ -39,9 +39,10 @@ impl Pipe {
         Err(io::ErrorKind::Unsupported.into())
     }
 
-    /// Moves up to the pipe's free room from `from` into the pipe; `Ok(0)` at EOF.
-    pub fn fill_from(&mut self, from: BorrowedFd<'_>) -> io::Result<usize> {
-        let room = self.capacity.saturating_sub(self.pending).max(1);
+    /// Moves up to `max` bytes (and the pipe's free room) from `from` into the pipe; `Ok(0)`
+    /// at EOF.
+    pub fn fill_from(&mut self, from: BorrowedFd<'_>, max: usize) -> io::Result<usize> {
+        let room = self.capacity.saturating_sub(self.pending).max(1).min(max);
         let n = splice(from.as_raw_fd(), self.write.as_raw_fd(), room)?;
         self.pending += n;
         Ok(n)

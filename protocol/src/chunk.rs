@@ -74,6 +74,22 @@ impl ChunkDecoder {
         Self::default()
     }
 
+    /// Bytes of the current data chunk still to come (0 between chunks). A caller that moves
+    /// them without [`Self::decode`] (`splice(2)`) reports them with [`Self::skip_data`].
+    pub fn data_remaining(&self) -> usize {
+        self.remaining
+    }
+
+    /// Records `n` bytes of the current data chunk as moved elsewhere.
+    pub fn skip_data(&mut self, n: usize) {
+        self.remaining -= n.min(self.remaining);
+    }
+
+    /// Header bytes still needed before the next chunk's header is complete.
+    pub fn header_needed(&self) -> usize {
+        CHUNK_HEADER_LEN - self.header_len
+    }
+
     /// Whether a FIN has been seen (only RST may follow).
     pub fn is_finished(&self) -> bool {
         self.phase == Phase::Finished
