@@ -3,6 +3,7 @@
 #
 #   ./dev.sh demo [ARGS…]   build, then run `hostnet-proxy demo` (the netns stand-in for a VM)
 #   ./dev.sh test           build, then run every check and test (what .ci/run runs)
+#   ./dev.sh test --soak    the same, then the long soaks too (also: HOSTNET_SOAK=1)
 #   ./dev.sh gui            build and open the settings window (run a demo first)
 #   ./dev.sh setup          only install what the project needs
 #
@@ -78,6 +79,13 @@ case "$cmd" in
         cargo run --locked -p hostnet-gui
         ;;
     test)
+        soak="${HOSTNET_SOAK:-0}"
+        for arg in "$@"; do
+            case "$arg" in
+                --soak) soak=1 ;;
+                *) die "unknown option for ./dev.sh test: $arg (only --soak)" ;;
+            esac
+        done
         require_root test
         setup
         say "checking formatting"
@@ -91,6 +99,10 @@ case "$cmd" in
         ./installer/build-guest-image
         say "testing (unit, property, in-process and end-to-end)"
         cargo test --workspace --locked
+        if [ "$soak" = 1 ]; then
+            say "soaks (long: the tests marked #[ignore = \"soak …\"])"
+            cargo test --workspace --locked -- --ignored
+        fi
         say "benchmark, quick form (reports ratios; noise does not fail the run)"
         cargo build --release --locked -q -p host-proxy -p guest-agent -p hostnet-tests \
             --bin hostnet-proxy --bin hostnet-agent --bin hostnet-bench
@@ -98,7 +110,7 @@ case "$cmd" in
             || echo "WARNING: the quick benchmark did not complete (see above)" >&2
         ;;
     *)
-        sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

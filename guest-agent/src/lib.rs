@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 pub mod intercept;
 mod intercept_udp;
+pub mod privileges;
 mod session;
 
 pub use hostnet_net::watcher::DEFAULT_POLL_INTERVAL;
@@ -52,14 +53,45 @@ pub enum AgentError {
     Discovery(std::io::Error),
 }
 
+/// What the agent opens before it drops its privileges ([`privileges`]): the listener table
+/// and, where allowed, the kernel's listener events (loading BPF needs `CAP_BPF` +
+/// `CAP_PERFMON`). Opening it starts no thread.
+pub struct Discovery {
+    source: Box<dyn watcher::ListenerSource>,
+    trigger: watcher::Trigger,
+}
+
+impl std::fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Discovery").field("trigger", &self.trigger).finish_non_exhaustive()
+    }
+}
+
+impl Discovery {
+    pub fn open(config: &AgentConfig) -> Result<Self, AgentError> {
+        let source = watcher::platform_source().map_err(AgentError::Discovery)?;
+        let trigger = if config.listener_events {
+            watcher::Trigger::best(config.poll_interval)
+        } else {
+            watcher::Trigger::Poll(config.poll_interval)
+        };
+        Ok(Discovery { source, trigger })
+    }
+}
+
 /// Runs until `shutdown` fires. Returns an error only if it cannot start.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
-    let source = watcher::platform_source().map_err(AgentError::Discovery)?;
-    let trigger = if config.listener_events {
-        watcher::Trigger::best(config.poll_interval)
-    } else {
-        watcher::Trigger::Poll(config.poll_interval)
-    };
+    let discovery = Discovery::open(&config)?;
+    run_with(config, discovery, shutdown).await
+}
+
+/// [`run`] with discovery already open (`hostnet-agent` opens it, then drops privileges).
+pub async fn run_with(
+    config: AgentConfig,
+    discovery: Discovery,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let Discovery { source, trigger } = discovery;
     let listeners = watcher::spawn(source, trigger, config.ignore_ports.clone(), shutdown.clone())
         .map_err(AgentError::Discovery)?;
     let acceptor = config.transport.bind().await?;

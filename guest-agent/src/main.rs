@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use guest_agent::{AgentConfig, run};
+use guest_agent::{AgentConfig, Discovery, privileges, run_with};
 use hostnet_net::{TransportSpec, cli};
 
 /// hostnet's agent inside the Linux VM.
@@ -48,8 +48,7 @@ struct Args {
     ignore_ports: Vec<u16>,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     cli::init_logging();
     cli::tune_allocator();
     match cli::raise_fd_limit() {
@@ -63,12 +62,39 @@ async fn main() -> ExitCode {
     config.ignore_ports = args.ignore_ports.into_iter().collect::<BTreeSet<_>>();
     config.host_transport = args.host_transport;
 
-    let shutdown = cli::cancel_on_termination();
-    match run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
+    // Start-up that needs more than the agent keeps (loading BPF), then the drop, both while
+    // this is the only thread: capabilities are per thread and the runtime's threads copy them.
+    let discovery = match Discovery::open(&config) {
+        Ok(d) => d,
         Err(e) => {
             tracing::error!("{e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
+        }
+    };
+    let keep = privileges::needed(config.host_transport.is_some(), &config.transport);
+    match privileges::drop_all_but(&keep) {
+        Ok(dropped) => tracing::info!("privileges: {dropped}"),
+        Err(e) => {
+            tracing::error!("cannot drop the privileges the agent does not need: {e}");
+            return ExitCode::FAILURE;
         }
     }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = cli::cancel_on_termination();
+        match run_with(config, discovery, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }

@@ -2,6 +2,7 @@
 //! heartbeat; on loss, reconnect with backoff and resync from the next snapshot.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -60,10 +61,31 @@ pub async fn maintain(
 ) {
     let mut delays = backoff();
     let mut lost_at: Option<Instant> = None;
+    // Whether the forwards of the agent lost at `lost_at` are closed already.
+    let mut stale_closed = false;
     let mut attempts = 0u32;
     loop {
-        let mut established = false;
-        let result = session(&*connector, &forwards, host.clone(), &state, &shutdown, &mut established).await;
+        let established = AtomicBool::new(false);
+        // An attempt can wait for the agent for as long as the handshake timeout (an agent
+        // that is stopped, not gone, accepts connections but never answers): the forwards of
+        // a lost agent still close on time meanwhile.
+        let stale_at = lost_at.filter(|_| !stale_closed).map(|t| t + STALE_AFTER);
+        let result = {
+            let attempt = session(&*connector, &forwards, host.clone(), &state, &shutdown, &established);
+            tokio::pin!(attempt);
+            loop {
+                tokio::select! {
+                    r = &mut attempt => break r,
+                    _ = sleep_until_or_never(stale_at), if !stale_closed => {
+                        stale_closed = true;
+                        if !established.load(Ordering::SeqCst) {
+                            close_stale(&forwards).await;
+                        }
+                    }
+                }
+            }
+        };
+        let established = established.into_inner();
         if shutdown.is_cancelled() {
             return;
         }
@@ -72,6 +94,7 @@ pub async fn maintain(
             delays = backoff();
             attempts = 1;
             lost_at = Some(Instant::now());
+            stale_closed = false;
         } else {
             lost_at.get_or_insert_with(Instant::now);
         }
@@ -90,22 +113,36 @@ pub async fn maintain(
         }
         state.send_replace(LinkState::Disconnected { error });
 
-        let stale_at = lost_at.map(|t| t + STALE_AFTER);
+        let stale_at = lost_at.filter(|_| !stale_closed).map(|t| t + STALE_AFTER);
         let wake = Instant::now() + delay;
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(wake) => {}
-        }
-        if stale_at.is_some_and(|t| Instant::now() >= t) {
-            let (_, open) = forwards.counts();
-            if open > 0 {
-                info!(
-                    "agent still away after {STALE_AFTER:?}: closing {open} forwarded port(s) until it is back"
-                );
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(wake) => break,
+                _ = sleep_until_or_never(stale_at), if !stale_closed => {
+                    stale_closed = true;
+                    close_stale(&forwards).await;
+                }
             }
-            forwards.replace_all(ListenerSet::new()).await;
         }
     }
+}
+
+/// Sleeps until `at`, or forever when there is none.
+async fn sleep_until_or_never(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The agent has been away for [`STALE_AFTER`]: its forwarded ports close until it is back.
+async fn close_stale(forwards: &Forwards) {
+    let (_, open) = forwards.counts();
+    if open > 0 {
+        info!("agent still away after {STALE_AFTER:?}: closing {open} forwarded port(s) until it is back");
+    }
+    forwards.replace_all(ListenerSet::new()).await;
 }
 
 async fn session(
@@ -114,7 +151,7 @@ async fn session(
     mut host: watch::Receiver<Arc<ListenerSet>>,
     state: &watch::Sender<LinkState>,
     shutdown: &CancellationToken,
-    established: &mut bool,
+    established: &AtomicBool,
 ) -> Result<(), LinkError> {
     state.send_replace(LinkState::Connecting);
     let stream = tokio::select! {
@@ -144,7 +181,7 @@ async fn session(
         return Err(LinkError::Unexpected("another frame", "snapshot"));
     };
     forwards.replace_all(listeners.into_iter().filter(|l| l.is_forwardable()).collect()).await;
-    *established = true;
+    established.store(true, Ordering::SeqCst);
     publish(state, forwards);
     // Guest→host: the desktop's own listeners (the watcher already leaves out our mirrors).
     let mut host_sent = (**host.borrow_and_update()).clone();
