@@ -35,7 +35,8 @@ pub fn needed(guest_to_host: bool, transport: &TransportSpec) -> CapsHashSet {
     let low_port = match transport {
         TransportSpec::Tcp(addr) => addr.port() != 0 && addr.port() < 1024,
         TransportSpec::Vsock { port, .. } => *port < 1024,
-        TransportSpec::Unix(_) | TransportSpec::Hybrid { .. } => false,
+        // Hyper-V specs are for Windows hosts; an agent never listens on one.
+        TransportSpec::Unix(_) | TransportSpec::Hybrid { .. } | TransportSpec::HyperV { .. } => false,
     };
     if low_port {
         keep.insert(Capability::CAP_NET_BIND_SERVICE);
