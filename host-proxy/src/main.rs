@@ -117,6 +117,14 @@ async fn main() -> ExitCode {
         Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
     }
     let args = Args::parse();
+    if matches!(args.command, Cmd::Status { .. } | Cmd::Enable | Cmd::Disable) {
+        // A one-shot command piped into `head` ends quietly when the reader goes away, as
+        // other command-line tools do, instead of panicking on a closed stdout.
+        // SAFETY: restoring a signal's default disposition before any other thread uses it.
+        let _ = unsafe {
+            nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)
+        };
+    }
     let shutdown = cli::cancel_on_termination();
     let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
     let admin_socket = args.admin_socket.unwrap_or_else(admin::default_socket_path);
