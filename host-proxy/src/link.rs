@@ -18,6 +18,8 @@ use tracing::{debug, info, warn};
 use crate::LinkState;
 use crate::forward::Forwards;
 
+/// Desktop listener changes within this long go to the agent as one delta.
+const HOST_BATCH: Duration = Duration::from_millis(10);
 /// How often the proxy sends a heartbeat (and retries conflicting ports).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// No frame from the agent for this long: the link is dead.
@@ -188,6 +190,7 @@ async fn session(
     handshake::send_frame(&stream, &Control::HostSnapshot { listeners: host_sent.iter().copied().collect() })
         .await?;
     let mut host_live = true;
+    let mut host_due: Option<Instant> = None;
 
     let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -204,11 +207,17 @@ async fn session(
                 handshake::send_frame(&stream, &Control::Heartbeat { seq }).await?;
                 forwards.retry_conflicts();
             }
-            changed = host.changed(), if host_live => {
+            changed = host.changed(), if host_live && host_due.is_none() => {
                 if changed.is_err() {
                     host_live = false; // guest→host is off
                     continue;
                 }
+                // A burst of desktop listeners (a dev server starting) settles into one delta:
+                // one `nft` run in the guest, not one per port.
+                host_due = Some(Instant::now() + HOST_BATCH);
+            }
+            () = async { if let Some(due) = host_due { tokio::time::sleep_until(due).await } }, if host_due.is_some() => {
+                host_due = None;
                 let now = (**host.borrow_and_update()).clone();
                 let (added, removed) = host_sent.diff(&now);
                 if !removed.is_empty() {
