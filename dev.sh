@@ -99,6 +99,8 @@ case "$cmd" in
         ./installer/build-guest-image
         say "testing (unit, property, in-process and end-to-end)"
         cargo test --workspace --locked
+        say "replaying the fuzz targets' seeds and saved crashes (fuzzing itself: fuzz/run)"
+        (cd fuzz && CARGO_TARGET_DIR=../target cargo test --locked -q)
         if [ "$soak" = 1 ]; then
             say "soaks (long: the tests marked #[ignore = \"soak …\"])"
             cargo test --workspace --locked -- --ignored
