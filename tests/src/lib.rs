@@ -298,6 +298,16 @@ impl Demo {
         nft_tables(&self.netns)
     }
 
+    /// A set of the agent's nftables table (`tcp_ports`, `udp_ports`) inside the namespace, as
+    /// text; empty while the table is not installed.
+    pub fn nft_set(&self, set: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.netns, "nft", "list", "set", "inet", "hostnet", set])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Whether the proxy's log (and the agent's, which shares it) shows a panic.
     pub fn panicked(&self) -> bool {
         self.log_text().contains("panicked")

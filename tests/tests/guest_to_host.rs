@@ -44,15 +44,7 @@ fn say_guest(mut c: TcpStream) {
 
 /// The tcp_ports set of the agent's nftables table, as text.
 fn intercepted_ports(demo: &Demo) -> String {
-    nft_set(demo, "tcp_ports")
-}
-
-fn nft_set(demo: &Demo, set: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &demo.netns, "nft", "list", "set", "inet", "hostnet", set])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    demo.nft_set("tcp_ports")
 }
 
 #[test]
@@ -195,7 +187,7 @@ fn udp_echo_from_the_guest_over_v4_and_v6() {
     // A desktop UDP server on 127.0.0.1 only: [::1] in the guest still reaches it.
     let _echo = UdpEcho::start_here(addr("127.0.0.1", port));
     wait_until("the UDP port is intercepted in the guest", || {
-        nft_set(&demo, "udp_ports").contains(&port.to_string())
+        demo.nft_set("udp_ports").contains(&port.to_string())
     });
     let mut targets = vec![addr("127.0.0.1", port)];
     if has_ipv6() {

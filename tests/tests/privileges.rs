@@ -52,15 +52,6 @@ fn thread_caps(pid: i32) -> BTreeMap<String, BTreeMap<String, u64>> {
     threads
 }
 
-/// A set of the agent's nftables table, as text.
-fn nft_set(demo: &Demo, set: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &demo.netns, "nft", "list", "set", "inet", "hostnet", set])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn bit(cap: u32) -> u64 {
     1 << cap
 }
@@ -107,7 +98,7 @@ fn the_demo_agent_keeps_only_net_admin_and_still_forwards_both_ways() {
     let desktop_port = desktop.local_addr().unwrap().port();
     let _desktop = GuestServer::serve(desktop, echo);
     wait_until("the desktop port is intercepted in the guest", || {
-        nft_set(&demo, "tcp_ports").contains(&desktop_port.to_string())
+        demo.nft_set("tcp_ports").contains(&desktop_port.to_string())
     });
     let echoed =
         demo.in_netns(|| echo_round_trip(TcpStream::connect(loopback(false, desktop_port)).unwrap(), b"tcp"));
@@ -117,7 +108,7 @@ fn the_demo_agent_keeps_only_net_admin_and_still_forwards_both_ways() {
     let _udp = UdpEcho::start_here(loopback(false, udp_port));
     let target = loopback(false, udp_port);
     wait_until("the UDP port is intercepted in the guest", || {
-        nft_set(&demo, "udp_ports").contains(&udp_port.to_string())
+        demo.nft_set("udp_ports").contains(&udp_port.to_string())
     });
     let answered = demo.in_netns(move || udp_echo(&udp_client(target), b"udp"));
     assert_eq!(answered.as_deref(), Some(&b"udp"[..]));
