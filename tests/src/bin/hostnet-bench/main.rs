@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use hostnet_tests::{Demo, UdpEcho, count_then_reply, echo, free_port, loopback};
 
-use crate::paths::{Socat, Via, endpoint, tcp_listening};
+use crate::paths::{Socat, Via, endpoint, measure, tcp_listening};
 use crate::procs::Hostnet;
 use crate::report::{Goal, Row};
 use crate::tcp::Holder;
@@ -196,12 +196,7 @@ fn main() {
     if run(Workload::Rtt) {
         guard("rtt", &mut rows, &mut failed, |rows| {
             step("1-byte round trips");
-            let rtt = |via| {
-                (via != Via::Socat || socat.ok()).then(|| {
-                    let ep = endpoint(via, &demo, &socat, echo);
-                    tcp::rtt_micros(ep.addr, p.trips)
-                })
-            };
+            let rtt = |via| measure(via, &demo, &socat, echo, |addr| tcp::rtt_micros(addr, p.trips));
             let (d, h, s) = (rtt(Via::Direct).unwrap(), rtt(Via::Hostnet).unwrap(), rtt(Via::Socat));
             rows.push(
                 Row::new("RTT 1 B ping-pong, p50", "µs")
@@ -245,10 +240,7 @@ fn main() {
         guard("connect", &mut rows, &mut failed, |rows| {
             step("new connections per second");
             let rate = |via| {
-                (via != Via::Socat || socat.ok()).then(|| {
-                    let ep = endpoint(via, &demo, &socat, echo);
-                    tcp::connections_per_second(ep.addr, p.connect_window)
-                })
+                measure(via, &demo, &socat, echo, |addr| tcp::connections_per_second(addr, p.connect_window))
             };
             rows.push(
                 Row::new("new connections (1 request)", "conn/s")
@@ -258,9 +250,8 @@ fn main() {
                     .note(format!("one client, sequential, {:?} each", p.connect_window)),
             );
             let parallel = |via| {
-                (via != Via::Socat || socat.ok()).then(|| {
-                    let ep = endpoint(via, &demo, &socat, echo);
-                    tcp::connections_per_second_parallel(ep.addr, p.connect_window, CONNECT_CLIENTS)
+                measure(via, &demo, &socat, echo, |addr| {
+                    tcp::connections_per_second_parallel(addr, p.connect_window, CONNECT_CLIENTS)
                 })
             };
             rows.push(

@@ -53,6 +53,21 @@ pub fn endpoint(via: Via, demo: &Demo, socat: &Socat, handler: fn(TcpStream)) ->
     }
 }
 
+/// Runs `f` on the address of a fresh `handler` server reached `via` (kept alive meanwhile);
+/// `None` for the socat path when socat is not available.
+pub fn measure<T>(
+    via: Via,
+    demo: &Demo,
+    socat: &Socat,
+    handler: fn(TcpStream),
+    f: impl FnOnce(SocketAddr) -> T,
+) -> Option<T> {
+    (via != Via::Socat || socat.ok()).then(|| {
+        let ep = endpoint(via, demo, socat, handler);
+        f(ep.addr)
+    })
+}
+
 /// Waits until a connect to `addr` succeeds (for hostnet: the port is forwarded). The probe
 /// connection is closed at once.
 pub fn wait_accepting(addr: SocketAddr) -> Duration {
