@@ -9,10 +9,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use hostnet_net::handshake::{self, FrameReader};
+use hostnet_net::handshake::{self, FrameReader, OpenError};
 use hostnet_net::relay::{self, Outcome, RelayCounters};
 use hostnet_net::{Connector, RawStream};
-use hostnet_protocol::{Listener, ListenerSet, Open, OpenReply, Proto};
+use hostnet_protocol::{Listener, ListenerSet, Open, Proto};
 use serde::Serialize;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -509,7 +509,7 @@ impl Forwards {
             return;
         };
         let open = Open::Tcp { addr: target, port, peer: Some(peer) };
-        let stream = match self.connector.connect().await {
+        let stream = match handshake::send_open(&*self.connector, &open).await {
             Ok(s) => s,
             Err(e) => {
                 self.open_failed(&e);
@@ -517,19 +517,14 @@ impl Forwards {
                 return;
             }
         };
-        if let Err(e) = handshake::send_preface_and(&stream, &open).await {
-            self.open_failed(&e);
-            let _ = client.set_reset_on_close();
-            return;
-        }
         // The client's first bytes go out right behind `open`; the agent's answer leads the
         // way back.
         let answer = async {
             let mut reader = FrameReader::new();
-            match reader.read_opening::<_, OpenReply>(&stream).await {
-                Ok(OpenReply::Connected) => Ok(reader.into_leftover()),
-                Ok(OpenReply::Refused { reason }) => {
-                    debug!("agent refused: {reason}");
+            match handshake::read_answer(&stream, &mut reader).await {
+                Ok(()) => Ok(reader.into_leftover()),
+                Err(e @ OpenError::Refused(_)) => {
+                    debug!("agent {e}");
                     Err(Outcome::PeerReset)
                 }
                 Err(e) => {

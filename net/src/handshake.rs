@@ -162,11 +162,28 @@ pub async fn open_stream(
     connector: &dyn crate::Connector,
     open: &hostnet_protocol::Open,
 ) -> Result<(crate::TransportStream, FrameReader), OpenError> {
-    let stream = connector.connect().await.map_err(|e| OpenError::Failed(e.to_string()))?;
+    let stream = send_open(connector, open).await?;
     let mut reader = FrameReader::new();
+    read_answer(&stream, &mut reader).await?;
+    Ok((stream, reader))
+}
+
+/// The first half of [`open_stream`]: connects and sends our preface and `open`, without
+/// waiting for the answer (the caller may send data behind it, then [`read_answer`]).
+pub async fn send_open(
+    connector: &dyn crate::Connector,
+    open: &hostnet_protocol::Open,
+) -> Result<crate::TransportStream, OpenError> {
+    let stream = connector.connect().await.map_err(|e| OpenError::Failed(e.to_string()))?;
     send_preface_and(&stream, open).await.map_err(|e| OpenError::Failed(e.to_string()))?;
-    match reader.read_opening::<_, hostnet_protocol::OpenReply>(&stream).await {
-        Ok(hostnet_protocol::OpenReply::Connected) => Ok((stream, reader)),
+    Ok(stream)
+}
+
+/// The second half of [`open_stream`]: reads the far side's preface and answer; `reader` then
+/// holds any bytes read past it.
+pub async fn read_answer<S: RawStream>(stream: &S, reader: &mut FrameReader) -> Result<(), OpenError> {
+    match reader.read_opening::<_, hostnet_protocol::OpenReply>(stream).await {
+        Ok(hostnet_protocol::OpenReply::Connected) => Ok(()),
         Ok(hostnet_protocol::OpenReply::Refused { reason }) => Err(OpenError::Refused(reason)),
         Err(e) => Err(OpenError::Failed(e.to_string())),
     }
