@@ -133,8 +133,8 @@ impl ListenerEvents {
 #[cfg(hostnet_bpf)]
 fn own_netns_cookie() -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
-    let socket =
-        std::net::UdpSocket::bind("127.0.0.1:0").or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    // Any socket tells its namespace; this one is never bound (no loopback needed, no event).
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: `cookie` and `len` are valid for writes of the sizes given.
@@ -153,7 +153,7 @@ fn own_netns_cookie() -> io::Result<u64> {
     Ok(cookie)
 }
 
-/// The root of the cgroup v2 hierarchy, where the UDP programs attach (they then see every
+/// The root of the cgroup v2 hierarchy, where the programs attach (they then see every
 /// process). Where none is mounted in this mount namespace (`ip netns exec` remounts `/sys`;
 /// minimal guest inits mount nothing), it is mounted on a private directory just long enough
 /// to open it: the open directory keeps the cgroup, not the mount.

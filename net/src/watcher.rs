@@ -62,8 +62,9 @@ pub fn platform_source() -> io::Result<Box<dyn ListenerSource>> {
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// With kernel events, the table is still read this often, as the source of truth.
 pub const EVENT_RESYNC: Duration = Duration::from_secs(1);
-/// A TCP listen event fires just before the kernel hashes the socket: when an event finds the
-/// table unchanged, it is read again after these delays.
+/// Close events (a listener leaving LISTEN, a UDP socket released) fire just before the kernel
+/// unhashes the socket: when an event finds the table unchanged, it is read again after these
+/// delays.
 const CONFIRM_AFTER_EVENT: [Duration; 2] = [Duration::from_micros(500), Duration::from_millis(4)];
 /// Back-off after a failed read of the table.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
