@@ -87,14 +87,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    // The agent runs on a worker thread, not on this one: a future driven by `block_on` is
+    // woken across threads for every event (the I/O driver lives on the workers), which cost
+    // each new connection several extra context switches in its accept loop.
+    let agent = runtime.spawn(async move {
         let shutdown = cli::cancel_on_termination();
-        match run_with(config, discovery, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e}");
-                ExitCode::FAILURE
-            }
+        run_with(config, discovery, shutdown).await
+    });
+    match runtime.block_on(agent) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
         }
-    })
+        Err(e) => {
+            tracing::error!("the agent's main task failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

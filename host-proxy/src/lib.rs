@@ -108,7 +108,12 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
             tracing::warn!("the admin API is off: {e}");
         }
     }
-    link::maintain(config.connector, forwards, host, state, shutdown.clone()).await;
+    // On a worker thread: a future driven by the caller's `block_on` is woken across threads
+    // for every control frame (the I/O driver lives on the workers).
+    let link = tokio::spawn(link::maintain(config.connector, forwards, host, state, shutdown.clone()));
+    if let Err(e) = link.await {
+        tracing::error!("the link to the agent failed: {e}");
+    }
     tracker.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
         tracing::warn!("some connections did not close within {DRAIN_TIMEOUT:?}");
