@@ -4,7 +4,9 @@
 //! [`FrameReader`] keeps whatever it read past the frame it returned, because on a data stream
 //! those bytes are already the first chunks of the relayed connection.
 
+use std::future::Future;
 use std::io;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -88,16 +90,42 @@ impl FrameReader {
     }
 
     /// [`Self::read_preface`] then [`Self::read_frame`], within [`HANDSHAKE_TIMEOUT`].
+    ///
+    /// An opener sends its preface and frame as soon as it connects, so on an accepted stream
+    /// they have usually arrived already: taken at once, they cost no trip through the reactor
+    /// and no timer (arming one wakes the runtime's timer thread: a context switch per
+    /// connection). The timer starts only if the opening has to be waited for.
     pub async fn read_opening<S: RawStream, T: DeserializeOwned>(
         &mut self,
         s: &S,
     ) -> Result<T, HandshakeError> {
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        self.take_arrived(s)?;
+        let opening = async {
             self.read_preface(s).await?;
             self.read_frame(s).await
-        })
-        .await
-        .map_err(|_| HandshakeError::TimedOut(HANDSHAKE_TIMEOUT))?
+        };
+        let mut opening = std::pin::pin!(opening);
+        let first = std::future::poll_fn(|cx| Poll::Ready(opening.as_mut().poll(cx))).await;
+        if let Poll::Ready(done) = first {
+            return done;
+        }
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, opening)
+            .await
+            .map_err(|_| HandshakeError::TimedOut(HANDSHAKE_TIMEOUT))?
+    }
+
+    /// Buffers what the stream holds already, without waiting.
+    fn take_arrived<S: RawStream>(&mut self, s: &S) -> Result<(), HandshakeError> {
+        let start = self.buf.len();
+        self.buf.resize(start + READ_CHUNK, 0);
+        let read = stream::read_arrived(s, self.buf.get_mut(start..).unwrap_or_default());
+        self.buf.truncate(start + *read.as_ref().unwrap_or(&0));
+        match read {
+            // EOF: the reads that follow see it too, and say so.
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Reads the next datagram of a UDP data stream; `None` when the peer closed the stream

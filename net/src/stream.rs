@@ -78,6 +78,23 @@ pub fn poll_write<S: RawStream + ?Sized>(s: &S, cx: &mut Context<'_>, buf: &[u8]
     }
 }
 
+/// Reads what has already arrived, straight from the socket: the reactor may not have reported
+/// it yet (a stream accepted a moment ago usually holds its peer's first bytes already).
+/// `WouldBlock` when nothing is there; the reactor's readiness is left as it was.
+pub fn read_arrived<S: RawStream + ?Sized>(s: &S, buf: &mut [u8]) -> io::Result<usize> {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `buf` is valid for `buf.len()` bytes; the socket is non-blocking.
+        let n = unsafe { libc::read(s.as_fd().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+    #[cfg(not(unix))]
+    {
+        s.try_read(buf)
+    }
+}
+
 /// Reads some bytes (`0` at EOF).
 pub async fn read<S: RawStream + ?Sized>(s: &S, buf: &mut [u8]) -> io::Result<usize> {
     poll_fn(|cx| poll_read(s, cx, buf)).await
