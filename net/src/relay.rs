@@ -27,6 +27,9 @@ use tokio::io::Interest;
 pub const RELAY_BUF_LEN: usize = 256 * 1024;
 /// A direction silent this long gives its buffer back.
 pub const IDLE_BUFFER_RELEASE: Duration = Duration::from_millis(500);
+/// A read this large means a bulk transfer even while the far side keeps up: the direction
+/// takes its pipe (or buffer) at once, so the bytes stop being copied through user space.
+pub const BULK_READ: usize = 32 * 1024;
 
 const _: () = assert!(RELAY_BUF_LEN <= chunk::MAX_CHUNK_LEN);
 
@@ -331,6 +334,9 @@ async fn pump_up<L: RawStream, P: RawStream>(
         match step {
             Step::Sent(n) => {
                 counters.to_peer.fetch_add(n as u64, Ordering::Relaxed);
+                if n >= BULK_READ && own.is_none() {
+                    own = Some(bulk_for(local, peer));
+                }
             }
             Step::Blocked(n, rest) => {
                 mid_chunk.store(true, Ordering::Relaxed);
@@ -446,14 +452,22 @@ async fn pump_down<P: RawStream, L: RawStream>(
             }
             _ => {}
         }
+        let mut read = 0;
         let step = with_scratch(|b| match peer.try_read(b) {
             Ok(0) => Err(Outcome::PeerVanished),
-            Ok(n) => deliver_now(&mut decoder, b.get(..n).unwrap_or_default(), local, counters),
+            Ok(n) => {
+                read = n;
+                deliver_now(&mut decoder, b.get(..n).unwrap_or_default(), local, counters)
+            }
             Err(e) if !is_reset_like(&e) => Ok(None),
             Err(_) => Err(Outcome::PeerVanished),
         });
         match step {
-            Ok(None) => {}
+            Ok(None) => {
+                if read >= BULK_READ && own.is_none() {
+                    own = Some(bulk_for(local, peer));
+                }
+            }
             Ok(Some(Leftover { data, raw })) => {
                 if stream::write_all(local, &data).await.is_err() {
                     return Outcome::LocalReset;
