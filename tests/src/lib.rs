@@ -424,11 +424,11 @@ fn terminate(child: &mut Child) -> Option<ExitStatus> {
 pub struct GuestServer {
     pub port: u16,
     listener: TcpListener,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl GuestServer {
-    /// Serves `listener` with `handler` per connection.
+    /// Serves `listener` with `handler` per connection, each on a thread of its own.
     pub fn serve(listener: TcpListener, handler: fn(TcpStream)) -> GuestServer {
         let port = listener.local_addr().unwrap().port();
         let l = listener.try_clone().unwrap();
@@ -442,7 +442,29 @@ impl GuestServer {
                 }
             }
         });
-        GuestServer { port, listener, thread: Some(thread) }
+        GuestServer { port, listener, threads: vec![thread] }
+    }
+
+    /// Serves `listener` from `threads` threads that each accept one connection and handle it
+    /// before taking the next (a pre-threaded server, as busy servers are): no thread is
+    /// started per connection, so a connection-rate benchmark measures the path to the server
+    /// rather than thread creation.
+    pub fn serve_pooled(listener: TcpListener, handler: fn(TcpStream), threads: usize) -> GuestServer {
+        let port = listener.local_addr().unwrap().port();
+        let threads = (0..threads.max(1))
+            .map(|_| {
+                let l = listener.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    for conn in l.incoming() {
+                        match conn {
+                            Ok(c) => handler(c),
+                            Err(_) => break, // closed by `close`
+                        }
+                    }
+                })
+            })
+            .collect();
+        GuestServer { port, listener, threads }
     }
 
     /// Stops accepting and closes the listening socket (the guest server "exits").
@@ -453,7 +475,7 @@ impl GuestServer {
     fn shutdown(&mut self) {
         // shutdown(2) on a listening socket wakes a blocked accept on Linux.
         let _ = SockRef::from(&self.listener).shutdown(Shutdown::Both);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }

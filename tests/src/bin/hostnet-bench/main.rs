@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use hostnet_tests::{Demo, UdpEcho, count_then_reply, echo, free_port, loopback};
 
-use crate::paths::{Socat, Via, endpoint, measure, tcp_listening};
+use crate::paths::{Server, Socat, Via, endpoint, measure, tcp_listening};
 use crate::procs::Hostnet;
 use crate::report::{Goal, Row};
 use crate::tcp::Holder;
@@ -196,7 +196,11 @@ fn main() {
     if run(Workload::Rtt) {
         guard("rtt", &mut rows, &mut failed, |rows| {
             step("1-byte round trips");
-            let rtt = |via| measure(via, &demo, &socat, echo, |addr| tcp::rtt_micros(addr, p.trips));
+            let rtt = |via| {
+                measure(via, &demo, &socat, Server::PerConnection(echo), |ep| {
+                    tcp::rtt_micros(ep.addr, p.trips)
+                })
+            };
             let (d, h, s) = (rtt(Via::Direct).unwrap(), rtt(Via::Hostnet).unwrap(), rtt(Via::Socat));
             rows.push(
                 Row::new("RTT 1 B ping-pong, p50", "µs")
@@ -234,37 +238,38 @@ fn main() {
             }
         });
     }
-    /// Clients of the parallel connection-rate workload.
-    const CONNECT_CLIENTS: usize = 4;
     if run(Workload::Connect) {
         guard("connect", &mut rows, &mut failed, |rows| {
             step("new connections per second");
-            let rate = |via| {
-                measure(via, &demo, &socat, echo, |addr| tcp::connections_per_second(addr, p.connect_window))
-            };
-            rows.push(
-                Row::new("new connections (1 request)", "conn/s")
-                    .direct(rate(Via::Direct).unwrap())
-                    .hostnet(rate(Via::Hostnet).unwrap())
-                    .socat(rate(Via::Socat))
-                    .note(format!("one client, sequential, {:?} each", p.connect_window)),
-            );
-            let parallel = |via| {
-                measure(via, &demo, &socat, echo, |addr| {
-                    tcp::connections_per_second_parallel(addr, p.connect_window, CONNECT_CLIENTS)
-                })
-            };
-            rows.push(
-                Row::new("new connections (1 request), 4 clients", "conn/s")
-                    .direct(parallel(Via::Direct).unwrap())
-                    .hostnet(parallel(Via::Hostnet).unwrap())
-                    .socat(parallel(Via::Socat))
-                    .goal(Goal::AtLeast(10_000.0))
-                    .note(format!(
-                        "{CONNECT_CLIENTS} clients at once, each sequential, {:?}",
-                        p.connect_window
-                    )),
-            );
+            for clients in [1, CONNECT_CLIENTS] {
+                let rate = |via| connect_rate(via, &demo, &socat, p.connect_window, clients);
+                let (d, h, s) = (rate(Via::Direct).unwrap(), rate(Via::Hostnet).unwrap(), rate(Via::Socat));
+                let mut row = if clients == 1 {
+                    Row::new("new connections (1 request)", "conn/s")
+                        .note(format!("one client, sequential, {:?}", p.connect_window))
+                } else {
+                    Row::new(format!("new connections (1 request), {clients} clients"), "conn/s")
+                        .goal(Goal::AtLeast(10_000.0))
+                        .note(format!("{clients} clients at once, each sequential, {:?}", p.connect_window))
+                };
+                row = row.direct(d.per_s).hostnet(h.per_s).socat(s.as_ref().map(|s| s.per_s));
+                rows.push(row);
+                if clients == CONNECT_CLIENTS {
+                    rows.push(
+                        Row::new(format!("CPU per new connection, whole path ({clients} clients)"), "CPU-µs")
+                            .direct(d.cpu_us)
+                            .hostnet(h.cpu_us)
+                            .socat(s.as_ref().map(|s| s.cpu_us))
+                            .note("clients + server + relay processes, user + system"),
+                    );
+                    rows.push(
+                        Row::new(format!("CPU per new connection, relay only ({clients} clients)"), "CPU-µs")
+                            .hostnet(h.relay_cpu_us)
+                            .socat(s.as_ref().map(|s| s.relay_cpu_us))
+                            .note("hostnet: proxy + agent; socat: both listeners and their forked children"),
+                    );
+                }
+            }
         });
     }
     if run(Workload::Memory) {
@@ -340,24 +345,41 @@ fn step(what: &str) {
     println!("==> {what}");
 }
 
+/// Clients of the parallel connection-rate workload.
+const CONNECT_CLIENTS: usize = 4;
+
+/// One connection-rate measurement: the rate and the CPU each connection cost.
+struct ConnRate {
+    per_s: f64,
+    /// Clients, server and relay, per connection.
+    cpu_us: f64,
+    /// The relay alone, per connection.
+    relay_cpu_us: f64,
+}
+
+/// `clients` clients connecting over `via` for `window`, against a pre-threaded server with a
+/// thread per client.
+fn connect_rate(via: Via, demo: &Demo, socat: &Socat, window: Duration, clients: usize) -> Option<ConnRate> {
+    measure(via, demo, socat, Server::Pooled(tcp::pong, clients), |ep| {
+        ep.settle();
+        let (own0, relay0) = (procs::own_cpu_seconds(), ep.relay_cpu_seconds());
+        let (n, secs) = tcp::connections(ep.addr, window, clients);
+        ep.settle();
+        let (own, relay) = (procs::own_cpu_seconds() - own0, ep.relay_cpu_seconds() - relay0);
+        let per = |cpu: f64| cpu / n.max(1) as f64 * 1e6;
+        ConnRate { per_s: n as f64 / secs, cpu_us: per(own + relay), relay_cpu_us: per(relay) }
+    })
+}
+
 /// Throughput rows (1 and 8 streams) and the CPU each GiB costs on each path.
 fn throughput(demo: &Demo, socat: &Socat, p: &Params, rows: &mut Vec<Row>) {
     let over = |via: Via, streams: usize| -> Option<tcp::Transfer> {
         if via == Via::Socat && !socat.ok() {
             return None;
         }
-        let ep = endpoint(via, demo, socat, count_then_reply);
-        let hn = Hostnet::find(demo);
-        let relay_cpu = || match (via, &ep.socat) {
-            (Via::Hostnet, _) => hn.cpu_seconds(),
-            (Via::Socat, Some(chain)) => chain.cpu_seconds(),
-            _ => 0.0,
-        };
-        let settle = || {
-            if let Some(chain) = &ep.socat {
-                chain.wait_children_gone();
-            }
-        };
+        let ep = endpoint(via, demo, socat, Server::PerConnection(count_then_reply));
+        let relay_cpu = || ep.relay_cpu_seconds();
+        let settle = || ep.settle();
         Some(tcp::transfer(ep.addr, p.bytes, streams, &relay_cpu, &settle))
     };
     let mut one = None;

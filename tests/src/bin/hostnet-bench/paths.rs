@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hostnet_tests::{DEADLINE, Demo, GuestServer, free_port, loopback};
 
-use crate::procs;
+use crate::procs::{self, Hostnet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
@@ -22,49 +22,89 @@ pub enum Via {
     Socat,
 }
 
+/// How the harness's server runs its handler.
+#[derive(Debug, Clone, Copy)]
+pub enum Server {
+    /// A thread per connection: any number of connections at once.
+    PerConnection(fn(TcpStream)),
+    /// A fixed pool of threads, each handling one connection at a time: for connection-rate
+    /// workloads, whose figures would otherwise include a thread start per connection.
+    Pooled(fn(TcpStream), usize),
+}
+
+impl Server {
+    fn start(self, listener: TcpListener) -> GuestServer {
+        match self {
+            Server::PerConnection(handler) => GuestServer::serve(listener, handler),
+            Server::Pooled(handler, threads) => GuestServer::serve_pooled(listener, handler, threads),
+        }
+    }
+}
+
 /// A server on one path and the address the desktop connects to; dropping it stops both.
 #[derive(Debug)]
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub socat: Option<SocatChain>,
+    /// hostnet's processes, on the hostnet path.
+    hostnet: Option<Hostnet>,
     _server: GuestServer,
 }
 
-/// Starts `handler` (one thread per connection) behind `via` and waits until the desktop can
-/// connect to it.
-pub fn endpoint(via: Via, demo: &Demo, socat: &Socat, handler: fn(TcpStream)) -> Endpoint {
+impl Endpoint {
+    /// CPU-seconds the relay on this path has used so far: hostnet's proxy + agent, the socat
+    /// chain (with its reaped per-connection children), nothing for direct.
+    pub fn relay_cpu_seconds(&self) -> f64 {
+        match (&self.hostnet, &self.socat) {
+            (Some(hn), _) => hn.cpu_seconds(),
+            (_, Some(chain)) => chain.cpu_seconds(),
+            _ => 0.0,
+        }
+    }
+
+    /// Waits until the relay has accounted for the connections so far (socat's
+    /// per-connection children have exited and been reaped).
+    pub fn settle(&self) {
+        if let Some(chain) = &self.socat {
+            chain.wait_children_gone();
+        }
+    }
+}
+
+/// Starts `server` behind `via` and waits until the desktop can connect to it.
+pub fn endpoint(via: Via, demo: &Demo, socat: &Socat, server: Server) -> Endpoint {
     let port = free_port();
     let listener = match via {
         Via::Direct => TcpListener::bind(loopback(false, port)).unwrap(),
         Via::Hostnet | Via::Socat => demo.listen(SocketAddr::from(([0, 0, 0, 0], port)), false),
     };
-    let server = GuestServer::serve(listener, handler);
+    let server = server.start(listener);
     match via {
-        Via::Direct => Endpoint { addr: loopback(false, port), socat: None, _server: server },
+        Via::Direct => Endpoint { addr: loopback(false, port), socat: None, hostnet: None, _server: server },
         Via::Hostnet => {
             let addr = loopback(false, port);
             wait_accepting(addr);
-            Endpoint { addr, socat: None, _server: server }
+            Endpoint { addr, socat: None, hostnet: Some(Hostnet::find(demo)), _server: server }
         }
         Via::Socat => {
             let chain = socat.chain(demo, port);
-            Endpoint { addr: chain.addr, socat: Some(chain), _server: server }
+            Endpoint { addr: chain.addr, socat: Some(chain), hostnet: None, _server: server }
         }
     }
 }
 
-/// Runs `f` on the address of a fresh `handler` server reached `via` (kept alive meanwhile);
-/// `None` for the socat path when socat is not available.
+/// Runs `f` on a fresh `server` reached `via` (kept alive meanwhile); `None` for the socat
+/// path when socat is not available.
 pub fn measure<T>(
     via: Via,
     demo: &Demo,
     socat: &Socat,
-    handler: fn(TcpStream),
-    f: impl FnOnce(SocketAddr) -> T,
+    server: Server,
+    f: impl FnOnce(&Endpoint) -> T,
 ) -> Option<T> {
     (via != Via::Socat || socat.ok()).then(|| {
-        let ep = endpoint(via, demo, socat, handler);
-        f(ep.addr)
+        let ep = endpoint(via, demo, socat, server);
+        f(&ep)
     })
 }
 

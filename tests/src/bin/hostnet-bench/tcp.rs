@@ -90,31 +90,41 @@ pub fn rtt_micros(addr: SocketAddr, trips: usize) -> (f64, f64) {
     (us(percentile(&mut samples, 50)), us(percentile(&mut samples, 99)))
 }
 
-/// Connect, one 1-byte request and its answer, close — as many as fit in `window`, one after
-/// the other.
-pub fn connections_per_second(addr: SocketAddr, window: Duration) -> f64 {
+/// Connect, one 1-byte request and its answer, close — from `clients` threads at once, each
+/// one connection after another, for `window`: the rate a busy desktop (a browser, a test
+/// suite) asks of the path. Returns the connections made and the seconds they took.
+pub fn connections(addr: SocketAddr, window: Duration, clients: usize) -> (u64, f64) {
     let start = Instant::now();
-    let mut n = 0u64;
-    let mut b = [0u8; 1];
-    while start.elapsed() < window {
-        let mut c = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr} #{n}: {e}"));
-        c.set_nodelay(true).unwrap();
-        c.write_all(b"x").unwrap();
-        c.read_exact(&mut b).unwrap();
-        n += 1;
-    }
-    n as f64 / start.elapsed().as_secs_f64()
-}
-
-/// [`connections_per_second`] from `clients` threads at once: the rate a busy desktop (a
-/// browser, a test suite) asks of the path, not the latency of one connection after another.
-pub fn connections_per_second_parallel(addr: SocketAddr, window: Duration, clients: usize) -> f64 {
-    let rates: Vec<f64> = std::thread::scope(|s| {
-        let workers: Vec<_> =
-            (0..clients).map(|_| s.spawn(move || connections_per_second(addr, window))).collect();
+    let counts: Vec<u64> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..clients.max(1))
+            .map(|_| {
+                s.spawn(move || {
+                    let mut n = 0u64;
+                    let mut b = [0u8; 1];
+                    while start.elapsed() < window {
+                        let mut c =
+                            TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr} #{n}: {e}"));
+                        c.set_nodelay(true).unwrap();
+                        c.write_all(b"x").unwrap();
+                        c.read_exact(&mut b).unwrap();
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
         workers.into_iter().map(|w| w.join().unwrap()).collect()
     });
-    rates.iter().sum()
+    (counts.iter().sum(), start.elapsed().as_secs_f64())
+}
+
+/// The connection-rate server's handler: answers the 1-byte request, then closes once the
+/// client has.
+pub fn pong(mut c: TcpStream) {
+    let mut b = [0u8; 1];
+    if c.read_exact(&mut b).is_ok() && c.write_all(&b).is_ok() {
+        let _ = c.read(&mut b);
+    }
 }
 
 /// A server that accepts connections and keeps them open, idle, until dropped.
