@@ -48,7 +48,8 @@ enum Cmd {
         #[arg(long, env = "HOSTNET_TRANSPORT")]
         transport: TransportSpec,
         /// Where the agent connects for guest→host (containers reaching this machine's servers
-        /// as localhost:PORT): for hybrid vsock, unix:<VM socket>_<PORT>. Off when not given.
+        /// as localhost:PORT): for hybrid vsock, unix:<VM socket>_<PORT>; vsock:any:1025 with
+        /// vhost-vsock; hyperv:VMID:1025 (Windows). Off when not given.
         #[arg(long, value_name = "SPEC")]
         listen: Option<TransportSpec>,
         #[command(flatten)]

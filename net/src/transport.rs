@@ -16,7 +16,7 @@ use std::sync::Arc;
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
-use crate::hyperv::Guid;
+use crate::hyperv::{self, Guid};
 use crate::stream::{self, TransportStream};
 
 /// A boxed, sendable future, as the transport traits return.
@@ -78,7 +78,8 @@ pub enum TransportSpec {
     /// (Firecracker, Cloud Hypervisor, vhost-device-vsock).
     Hybrid { path: PathBuf, port: u32 },
     /// `hyperv:VMID:PORT` — a Hyper-V socket to the VM `VMID` (a GUID) and the service id of
-    /// vsock port `PORT` (see [`crate::hyperv`]); Windows hosts only.
+    /// vsock port `PORT` (see [`crate::hyperv`]); Windows hosts only. Listening, `VMID` may be
+    /// `any` (`HV_GUID_WILDCARD`: every VM).
     HyperV { vm_id: Guid, port: u32 },
 }
 
@@ -109,7 +110,10 @@ impl FromStr for TransportSpec {
             "hyperv" => {
                 let (vm_id, port) = rest.rsplit_once(':').ok_or_else(bad)?;
                 Ok(TransportSpec::HyperV {
-                    vm_id: vm_id.parse().map_err(|_| bad())?,
+                    vm_id: match vm_id {
+                        "any" => hyperv::WILDCARD,
+                        id => id.parse().map_err(|_| bad())?,
+                    },
                     port: port.parse().map_err(|_| bad())?,
                 })
             }
@@ -126,6 +130,7 @@ impl fmt::Display for TransportSpec {
             TransportSpec::Vsock { cid: VSOCK_CID_ANY, port } => write!(f, "vsock:any:{port}"),
             TransportSpec::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
             TransportSpec::Hybrid { path, port } => write!(f, "hybrid:{}:{port}", path.display()),
+            TransportSpec::HyperV { vm_id: hyperv::WILDCARD, port } => write!(f, "hyperv:any:{port}"),
             TransportSpec::HyperV { vm_id, port } => write!(f, "hyperv:{vm_id}:{port}"),
         }
     }
@@ -155,6 +160,16 @@ impl TransportSpec {
                 let l = crate::vsock::VsockListener::bind(*cid, *port).map_err(bind_err)?;
                 Ok(Box::new(VsockAcceptor(l)))
             }
+            #[cfg(windows)]
+            TransportSpec::HyperV { vm_id, port } => {
+                let l =
+                    hyperv::HyperVListener::bind(&hyperv::HvAddr::vsock(*vm_id, *port)).map_err(bind_err)?;
+                Ok(Box::new(HyperVAcceptor(l)))
+            }
+            #[cfg(not(windows))]
+            TransportSpec::HyperV { .. } => Err(TransportError::Unsupported {
+                target: format!("listening on {self} (Hyper-V sockets are Windows only)"),
+            }),
             _ => Err(TransportError::Unsupported { target: format!("listening on {self}") }),
         }
     }
@@ -202,13 +217,12 @@ impl Connector for SpecConnector {
                 TransportSpec::Hybrid { path, port } => hybrid_connect(path, *port, &self.0).await,
                 #[cfg(windows)]
                 TransportSpec::HyperV { vm_id, port } => {
-                    let (vm_id, service_id) = (*vm_id, crate::hyperv::vsock_service_id(*port));
-                    let std =
-                        tokio::task::spawn_blocking(move || crate::hyperv::sys::connect(&vm_id, &service_id))
-                            .await
-                            .map_err(io::Error::other)
-                            .and_then(|r| r)
-                            .map_err(connect_err)?;
+                    let addr = hyperv::HvAddr::vsock(*vm_id, *port);
+                    let std = tokio::task::spawn_blocking(move || hyperv::sys::connect(&addr))
+                        .await
+                        .map_err(io::Error::other)
+                        .and_then(|r| r)
+                        .map_err(connect_err)?;
                     std.set_nonblocking(true).map_err(connect_err)?;
                     TcpStream::from_std(std).map(TransportStream::Tcp).map_err(connect_err)
                 }
@@ -285,6 +299,20 @@ impl Acceptor for TcpAcceptor {
     }
 }
 
+#[cfg(windows)]
+#[derive(Debug)]
+struct HyperVAcceptor(hyperv::HyperVListener);
+
+#[cfg(windows)]
+impl Acceptor for HyperVAcceptor {
+    fn accept(&self) -> BoxFuture<'_, io::Result<(TransportStream, String)>> {
+        Box::pin(async move {
+            let (s, peer) = self.0.accept().await?;
+            Ok((TransportStream::Tcp(s), peer))
+        })
+    }
+}
+
 #[cfg(target_os = "linux")]
 #[derive(Debug)]
 struct VsockAcceptor(crate::vsock::VsockListener);
@@ -315,6 +343,7 @@ mod tests {
             "hybrid:/run/vm.vsock:1024",
             "hybrid:/odd:path/v.sock:7",
             "hyperv:A42E7CDA-D03F-480C-9CC2-A4DE20ABB878:1024",
+            "hyperv:any:1025",
         ] {
             let spec: TransportSpec = s.parse().unwrap();
             assert_eq!(spec.to_string(), s);
@@ -334,6 +363,14 @@ mod tests {
         assert_eq!(spec.to_string(), "hyperv:A42E7CDA-D03F-480C-9CC2-A4DE20ABB878:1024");
     }
 
+    #[test]
+    fn hyperv_any_is_the_wildcard_vm_id() {
+        let spec: TransportSpec = "hyperv:any:1025".parse().unwrap();
+        assert_eq!(spec, TransportSpec::HyperV { vm_id: hyperv::WILDCARD, port: 1025 });
+        let zeros: TransportSpec = "hyperv:00000000-0000-0000-0000-000000000000:1025".parse().unwrap();
+        assert_eq!(zeros.to_string(), "hyperv:any:1025");
+    }
+
     #[cfg(not(windows))]
     #[tokio::test]
     async fn hyperv_elsewhere_says_it_is_windows_only() {
@@ -341,6 +378,13 @@ mod tests {
         let err = spec.connector().connect().await.unwrap_err();
         assert!(matches!(err, TransportError::Unsupported { .. }), "{err}");
         assert!(err.to_string().contains("Windows only"), "{err}");
+        let listen: TransportSpec = "hyperv:any:1025".parse().unwrap();
+        let err = listen.bind().await.unwrap_err();
+        assert!(matches!(err, TransportError::Unsupported { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "listening on hyperv:any:1025 (Hyper-V sockets are Windows only) is not available on this platform"
+        );
     }
 
     #[test]

@@ -8,8 +8,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -23,6 +23,9 @@ const GUEST_ECHO_PORT: u16 = 8007;
 /// The image's bulk-transfer service: TCP (reached through hostnet) and vsock (the raw link).
 const GUEST_BULK_PORT: u16 = 8008;
 const GUEST_BULK_VSOCK_PORT: u32 = 1101;
+/// The host vsock port a guest program reaches the desktop's bulk service on over the raw link
+/// (hybrid vsock hands it to `<socket>_1102`); through hostnet it is `127.0.0.1:P` instead.
+const HOST_BULK_VSOCK_PORT: u32 = 1102;
 /// Bytes per timed transfer, and how many rounds of each (the median is reported).
 const BULK_BYTES: u64 = 32 << 20;
 const BULK_ROUNDS: usize = 3;
@@ -106,6 +109,19 @@ impl Vm {
         (code.trim().parse().unwrap_or(-1), body.to_owned())
     }
 
+    /// One timed bulk transfer of [`BULK_BYTES`] by a program in the guest to a desktop server
+    /// at `to` (`tcp:…` or `vsock:…`), `upload` meaning guest → desktop; the guest's own timing.
+    fn guest_transfer(&self, to: &str, upload: bool) -> Duration {
+        let dir = if upload { "upload" } else { "download" };
+        let (code, out) =
+            self.guest(&format!("hostnet-guest-helper bulk-client --to {to} --{dir} --bytes {BULK_BYTES}"));
+        assert_eq!(code, 0, "guest {dir} over {to}: {out}");
+        let words: Vec<&str> = out.split_whitespace().collect();
+        let [_, bytes, _, _, nanos, _] = words.as_slice() else { panic!("guest {dir} over {to}: {out}") };
+        assert_eq!(bytes.parse::<u64>().unwrap(), BULK_BYTES, "guest {dir} over {to}: bytes accounted for");
+        Duration::from_nanos(nanos.parse().unwrap())
+    }
+
     /// `hostnet-proxy status --json` of the VM's proxy.
     fn status(&self) -> serde_json::Value {
         let out = Command::new(bin("hostnet-proxy"))
@@ -158,6 +174,41 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// Every connection `accept` yields (TCP or Unix) gets [`bulk_serve`], for the rest of the test.
+fn serve_bulk_forever<S: Read + Write + Send + 'static>(
+    accept: impl Fn() -> std::io::Result<S> + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        while let Ok(c) = accept() {
+            std::thread::spawn(move || bulk_serve(c));
+        }
+    });
+}
+
+/// Timings are `[raw host → guest, hostnet host → guest, raw guest → host, hostnet guest → host]`.
+fn report_round(what: &str, round: usize, times: &[Vec<Duration>; 4]) {
+    let [a, b, c, d] = times.each_ref().map(|t| mib_per_s(*t.last().unwrap()));
+    eprintln!(
+        "throughput round {round}, {what}: host → guest raw {a:.1} / hostnet {b:.1} MiB/s; guest → host raw {c:.1} / hostnet {d:.1} MiB/s"
+    );
+}
+
+fn report(what: &str, times: &[Vec<Duration>; 4]) {
+    let [raw_in, net_in, raw_out, net_out] = times.clone().map(|t| mib_per_s(median(t)));
+    eprintln!(
+        "throughput over the real VM (TCG), {what}, {} MiB per transfer, median of {BULK_ROUNDS}:",
+        BULK_BYTES >> 20
+    );
+    eprintln!(
+        "  host → guest: raw vsock {raw_in:.1} MiB/s, hostnet {net_in:.1} MiB/s, hostnet/raw {:.2}",
+        net_in / raw_in
+    );
+    eprintln!(
+        "  guest → host: raw vsock {raw_out:.1} MiB/s, hostnet {net_out:.1} MiB/s, hostnet/raw {:.2}",
+        net_out / raw_out
+    );
+}
+
 #[test]
 fn hostnet_across_a_real_virtio_vsock_link() {
     let (vm, boot) = Vm::start();
@@ -195,24 +246,9 @@ fn hostnet_across_a_real_virtio_vsock_link() {
         times[1].push(timed_transfer("hostnet, host → guest", through_hostnet, true));
         times[2].push(timed_transfer("raw vsock, guest → host", raw, false));
         times[3].push(timed_transfer("hostnet, guest → host", through_hostnet, false));
-        let [a, b, c, d] = times.each_ref().map(|t| mib_per_s(*t.last().unwrap()));
-        eprintln!(
-            "throughput round {round}: host → guest raw {a:.1} / hostnet {b:.1} MiB/s; guest → host raw {c:.1} / hostnet {d:.1} MiB/s"
-        );
+        report_round("desktop client ↔ guest server", round, &times);
     }
-    let [raw_in, net_in, raw_out, net_out] = times.map(|t| mib_per_s(median(t)));
-    eprintln!(
-        "throughput over the real VM (TCG), {} MiB per transfer, median of {BULK_ROUNDS}:",
-        BULK_BYTES >> 20
-    );
-    eprintln!(
-        "  host → guest: raw vsock {raw_in:.1} MiB/s, hostnet {net_in:.1} MiB/s, hostnet/raw {:.2}",
-        net_in / raw_in
-    );
-    eprintln!(
-        "  guest → host: raw vsock {raw_out:.1} MiB/s, hostnet {net_out:.1} MiB/s, hostnet/raw {:.2}",
-        net_out / raw_out
-    );
+    report("desktop client ↔ guest server", &times);
 
     // Guest → desktop TCP: a desktop web server fetched from inside the guest.
     let port = free_port();
@@ -224,6 +260,32 @@ fn hostnet_across_a_real_virtio_vsock_link() {
     });
     let _ = server.kill();
     let _ = server.wait();
+
+    // Throughput the other way round: a program in the guest connects to a desktop server,
+    // through hostnet (`127.0.0.1:P` in the guest: nftables TPROXY → agent → vsock port 1025 →
+    // proxy → desktop 127.0.0.1:P) and over the raw vsock link (host vsock port 1102, which
+    // hybrid vsock hands to `<socket>_1102`); the same desktop service behind both, the same
+    // guest client, timed on the guest's clock from before its connect to the last byte.
+    let port = free_port();
+    let desktop = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    serve_bulk_forever(move || desktop.accept().map(|(c, _)| c));
+    let desktop_vsock = UnixListener::bind(vm.run.join(format!("vm.vsock_{HOST_BULK_VSOCK_PORT}"))).unwrap();
+    serve_bulk_forever(move || desktop_vsock.accept().map(|(c, _)| c));
+    let through_hostnet = format!("tcp:127.0.0.1:{port}");
+    let raw = format!("vsock:2:{HOST_BULK_VSOCK_PORT}");
+    wait_until("the guest reaches the desktop's bulk service", || {
+        vm.guest(&format!("hostnet-guest-helper bulk-client --to {through_hostnet} --upload --bytes 1")).0
+            == 0
+    });
+    let mut times: [Vec<Duration>; 4] = Default::default();
+    for round in 1..=BULK_ROUNDS {
+        times[0].push(vm.guest_transfer(&raw, false));
+        times[1].push(vm.guest_transfer(&through_hostnet, false));
+        times[2].push(vm.guest_transfer(&raw, true));
+        times[3].push(vm.guest_transfer(&through_hostnet, true));
+        report_round("guest client ↔ desktop server", round, &times);
+    }
+    report("guest client ↔ desktop server", &times);
 
     // A listener appearing and disappearing in the guest.
     let extra = 9107;

@@ -9,11 +9,18 @@
 //!   TCP port (reached through hostnet) and on a vsock port (reached over the raw link), the
 //!   same code behind both, so the real-VM test measures both paths the same way. Protocol in
 //!   [`hostnet_tests::bulk_serve`].
+//! - `hostnet-guest-helper bulk-client --to tcp:ADDR:PORT|vsock:CID:PORT --upload|--download
+//!   --bytes N`: the other end, run in the guest — one timed transfer to a desktop server, either
+//!   through hostnet (`tcp:127.0.0.1:P`, caught by the agent) or over the raw vsock link
+//!   (`vsock:2:P`, which hybrid vsock hands to the desktop's `<socket>_P`). Prints
+//!   `bulk-client: BYTES bytes in NANOS ns`; the clock runs from before the connect until the
+//!   last byte is accounted for, as the desktop side's does.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::indexing_slicing)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
@@ -39,10 +46,18 @@ fn main() {
                 std::thread::spawn(move || hostnet_tests::bulk_serve(c));
             }
         }
+        Some("bulk-client") => {
+            let text = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1));
+            let to = text("--to").map(String::as_str).unwrap_or_default();
+            let bytes: u64 = text("--bytes").and_then(|v| v.parse().ok()).unwrap_or(32 << 20);
+            let upload = args.iter().any(|a| a == "--upload");
+            bulk_client(to, bytes, upload);
+        }
         _ => {
             eprintln!(
                 "usage: hostnet-guest-helper echo --tcp PORT --udp PORT | ctl --vsock-port PORT \
-                 | bulk --tcp PORT --vsock-port PORT"
+                 | bulk --tcp PORT --vsock-port PORT \
+                 | bulk-client --to tcp:ADDR:PORT|vsock:CID:PORT --upload|--download --bytes N"
             );
             std::process::exit(2);
         }
@@ -79,6 +94,36 @@ fn bulk_vsock(port: u32) {
         let Ok((c, _)) = s.accept() else { continue };
         std::thread::spawn(move || hostnet_tests::bulk_serve(c));
     }
+}
+
+/// Longest a bulk-client read may wait: a stalled path fails the transfer, with a message,
+/// before the test's command channel gives up on it (20 s).
+const BULK_CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn bulk_client(to: &str, bytes: u64, upload: bool) {
+    fn run<S: std::io::Read + std::io::Write>(mut s: S, bytes: u64, upload: bool) -> u64 {
+        if upload {
+            hostnet_tests::bulk_upload(&mut s, bytes)
+        } else {
+            hostnet_tests::bulk_download(&mut s, bytes)
+        }
+    }
+    let t = Instant::now();
+    let got = if let Some(addr) = to.strip_prefix("tcp:") {
+        let addr: SocketAddr = addr.parse().expect("--to tcp:ADDR:PORT");
+        let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        s.set_read_timeout(Some(BULK_CLIENT_TIMEOUT)).unwrap();
+        run(s, bytes, upload)
+    } else if let Some((cid, port)) = to.strip_prefix("vsock:").and_then(|a| a.split_once(':')) {
+        let (cid, port) = (cid.parse().expect("vsock CID"), port.parse().expect("vsock port"));
+        let s = Socket::new(Domain::VSOCK, Type::STREAM, None).expect("vsock socket");
+        s.connect(&SockAddr::vsock(cid, port)).unwrap_or_else(|e| panic!("connect vsock {cid}:{port}: {e}"));
+        s.set_read_timeout(Some(BULK_CLIENT_TIMEOUT)).unwrap();
+        run(s, bytes, upload)
+    } else {
+        panic!("--to {to:?}: expected tcp:ADDR:PORT or vsock:CID:PORT");
+    };
+    println!("bulk-client: {got} bytes in {} ns", t.elapsed().as_nanos());
 }
 
 fn ctl(port: u32) {
