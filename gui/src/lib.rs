@@ -124,7 +124,7 @@ pub mod commands {
     /// Current status.
     #[tauri::command]
     pub async fn get_status() -> Result<StatusView, UiError> {
-        status_of(&call(&Request::Status).await?)
+        status_of(&call(&Request::Status {}).await?)
     }
 
     /// The "Enable host networking" switch: applies at once, saved by the proxy.
@@ -136,7 +136,7 @@ pub mod commands {
     /// The settings as the proxy has them.
     #[tauri::command]
     pub async fn get_settings() -> Result<serde_json::Value, UiError> {
-        Ok(call(&Request::GetSettings).await?.get("settings").cloned().unwrap_or_default())
+        Ok(call(&Request::GetSettings {}).await?.get("settings").cloned().unwrap_or_default())
     }
 
     /// Validates the form here first (the same rules as the proxy), then saves and applies.
