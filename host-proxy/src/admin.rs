@@ -496,6 +496,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_client_that_takes_no_answers_is_closed_after_the_idle_timeout() {
+        let (server, c) = UnixStream::pair().unwrap();
+        let (r, mut w) = c.into_split();
+        let big = |_: &str| serde_json::json!({ "ok": true, "pad": "x".repeat(64 * 1024) });
+        tokio::spawn(client(server, big, CancellationToken::new()));
+        // 100 requests, ~6 MiB of answers: far more than the socket holds. Nothing read.
+        for _ in 0..100 {
+            w.write_all(b"{}\n").await.unwrap();
+        }
+        tokio::time::sleep(IDLE_TIMEOUT + Duration::from_secs(1)).await;
+        // Reading now finds only what fitted before the proxy gave up (the last answer may be
+        // cut short), then the hang-up.
+        let mut bytes = Vec::new();
+        let mut r = r;
+        let read = tokio::io::AsyncReadExt::read_to_end(&mut r, &mut bytes);
+        timeout(IDLE_TIMEOUT, read).await.expect("the server never hung up").unwrap();
+        let answers = bytes.iter().filter(|&&b| b == b'\n').count();
+        assert!(answers > 0 && answers < 100, "{answers} answers");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn silent_clients_hold_the_api_for_at_most_the_idle_timeout() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("admin.sock");
