@@ -91,10 +91,12 @@ async fn call(req: &Request) -> Result<serde_json::Value, UiError> {
     let path = socket_path();
     let answer = admin::request(&path, req).await.map_err(|e| UiError {
         kind: "not_running",
-        message: format!(
-            "hostnet is not running (no admin API at {}: {e}). Start hostnet-proxy.",
-            path.display()
-        ),
+        message: if e.kind() == std::io::ErrorKind::TimedOut {
+            // Running, but busy or stuck: starting another one would not help.
+            format!("hostnet-proxy did not answer at {} ({e}); trying again.", path.display())
+        } else {
+            format!("hostnet is not running (no admin API at {}: {e}). Start hostnet-proxy.", path.display())
+        },
         field: None,
     })?;
     if answer.get("ok").and_then(|v| v.as_bool()) == Some(true) {
