@@ -71,7 +71,7 @@ impl Sessions {
             }
         };
         match open {
-            Open::Control => self.control(stream, reader).await,
+            Open::Control {} => self.control(stream, reader).await,
             Open::Tcp { addr, port, peer } => {
                 let span =
                     info_span!("tcp", %port, client = %peer.map(|p| p.to_string()).unwrap_or_default());

@@ -91,10 +91,12 @@ async fn call(req: &Request) -> Result<serde_json::Value, UiError> {
     let path = socket_path();
     let answer = admin::request(&path, req).await.map_err(|e| UiError {
         kind: "not_running",
-        message: format!(
-            "hostnet is not running (no admin API at {}: {e}). Start hostnet-proxy.",
-            path.display()
-        ),
+        message: if e.kind() == std::io::ErrorKind::TimedOut {
+            // Running, but busy or stuck: starting another one would not help.
+            format!("hostnet-proxy did not answer at {} ({e}); trying again.", path.display())
+        } else {
+            format!("hostnet is not running (no admin API at {}: {e}). Start hostnet-proxy.", path.display())
+        },
         field: None,
     })?;
     if answer.get("ok").and_then(|v| v.as_bool()) == Some(true) {
@@ -124,7 +126,7 @@ pub mod commands {
     /// Current status.
     #[tauri::command]
     pub async fn get_status() -> Result<StatusView, UiError> {
-        status_of(&call(&Request::Status).await?)
+        status_of(&call(&Request::Status {}).await?)
     }
 
     /// The "Enable host networking" switch: applies at once, saved by the proxy.
@@ -136,7 +138,7 @@ pub mod commands {
     /// The settings as the proxy has them.
     #[tauri::command]
     pub async fn get_settings() -> Result<serde_json::Value, UiError> {
-        Ok(call(&Request::GetSettings).await?.get("settings").cloned().unwrap_or_default())
+        Ok(call(&Request::GetSettings {}).await?.get("settings").cloned().unwrap_or_default())
     }
 
     /// Validates the form here first (the same rules as the proxy), then saves and applies.

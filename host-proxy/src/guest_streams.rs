@@ -132,7 +132,7 @@ async fn serve(
                 .instrument(span)
                 .await;
         }
-        Open::Control => return warn!("rejected a control stream on the guest→host socket"),
+        Open::Control {} => return warn!("rejected a control stream on the guest→host socket"),
     };
     let span = info_span!("guest→host", port, client = %peer.map(|p| p.to_string()).unwrap_or_default());
     async move {

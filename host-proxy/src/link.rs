@@ -160,7 +160,7 @@ async fn session(
         _ = shutdown.cancelled() => return Ok(()),
         s = connector.connect() => s?,
     };
-    handshake::send_preface_and(&stream, &Open::Control).await?;
+    handshake::send_preface_and(&stream, &Open::Control {}).await?;
     let hello = Control::Hello {
         role: Role::Proxy,
         software: format!("hostnet-proxy {}", env!("CARGO_PKG_VERSION")),

@@ -198,8 +198,12 @@ async fn announce_ready(mut state: watch::Receiver<LinkState>, message: String) 
     }
 }
 
-/// A sentence for "the proxy is not running", from a failed connect to its admin socket.
+/// A sentence for "the proxy is not running", from a failed connect to its admin socket — or,
+/// if it is running but did not answer in time (busy or stuck), for that.
 fn not_running(path: &std::path::Path, e: &std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        return anyhow::anyhow!("hostnet-proxy did not answer on {}: {e}; try again", path.display());
+    }
     anyhow::anyhow!(
         "hostnet-proxy is not running (no admin API at {}: {e}); start it with `hostnet-proxy run` or `hostnet-proxy demo`, or pass --admin-socket",
         path.display()
@@ -207,7 +211,7 @@ fn not_running(path: &std::path::Path, e: &std::io::Error) -> anyhow::Error {
 }
 
 async fn cli_status(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
-    let answer = admin::request(path, &Request::Status).await.map_err(|e| not_running(path, &e))?;
+    let answer = admin::request(path, &Request::Status {}).await.map_err(|e| not_running(path, &e))?;
     let status = answer.get("status").cloned().unwrap_or_default();
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -276,6 +280,7 @@ async fn cli_set_enabled(
         Ok(answer) => {
             anyhow::bail!("{}", answer.get("error").and_then(|e| e.as_str()).unwrap_or("the proxy refused"))
         }
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(not_running(admin_socket, &e)),
         Err(_) => {
             // Not running: change the file, the proxy reads it when it starts.
             let mut s = Settings::load(settings_path)?;

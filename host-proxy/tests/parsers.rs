@@ -203,6 +203,15 @@ proptest! {
     #[test]
     fn request_shaped_lines_are_accepted_only_when_valid(line in request_line()) {
         if let Ok(r) = serde_json::from_str::<Request>(&line) {
+            // Only the fields its command takes: an unknown one is refused, for every command.
+            let taken: &[&str] = match &r {
+                Request::Status {} | Request::GetSettings {} => &["cmd"],
+                Request::SetEnabled { .. } => &["cmd", "enabled"],
+                Request::UpdateSettings { .. } => &["cmd", "settings"],
+            };
+            let sent: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let keys: Vec<&String> = sent.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+            prop_assert!(keys.iter().all(|k| taken.contains(&k.as_str())), "{} accepted as {:?}", line, r);
             if let Request::UpdateSettings { settings } = &r {
                 // The API validates before applying; what it would apply keeps its invariants
                 // or is refused.

@@ -211,7 +211,7 @@ pub async fn send_open(
 /// holds any bytes read past it.
 pub async fn read_answer<S: RawStream>(stream: &S, reader: &mut FrameReader) -> Result<(), OpenError> {
     match reader.read_opening::<_, hostnet_protocol::OpenReply>(stream).await {
-        Ok(hostnet_protocol::OpenReply::Connected) => Ok(()),
+        Ok(hostnet_protocol::OpenReply::Connected {}) => Ok(()),
         Ok(hostnet_protocol::OpenReply::Refused { reason }) => Err(OpenError::Refused(reason)),
         Err(e) => Err(OpenError::Failed(e.to_string())),
     }
@@ -221,7 +221,7 @@ pub async fn read_answer<S: RawStream>(stream: &S, reader: &mut FrameReader) -> 
 /// with the reason. Returns whether the stream can go on (connected and the answer sent).
 pub async fn answer_open<S: RawStream, T>(stream: &S, outcome: &Result<T, String>) -> bool {
     match outcome {
-        Ok(_) => send_preface_and(stream, &hostnet_protocol::OpenReply::Connected).await.is_ok(),
+        Ok(_) => send_preface_and(stream, &hostnet_protocol::OpenReply::Connected {}).await.is_ok(),
         Err(reason) => {
             tracing::debug!("refused: {reason}");
             let reply = hostnet_protocol::OpenReply::Refused { reason: reason.clone() };

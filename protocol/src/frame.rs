@@ -60,8 +60,9 @@ pub enum Control {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Open {
-    /// This stream is the control stream.
-    Control,
+    /// This stream is the control stream. (An empty struct variant, not a unit one, so that
+    /// `deny_unknown_fields` refuses `{"type":"control","x":1}` as it does for every other frame.)
+    Control {},
     /// Relay one TCP connection to `addr:port` on the far side. `peer` is the client's address,
     /// for logs only.
     Tcp { addr: IpAddr, port: u16, peer: Option<SocketAddr> },
@@ -73,7 +74,7 @@ impl Open {
     /// The protocol this stream relays, if it is a data stream.
     pub fn proto(&self) -> Option<Proto> {
         match self {
-            Open::Control => None,
+            Open::Control {} => None,
             Open::Tcp { .. } => Some(Proto::Tcp),
             Open::Udp { .. } => Some(Proto::Udp),
         }
@@ -84,8 +85,8 @@ impl Open {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum OpenReply {
-    /// The far side connected; chunks follow.
-    Connected,
+    /// The far side connected; chunks follow. (Empty struct variant: see [`Open::Control`].)
+    Connected {},
     /// The far side could not connect; the stream closes. The opener resets its client.
     Refused { reason: String },
 }
@@ -235,6 +236,29 @@ mod tests {
             buf.put_slice(body);
             assert!(matches!(FrameDecoder.decode::<Control>(&mut buf), Err(FrameError::Malformed(_))));
         }
+    }
+
+    /// Frames without fields: same bytes on the wire as before, and as strict as the others
+    /// (serde ignores `deny_unknown_fields` on unit variants of a tagged enum).
+    #[test]
+    fn field_less_frames_keep_their_wire_shape_and_refuse_unknown_fields() {
+        fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<Option<T>, FrameError> {
+            let mut buf = BytesMut::new();
+            buf.put_u32(body.len() as u32);
+            buf.put_slice(body);
+            FrameDecoder.decode::<T>(&mut buf)
+        }
+        let mut wire = BytesMut::new();
+        encode_frame(&Open::Control {}, &mut wire).unwrap();
+        encode_frame(&OpenReply::Connected {}, &mut wire).unwrap();
+        assert_eq!(&wire[..], b"\0\0\0\x12{\"type\":\"control\"}\0\0\0\x14{\"type\":\"connected\"}");
+        assert_eq!(decode::<Open>(br#"{"type":"control"}"#).unwrap(), Some(Open::Control {}));
+        assert_eq!(decode::<OpenReply>(br#"{"type":"connected"}"#).unwrap(), Some(OpenReply::Connected {}));
+        assert!(matches!(decode::<Open>(br#"{"type":"control","x":1}"#), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decode::<OpenReply>(br#"{"type":"connected","reason":"x"}"#),
+            Err(FrameError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Garbage on the admin socket, against the real proxy: random bytes, a line far over the
-//! limit, half lines and vanishing clients, bad lines followed by good ones. The proxy must
-//! answer each bad line with an error (or hang up), keep its memory, and keep serving.
+//! limit, half lines and vanishing clients, bad lines followed by good ones, unknown fields,
+//! a crowd of silent connections, a client trickling its request. The proxy must answer each
+//! bad line with an error (or hang up), keep its memory, and keep serving.
 //!
 //! Needs root (the demo creates a network namespace); `.ci/run` runs as root.
 
@@ -8,9 +9,15 @@
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hostnet_tests::*;
+
+/// `host_proxy::admin::IDLE_TIMEOUT`: a connection without a complete request for this long
+/// is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `host_proxy::admin::MAX_CLIENTS`.
+const MAX_CLIENTS: usize = 64;
 
 fn connect(demo: &Demo) -> UnixStream {
     let s = UnixStream::connect(&demo.admin_socket).unwrap();
@@ -147,4 +154,129 @@ fn half_lines_vanishing_clients_and_bad_lines_before_good_ones() {
     let mut sink = Vec::new();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let _ = s.read_to_end(&mut sink);
+}
+
+/// Reads one answer line; `None` once the proxy has hung up.
+fn answer(r: &mut impl BufRead) -> Option<serde_json::Value> {
+    let mut line = String::new();
+    match r.read_line(&mut line) {
+        Ok(0) => None,
+        Ok(_) => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => None,
+        Err(e) => panic!("the proxy neither answered nor hung up: {e}"),
+    }
+}
+
+/// The answer that says a connection was closed for sending no complete request in time.
+fn is_idle_notice(v: &serde_json::Value) -> bool {
+    v["ok"] == false && v["error"].as_str().is_some_and(|e| e.contains("no complete request"))
+}
+
+#[test]
+fn an_unknown_field_is_refused_for_every_request_kind() {
+    let mut demo = Demo::start();
+    let s = connect(&demo);
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    for line in [
+        r#"{"cmd":"status","extra":1}"#,
+        r#"{"cmd":"status","enabled":false}"#,
+        r#"{"cmd":"get_settings","extra":1}"#,
+        r#"{"cmd":"set_enabled","enabled":false,"extra":1}"#,
+        r#"{"cmd":"update_settings","settings":{"enabled":false},"extra":1}"#,
+        r#"{"cmd":"update_settings","settings":{"enabled":false,"extra":1}}"#,
+    ] {
+        writeln!(w, "{line}").unwrap();
+        let v = answer(&mut r).expect("an answer, not a hang-up");
+        assert_eq!(v["ok"], false, "{line} was accepted: {v}");
+        assert!(v["error"].as_str().is_some_and(|e| e.contains("unknown field")), "{line}: {v}");
+    }
+    // The same requests without the extra field are served, on the same connection.
+    for line in [r#"{"cmd":"status"}"#, r#"{"cmd":"get_settings"}"#] {
+        writeln!(w, "{line}").unwrap();
+        let v = answer(&mut r).unwrap();
+        assert_eq!(v["ok"], true, "{line}: {v}");
+    }
+    assert_eq!(demo.status()["enabled"], true, "no refused request was applied");
+    assert!(demo.alive());
+    assert!(!demo.panicked());
+}
+
+#[test]
+fn silent_connections_past_the_limit_lock_clients_out_for_at_most_the_idle_timeout() {
+    let mut demo = Demo::start();
+    let started = Instant::now();
+    let crowd: Vec<UnixStream> = (0..MAX_CLIENTS + 36).map(|_| connect(&demo)).collect();
+    // The first MAX_CLIENTS hold every place: the rest are told "busy" at once, and closed.
+    let mut turned_away = 0;
+    for s in &crowd[MAX_CLIENTS..] {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let v = answer(&mut r).expect("a busy answer");
+        assert!(v["ok"] == false && v["busy"] == true, "{v}");
+        assert_eq!(answer(&mut r), None, "closed after the busy answer");
+        turned_away += 1;
+    }
+    // A real client (the CLI) still gets through: it retries until a place frees up.
+    let asked = Instant::now();
+    let out = demo.cli(&["status", "--json"]);
+    let waited = asked.elapsed();
+    let since_crowd = started.elapsed();
+    assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["enabled"], true);
+    eprintln!(
+        "{} silent connections ({turned_away} turned away busy): `status` waited {waited:?}, \
+         answered {since_crowd:?} after the crowd arrived",
+        crowd.len()
+    );
+    assert!(
+        since_crowd < IDLE_TIMEOUT + Duration::from_secs(3),
+        "the silent connections held the API for {since_crowd:?}"
+    );
+    assert!(waited > IDLE_TIMEOUT / 2, "status got through at once ({waited:?}): were the places held?");
+    // Each silent connection that held a place was told why, and closed.
+    for s in &crowd[..MAX_CLIENTS] {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let v = answer(&mut r).expect("a closing notice");
+        assert!(is_idle_notice(&v), "{v}");
+        assert_eq!(answer(&mut r), None);
+    }
+    assert!(demo.log_text().contains("busy"), "the turned-away clients are logged");
+    assert!(demo.alive());
+    assert!(!demo.panicked());
+}
+
+#[test]
+fn a_client_trickling_its_request_is_closed_at_the_idle_timeout() {
+    let mut demo = Demo::start();
+    // A valid request, padded to 211 bytes and sent one byte every 100 ms: it would take 21 s.
+    let request = format!("{{\"cmd\":{}\"status\"}}\n", " ".repeat(194));
+    let s = connect(&demo);
+    let mut w = s.try_clone().unwrap();
+    let started = Instant::now();
+    let writer = std::thread::spawn(move || {
+        let mut sent = 0;
+        for b in request.as_bytes() {
+            if w.write_all(std::slice::from_ref(b)).is_err() {
+                break;
+            }
+            sent += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (sent, request.len())
+    });
+    let mut r = BufReader::new(s);
+    let v = answer(&mut r).expect("a closing notice");
+    assert!(is_idle_notice(&v), "the trickled request was not served: {v}");
+    assert_eq!(answer(&mut r), None, "closed after the notice");
+    let closed = started.elapsed();
+    let (sent, len) = writer.join().unwrap();
+    eprintln!("a client trickling 10 bytes/s: closed after {closed:?}, having sent {sent} of {len} bytes");
+    assert!(
+        closed >= IDLE_TIMEOUT - Duration::from_millis(500) && closed < IDLE_TIMEOUT + Duration::from_secs(3),
+        "closed after {closed:?}"
+    );
+    assert!(sent < len, "the proxy stopped the trickle before it was done");
+    assert_eq!(demo.status()["enabled"], true);
+    assert!(demo.alive());
 }
