@@ -232,7 +232,15 @@ where
             _ = stop.cancelled() => break,
             a = listener.accept() => a,
         };
-        let Ok((conn, _)) = accepted else { continue };
+        let conn = match accepted {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                // Out of file descriptors and the like: pause instead of spinning.
+                warn!("accepting an admin connection failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let Ok(permit) = clients.clone().try_acquire_owned() else {
             turned_away += 1;
             if turned_away.is_power_of_two() {

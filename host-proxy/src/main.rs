@@ -212,6 +212,10 @@ fn not_running(path: &std::path::Path, e: &std::io::Error) -> anyhow::Error {
 
 async fn cli_status(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let answer = admin::request(path, &Request::Status {}).await.map_err(|e| not_running(path, &e))?;
+    if answer.get("ok").and_then(|v| v.as_bool()) != Some(true) {
+        let error = answer.get("error").and_then(|e| e.as_str()).unwrap_or("no reason given");
+        anyhow::bail!("the proxy refused the status request: {error}");
+    }
     let status = answer.get("status").cloned().unwrap_or_default();
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
