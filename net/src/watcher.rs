@@ -63,9 +63,12 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// With kernel events, the table is still read this often, as the source of truth.
 pub const EVENT_RESYNC: Duration = Duration::from_secs(1);
 /// Close events (a listener leaving LISTEN, a UDP socket released) fire just before the kernel
-/// unhashes the socket: when an event finds the table unchanged, it is read again after these
-/// delays.
-const CONFIRM_AFTER_EVENT: [Duration; 2] = [Duration::from_micros(500), Duration::from_millis(4)];
+/// unhashes the socket, which a busy machine may delay by a time slice: when an event finds the
+/// table unchanged, it is read again after each of these delays until it shows a change (a new
+/// event cuts a delay short and starts them over), so a close is seen within milliseconds even
+/// then, not at the next full read.
+const CONFIRM_AFTER_EVENT: [Duration; 3] =
+    [Duration::from_micros(500), Duration::from_millis(4), Duration::from_millis(32)];
 /// Back-off after a failed read of the table.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
@@ -94,14 +97,15 @@ impl Trigger {
         }
     }
 
-    /// Blocks until the table should be read; `true` if an event (not a timer) says so.
-    fn wait(&mut self) -> bool {
+    /// Blocks until the table should be read — at the latest after `confirm` when events are
+    /// on; `true` if an event (not a timer) says so.
+    fn wait(&mut self, confirm: Option<Duration>) -> bool {
         match self {
             Trigger::Poll(interval) => {
                 std::thread::sleep(*interval);
                 false
             }
-            Trigger::Events { events, resync } => match events.wait(*resync) {
+            Trigger::Events { events, resync } => match events.wait(confirm.unwrap_or(*resync)) {
                 Ok(n) => {
                     tracing::trace!(events = n, "woken");
                     n > 0
@@ -145,16 +149,20 @@ pub fn spawn(
                 None
             }
         };
+        // Which of the confirming reads after the last event comes next.
+        let mut confirming: Option<usize> = None;
         while !shutdown.is_cancelled() && !tx.is_closed() {
-            let event = trigger.wait();
-            if update() == Some(false) && event {
-                for delay in CONFIRM_AFTER_EVENT {
-                    std::thread::sleep(delay);
-                    if update() != Some(false) {
-                        break;
-                    }
-                }
-            }
+            let delay = confirming.and_then(|i| CONFIRM_AFTER_EVENT.get(i).copied());
+            let event = trigger.wait(delay);
+            let unchanged = update() == Some(false);
+            confirming = match (event, unchanged, confirming) {
+                // The change was seen.
+                (_, false, _) => None,
+                // An event the table does not show yet: its socket may still be unhashing.
+                (true, true, _) => Some(0),
+                (false, true, Some(i)) if i + 1 < CONFIRM_AFTER_EVENT.len() => Some(i + 1),
+                (false, true, _) => None,
+            };
         }
     })?;
     Ok(rx)
