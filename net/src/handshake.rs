@@ -143,6 +143,12 @@ impl FrameReader {
         }
     }
 
+    /// The next datagram if it is already read whole, without reading more: how a relay takes
+    /// the rest of a burst for one batched send.
+    pub fn buffered_datagram(&mut self) -> Option<BytesMut> {
+        datagram::decode_datagram(&mut self.buf)
+    }
+
     /// The bytes read past the last frame.
     pub fn into_leftover(self) -> BytesMut {
         self.buf
