@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hostnet_net::handshake::{self, OpenError};
+use hostnet_net::mmsg::{self, MMSG_BATCH};
 use hostnet_net::udp::{Activity, DatagramBatch};
 use hostnet_protocol::{Open, Proto};
 use tokio::net::UdpSocket;
@@ -53,29 +54,54 @@ pub(crate) async fn serve(
 ) {
     let socket = Arc::new(socket);
     let client_v6 = socket.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
-    let mut flows: HashMap<SocketAddr, FlowHandle> = HashMap::new();
-    let mut buf = vec![0u8; hostnet_protocol::datagram::MAX_DATAGRAM_LEN];
+    let mut port_flows =
+        PortFlows { forwards, socket: socket.clone(), port, client_v6, stats, flows: HashMap::new() };
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     loop {
-        let (n, peer) = tokio::select! {
+        tokio::select! {
             _ = stop.cancelled() => return,
             _ = sweep.tick() => {
-                flows.retain(|_, f| !f.tx.is_closed());
+                port_flows.flows.retain(|_, f| !f.tx.is_closed());
                 continue;
             }
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(r) => r,
-                // ICMP errors from earlier sends surface here; they concern one client only.
-                Err(e) => {
-                    debug!(port, "udp receive: {e}");
-                    continue;
-                }
+            r = socket.readable() => if let Err(e) = r {
+                warn!(port, "udp socket failed: {e}");
+                return;
             },
-        };
-        let datagram = Bytes::copy_from_slice(buf.get(..n).unwrap_or_default());
-        if let Some(flow) = flows.get(&peer).filter(|f| !f.tx.is_closed()) {
+        }
+        // One batch per turn: between batches the loop sees `stop` and the sweep, and every
+        // datagram of a batch goes to its own flow's queue, so a busy client fills only its own.
+        match mmsg::try_recv_batch(&socket, MMSG_BATCH, |d, peer| {
+            if let Some(peer) = peer {
+                port_flows.dispatch(d, peer);
+            }
+        }) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            // ICMP errors from earlier sends surface here; they concern one client only.
+            Err(e) => debug!(port, "udp receive: {e}"),
+        }
+    }
+}
+
+/// One bound port's flows, as its receive loop sees them.
+struct PortFlows {
+    forwards: Forwards,
+    socket: Arc<UdpSocket>,
+    port: u16,
+    client_v6: bool,
+    stats: Arc<ForwardStats>,
+    flows: HashMap<SocketAddr, FlowHandle>,
+}
+
+impl PortFlows {
+    /// Queues a datagram from `peer` on its flow, opening the flow if it is new.
+    fn dispatch(&mut self, payload: &[u8], peer: SocketAddr) {
+        let port = self.port;
+        let n = payload.len();
+        if let Some(flow) = self.flows.get(&peer).filter(|f| !f.tx.is_closed()) {
             let queued = flow.queue.bytes.load(Ordering::Relaxed);
-            if queued + n <= FLOW_QUEUE_BYTES && flow.tx.try_send(datagram).is_ok() {
+            if queued + n <= FLOW_QUEUE_BYTES && flow.tx.try_send(Bytes::copy_from_slice(payload)).is_ok() {
                 flow.queue.bytes.fetch_add(n, Ordering::Relaxed);
             } else {
                 // Queue full: UDP may drop, but never silently.
@@ -84,34 +110,34 @@ pub(crate) async fn serve(
                     warn!(port, %peer, dropped, "udp flow queue full ({FLOW_QUEUE_LEN} datagrams or {FLOW_QUEUE_BYTES} bytes): dropping");
                 }
             }
-            continue;
+            return;
         }
-        let Ok(permit) = forwards.udp_flows.clone().try_acquire_owned() else {
-            stats.refused.fetch_add(1, Ordering::Relaxed);
-            let refused = forwards.count_refused();
+        let Ok(permit) = self.forwards.udp_flows.clone().try_acquire_owned() else {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            let refused = self.forwards.count_refused();
             if refused.is_power_of_two() {
-                let limit = forwards.limits.udp_flows;
+                let limit = self.forwards.limits.udp_flows;
                 warn!(port, %peer, "{limit} UDP flows open, the limit: dropping datagrams from new clients ({refused} refused so far)");
             }
-            continue;
+            return;
         };
         let (tx, rx) = mpsc::channel(FLOW_QUEUE_LEN);
         let queue = Arc::new(QueueStats::default());
-        if tx.try_send(datagram).is_ok() {
+        if tx.try_send(Bytes::copy_from_slice(payload)).is_ok() {
             queue.bytes.fetch_add(n, Ordering::Relaxed);
         }
-        flows.insert(peer, FlowHandle { tx, queue: queue.clone() });
+        self.flows.insert(peer, FlowHandle { tx, queue: queue.clone() });
         let flow = Flow {
-            forwards: forwards.clone(),
-            socket: socket.clone(),
+            forwards: self.forwards.clone(),
+            socket: self.socket.clone(),
             peer,
             port,
-            client_v6,
+            client_v6: self.client_v6,
             queue,
-            stats: stats.clone(),
-            token: forwards.connection_token(),
+            stats: self.stats.clone(),
+            token: self.forwards.connection_token(),
         };
-        forwards.tracker.spawn(flow.run(rx, permit).instrument(info_span!("udp", port, %peer)));
+        self.forwards.tracker.spawn(flow.run(rx, permit).instrument(info_span!("udp", port, %peer)));
     }
 }
 
@@ -167,21 +193,29 @@ impl Flow {
             "port closed"
         };
         let down = async {
+            let mut burst = Vec::with_capacity(MMSG_BATCH);
             loop {
                 match reader.read_datagram(&stream).await {
-                    Ok(Some(d)) => {
-                        // A full socket buffer on the desktop side drops, as UDP does.
-                        let _ = self.socket.send_to(&d, self.peer).await;
-                        from_guest.fetch_add(1, Ordering::Relaxed);
-                        self.stats.bytes.from_peer.fetch_add(d.len() as u64, Ordering::Relaxed);
-                        activity.touch();
-                    }
+                    Ok(Some(d)) => burst.push(d),
                     Ok(None) => return "agent closed the flow",
                     Err(e) => {
                         debug!("flow stream failed: {e}");
                         return "agent stream failed";
                     }
                 }
+                // The rest of the burst already read goes to the client in the same system call.
+                while burst.len() < MMSG_BATCH {
+                    let Some(d) = reader.buffered_datagram() else { break };
+                    burst.push(d);
+                }
+                // A full socket buffer on the desktop side drops, as UDP does; so does any
+                // other refusal, one datagram at a time.
+                let _ = mmsg::send_batch(&self.socket, &burst, Some(self.peer), |_| true).await;
+                let bytes: usize = burst.iter().map(|d| d.len()).sum();
+                from_guest.fetch_add(burst.len() as u64, Ordering::Relaxed);
+                self.stats.bytes.from_peer.fetch_add(bytes as u64, Ordering::Relaxed);
+                activity.touch();
+                burst.clear();
             }
         };
         let end = tokio::select! {

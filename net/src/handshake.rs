@@ -143,6 +143,12 @@ impl FrameReader {
         }
     }
 
+    /// The next datagram if it is already read whole, without reading more: how a relay takes
+    /// the rest of a burst for one batched send.
+    pub fn buffered_datagram(&mut self) -> Option<BytesMut> {
+        datagram::decode_datagram(&mut self.buf)
+    }
+
     /// The bytes read past the last frame.
     pub fn into_leftover(self) -> BytesMut {
         self.buf
@@ -153,15 +159,30 @@ impl FrameReader {
     }
 
     async fn fill_up_to<S: RawStream>(&mut self, s: &S, max: usize) -> Result<(), HandshakeError> {
-        // Read into the heap buffer, not a stack array: this future lives inside every
-        // connection task, and its size is paid per connection. No await between the resize
-        // and the truncate, so a cancelled read leaves the buffer as it was.
+        // Read into a per-thread scratch buffer, then keep only the bytes read: resizing the
+        // frame buffer to `max` zeroed up to 64 KiB per read (a UDP flow reads after every
+        // burst, often of one datagram), and a stack array would be paid in every connection
+        // task's future. No await between the read and the copy, so a cancelled read leaves
+        // the buffer as it was.
         loop {
             stream::readable(s).await?;
-            let start = self.buf.len();
-            self.buf.resize(start + max, 0);
-            let read = s.try_read(self.buf.get_mut(start..).unwrap_or_default());
-            self.buf.truncate(start + *read.as_ref().unwrap_or(&0));
+            let read = READ_SCRATCH.with(|scratch| {
+                let mut fallback = Vec::new();
+                let mut borrowed = scratch.try_borrow_mut();
+                let scratch = match borrowed.as_mut() {
+                    Ok(scratch) => &mut **scratch,
+                    Err(_) => &mut fallback,
+                };
+                if scratch.len() < max {
+                    scratch.resize(max, 0);
+                }
+                let into = scratch.get_mut(..max).unwrap_or_default();
+                let read = s.try_read(into);
+                if let Ok(n) = read {
+                    self.buf.extend_from_slice(into.get(..n).unwrap_or_default());
+                }
+                read
+            });
             match read {
                 Ok(0) => return Err(HandshakeError::Closed),
                 Ok(_) => return Ok(()),
@@ -170,6 +191,12 @@ impl FrameReader {
             }
         }
     }
+}
+
+thread_local! {
+    /// Where [`FrameReader`] reads before keeping what came; used only within one synchronous
+    /// read, so every task on a thread shares it.
+    static READ_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Why a data stream could not be opened.

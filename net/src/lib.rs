@@ -18,6 +18,7 @@ pub mod discovery;
 pub mod events;
 pub mod handshake;
 pub mod hyperv;
+pub mod mmsg;
 pub mod relay;
 pub mod splice;
 pub mod stream;

@@ -1,11 +1,12 @@
 //! Pieces of the UDP relay both sides share: socket sizing and batching datagrams onto a
 //! data stream.
 
-use hostnet_protocol::datagram::{MAX_DATAGRAM_LEN, datagram_header};
+use hostnet_protocol::datagram::datagram_header;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::handshake::FrameReader;
+use crate::mmsg::{self, MMSG_BATCH};
 
 use crate::stream::{self, RawStream};
 
@@ -133,34 +134,45 @@ pub async fn relay_connected<S: RawStream>(
         yes
     };
     let up = async {
+        let mut burst = Vec::with_capacity(MMSG_BATCH);
         loop {
             match reader.read_datagram(stream).await {
-                Ok(Some(d)) => match socket.send(&d).await {
-                    Ok(_) => {
-                        to_socket.fetch_add(1, Relaxed);
-                        activity.touch();
-                    }
-                    Err(e) if refused(&e) => {}
-                    Err(_) => return,
-                },
+                Ok(Some(d)) => burst.push(d),
                 Ok(None) | Err(_) => return,
+            }
+            // Whatever else of the burst is already read goes in the same system call.
+            while burst.len() < MMSG_BATCH {
+                let Some(d) = reader.buffered_datagram() else { break };
+                burst.push(d);
+            }
+            let sent = mmsg::send_batch(socket, &burst, None, &refused).await;
+            burst.clear();
+            match sent {
+                Ok(n) => {
+                    to_socket.fetch_add(n as u64, Relaxed);
+                    activity.touch();
+                }
+                Err(_) => return,
             }
         }
     };
     let down = async {
-        let mut buf = vec![0u8; MAX_DATAGRAM_LEN];
         let mut batch = DatagramBatch::default();
         loop {
-            match socket.recv(&mut buf).await {
-                Ok(n) => {
-                    // Take whatever else already waits, and send it all in one write.
-                    batch.push(buf.get(..n).unwrap_or_default());
-                    while !batch.is_full() {
-                        match socket.try_recv(&mut buf) {
-                            Ok(n) => batch.push(buf.get(..n).unwrap_or_default()),
+            match mmsg::recv_batch(socket, MMSG_BATCH, |d, _| _ = batch.push(d)).await {
+                Ok(got) => {
+                    // Take whatever else already waits, and send it all in one write. A short
+                    // batch means the socket was drained: no need to ask again.
+                    let mut last = got.taken();
+                    while last == MMSG_BATCH && !batch.is_full() {
+                        match mmsg::try_recv_batch(socket, MMSG_BATCH, |d, _| _ = batch.push(d)) {
+                            Ok(got) => last = got.taken(),
                             Err(e) if refused(&e) => continue,
                             Err(_) => break,
                         };
+                    }
+                    if batch.is_empty() {
+                        continue;
                     }
                     from_socket.fetch_add(batch.len() as u64, Relaxed);
                     activity.touch();

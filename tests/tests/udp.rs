@@ -88,6 +88,55 @@ fn several_clients_each_get_only_their_own_replies() {
     assert!(counts.iter().all(|&n| n == 50), "every client gets all its replies: {counts:?}");
 }
 
+/// One client flooding its flow (batches of datagrams for that flow alone, its queue full)
+/// must not keep another client's datagrams from the guest and back.
+#[test]
+fn a_flooding_client_does_not_starve_another() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let demo = Demo::start();
+    let port = free_port();
+    let _echo = UdpEcho::start(&demo, addr("0.0.0.0", port));
+    let quiet = udp_forwarded(false, port);
+    quiet.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let flood = udp_client(loopback(false, port));
+    let (stop, flooded) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let flooder = {
+        let (stop, flooded) = (stop.clone(), flooded.clone());
+        std::thread::spawn(move || {
+            let d = [0x5au8; 1400];
+            while !stop.load(Ordering::Relaxed) {
+                // Its replies are never read: they pile up and drop at its own socket.
+                let _ = flood.send(&d);
+                flooded.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    wait_until("the flood is under way", || flooded.load(Ordering::Relaxed) > 10_000);
+    let mut buf = [0u8; 2048];
+    for i in 0..20 {
+        let msg = format!("quiet client, message {i}");
+        let start = Instant::now();
+        // UDP may drop (the port's socket is shared with the flood): resend until answered.
+        'answered: loop {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "message {i} of the quiet client got no answer during the flood"
+            );
+            quiet.send(msg.as_bytes()).unwrap();
+            while let Ok(n) = quiet.recv(&mut buf) {
+                if &buf[..n] == msg.as_bytes() {
+                    break 'answered;
+                }
+            }
+        }
+    }
+    let sent = flooded.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    flooder.join().unwrap();
+    eprintln!("quiet client answered 20 times while the flood sent {sent} datagrams");
+}
+
 #[test]
 fn a_burst_of_thousands_of_datagrams_is_counted() {
     let demo = Demo::start();

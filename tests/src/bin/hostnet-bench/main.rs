@@ -83,6 +83,7 @@ struct Params {
     trips: usize,
     connect_window: Duration,
     udp_seconds: f64,
+    udp_cpu_seconds: f64,
     listeners: usize,
     ports: usize,
     idle_window: Duration,
@@ -98,6 +99,7 @@ impl Params {
             trips: if quick { 5_000 } else { 20_000 },
             connect_window: Duration::from_secs_f64(if quick { 1.0 } else { 3.0 }),
             udp_seconds: if quick { 0.3 } else { 1.0 },
+            udp_cpu_seconds: if quick { 1.0 } else { 3.0 },
             listeners: if quick { 50 } else { 200 },
             ports: 1000,
             idle_window: Duration::from_secs(if quick { 3 } else { 10 }),
@@ -113,6 +115,7 @@ impl Params {
             "rtt_trips": self.trips,
             "connect_window_s": self.connect_window.as_secs_f64(),
             "udp_seconds_per_rate": self.udp_seconds,
+            "udp_cpu_seconds": self.udp_cpu_seconds,
             "listeners": self.listeners,
             "ports": self.ports,
             "idle_window_s": self.idle_window.as_secs_f64(),
@@ -235,6 +238,26 @@ fn main() {
                     ));
                 }
                 rows.push(row);
+            }
+            // Relay CPU per datagram at one rate every path sustains (steadier than the ladder).
+            let hn = Hostnet::find(&demo);
+            let relay_cpu = || hn.cpu_seconds();
+            for size in [64usize, 1400] {
+                let us = udp::relay_cpu_per_datagram(
+                    loopback(false, hostnet_port),
+                    size,
+                    p.udp_cpu_seconds,
+                    &relay_cpu,
+                );
+                rows.push(
+                    Row::new(format!("UDP relay CPU per echoed datagram, {size} B"), "CPU-µs")
+                        .hostnet(us)
+                        .note(format!(
+                            "proxy + agent, {} /s for {} s, there and back",
+                            report::num(udp::CPU_RATE),
+                            p.udp_cpu_seconds
+                        )),
+                );
             }
         });
     }

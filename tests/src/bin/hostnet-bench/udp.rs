@@ -34,6 +34,37 @@ pub fn lossless_rate(target: SocketAddr, size: usize, seconds: f64) -> f64 {
     best
 }
 
+/// Rate of the CPU workload: below every path's lossless rate, so the work done is the same.
+pub const CPU_RATE: f64 = 50_000.0;
+
+/// CPU-µs the relay (`relay_cpu` reads its CPU-seconds) spends per echoed datagram — there
+/// and back — over a paced run at [`CPU_RATE`]. A steadier figure than the lossless rate,
+/// which moves a whole ladder step on one lost datagram.
+pub fn relay_cpu_per_datagram(
+    target: SocketAddr,
+    size: usize,
+    seconds: f64,
+    relay_cpu: &dyn Fn() -> f64,
+) -> f64 {
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let _ = socket2::SockRef::from(&c).set_recv_buffer_size(8 << 20);
+    c.connect(target).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    // A ladder step that lost datagrams may leave the relay draining a backlog: wait until its
+    // CPU time stops moving (less than a clock tick per 100 ms), so that work is not counted.
+    let start = Instant::now();
+    loop {
+        let cpu = relay_cpu();
+        std::thread::sleep(Duration::from_millis(100));
+        if relay_cpu() - cpu < 0.011 || start.elapsed() > DEADLINE {
+            break;
+        }
+    }
+    let before = relay_cpu();
+    let (_, got) = paced_run(&c, size, CPU_RATE, seconds);
+    (relay_cpu() - before) * 1e6 / got.max(1) as f64
+}
+
 /// Sends at `rate` for `seconds`, counting echoes until they stop for 200 ms.
 fn paced_run(c: &UdpSocket, size: usize, rate: f64, seconds: f64) -> (u64, u64) {
     let total = (rate * seconds) as u64;
