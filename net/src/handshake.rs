@@ -116,11 +116,7 @@ impl FrameReader {
 
     /// Buffers what the stream holds already, without waiting.
     fn take_arrived<S: RawStream>(&mut self, s: &S) -> Result<(), HandshakeError> {
-        let start = self.buf.len();
-        self.buf.resize(start + READ_CHUNK, 0);
-        let read = stream::read_arrived(s, self.buf.get_mut(start..).unwrap_or_default());
-        self.buf.truncate(start + *read.as_ref().unwrap_or(&0));
-        match read {
+        match self.read_kept(READ_CHUNK, |into| stream::read_arrived(s, into)) {
             // EOF: the reads that follow see it too, and say so.
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
@@ -159,37 +155,41 @@ impl FrameReader {
     }
 
     async fn fill_up_to<S: RawStream>(&mut self, s: &S, max: usize) -> Result<(), HandshakeError> {
-        // Read into a per-thread scratch buffer, then keep only the bytes read: resizing the
-        // frame buffer to `max` zeroed up to 64 KiB per read (a UDP flow reads after every
-        // burst, often of one datagram), and a stack array would be paid in every connection
-        // task's future. No await between the read and the copy, so a cancelled read leaves
-        // the buffer as it was.
         loop {
             stream::readable(s).await?;
-            let read = READ_SCRATCH.with(|scratch| {
-                let mut fallback = Vec::new();
-                let mut borrowed = scratch.try_borrow_mut();
-                let scratch = match borrowed.as_mut() {
-                    Ok(scratch) => &mut **scratch,
-                    Err(_) => &mut fallback,
-                };
-                if scratch.len() < max {
-                    scratch.resize(max, 0);
-                }
-                let into = scratch.get_mut(..max).unwrap_or_default();
-                let read = s.try_read(into);
-                if let Ok(n) = read {
-                    self.buf.extend_from_slice(into.get(..n).unwrap_or_default());
-                }
-                read
-            });
-            match read {
+            match self.read_kept(max, |into| s.try_read(into)) {
                 Ok(0) => return Err(HandshakeError::Closed),
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Runs `read` (up to `max` bytes) into a per-thread scratch buffer and keeps the bytes
+    /// read: resizing the frame buffer to `max` zeroed up to 64 KiB per read (a UDP flow reads
+    /// after every burst, often of one datagram), and a stack array would be paid in every
+    /// connection task's future. Synchronous, so a cancelled read leaves the buffer as it was.
+    fn read_kept(
+        &mut self,
+        max: usize,
+        read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        READ_SCRATCH.with(|scratch| {
+            let mut fallback = Vec::new();
+            let mut borrowed = scratch.try_borrow_mut();
+            let scratch = match borrowed.as_mut() {
+                Ok(scratch) => &mut **scratch,
+                Err(_) => &mut fallback,
+            };
+            if scratch.len() < max {
+                scratch.resize(max, 0);
+            }
+            let into = scratch.get_mut(..max).unwrap_or_default();
+            let n = read(into)?;
+            self.buf.extend_from_slice(into.get(..n).unwrap_or_default());
+            Ok(n)
+        })
     }
 }
 
