@@ -130,6 +130,11 @@ struct PortForward {
     /// This port's accept loops, to know when its sockets are closed.
     tasks: TaskTracker,
     stats: Arc<ForwardStats>,
+    /// Host addresses listening now.
+    bound: Vec<IpAddr>,
+    /// Addresses of the scope another program holds, and why: a forward live on one family
+    /// keeps trying the other (`retry_conflicts`) until it frees up.
+    missing: Vec<(IpAddr, String)>,
 }
 
 /// What the settings want for one guest port.
@@ -238,9 +243,13 @@ impl Forwards {
         t.ports
             .iter()
             .map(|(&(proto, guest_port), f)| {
-                let (state, reason) = f.state.label();
+                let (state, mut reason) = f.state.label();
+                if reason.is_none() && !f.missing.is_empty() {
+                    let missing: Vec<&str> = f.missing.iter().map(|(_, r)| r.as_str()).collect();
+                    reason = Some(missing.join("; "));
+                }
                 let host_addresses =
-                    if f.state == PortState::Forwarding { bind_addrs(f.bind).to_vec() } else { Vec::new() };
+                    if f.state == PortState::Forwarding { f.bound.clone() } else { Vec::new() };
                 ForwardStatus {
                     proto,
                     direction: "to_guest",
@@ -315,6 +324,23 @@ impl Forwards {
             }
             t.ports.insert((proto, guest_port), fwd);
         }
+        // Forwards live on one family whose other address was taken.
+        for (&(proto, guest_port), fwd) in t.ports.iter_mut() {
+            if fwd.state != PortState::Forwarding || fwd.missing.is_empty() {
+                continue;
+            }
+            let missing = std::mem::take(&mut fwd.missing);
+            for (ip, reason) in missing {
+                match bind(proto, SocketAddr::new(ip, fwd.host_port)) {
+                    Ok(socket) => {
+                        info!(port = fwd.host_port, "host port {} is free now on {ip} too", fwd.host_port);
+                        self.serve_socket(fwd, guest_port, socket);
+                        fwd.bound.push(ip);
+                    }
+                    Err(_) => fwd.missing.push((ip, reason)),
+                }
+            }
+        }
     }
 
     /// Brings the host sockets in line with the guest set and the settings: first closes what
@@ -376,27 +402,36 @@ impl Forwards {
     ) -> PortForward {
         let stop = self.shutdown.child_token();
         let mut bound = Vec::new();
-        let mut errors = Vec::new();
+        let mut missing = Vec::new();
         for ip in bind_addrs(bind_scope) {
             match bind(proto, SocketAddr::new(ip, host_port)) {
-                Ok(l) => bound.push(l),
+                Ok(l) => bound.push((ip, l)),
                 Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => {
                     debug!(port = host_port, "no IPv6 on this host; forwarding on IPv4 only");
                 }
-                Err(e) if explain || errors.is_empty() => {
-                    errors.push(describe_bind_error(proto, ip, host_port, &e, explain))
-                }
-                Err(_) => {}
+                // Naming the holder reads the whole socket table: once per port is enough.
+                Err(e) => missing
+                    .push((ip, describe_bind_error(proto, ip, host_port, &e, explain && missing.is_empty()))),
             }
         }
         let tasks = TaskTracker::new();
-        let mut fwd =
-            PortForward { host_port, bind: bind_scope, state: PortState::Forwarding, stop, tasks, stats };
+        let mut fwd = PortForward {
+            host_port,
+            bind: bind_scope,
+            state: PortState::Forwarding,
+            stop,
+            tasks,
+            stats,
+            bound: bound.iter().map(|(ip, _)| *ip).collect(),
+            missing,
+        };
         if bound.is_empty() {
-            fwd.state = PortState::Conflict(errors.join("; "));
+            let reasons: Vec<&str> = fwd.missing.iter().map(|(_, r)| r.as_str()).collect();
+            fwd.state = PortState::Conflict(reasons.join("; "));
+            fwd.missing.clear();
             return fwd;
         }
-        for e in &errors {
+        for (_, e) in &fwd.missing {
             warn!(port = host_port, "{e}"); // One family failed, the other forwards.
         }
         let scope = match bind_scope {
@@ -414,21 +449,25 @@ impl Forwards {
                 "forwarding host {proto} port {host_port} ({scope}) → guest port {guest_port}"
             );
         }
-        for socket in bound {
-            let this = self.clone();
-            let (stop, stats) = (fwd.stop.clone(), fwd.stats.clone());
-            match socket {
-                Bound::Tcp(l) => self.tracker.spawn(
-                    fwd.tasks.track_future(async move { this.accept_loop(l, guest_port, stop, stats).await }),
-                ),
-                Bound::Udp(s) => {
-                    self.tracker.spawn(fwd.tasks.track_future(async move {
-                        crate::udp::serve(this, s, guest_port, stop, stats).await
-                    }))
-                }
-            };
+        for (_, socket) in bound {
+            self.serve_socket(&fwd, guest_port, socket);
         }
         fwd
+    }
+
+    /// Serves one bound host socket of `fwd` until the forward stops.
+    fn serve_socket(&self, fwd: &PortForward, guest_port: u16, socket: Bound) {
+        let this = self.clone();
+        let (stop, stats) = (fwd.stop.clone(), fwd.stats.clone());
+        match socket {
+            Bound::Tcp(l) => self.tracker.spawn(
+                fwd.tasks.track_future(async move { this.accept_loop(l, guest_port, stop, stats).await }),
+            ),
+            Bound::Udp(s) => self.tracker.spawn(
+                fwd.tasks
+                    .track_future(async move { crate::udp::serve(this, s, guest_port, stop, stats).await }),
+            ),
+        };
     }
 
     async fn accept_loop(
@@ -551,6 +590,8 @@ impl PortForward {
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             stats,
+            bound: Vec::new(),
+            missing: Vec::new(),
         }
     }
 

@@ -274,3 +274,33 @@ fn a_host_port_held_by_another_program_forwards_once_it_frees_up() {
     assert_eq!(echo_round_trip(c, b"healed"), b"healed");
     assert!(demo.log_text().contains(&format!("host port {port} is free now")));
 }
+
+#[test]
+fn a_host_address_held_by_another_program_is_forwarded_once_it_frees_up() {
+    if !has_ipv6() {
+        eprintln!("skipped: no IPv6 loopback here, so no second address to be held");
+        return;
+    }
+    let demo = Demo::start();
+    // Another program holds the port on 127.0.0.1 only: the forward starts on ::1 and keeps
+    // trying 127.0.0.1.
+    let (port, mut held) = hold_port();
+    let v4 = held.remove(0);
+    drop(held);
+    let _srv = GuestServer::serve(demo.listen(addr("0.0.0.0", port), false), echo);
+    let (c6, _) = connect_when_forwarded(loopback(true, port));
+    assert_eq!(echo_round_trip(c6, b"v6 first"), b"v6 first");
+    let status = demo.forward_status("tcp", port).expect("the forward is in status");
+    assert_eq!(status["state"], "forwarding", "{status}");
+    assert!(
+        status["reason"].as_str().is_some_and(|r| r.contains("already in use") && r.contains("127.0.0.1")),
+        "status says which address is taken: {status}"
+    );
+    drop(v4);
+    let (c4, waited) = connect_when_forwarded(loopback(false, port));
+    eprintln!("127.0.0.1 freed → forwarding there too: {waited:?}");
+    assert_eq!(echo_round_trip(c4, b"healed"), b"healed");
+    assert!(demo.log_text().contains(&format!("host port {port} is free now on 127.0.0.1 too")));
+    let status = demo.forward_status("tcp", port).expect("the forward is in status");
+    assert!(status.get("reason").is_none_or(|r| r.is_null()), "no reason left once both listen: {status}");
+}
