@@ -40,12 +40,14 @@ impl SockDiag {
         self.dump(AF_INET6, IPPROTO_TCP, StateFlags::LISTEN, out)
     }
 
-    /// Appends every UDP socket bound to a port and not connected to a peer (a server's
-    /// socket, not a client's), IPv4 and IPv6, to `out`.
+    /// Appends every UDP socket bound to a port, IPv4 and IPv6, to `out`: unconnected ones
+    /// (a server's) and connected ones, marked `connected` (a client's — or a server's that
+    /// took a peer, see the watcher).
     pub fn udp_bound(&mut self, out: &mut Vec<Found>) -> io::Result<()> {
         // An unconnected UDP socket sits in TCP_CLOSE; a connected one in TCP_ESTABLISHED.
-        self.dump(AF_INET, IPPROTO_UDP, StateFlags::CLOSE, out)?;
-        self.dump(AF_INET6, IPPROTO_UDP, StateFlags::CLOSE, out)
+        let states = || StateFlags::CLOSE | StateFlags::ESTABLISHED;
+        self.dump(AF_INET, IPPROTO_UDP, states(), out)?;
+        self.dump(AF_INET6, IPPROTO_UDP, states(), out)
     }
 
     fn dump(&mut self, family: u8, protocol: u8, states: StateFlags, out: &mut Vec<Found>) -> io::Result<()> {
@@ -85,7 +87,7 @@ impl SockDiag {
                     NetlinkPayload::Error(e) => return Err(e.to_io()),
                     NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r))
                         if msg.header.sequence_number == self.seq
-                            && r.header.socket_id.destination_port == 0 =>
+                            && (proto == Proto::Udp || r.header.socket_id.destination_port == 0) =>
                     {
                         out.push(Found {
                             listener: Listener {
@@ -95,6 +97,7 @@ impl SockDiag {
                             },
                             inode: r.header.inode,
                             uid: r.header.uid,
+                            connected: r.header.socket_id.destination_port != 0,
                         });
                     }
                     _ => {}
@@ -174,7 +177,7 @@ mod tests {
     }
 
     #[test]
-    fn sees_bound_udp_sockets_but_not_connected_ones() {
+    fn sees_bound_udp_sockets_and_marks_connected_ones() {
         let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let server_port = server.local_addr().unwrap().port();
         let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -183,8 +186,15 @@ mod tests {
         let mut out = Vec::new();
         SockDiag::open().unwrap().udp_bound(&mut out).unwrap();
         let want = Listener { proto: Proto::Udp, addr: "127.0.0.1".parse().unwrap(), port: server_port };
-        assert!(out.iter().any(|f| f.listener == want), "bound UDP socket {server_port} not reported");
-        assert!(!out.iter().any(|f| f.listener.port == client_port), "connected client reported");
+        assert!(
+            out.iter().any(|f| f.listener == want && !f.connected),
+            "bound UDP socket {server_port} not reported as unconnected"
+        );
+        let client_found: Vec<_> = out.iter().filter(|f| f.listener.port == client_port).collect();
+        assert!(
+            !client_found.is_empty() && client_found.iter().all(|f| f.connected),
+            "connected client not reported as connected: {client_found:?}"
+        );
         drop(server);
         out.clear();
         SockDiag::open().unwrap().udp_bound(&mut out).unwrap();

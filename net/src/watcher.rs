@@ -13,7 +13,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hostnet_protocol::{Listener, ListenerSet};
+use hostnet_protocol::{Listener, ListenerSet, Proto};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -25,11 +25,15 @@ pub struct Found {
     /// Socket inode, to recognise sockets of our own process.
     pub inode: u32,
     pub uid: u32,
+    /// A UDP socket with a peer (`connect`ed): a client's, unless it was listed as a server
+    /// before it connected (see [`ServersConnected`]).
+    pub connected: bool,
 }
 
 /// Where this machine's listening sockets come from.
 pub trait ListenerSource: Send + 'static {
-    /// Appends every TCP socket in LISTEN state and every bound, unconnected UDP socket.
+    /// Appends every TCP socket in LISTEN state and every bound UDP socket (connected ones
+    /// marked so).
     fn read(&mut self, out: &mut Vec<Found>) -> io::Result<()>;
 }
 
@@ -129,12 +133,13 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> io::Result<watch::Receiver<Arc<ListenerSet>>> {
     let mut own = OwnSockets::default();
+    let mut servers = ServersConnected::default();
     let mut found = Vec::new();
-    let first = read_set(&mut diag, &mut found, &ignore_ports, &mut own)?;
+    let first = read_set(&mut diag, &mut found, &ignore_ports, &mut own, &mut servers)?;
     let (tx, rx) = watch::channel(Arc::new(first));
     std::thread::Builder::new().name("hostnet-listeners".into()).spawn(move || {
         // Reads the table and publishes it; `Some(changed)`, or `None` after a failed read.
-        let mut update = || match read_set(&mut diag, &mut found, &ignore_ports, &mut own) {
+        let mut update = || match read_set(&mut diag, &mut found, &ignore_ports, &mut own, &mut servers) {
             Ok(set) => Some(tx.send_if_modified(|current| {
                 if **current == set {
                     return false;
@@ -173,17 +178,48 @@ fn read_set(
     found: &mut Vec<Found>,
     ignore_ports: &BTreeSet<u16>,
     own: &mut OwnSockets,
+    servers: &mut ServersConnected,
 ) -> io::Result<ListenerSet> {
     found.clear();
     diag.read(found)?;
     own.learn(found);
+    servers.forget_gone(found);
     let set = found
         .iter()
-        .filter(|f| f.listener.is_forwardable() && !ignore_ports.contains(&f.listener.port))
         .filter(|f| !own.contains(f.inode))
-        .map(|f| f.listener)
+        .filter_map(|f| servers.keep(f))
+        .filter(|l| l.is_forwardable() && !ignore_ports.contains(&l.port))
         .collect();
     Ok(set)
+}
+
+/// UDP servers that `connect` their socket to their first client (`nc -ul` does): the socket
+/// then has a peer, like a client's, yet it is the same server, still talking through the
+/// forward. A UDP socket listed as a server keeps its listing, by inode, for as long as it
+/// exists; a socket that had a peer before it was ever seen is a client's and is not listed.
+#[derive(Debug, Default)]
+struct ServersConnected(HashMap<u32, Listener>);
+
+impl ServersConnected {
+    /// Drops what the latest read no longer shows.
+    fn forget_gone(&mut self, found: &[Found]) {
+        if !self.0.is_empty() {
+            let seen: BTreeSet<u32> = found.iter().map(|f| f.inode).collect();
+            self.0.retain(|inode, _| seen.contains(inode));
+        }
+    }
+
+    /// What `f` is listed as, if anything, remembering UDP servers for the next read.
+    fn keep(&mut self, f: &Found) -> Option<Listener> {
+        if f.listener.proto != Proto::Udp {
+            return Some(f.listener);
+        }
+        if !f.connected {
+            self.0.insert(f.inode, f.listener);
+            return Some(f.listener);
+        }
+        self.0.get(&f.inode).copied()
+    }
 }
 
 /// Which socket inodes belong to this process, so a side never advertises its own sockets:
@@ -224,4 +260,54 @@ fn own_socket_inodes() -> BTreeSet<u32> {
             t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hands out one scripted table per read.
+    struct Script(std::collections::VecDeque<Vec<Found>>);
+
+    impl ListenerSource for Script {
+        fn read(&mut self, out: &mut Vec<Found>) -> io::Result<()> {
+            out.extend(self.0.pop_front().unwrap_or_default());
+            Ok(())
+        }
+    }
+
+    fn udp(addr: &str, port: u16, inode: u32, connected: bool) -> Found {
+        Found {
+            listener: Listener { proto: Proto::Udp, addr: addr.parse().unwrap(), port },
+            inode,
+            uid: 0,
+            connected,
+        }
+    }
+
+    #[test]
+    fn a_udp_server_that_takes_a_peer_stays_listed_until_it_closes_and_clients_never_are() {
+        // Inodes far above any this test process holds, so none counts as our own.
+        let (server, client) = (4_000_000_001, 4_000_000_002);
+        let mut source: Box<dyn ListenerSource> = Box::new(Script(
+            [
+                vec![udp("0.0.0.0", 5353, server, false)],
+                // `nc -ul` after its first datagram: connected, bound to the address it was reached on.
+                vec![udp("127.0.0.1", 5353, server, true)],
+                // The server closed; a client socket (connected from the start) is not a server.
+                vec![udp("127.0.0.1", 40_000, client, true)],
+            ]
+            .into(),
+        ));
+        let (mut found, ignore, mut own, mut servers) =
+            (Vec::new(), BTreeSet::new(), OwnSockets::default(), ServersConnected::default());
+        let mut read = || {
+            let set = read_set(&mut source, &mut found, &ignore, &mut own, &mut servers).unwrap();
+            set.iter().map(|l| (l.addr.to_string(), l.port)).collect::<Vec<_>>()
+        };
+        let listed = vec![("0.0.0.0".to_owned(), 5353)];
+        assert_eq!(read(), listed, "the server, unconnected");
+        assert_eq!(read(), listed, "the same server, connected to its first client: still listed as it was");
+        assert_eq!(read(), Vec::<(String, u16)>::new(), "server gone; a client is never listed");
+    }
 }
