@@ -804,21 +804,30 @@ pub fn spawn_piped(program: &str, args: &[&str]) -> Child {
 
 /// Two `nc` processes already connected through hostnet: a line typed into each shows up on
 /// the other. Kills both afterwards.
-pub fn assert_typing_flows_both_ways(mut server: Child, mut client: Child) {
+pub fn assert_typing_flows_both_ways(server: Child, client: Child) {
+    assert_conversation(server, client, &[]);
+}
+
+/// [`assert_typing_flows_both_ways`], then again after each pause in `pauses`: the
+/// conversation outlasts them.
+pub fn assert_conversation(mut server: Child, mut client: Child, pauses: &[Duration]) {
     let server_out = lines_of(server.stdout.take().unwrap());
     let client_out = lines_of(client.stdout.take().unwrap());
     let mut server_in = server.stdin.take().unwrap();
     let mut client_in = client.stdin.take().unwrap();
-    for (input, output, text) in [
-        (&mut client_in, &server_out, "hello from the desktop\n"),
-        (&mut server_in, &client_out, "hello from the container\n"),
-    ] {
-        input.write_all(text.as_bytes()).unwrap();
-        input.flush().unwrap();
-        let line = output
-            .recv_timeout(DEADLINE)
-            .unwrap_or_else(|_| panic!("{text:?} did not come through within {DEADLINE:?}"));
-        assert_eq!(line, text);
+    for pause in std::iter::once(&Duration::ZERO).chain(pauses) {
+        std::thread::sleep(*pause);
+        for (input, output, text) in [
+            (&mut client_in, &server_out, "hello from the desktop\n"),
+            (&mut server_in, &client_out, "hello from the container\n"),
+        ] {
+            input.write_all(text.as_bytes()).unwrap();
+            input.flush().unwrap();
+            let line = output.recv_timeout(DEADLINE).unwrap_or_else(|_| {
+                panic!("{text:?} did not come through within {DEADLINE:?} (after a {pause:?} pause)")
+            });
+            assert_eq!(line, text);
+        }
     }
     for p in [&mut client, &mut server] {
         let _ = p.kill();
