@@ -182,8 +182,12 @@ fn read_set(
 ) -> io::Result<ListenerSet> {
     found.clear();
     diag.read(found)?;
-    own.learn(found);
     servers.forget_gone(found);
+    // Connected UDP sockets never listed as servers are clients' (a desktop has hundreds:
+    // QUIC): out before anything else looks at them — a new inode costs `own` a pass over
+    // `/proc/self/fd`.
+    found.retain(|f| !f.connected || servers.was_listed(f.inode));
+    own.learn(found);
     let set = found
         .iter()
         .filter(|f| !own.contains(f.inode))
@@ -207,6 +211,10 @@ impl ServersConnected {
             let seen: BTreeSet<u32> = found.iter().map(|f| f.inode).collect();
             self.0.retain(|inode, _| seen.contains(inode));
         }
+    }
+
+    fn was_listed(&self, inode: u32) -> bool {
+        self.0.contains_key(&inode)
     }
 
     /// What `f` is listed as, if anything, remembering UDP servers for the next read.
