@@ -248,12 +248,20 @@ async fn hybrid_connect(
     let target = spec.to_string();
     let io_err = |source| TransportError::Connect { target: target.clone(), source };
     let s = UnixStream::connect(path).await.map_err(io_err)?;
-    stream::write_all(&s, format!("CONNECT {port}\n").as_bytes()).await.map_err(io_err)?;
+    // The VMM hangs up on a CONNECT to a port nobody listens on in the VM (the agent is not
+    // running, or restarting): say that, not "broken pipe".
+    let hung_up = |e: io::Error| match e.kind() {
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
+            TransportError::HybridRefused { target: target.clone(), answer: "<closed>".to_owned() }
+        }
+        _ => io_err(e),
+    };
+    stream::write_all(&s, format!("CONNECT {port}\n").as_bytes()).await.map_err(hung_up)?;
     // Byte by byte: whatever follows the newline already belongs to the agent.
     let mut line = Vec::with_capacity(16);
     let mut byte = [0u8; 1];
     loop {
-        let n = stream::read(&s, &mut byte).await.map_err(io_err)?;
+        let n = stream::read(&s, &mut byte).await.map_err(hung_up)?;
         if n == 0 || line.len() >= MAX_HYBRID_LINE {
             let answer = String::from_utf8_lossy(&line).into_owned();
             return Err(TransportError::HybridRefused {
@@ -458,6 +466,30 @@ mod tests {
         let err = TransportSpec::Hybrid { path, port: 1024 }.connector().connect().await.unwrap_err();
         assert!(matches!(err, TransportError::HybridRefused { .. }), "{err}");
         assert!(err.to_string().contains("is hostnet-agent running"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_vmm_hanging_up_on_connect_is_a_refusal_not_a_broken_pipe() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.vsock");
+        let listener = UnixListener::bind(&path).unwrap();
+        // Like a VMM that hangs up at once (nothing listens on the port): our `CONNECT` line
+        // then meets a closed socket (EPIPE) or is left unread, which resets us (ECONNRESET).
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                drop(s);
+            }
+        });
+        for _ in 0..20 {
+            let err = TransportSpec::Hybrid { path: path.clone(), port: 1024 }
+                .connector()
+                .connect()
+                .await
+                .unwrap_err();
+            assert!(matches!(err, TransportError::HybridRefused { .. }), "{err}");
+            assert!(err.to_string().contains("is hostnet-agent running"), "{err}");
+        }
     }
 
     #[tokio::test]
