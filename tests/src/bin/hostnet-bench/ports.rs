@@ -35,10 +35,12 @@ fn usable(addr: SocketAddr) -> bool {
 /// For `n` guest listeners one after the other: the time from `listen()` returning in the
 /// guest to the first successful connect + echo from the host, and from the guest closing
 /// its listener to the host port refusing connections. Each in milliseconds: (listen→usable
-/// p50, p99), (close→refused p50, p99).
-pub fn listen_close(demo: &Demo, n: usize) -> ((f64, f64), (f64, f64)) {
+/// p50, p99), (close→refused p50, p99); and what the slowest probe connect after a close got,
+/// when one took over 50 ms (a tail worth explaining).
+pub fn listen_close(demo: &Demo, n: usize) -> ((f64, f64), (f64, f64), Option<String>) {
     let mut up = Vec::with_capacity(n);
     let mut down = Vec::with_capacity(n);
+    let mut slowest: Option<(Duration, String)> = None;
     for _ in 0..n {
         let port = free_port();
         let addr = loopback(false, port);
@@ -52,7 +54,21 @@ pub fn listen_close(demo: &Demo, n: usize) -> ((f64, f64), (f64, f64)) {
         server.close();
         let closed = Instant::now();
         loop {
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            let attempt = Instant::now();
+            let got = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+            let took = attempt.elapsed();
+            if took > Duration::from_millis(50) && slowest.as_ref().is_none_or(|(d, _)| took > *d) {
+                let what = match &got {
+                    Ok(_) => "accepted".to_owned(),
+                    Err(e) => format!("{:?}", e.kind()),
+                };
+                let since = attempt.duration_since(closed);
+                slowest = Some((
+                    took,
+                    format!("a probe connect {since:.1?} after the close took {took:.1?}: {what}"),
+                ));
+            }
+            match got {
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
                 _ => {}
             }
@@ -65,6 +81,7 @@ pub fn listen_close(demo: &Demo, n: usize) -> ((f64, f64), (f64, f64)) {
     (
         (ms(percentile(&mut up, 50)), ms(percentile(&mut up, 99))),
         (ms(percentile(&mut down, 50)), ms(percentile(&mut down, 99))),
+        slowest.map(|(_, what)| what),
     )
 }
 
