@@ -175,28 +175,12 @@ impl FrameReader {
         max: usize,
         read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
     ) -> io::Result<usize> {
-        READ_SCRATCH.with(|scratch| {
-            let mut fallback = Vec::new();
-            let mut borrowed = scratch.try_borrow_mut();
-            let scratch = match borrowed.as_mut() {
-                Ok(scratch) => &mut **scratch,
-                Err(_) => &mut fallback,
-            };
-            if scratch.len() < max {
-                scratch.resize(max, 0);
-            }
-            let into = scratch.get_mut(..max).unwrap_or_default();
+        stream::with_scratch(max, |into| {
             let n = read(into)?;
             self.buf.extend_from_slice(into.get(..n).unwrap_or_default());
             Ok(n)
         })
     }
-}
-
-thread_local! {
-    /// Where [`FrameReader`] reads before keeping what came; used only within one synchronous
-    /// read, so every task on a thread shares it.
-    static READ_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Why a data stream could not be opened.

@@ -12,8 +12,9 @@ use std::net::SocketAddr;
 
 use tokio::net::UdpSocket;
 
-/// Most datagrams one system call moves. 32 × 64 KiB receive slots per worker thread, resident
-/// only as far as datagrams touch them (a burst of 64-byte datagrams touches one page a slot).
+/// Most datagrams one system call moves. 32 × 64 KiB receive slots, in the thread's scratch
+/// buffer (`stream::with_scratch`), resident only as far as datagrams touch them (a burst of
+/// 64-byte datagrams touches one page a slot).
 pub const MMSG_BATCH: usize = 32;
 
 /// One receive slot: room for any UDP payload (65 507 bytes over IPv4, 65 527 over IPv6) and
@@ -41,19 +42,15 @@ impl Received {
 /// without waiting, and hands each to `each(payload, source)` in arrival order. `WouldBlock`
 /// when nothing waits. An error after some datagrams were taken comes back on the next call.
 ///
-/// `each` must not receive on a socket through this module itself (the slots are in use).
+/// The slots are the thread's scratch buffer: `each` must not use it (receive through this
+/// module, relay) itself, or that nested use gets a buffer of its own.
 pub fn try_recv_batch(
     socket: &UdpSocket,
     max: usize,
     mut each: impl FnMut(&[u8], Option<SocketAddr>),
 ) -> io::Result<Received> {
     let max = max.clamp(1, MMSG_BATCH);
-    SLOTS.with(|slots| {
-        let mut slots =
-            slots.try_borrow_mut().map_err(|_| io::Error::other("receive slots already in use"))?;
-        let slots = slots.get_or_insert_with(|| vec![0u8; MMSG_BATCH * SLOT_LEN]);
-        recv_into(socket, slots, max, &mut each)
-    })
+    crate::stream::with_scratch(MMSG_BATCH * SLOT_LEN, |slots| recv_into(socket, slots, max, &mut each))
 }
 
 /// Like [`try_recv_batch`], but waits until at least one datagram (or an error) arrives.
@@ -96,12 +93,6 @@ pub async fn send_batch<D: AsRef<[u8]>>(
         }
     }
     Ok(sent)
-}
-
-thread_local! {
-    /// Receive slots, per thread: they are only used inside one synchronous call, never across
-    /// an `.await`, so every task on a thread can share them.
-    static SLOTS: std::cell::RefCell<Option<Vec<u8>>> = const { std::cell::RefCell::new(None) };
 }
 
 #[cfg(target_os = "linux")]

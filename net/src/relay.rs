@@ -10,7 +10,6 @@
 //! would block does a direction take a buffer of its own for what is left, and keep it for the
 //! bulk transfer that follows until [`IDLE_BUFFER_RELEASE`] of silence gives it back.
 
-use std::cell::RefCell;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -143,19 +142,9 @@ fn new_buffer() -> Box<[u8]> {
     vec![0u8; CHUNK_HEADER_LEN + RELAY_BUF_LEN].into_boxed_slice()
 }
 
-thread_local! {
-    /// The per-thread scratch buffer: borrowed only inside synchronous steps (never across an
-    /// `.await`), so tasks sharing a thread never see each other's bytes.
-    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(new_buffer());
-}
-
-/// Runs `f` with this thread's scratch buffer.
+/// Runs `f` with the thread's scratch buffer, a chunk header and [`RELAY_BUF_LEN`] long.
 fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
-    SCRATCH.with(|b| match b.try_borrow_mut() {
-        Ok(mut b) => f(&mut b),
-        // Not reachable (no step runs inside another), but never worth a panic.
-        Err(_) => f(&mut new_buffer()),
-    })
+    stream::with_scratch(CHUNK_HEADER_LEN + RELAY_BUF_LEN, f)
 }
 
 /// Writes as much of `buf` as `s` takes right now; `Ok(written)`.
