@@ -243,11 +243,8 @@ impl Forwards {
         t.ports
             .iter()
             .map(|(&(proto, guest_port), f)| {
-                let (state, mut reason) = f.state.label();
-                if reason.is_none() && !f.missing.is_empty() {
-                    let missing: Vec<&str> = f.missing.iter().map(|(_, r)| r.as_str()).collect();
-                    reason = Some(missing.join("; "));
-                }
+                let (state, reason) = f.state.label();
+                let reason = reason.or_else(|| f.missing_reason());
                 let host_addresses =
                     if f.state == PortState::Forwarding { f.bound.clone() } else { Vec::new() };
                 ForwardStatus {
@@ -426,8 +423,7 @@ impl Forwards {
             missing,
         };
         if bound.is_empty() {
-            let reasons: Vec<&str> = fwd.missing.iter().map(|(_, r)| r.as_str()).collect();
-            fwd.state = PortState::Conflict(reasons.join("; "));
+            fwd.state = PortState::Conflict(fwd.missing_reason().unwrap_or_default());
             fwd.missing.clear();
             return fwd;
         }
@@ -581,6 +577,12 @@ impl Forwards {
 }
 
 impl PortForward {
+    /// Why some address of the scope does not listen, if one does not.
+    fn missing_reason(&self) -> Option<String> {
+        let reasons: Vec<&str> = self.missing.iter().map(|(_, r)| r.as_str()).collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
+    }
+
     /// A forward with no sockets (ignored or disabled).
     fn idle(port: u16, state: PortState, stats: Arc<ForwardStats>) -> Self {
         PortForward {

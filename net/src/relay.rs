@@ -323,8 +323,8 @@ async fn pump_up<L: RawStream, P: RawStream>(
         match step {
             Step::Sent(n) => {
                 counters.to_peer.fetch_add(n as u64, Ordering::Relaxed);
-                if n >= BULK_READ && own.is_none() {
-                    own = Some(bulk_for(local, peer));
+                if n >= BULK_READ {
+                    own.get_or_insert_with(|| bulk_for(local, peer));
                 }
             }
             Step::Blocked(n, rest) => {
@@ -335,9 +335,7 @@ async fn pump_up<L: RawStream, P: RawStream>(
                 mid_chunk.store(false, Ordering::Relaxed);
                 counters.to_peer.fetch_add(n as u64, Ordering::Relaxed);
                 // The peer is slower than the local side: a bulk transfer.
-                if own.is_none() {
-                    own = Some(bulk_for(local, peer));
-                }
+                own.get_or_insert_with(|| bulk_for(local, peer));
             }
             Step::NoSplice => own = Some(Bulk::Buffer(new_buffer())),
             Step::Again => {}
@@ -453,8 +451,8 @@ async fn pump_down<P: RawStream, L: RawStream>(
         });
         match step {
             Ok(None) => {
-                if read >= BULK_READ && own.is_none() {
-                    own = Some(bulk_for(local, peer));
+                if read >= BULK_READ {
+                    own.get_or_insert_with(|| bulk_for(local, peer));
                 }
             }
             Ok(Some(Leftover { data, raw })) => {
@@ -466,9 +464,7 @@ async fn pump_down<P: RawStream, L: RawStream>(
                     return end;
                 }
                 // The local side is slower than the peer: a bulk transfer.
-                if own.is_none() {
-                    own = Some(bulk_for(local, peer));
-                }
+                own.get_or_insert_with(|| bulk_for(local, peer));
             }
             Err(end) => return end,
         }
