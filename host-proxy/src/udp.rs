@@ -195,18 +195,14 @@ impl Flow {
         let down = async {
             let mut burst = Vec::with_capacity(MMSG_BATCH);
             loop {
-                match reader.read_datagram(&stream).await {
-                    Ok(Some(d)) => burst.push(d),
-                    Ok(None) => return "agent closed the flow",
+                // The whole burst already read goes to the client in one system call.
+                match reader.read_burst(&stream, &mut burst, MMSG_BATCH).await {
+                    Ok(true) => {}
+                    Ok(false) => return "agent closed the flow",
                     Err(e) => {
                         debug!("flow stream failed: {e}");
                         return "agent stream failed";
                     }
-                }
-                // The rest of the burst already read goes to the client in the same system call.
-                while burst.len() < MMSG_BATCH {
-                    let Some(d) = reader.buffered_datagram() else { break };
-                    burst.push(d);
                 }
                 // A full socket buffer on the desktop side drops, as UDP does; so does any
                 // other refusal, one datagram at a time.

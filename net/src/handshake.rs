@@ -139,10 +139,23 @@ impl FrameReader {
         }
     }
 
-    /// The next datagram if it is already read whole, without reading more: how a relay takes
-    /// the rest of a burst for one batched send.
-    pub fn buffered_datagram(&mut self) -> Option<BytesMut> {
-        datagram::decode_datagram(&mut self.buf)
+    /// Reads the next datagram (waiting for it), then whatever else of its burst is already
+    /// read whole, up to `max` in all, into `burst`: how a relay sends a burst in one system
+    /// call. `false` when the peer closed the stream between datagrams. Cancel-safe like
+    /// [`Self::read_datagram`].
+    pub async fn read_burst<S: RawStream>(
+        &mut self,
+        s: &S,
+        burst: &mut Vec<BytesMut>,
+        max: usize,
+    ) -> Result<bool, HandshakeError> {
+        let Some(first) = self.read_datagram(s).await? else { return Ok(false) };
+        burst.push(first);
+        while burst.len() < max {
+            let Some(d) = datagram::decode_datagram(&mut self.buf) else { break };
+            burst.push(d);
+        }
+        Ok(true)
     }
 
     /// The bytes read past the last frame.

@@ -136,14 +136,10 @@ pub async fn relay_connected<S: RawStream>(
     let up = async {
         let mut burst = Vec::with_capacity(MMSG_BATCH);
         loop {
-            match reader.read_datagram(stream).await {
-                Ok(Some(d)) => burst.push(d),
-                Ok(None) | Err(_) => return,
-            }
-            // Whatever else of the burst is already read goes in the same system call.
-            while burst.len() < MMSG_BATCH {
-                let Some(d) = reader.buffered_datagram() else { break };
-                burst.push(d);
+            // The whole burst already read goes in one system call.
+            match reader.read_burst(stream, &mut burst, MMSG_BATCH).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return,
             }
             let sent = mmsg::send_batch(socket, &burst, None, &refused).await;
             burst.clear();
