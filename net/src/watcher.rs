@@ -208,8 +208,7 @@ impl ServersConnected {
     /// Drops what the latest read no longer shows.
     fn forget_gone(&mut self, found: &[Found]) {
         if !self.0.is_empty() {
-            let seen: BTreeSet<u32> = found.iter().map(|f| f.inode).collect();
-            self.0.retain(|inode, _| seen.contains(inode));
+            keep_only_seen(&mut self.0, found);
         }
     }
 
@@ -242,8 +241,7 @@ impl OwnSockets {
     fn learn(&mut self, found: &[Found]) {
         if found.iter().all(|f| self.0.contains_key(&f.inode)) {
             if self.0.len() > found.len() {
-                let seen: BTreeSet<u32> = found.iter().map(|f| f.inode).collect();
-                self.0.retain(|inode, _| seen.contains(inode));
+                keep_only_seen(&mut self.0, found);
             }
             return;
         }
@@ -254,6 +252,12 @@ impl OwnSockets {
     fn contains(&self, inode: u32) -> bool {
         self.0.get(&inode).copied().unwrap_or(false)
     }
+}
+
+/// Drops the entries of sockets `found` no longer shows.
+fn keep_only_seen<V>(by_inode: &mut HashMap<u32, V>, found: &[Found]) {
+    let seen: BTreeSet<u32> = found.iter().map(|f| f.inode).collect();
+    by_inode.retain(|inode, _| seen.contains(inode));
 }
 
 /// Inodes of every socket this process holds open.
