@@ -46,12 +46,14 @@ struct bpf_sock {
 struct bpf_sock_ops {
     __u32 op;
     __u32 args[4];
+    __u32 family;
 };
 
 // The network namespace watched (its cookie); set by the loader.
 volatile const __u64 HOSTNET_NETNS = 0;
 
-// Four bytes per event: the watcher drains the ring and reads sock_diag once.
+// Four bytes per event — the kind in the low byte, the address family (AF_INET, AF_INET6)
+// above it: the watcher drains the ring and reads only the sock_diag tables that changed.
 struct {
     __uint(type, BPF_MAP_TYPE_RINGBUF);
     __uint(max_entries, 4096);
@@ -61,9 +63,10 @@ static long (*bpf_sock_ops_cb_flags_set)(struct bpf_sock_ops *ops, int flags) = 
 static __u64 (*bpf_get_netns_cookie)(void *ctx) = (void *)122;
 static long (*bpf_ringbuf_output)(void *ringbuf, void *data, __u64 size, __u64 flags) = (void *)130;
 
-static inline void emit(void *ctx, __u32 kind) {
+static inline void emit(void *ctx, __u32 kind, __u32 family) {
+    __u32 event = kind | (family & 0xffff) << 8;
     if (bpf_get_netns_cookie(ctx) == HOSTNET_NETNS)
-        bpf_ringbuf_output(&HOSTNET_EVENTS, &kind, sizeof(kind), 0);
+        bpf_ringbuf_output(&HOSTNET_EVENTS, &event, sizeof(event), 0);
 }
 
 // Socket-ops and cgroup-sock programs must answer 1 (carry on): they only watch.
@@ -71,9 +74,9 @@ SEC("sockops")
 int hostnet_tcp(struct bpf_sock_ops *ops) {
     if (ops->op == BPF_SOCK_OPS_TCP_LISTEN_CB) {
         bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
-        emit(ops, TCP_LISTEN_START);
+        emit(ops, TCP_LISTEN_START, ops->family);
     } else if (ops->op == BPF_SOCK_OPS_STATE_CB && ops->args[0] == TCP_LISTEN) {
-        emit(ops, TCP_LISTEN_STOP);
+        emit(ops, TCP_LISTEN_STOP, ops->family);
     }
     return 1;
 }
@@ -81,14 +84,14 @@ int hostnet_tcp(struct bpf_sock_ops *ops) {
 SEC("cgroup/post_bind4")
 int hostnet_udp_bound4(struct bpf_sock *sk) {
     if (sk->protocol == IPPROTO_UDP)
-        emit(sk, UDP_BOUND);
+        emit(sk, UDP_BOUND, sk->family);
     return 1;
 }
 
 SEC("cgroup/post_bind6")
 int hostnet_udp_bound6(struct bpf_sock *sk) {
     if (sk->protocol == IPPROTO_UDP)
-        emit(sk, UDP_BOUND);
+        emit(sk, UDP_BOUND, sk->family);
     return 1;
 }
 
@@ -96,7 +99,7 @@ int hostnet_udp_bound6(struct bpf_sock *sk) {
 SEC("cgroup/sock_release")
 int hostnet_udp_released(struct bpf_sock *sk) {
     if (sk->protocol == IPPROTO_UDP && sk->dst_port == 0)
-        emit(sk, UDP_UNBOUND);
+        emit(sk, UDP_UNBOUND, sk->family);
     return 1;
 }
 

@@ -8,7 +8,7 @@ use std::io;
 
 use hostnet_protocol::{Listener, Proto};
 
-pub use crate::watcher::Found;
+pub use crate::watcher::{Found, Table};
 use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
@@ -36,18 +36,31 @@ impl SockDiag {
 
     /// Appends every TCP socket in LISTEN state, IPv4 and IPv6, to `out`.
     pub fn tcp_listeners(&mut self, out: &mut Vec<Found>) -> io::Result<()> {
-        self.dump(AF_INET, IPPROTO_TCP, StateFlags::LISTEN, out)?;
-        self.dump(AF_INET6, IPPROTO_TCP, StateFlags::LISTEN, out)
+        self.tables(Proto::Tcp, out)
     }
 
     /// Appends every UDP socket bound to a port, IPv4 and IPv6, to `out`: unconnected ones
     /// (a server's) and connected ones, marked `connected` (a client's — or a server's that
     /// took a peer, see the watcher).
     pub fn udp_bound(&mut self, out: &mut Vec<Found>) -> io::Result<()> {
-        // An unconnected UDP socket sits in TCP_CLOSE; a connected one in TCP_ESTABLISHED.
-        let states = || StateFlags::CLOSE | StateFlags::ESTABLISHED;
-        self.dump(AF_INET, IPPROTO_UDP, states(), out)?;
-        self.dump(AF_INET6, IPPROTO_UDP, states(), out)
+        self.tables(Proto::Udp, out)
+    }
+
+    fn tables(&mut self, proto: Proto, out: &mut Vec<Found>) -> io::Result<()> {
+        for table in Table::ALL.into_iter().filter(|t| t.proto == proto) {
+            self.table(table, out)?;
+        }
+        Ok(())
+    }
+
+    /// Appends the sockets of one table to `out`: TCP listeners, or bound UDP sockets.
+    pub fn table(&mut self, table: Table, out: &mut Vec<Found>) -> io::Result<()> {
+        let family = if table.v6 { AF_INET6 } else { AF_INET };
+        match table.proto {
+            Proto::Tcp => self.dump(family, IPPROTO_TCP, StateFlags::LISTEN, out),
+            // An unconnected UDP socket sits in TCP_CLOSE; a connected one in TCP_ESTABLISHED.
+            Proto::Udp => self.dump(family, IPPROTO_UDP, StateFlags::CLOSE | StateFlags::ESTABLISHED, out),
+        }
     }
 
     fn dump(&mut self, family: u8, protocol: u8, states: StateFlags, out: &mut Vec<Found>) -> io::Result<()> {

@@ -10,6 +10,10 @@
 use std::io;
 use std::time::Duration;
 
+use hostnet_protocol::Proto;
+
+use crate::watcher::Tables;
+
 /// Why events are not available here; the watcher then polls.
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
@@ -89,14 +93,14 @@ impl ListenerEvents {
         Err(EventsError::NotBuilt)
     }
 
-    /// Waits up to `timeout` for events and drains every one already there. Returns how many
-    /// arrived (0: the timeout passed).
+    /// Waits up to `timeout` for events and drains every one already there. Returns the
+    /// tables they say changed (none: the timeout passed).
     #[cfg(hostnet_bpf)]
-    pub fn wait(&mut self, timeout: Duration) -> io::Result<usize> {
+    pub fn wait(&mut self, timeout: Duration) -> io::Result<Tables> {
         use std::os::fd::AsRawFd;
-        let mut n = self.drain();
-        if n > 0 {
-            return Ok(n);
+        let tables = self.drain();
+        if !tables.is_empty() {
+            return Ok(tables);
         }
         let mut pfd = libc::pollfd { fd: self.ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
@@ -108,24 +112,48 @@ impl ListenerEvents {
                 return Err(e);
             }
         }
-        n += self.drain();
-        Ok(n)
+        Ok(self.drain())
     }
 
     #[cfg(hostnet_bpf)]
-    fn drain(&mut self) -> usize {
-        let mut n = 0;
-        while self.ring.next().is_some() {
-            n += 1;
+    fn drain(&mut self) -> Tables {
+        let mut tables = Tables::NONE;
+        while let Some(event) = self.ring.next() {
+            tables |= changed_tables(&event);
         }
-        n
+        tables
     }
 
     /// Waits up to `timeout` for events. Never called: [`Self::load`] fails in this build.
     #[cfg(not(hostnet_bpf))]
-    pub fn wait(&mut self, timeout: Duration) -> io::Result<usize> {
+    pub fn wait(&mut self, timeout: Duration) -> io::Result<Tables> {
         std::thread::sleep(timeout);
-        Ok(0)
+        Ok(Tables::NONE)
+    }
+}
+
+/// The tables one event from the program says changed: its kind tells the protocol, the byte
+/// above it the address family. Anything unexpected reads every table.
+#[cfg_attr(not(hostnet_bpf), allow(dead_code))]
+fn changed_tables(event: &[u8]) -> Tables {
+    const TCP_LISTEN_START: u32 = 1;
+    const TCP_LISTEN_STOP: u32 = 2;
+    const UDP_BOUND: u32 = 3;
+    const UDP_UNBOUND: u32 = 4;
+    const AF_INET: u32 = 2;
+    const AF_INET6: u32 = 10;
+    let Some(event) = event.first_chunk::<4>().map(|b| u32::from_ne_bytes(*b)) else {
+        return Tables::ALL;
+    };
+    let proto = match event & 0xff {
+        TCP_LISTEN_START | TCP_LISTEN_STOP => Some(Proto::Tcp),
+        UDP_BOUND | UDP_UNBOUND => Some(Proto::Udp),
+        _ => None,
+    };
+    match event >> 8 {
+        AF_INET => Tables::of(proto, true, false),
+        AF_INET6 => Tables::of(proto, false, true),
+        _ => Tables::of(proto, true, true),
     }
 }
 
@@ -190,4 +218,27 @@ fn mount_and_open(dir: &std::path::Path) -> io::Result<std::fs::File> {
     // SAFETY: valid NUL-terminated path.
     unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
     opened
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::watcher::Table;
+
+    fn only(tables: Tables) -> Vec<Table> {
+        Table::ALL.into_iter().filter(|t| tables.contains(*t)).collect()
+    }
+
+    #[test]
+    fn an_event_names_the_table_of_its_protocol_and_family() {
+        let event = |kind: u32, family: u32| (kind | family << 8).to_ne_bytes();
+        assert_eq!(only(changed_tables(&event(1, 2))), vec![Table { proto: Proto::Tcp, v6: false }]);
+        assert_eq!(only(changed_tables(&event(2, 10))), vec![Table { proto: Proto::Tcp, v6: true }]);
+        assert_eq!(only(changed_tables(&event(3, 10))), vec![Table { proto: Proto::Udp, v6: true }]);
+        assert_eq!(only(changed_tables(&event(4, 2))), vec![Table { proto: Proto::Udp, v6: false }]);
+        // An unknown family: both of the protocol's; an unknown kind or a short event: all.
+        assert_eq!(changed_tables(&event(3, 0)), Tables::of(Some(Proto::Udp), true, true));
+        assert_eq!(changed_tables(&event(9, 2)), Tables::of(None, true, false));
+        assert_eq!(changed_tables(&[1, 2]), Tables::ALL);
+    }
 }

@@ -30,18 +30,79 @@ pub struct Found {
     pub connected: bool,
 }
 
+/// One table of sockets a [`ListenerSource`] reads: a protocol in one address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Table {
+    pub proto: Proto,
+    pub v6: bool,
+}
+
+impl Table {
+    /// Every table, in reading order.
+    pub const ALL: [Table; 4] = [
+        Table { proto: Proto::Tcp, v6: false },
+        Table { proto: Proto::Tcp, v6: true },
+        Table { proto: Proto::Udp, v6: false },
+        Table { proto: Proto::Udp, v6: true },
+    ];
+
+    fn bit(self) -> u8 {
+        1 << (u8::from(self.proto == Proto::Udp) * 2 + u8::from(self.v6))
+    }
+}
+
+/// A set of [`Table`]s: the ones an event says may have changed. A TCP `listen()` changes
+/// only its family's TCP table, so the watcher reads that one instead of all four (a
+/// desktop's UDP table, full of QUIC clients, costs a TCP listener nothing).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tables(u8);
+
+impl Tables {
+    pub const NONE: Tables = Tables(0);
+    pub const ALL: Tables = Tables(0b1111);
+
+    /// The tables of `proto` (both when `None`) in the IPv4 and/or IPv6 family.
+    pub fn of(proto: Option<Proto>, v4: bool, v6: bool) -> Tables {
+        let bits = Table::ALL
+            .iter()
+            .filter(|t| proto.is_none_or(|p| p == t.proto) && if t.v6 { v6 } else { v4 })
+            .fold(0, |bits, t| bits | t.bit());
+        Tables(bits)
+    }
+
+    pub fn contains(self, table: Table) -> bool {
+        self.0 & table.bit() != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl std::ops::BitOr for Tables {
+    type Output = Tables;
+    fn bitor(self, other: Tables) -> Tables {
+        Tables(self.0 | other.0)
+    }
+}
+
+impl std::ops::BitOrAssign for Tables {
+    fn bitor_assign(&mut self, other: Tables) {
+        self.0 |= other.0;
+    }
+}
+
 /// Where this machine's listening sockets come from.
 pub trait ListenerSource: Send + 'static {
-    /// Appends every TCP socket in LISTEN state and every bound UDP socket (connected ones
-    /// marked so).
-    fn read(&mut self, out: &mut Vec<Found>) -> io::Result<()>;
+    /// Appends the sockets of `table`: TCP sockets in LISTEN state, or every bound UDP socket
+    /// (connected ones marked so).
+    fn read(&mut self, table: Table, out: &mut Vec<Found>) -> io::Result<()>;
 }
 
 #[cfg(target_os = "linux")]
 impl ListenerSource for crate::discovery::SockDiag {
-    fn read(&mut self, out: &mut Vec<Found>) -> io::Result<()> {
-        self.tcp_listeners(out)?;
-        self.udp_bound(out)
+    fn read(&mut self, table: Table, out: &mut Vec<Found>) -> io::Result<()> {
+        self.table(table, out)
     }
 }
 
@@ -68,11 +129,20 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(10);
 pub const EVENT_RESYNC: Duration = Duration::from_secs(1);
 /// Close events (a listener leaving LISTEN, a UDP socket released) fire just before the kernel
 /// unhashes the socket, which a busy machine may delay by a time slice: when an event finds the
-/// table unchanged, it is read again after each of these delays until it shows a change (a new
-/// event cuts a delay short and starts them over), so a close is seen within milliseconds even
-/// then, not at the next full read.
-const CONFIRM_AFTER_EVENT: [Duration; 3] =
-    [Duration::from_micros(500), Duration::from_millis(4), Duration::from_millis(32)];
+/// tables unchanged, they are read again after each of these delays until they show a change
+/// (a new event cuts a delay short and starts them over), so a close is seen within about
+/// twice the time the kernel took, not at the next full read. Each read is of the event's
+/// table only.
+const CONFIRM_AFTER_EVENT: [Duration; 8] = [
+    Duration::from_micros(250),
+    Duration::from_micros(250),
+    Duration::from_micros(500),
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+    Duration::from_millis(4),
+    Duration::from_millis(8),
+    Duration::from_millis(16),
+];
 /// Back-off after a failed read of the table.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
@@ -101,23 +171,23 @@ impl Trigger {
         }
     }
 
-    /// Blocks until the table should be read — at the latest after `confirm` when events are
-    /// on; `true` if an event (not a timer) says so.
-    fn wait(&mut self, confirm: Option<Duration>) -> bool {
+    /// Blocks until the tables should be read — at the latest after `confirm` when events
+    /// are on. Returns the tables an event says changed; none when a timer woke it.
+    fn wait(&mut self, confirm: Option<Duration>) -> Tables {
         match self {
             Trigger::Poll(interval) => {
                 std::thread::sleep(*interval);
-                false
+                Tables::NONE
             }
             Trigger::Events { events, resync } => match events.wait(confirm.unwrap_or(*resync)) {
-                Ok(n) => {
-                    tracing::trace!(events = n, "woken");
-                    n > 0
+                Ok(tables) => {
+                    tracing::trace!(?tables, "woken");
+                    tables
                 }
                 Err(e) => {
                     warn!("listener events failed ({e}); polling every {DEFAULT_POLL_INTERVAL:?} instead");
                     *self = Trigger::Poll(DEFAULT_POLL_INTERVAL);
-                    false
+                    Tables::NONE
                 }
             },
         }
@@ -127,19 +197,17 @@ impl Trigger {
 /// Starts a watcher on `source`, woken by `trigger`. The first read happens before this
 /// returns, so the first snapshot a peer gets is already the truth.
 pub fn spawn(
-    mut diag: Box<dyn ListenerSource>,
+    diag: Box<dyn ListenerSource>,
     mut trigger: Trigger,
     ignore_ports: BTreeSet<u16>,
     shutdown: CancellationToken,
 ) -> io::Result<watch::Receiver<Arc<ListenerSet>>> {
-    let mut own = OwnSockets::default();
-    let mut servers = ServersConnected::default();
-    let mut found = Vec::new();
-    let first = read_set(&mut diag, &mut found, &ignore_ports, &mut own, &mut servers)?;
+    let mut reader = Reader::new(diag, ignore_ports);
+    let first = reader.read(Tables::ALL)?;
     let (tx, rx) = watch::channel(Arc::new(first));
     std::thread::Builder::new().name("hostnet-listeners".into()).spawn(move || {
-        // Reads the table and publishes it; `Some(changed)`, or `None` after a failed read.
-        let mut update = || match read_set(&mut diag, &mut found, &ignore_ports, &mut own, &mut servers) {
+        // Reads `tables` and publishes the set; `Some(changed)`, or `None` after a failed read.
+        let mut update = |tables| match reader.read(tables) {
             Ok(set) => Some(tx.send_if_modified(|current| {
                 if **current == set {
                     return false;
@@ -154,18 +222,21 @@ pub fn spawn(
                 None
             }
         };
-        // Which of the confirming reads after the last event comes next.
-        let mut confirming: Option<usize> = None;
+        // Which of the confirming reads after the last events comes next, and of which tables.
+        let mut confirming: Option<(usize, Tables)> = None;
         while !shutdown.is_cancelled() && !tx.is_closed() {
-            let delay = confirming.and_then(|i| CONFIRM_AFTER_EVENT.get(i).copied());
-            let event = trigger.wait(delay);
-            let unchanged = update() == Some(false);
-            confirming = match (event, unchanged, confirming) {
+            let delay = confirming.and_then(|(i, _)| CONFIRM_AFTER_EVENT.get(i).copied());
+            let events = trigger.wait(delay);
+            let pending = events | confirming.map_or(Tables::NONE, |(_, tables)| tables);
+            // A timer with nothing pending: the periodic full read (polling, or the resync).
+            let tables = if pending.is_empty() { Tables::ALL } else { pending };
+            let unchanged = update(tables) == Some(false);
+            confirming = match (!events.is_empty(), unchanged, confirming) {
                 // The change was seen.
                 (_, false, _) => None,
-                // An event the table does not show yet: its socket may still be unhashing.
-                (true, true, _) => Some(0),
-                (false, true, Some(i)) if i + 1 < CONFIRM_AFTER_EVENT.len() => Some(i + 1),
+                // An event the tables do not show yet: its socket may still be unhashing.
+                (true, true, _) => Some((0, tables)),
+                (false, true, Some((i, t))) if i + 1 < CONFIRM_AFTER_EVENT.len() => Some((i + 1, t)),
                 (false, true, _) => None,
             };
         }
@@ -173,28 +244,63 @@ pub fn spawn(
     Ok(rx)
 }
 
-fn read_set(
-    diag: &mut Box<dyn ListenerSource>,
-    found: &mut Vec<Found>,
-    ignore_ports: &BTreeSet<u16>,
-    own: &mut OwnSockets,
-    servers: &mut ServersConnected,
-) -> io::Result<ListenerSet> {
-    found.clear();
-    diag.read(found)?;
-    servers.forget_gone(found);
-    // Connected UDP sockets never listed as servers are clients' (a desktop has hundreds:
-    // QUIC): out before anything else looks at them — a new inode costs `own` a pass over
-    // `/proc/self/fd`.
-    found.retain(|f| !f.connected || servers.was_listed(f.inode));
-    own.learn(found);
-    let set = found
-        .iter()
-        .filter(|f| !own.contains(f.inode))
-        .filter_map(|f| servers.keep(f))
-        .filter(|l| l.is_forwardable() && !ignore_ports.contains(&l.port))
-        .collect();
-    Ok(set)
+/// Reads the tables and makes the forwardable set of them.
+struct Reader {
+    diag: Box<dyn ListenerSource>,
+    /// The latest read of each table (in [`Table::ALL`]'s order), kept so a read of one table
+    /// leaves the others as they were.
+    tables: [Vec<Found>; 4],
+    /// Tables whose latest read failed part-way: read again next time, whatever is asked.
+    stale: Tables,
+    found: Vec<Found>,
+    ignore_ports: BTreeSet<u16>,
+    own: OwnSockets,
+    servers: ServersConnected,
+}
+
+impl Reader {
+    fn new(diag: Box<dyn ListenerSource>, ignore_ports: BTreeSet<u16>) -> Self {
+        Reader {
+            diag,
+            tables: Default::default(),
+            stale: Tables::NONE,
+            found: Vec::new(),
+            ignore_ports,
+            own: OwnSockets::default(),
+            servers: ServersConnected::default(),
+        }
+    }
+
+    fn read(&mut self, tables: Tables) -> io::Result<ListenerSet> {
+        let tables = tables | std::mem::take(&mut self.stale);
+        for (table, found) in Table::ALL.into_iter().zip(&mut self.tables) {
+            if tables.contains(table) {
+                found.clear();
+                if let Err(e) = self.diag.read(table, found) {
+                    self.stale = tables;
+                    return Err(e);
+                }
+            }
+        }
+        self.found.clear();
+        for found in &self.tables {
+            self.found.extend_from_slice(found);
+        }
+        let found = &mut self.found;
+        self.servers.forget_gone(found);
+        // Connected UDP sockets never listed as servers are clients' (a desktop has hundreds:
+        // QUIC): out before anything else looks at them — a new inode costs `own` a pass over
+        // this process's descriptors.
+        found.retain(|f| !f.connected || self.servers.was_listed(f.inode));
+        self.own.learn(found);
+        let set = found
+            .iter()
+            .filter(|f| !self.own.contains(f.inode))
+            .filter_map(|f| self.servers.keep(f))
+            .filter(|l| l.is_forwardable() && !self.ignore_ports.contains(&l.port))
+            .collect();
+        Ok(set)
+    }
 }
 
 /// UDP servers that `connect` their socket to their first client (`nc -ul` does): the socket
@@ -260,66 +366,155 @@ fn keep_only_seen<V>(by_inode: &mut HashMap<u32, V>, found: &[Found]) {
     by_inode.retain(|inode, _| seen.contains(inode));
 }
 
-/// Inodes of every socket this process holds open.
+/// Inodes of every socket this process holds open: the descriptors listed in `/proc/self/fd`,
+/// each asked with `fstat` (a socket's inode is the one `sock_diag` reports) — several times
+/// cheaper than a `readlink` of each entry, which matters to an agent holding thousands of
+/// relayed connections when a new listener appears.
+#[cfg(target_os = "linux")]
 fn own_socket_inodes() -> BTreeSet<u32> {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return BTreeSet::new();
     };
     dir.flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .filter_map(|t| {
-            let t = t.to_str()?;
-            t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        .filter_map(|e| e.file_name().to_str()?.parse::<libc::c_int>().ok())
+        .filter_map(|fd| {
+            let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+            // SAFETY: `fstat` writes a whole `stat` on success; a descriptor closed since the
+            // listing fails with EBADF and is skipped.
+            if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
+                return None;
+            }
+            // SAFETY: initialised by the successful `fstat`.
+            let st = unsafe { st.assume_init() };
+            (st.st_mode & libc::S_IFMT == libc::S_IFSOCK).then(|| u32::try_from(st.st_ino).ok())?
         })
         .collect()
+}
+
+/// No `/proc` to learn from: nothing is known to be this process's own.
+#[cfg(not(target_os = "linux"))]
+fn own_socket_inodes() -> BTreeSet<u32> {
+    BTreeSet::new()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
 
-    /// Hands out one scripted table per read.
-    struct Script(std::collections::VecDeque<Vec<Found>>);
+    /// Hands out scripted tables: each read of a table takes its next entry (`None`: the read
+    /// fails); a table with nothing scripted reads empty. Counts the reads of each table.
+    #[derive(Default)]
+    struct Script {
+        next: HashMap<u8, VecDeque<Option<Vec<Found>>>>,
+        reads: Arc<std::sync::Mutex<HashMap<u8, usize>>>,
+    }
+
+    impl Script {
+        fn then(mut self, table: Table, found: Option<Vec<Found>>) -> Self {
+            self.next.entry(table.bit()).or_default().push_back(found);
+            self
+        }
+    }
 
     impl ListenerSource for Script {
-        fn read(&mut self, out: &mut Vec<Found>) -> io::Result<()> {
-            out.extend(self.0.pop_front().unwrap_or_default());
-            Ok(())
+        fn read(&mut self, table: Table, out: &mut Vec<Found>) -> io::Result<()> {
+            *self.reads.lock().unwrap().entry(table.bit()).or_default() += 1;
+            match self.next.get_mut(&table.bit()).and_then(VecDeque::pop_front) {
+                Some(None) => Err(io::Error::other("scripted failure")),
+                Some(Some(found)) => {
+                    out.extend(found);
+                    Ok(())
+                }
+                None => Ok(()),
+            }
         }
     }
 
-    fn udp(addr: &str, port: u16, inode: u32, connected: bool) -> Found {
-        Found {
-            listener: Listener { proto: Proto::Udp, addr: addr.parse().unwrap(), port },
-            inode,
-            uid: 0,
-            connected,
-        }
+    const TCP4: Table = Table::ALL[0];
+    const UDP4: Table = Table::ALL[2];
+
+    fn found(proto: Proto, addr: &str, port: u16, inode: u32, connected: bool) -> Found {
+        Found { listener: Listener { proto, addr: addr.parse().unwrap(), port }, inode, uid: 0, connected }
     }
+
+    fn listed(reader: &mut Reader, tables: Tables) -> Vec<(Proto, u16)> {
+        reader.read(tables).unwrap().iter().map(|l| (l.proto, l.port)).collect()
+    }
+
+    // Inodes far above any this test process holds, so none counts as our own.
+    const INODE: u32 = 4_000_000_001;
 
     #[test]
     fn a_udp_server_that_takes_a_peer_stays_listed_until_it_closes_and_clients_never_are() {
-        // Inodes far above any this test process holds, so none counts as our own.
-        let (server, client) = (4_000_000_001, 4_000_000_002);
-        let mut source: Box<dyn ListenerSource> = Box::new(Script(
-            [
-                vec![udp("0.0.0.0", 5353, server, false)],
-                // `nc -ul` after its first datagram: connected, bound to the address it was reached on.
-                vec![udp("127.0.0.1", 5353, server, true)],
-                // The server closed; a client socket (connected from the start) is not a server.
-                vec![udp("127.0.0.1", 40_000, client, true)],
-            ]
-            .into(),
-        ));
-        let (mut found, ignore, mut own, mut servers) =
-            (Vec::new(), BTreeSet::new(), OwnSockets::default(), ServersConnected::default());
-        let mut read = || {
-            let set = read_set(&mut source, &mut found, &ignore, &mut own, &mut servers).unwrap();
-            set.iter().map(|l| (l.addr.to_string(), l.port)).collect::<Vec<_>>()
-        };
-        let listed = vec![("0.0.0.0".to_owned(), 5353)];
-        assert_eq!(read(), listed, "the server, unconnected");
-        assert_eq!(read(), listed, "the same server, connected to its first client: still listed as it was");
-        assert_eq!(read(), Vec::<(String, u16)>::new(), "server gone; a client is never listed");
+        let (server, client) = (INODE, INODE + 1);
+        let udp = |addr, port, inode, connected| found(Proto::Udp, addr, port, inode, connected);
+        let script = Script::default()
+            .then(UDP4, Some(vec![udp("0.0.0.0", 5353, server, false)]))
+            // `nc -ul` after its first datagram: connected, bound to the address it was reached on.
+            .then(UDP4, Some(vec![udp("127.0.0.1", 5353, server, true)]))
+            // The server closed; a client socket (connected from the start) is not a server.
+            .then(UDP4, Some(vec![udp("127.0.0.1", 40_000, client, true)]));
+        let mut reader = Reader::new(Box::new(script), BTreeSet::new());
+        let server = vec![(Proto::Udp, 5353)];
+        assert_eq!(listed(&mut reader, Tables::ALL), server, "the server, unconnected");
+        assert_eq!(
+            listed(&mut reader, Tables::ALL),
+            server,
+            "the same server, connected to its first client: still listed as it was"
+        );
+        assert_eq!(listed(&mut reader, Tables::ALL), vec![], "server gone; a client is never listed");
+    }
+
+    #[test]
+    fn reading_some_tables_keeps_the_others_and_a_failed_table_is_read_again_next_time() {
+        let tcp = || Some(vec![found(Proto::Tcp, "0.0.0.0", 80, INODE, false)]);
+        let script = Script::default()
+            .then(TCP4, tcp())
+            .then(TCP4, tcp())
+            .then(UDP4, Some(vec![found(Proto::Udp, "0.0.0.0", 53, INODE + 1, false)]))
+            .then(UDP4, None)
+            .then(UDP4, Some(vec![]));
+        let reads = script.reads.clone();
+        let mut reader = Reader::new(Box::new(script), BTreeSet::new());
+        assert_eq!(listed(&mut reader, Tables::ALL), vec![(Proto::Tcp, 80), (Proto::Udp, 53)]);
+        // A UDP event: the TCP table is not read again, and its listener stays.
+        assert!(reader.read(Tables::of(Some(Proto::Udp), true, false)).is_err(), "the scripted failure");
+        assert_eq!(reads.lock().unwrap()[&TCP4.bit()], 1);
+        // A TCP event next: the UDP table that failed is read too (now empty).
+        assert_eq!(listed(&mut reader, Tables::of(Some(Proto::Tcp), true, false)), vec![(Proto::Tcp, 80)]);
+        let reads = reads.lock().unwrap();
+        assert_eq!((reads[&TCP4.bit()], reads[&UDP4.bit()]), (2, 3));
+        assert_eq!(reads[&Table::ALL[1].bit()], 1, "TCP over IPv6 read only in the first full read");
+    }
+
+    #[test]
+    fn tables_of_a_protocol_and_family() {
+        assert_eq!(Tables::of(None, true, true), Tables::ALL);
+        assert_eq!(
+            Tables::of(Some(Proto::Tcp), true, true) | Tables::of(Some(Proto::Udp), true, true),
+            Tables::ALL
+        );
+        let tcp6 = Tables::of(Some(Proto::Tcp), false, true);
+        assert_eq!(
+            Table::ALL.iter().filter(|t| tcp6.contains(**t)).collect::<Vec<_>>(),
+            vec![&Table::ALL[1]]
+        );
+        assert!(Tables::of(Some(Proto::Udp), false, false).is_empty());
+    }
+
+    #[test]
+    fn own_sockets_are_recognised_by_inode() {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", listener.as_raw_fd())).unwrap();
+        let inode: u32 =
+            link.to_str().unwrap().strip_prefix("socket:[").unwrap().trim_end_matches(']').parse().unwrap();
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        let own = own_socket_inodes();
+        assert!(own.contains(&inode), "{inode} not in {own:?}");
+        drop(file);
+        drop(listener);
+        assert!(!own_socket_inodes().contains(&inode), "a closed socket is no longer ours");
     }
 }

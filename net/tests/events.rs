@@ -8,37 +8,47 @@ use std::net::{TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
 use hostnet_net::events::ListenerEvents;
+use hostnet_net::watcher::{Table, Tables};
+use hostnet_protocol::Proto;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
-/// Waits until at least one event arrives.
-fn next_event(events: &mut ListenerEvents, what: &str) {
+/// Waits until an event says `table` changed (other tests' sockets may add other tables).
+fn next_event(events: &mut ListenerEvents, table: Table, what: &str) {
     let start = Instant::now();
     while start.elapsed() < DEADLINE {
-        if events.wait(Duration::from_millis(100)).unwrap() > 0 {
+        if events.wait(Duration::from_millis(100)).unwrap().contains(table) {
             return;
         }
     }
-    panic!("no listener event for {what} within {DEADLINE:?}");
+    panic!("no listener event naming {table:?} for {what} within {DEADLINE:?}");
+}
+
+fn table(proto: Proto, v6: bool) -> Table {
+    Table { proto, v6 }
 }
 
 #[test]
 fn listen_close_bind_and_unbind_each_wake_the_watcher() {
     let mut events = ListenerEvents::load().expect("loading listener events (run as root)");
     // Whatever happened before (other tests) is drained.
-    while events.wait(Duration::from_millis(50)).unwrap() > 0 {}
+    while events.wait(Duration::from_millis(50)).unwrap() != Tables::NONE {}
 
     let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-    next_event(&mut events, "a TCP listen");
+    next_event(&mut events, table(Proto::Tcp, false), "a TCP listen");
     drop(tcp);
-    next_event(&mut events, "a TCP listener closing");
+    next_event(&mut events, table(Proto::Tcp, false), "a TCP listener closing");
+    let tcp6 = TcpListener::bind("[::1]:0").unwrap();
+    next_event(&mut events, table(Proto::Tcp, true), "a TCP listen (IPv6)");
+    drop(tcp6);
     let udp4 = UdpSocket::bind("127.0.0.1:0").unwrap();
-    next_event(&mut events, "a UDP bind (IPv4)");
+    next_event(&mut events, table(Proto::Udp, false), "a UDP bind (IPv4)");
     let udp6 = UdpSocket::bind("[::1]:0").unwrap();
-    next_event(&mut events, "a UDP bind (IPv6)");
+    next_event(&mut events, table(Proto::Udp, true), "a UDP bind (IPv6)");
     drop(udp4);
-    next_event(&mut events, "a bound UDP socket closing");
+    next_event(&mut events, table(Proto::Udp, false), "a bound UDP socket closing");
     drop(udp6);
+    next_event(&mut events, table(Proto::Udp, true), "a bound UDP socket closing (IPv6)");
 }
 
 #[test]
@@ -46,13 +56,13 @@ fn clients_and_other_namespaces_stay_quiet() {
     let mut events = ListenerEvents::load().expect("loading listener events (run as root)");
     let server = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = server.local_addr().unwrap();
-    while events.wait(Duration::from_millis(50)).unwrap() > 0 {}
+    while events.wait(Duration::from_millis(50)).unwrap() != Tables::NONE {}
     // Clients: a TCP connection, and a UDP socket once it is connected (binding it does wake
     // the watcher: drained below).
     let client = std::net::TcpStream::connect(addr).unwrap();
     let (accepted, _) = server.accept().unwrap();
     let connected = UdpSocket::bind("127.0.0.1:0").unwrap();
-    while events.wait(Duration::from_millis(50)).unwrap() > 0 {}
+    while events.wait(Duration::from_millis(50)).unwrap() != Tables::NONE {}
     connected.connect(addr).unwrap();
     drop(client);
     drop(accepted);
@@ -70,7 +80,7 @@ fn clients_and_other_namespaces_stay_quiet() {
     // so look for one within the deadline.
     let start = Instant::now();
     loop {
-        if events.wait(Duration::from_millis(300)).unwrap() == 0 {
+        if events.wait(Duration::from_millis(300)).unwrap() == Tables::NONE {
             break;
         }
         assert!(start.elapsed() < DEADLINE, "client sockets kept waking the watcher");
