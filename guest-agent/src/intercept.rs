@@ -211,6 +211,7 @@ async fn relay_to_host(
 fn transparent_listener(addr: SocketAddr) -> Result<TcpListener, InterceptError> {
     let make = || -> std::io::Result<TcpListener> {
         let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
+        hostnet_net::own::register(&s);
         if addr.is_ipv6() {
             s.set_only_v6(true)?;
             s.set_ip_transparent_v6(true)?;

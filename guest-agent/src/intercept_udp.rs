@@ -56,6 +56,7 @@ pub fn catch_all(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 
 fn transparent_udp(addr: SocketAddr) -> std::io::Result<Socket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM.nonblocking().cloexec(), None)?;
+    hostnet_net::own::register(&s);
     if addr.is_ipv6() {
         s.set_ip_transparent_v6(true)?;
     } else {

@@ -646,6 +646,7 @@ fn bind(proto: Proto, addr: SocketAddr) -> io::Result<Bound> {
         Proto::Udp => Type::DGRAM,
     };
     let socket = Socket::new(Domain::for_address(addr), ty.nonblocking().cloexec(), None)?;
+    hostnet_net::own::register(&socket);
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }

@@ -19,6 +19,7 @@ pub mod events;
 pub mod handshake;
 pub mod hyperv;
 pub mod mmsg;
+pub mod own;
 pub mod relay;
 pub mod splice;
 pub mod stream;

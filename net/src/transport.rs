@@ -152,7 +152,7 @@ impl TransportSpec {
                 Ok(Box::new(UnixAcceptor(l)))
             }
             TransportSpec::Tcp(addr) => {
-                let l = TcpListener::bind(addr).await.map_err(bind_err)?;
+                let l = tcp_listener(*addr).map_err(bind_err)?;
                 Ok(Box::new(TcpAcceptor(l)))
             }
             #[cfg(target_os = "linux")]
@@ -333,6 +333,22 @@ impl Acceptor for VsockAcceptor {
             Ok((TransportStream::Vsock(s), peer))
         })
     }
+}
+
+/// A TCP listener as `TcpListener::bind` makes one (`SO_REUSEADDR`), registered as this
+/// process's own before it is bound, so the listener watcher never forwards it.
+fn tcp_listener(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    crate::own::register(&s);
+    #[cfg(unix)]
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
 }
 
 #[cfg(test)]

@@ -211,6 +211,7 @@ pub async fn connected_socket(target: std::net::SocketAddr, mark: Option<u32>) -
         socket2::Type::DGRAM.nonblocking().cloexec(),
         None,
     )?;
+    crate::own::register(&s);
     #[cfg(target_os = "linux")]
     if let Some(mark) = mark {
         s.set_mark(mark)?;

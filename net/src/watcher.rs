@@ -254,8 +254,10 @@ struct Reader {
     stale: Tables,
     found: Vec<Found>,
     ignore_ports: BTreeSet<u16>,
-    own: OwnSockets,
     servers: ServersConnected,
+    /// Debug builds: whether every socket of this process in the tables was registered.
+    #[cfg(debug_assertions)]
+    unregistered: UnregisteredCheck,
 }
 
 impl Reader {
@@ -266,8 +268,9 @@ impl Reader {
             stale: Tables::NONE,
             found: Vec::new(),
             ignore_ports,
-            own: OwnSockets::default(),
             servers: ServersConnected::default(),
+            #[cfg(debug_assertions)]
+            unregistered: UnregisteredCheck::default(),
         }
     }
 
@@ -287,15 +290,19 @@ impl Reader {
             self.found.extend_from_slice(found);
         }
         let found = &mut self.found;
+        if tables == Tables::ALL {
+            let shown: BTreeSet<u32> = found.iter().map(|f| f.inode).collect();
+            crate::own::forget_unshown(|inode| shown.contains(&inode));
+        }
         self.servers.forget_gone(found);
         // Connected UDP sockets never listed as servers are clients' (a desktop has hundreds:
-        // QUIC): out before anything else looks at them — a new inode costs `own` a pass over
-        // this process's descriptors.
+        // QUIC): out before anything else looks at them.
         found.retain(|f| !f.connected || self.servers.was_listed(f.inode));
-        self.own.learn(found);
+        #[cfg(debug_assertions)]
+        self.unregistered.check(found);
         let set = found
             .iter()
-            .filter(|f| !self.own.contains(f.inode))
+            .filter(|f| !crate::own::is_own(f.inode))
             .filter_map(|f| self.servers.keep(f))
             .filter(|l| l.is_forwardable() && !self.ignore_ports.contains(&l.port))
             .collect();
@@ -335,28 +342,29 @@ impl ServersConnected {
     }
 }
 
-/// Which socket inodes belong to this process, so a side never advertises its own sockets:
-/// the agent its `tcp:` transport listener or interception sockets, the proxy the mirrors of
-/// guest ports (never mirror a mirror). Learned from one pass over `/proc/self/fd` whenever a
-/// read brings inodes not seen before — one pass for a whole burst, so a proxy that opens
-/// 2000 mirror sockets at once does 2000 `readlink`s, not 2000 × 2000.
+/// Debug builds: stops at a socket of this process in the tables that was never registered
+/// with [`crate::own::register`] — it would be advertised (a mirror mirrored, the agent's own
+/// interception socket forwarded). Learns this process's sockets from one pass over
+/// `/proc/self/fd` whenever a read brings inodes not checked before.
+#[cfg(debug_assertions)]
 #[derive(Debug, Default)]
-struct OwnSockets(HashMap<u32, bool>);
+struct UnregisteredCheck(std::collections::HashSet<u32>);
 
-impl OwnSockets {
-    fn learn(&mut self, found: &[Found]) {
-        if found.iter().all(|f| self.0.contains_key(&f.inode)) {
-            if self.0.len() > found.len() {
-                keep_only_seen(&mut self.0, found);
-            }
+#[cfg(debug_assertions)]
+impl UnregisteredCheck {
+    fn check(&mut self, found: &[Found]) {
+        if found.iter().all(|f| self.0.contains(&f.inode)) {
             return;
         }
         let mine = own_socket_inodes();
-        self.0 = found.iter().map(|f| (f.inode, mine.contains(&f.inode))).collect();
-    }
-
-    fn contains(&self, inode: u32) -> bool {
-        self.0.get(&inode).copied().unwrap_or(false)
+        for f in found {
+            assert!(
+                !mine.contains(&f.inode) || crate::own::is_own(f.inode),
+                "a socket of this process was not registered with own::register: {:?}",
+                f.listener
+            );
+        }
+        self.0 = found.iter().map(|f| f.inode).collect();
     }
 }
 
@@ -366,33 +374,20 @@ fn keep_only_seen<V>(by_inode: &mut HashMap<u32, V>, found: &[Found]) {
     by_inode.retain(|inode, _| seen.contains(inode));
 }
 
-/// Inodes of every socket this process holds open: the descriptors listed in `/proc/self/fd`,
-/// each asked with `fstat` (a socket's inode is the one `sock_diag` reports) — several times
-/// cheaper than a `readlink` of each entry, which matters to an agent holding thousands of
-/// relayed connections when a new listener appears.
-#[cfg(target_os = "linux")]
+/// Inodes of every socket this process holds open: each descriptor listed in `/proc/self/fd`,
+/// asked with `fstat`.
+#[cfg(all(debug_assertions, target_os = "linux"))]
 fn own_socket_inodes() -> BTreeSet<u32> {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return BTreeSet::new();
     };
     dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<libc::c_int>().ok())
-        .filter_map(|fd| {
-            let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-            // SAFETY: `fstat` writes a whole `stat` on success; a descriptor closed since the
-            // listing fails with EBADF and is skipped.
-            if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
-                return None;
-            }
-            // SAFETY: initialised by the successful `fstat`.
-            let st = unsafe { st.assume_init() };
-            (st.st_mode & libc::S_IFMT == libc::S_IFSOCK).then(|| u32::try_from(st.st_ino).ok())?
-        })
+        .filter_map(|e| e.file_name().to_str()?.parse::<std::os::fd::RawFd>().ok())
+        .filter_map(crate::own::socket_inode)
         .collect()
 }
 
-/// No `/proc` to learn from: nothing is known to be this process's own.
-#[cfg(not(target_os = "linux"))]
+#[cfg(all(debug_assertions, not(target_os = "linux")))]
 fn own_socket_inodes() -> BTreeSet<u32> {
     BTreeSet::new()
 }
@@ -504,6 +499,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(debug_assertions)]
     fn own_sockets_are_recognised_by_inode() {
         use std::os::fd::AsRawFd;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -110,7 +110,8 @@ fn tcp_echo_from_the_guest_over_v4_v6_and_localhost() {
 fn a_port_both_sides_listen_on_stays_with_each_side() {
     let demo = Demo::start();
     let port = free_port();
-    let _host = GuestServer::serve(TcpListener::bind(loopback(false, port)).unwrap(), say_host);
+    let host = TcpListener::bind(loopback(false, port)).unwrap_or_else(|e| panic!("binding {port}: {e}"));
+    let _host = GuestServer::serve(host, say_host);
     wait_until("the port is intercepted in the guest", || {
         intercepted_ports(&demo).contains(&port.to_string())
     });
@@ -148,8 +149,10 @@ fn a_mirrored_guest_port_is_never_advertised_back() {
 
 #[test]
 fn the_guest_cannot_steer_the_proxy_to_unadvertised_ports() {
-    let demo = Demo::start();
+    // Taken before the demo starts: `free_port` tries the port with a listener for a moment,
+    // which a running proxy may see — and advertise until it sees it close.
     let unadvertised = free_port();
+    let demo = Demo::start();
     let sock = Path::new("/run/hostnet").join(&demo.netns).join("host.sock");
     let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();

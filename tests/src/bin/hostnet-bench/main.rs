@@ -316,8 +316,8 @@ fn main() {
     if run(Workload::Memory) {
         guard("memory", &mut rows, &mut failed, |rows| {
             step(&format!("memory per idle connection ({} connections)", p.connections));
-            let [proxy, agent] = idle_memory(&demo, None, p.connections);
-            let socat_kib = socat.ok().then(|| idle_memory(&demo, Some(&socat), p.socat_connections)[0]);
+            let ([proxy, agent], busy) = idle_memory(&demo, None, p.connections);
+            let socat_kib = socat.ok().then(|| idle_memory(&demo, Some(&socat), p.socat_connections).0[0]);
             let mut note = format!(
                 "hostnet: RSS growth of proxy ({proxy:.1} KiB) + agent ({agent:.1} KiB) over {} connections idle for 1 s; socat: PSS growth of all its processes over {} (it forks two per connection); kernel socket buffers not included",
                 p.connections, p.socat_connections
@@ -335,6 +335,19 @@ fn main() {
                     .goal(Goal::AtMost(16.0))
                     .note(note),
             );
+            if let Some(m) = busy {
+                rows.push(
+                    Row::new(format!("listen() → host connect succeeds, {} open, p50", p.connections), "ms")
+                        .hostnet(m.bound.0)
+                        .note(format!(
+                            "{LISTENERS_WHILE_BUSY} listeners while the connections above are held"
+                        )),
+                );
+                rows.push(
+                    Row::new(format!("listen() → host connect succeeds, {} open, p99", p.connections), "ms")
+                        .hostnet(m.bound.1),
+                );
+            }
         });
     }
 
@@ -463,7 +476,10 @@ fn throughput(demo: &Demo, socat: &Socat, p: &Params, rows: &mut Vec<Row>) {
 /// Memory per idle connection in KiB: opens `n` connections to a guest server that holds them,
 /// through hostnet (`socat: None`) or a socat chain, and divides the relay's memory growth.
 /// Returns [proxy, agent] for hostnet, [the whole chain, 0] for socat.
-fn idle_memory(demo: &Demo, socat: Option<&Socat>, n: usize) -> [f64; 2] {
+/// RSS growth per connection of proxy and agent (socat: of all its processes) over `n` idle
+/// connections; for hostnet, also how fast new listeners are forwarded while they are held
+/// (discovery's own-socket check looks at every descriptor the agent holds).
+fn idle_memory(demo: &Demo, socat: Option<&Socat>, n: usize) -> ([f64; 2], Option<ports::ListenClose>) {
     let port = free_port();
     let holder = Holder::serve(demo.in_netns(|| Holder::bind(SocketAddr::from(([0, 0, 0, 0], port)))));
     let chain;
@@ -491,8 +507,12 @@ fn idle_memory(demo: &Demo, socat: Option<&Socat>, n: usize) -> [f64; 2] {
     // hostnet's relay gives an idle direction's buffer back after half a second.
     std::thread::sleep(Duration::from_secs(1));
     let after = memory();
+    let busy = socat.is_none().then(|| ports::listen_close(demo, LISTENERS_WHILE_BUSY));
     drop(conns);
     drop(holder);
     let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / 1024.0 / n as f64;
-    [per(0), per(1)]
+    ([per(0), per(1)], busy)
 }
+
+/// Listeners opened one after the other while the memory workload holds its connections.
+const LISTENERS_WHILE_BUSY: usize = 20;
