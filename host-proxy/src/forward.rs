@@ -537,7 +537,8 @@ impl Forwards {
         token: &CancellationToken,
     ) {
         let _ = client.set_nodelay(true);
-        let client_v6 = client.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+        // The mirror's family (its IPv6 sockets are IPv6-only), without asking the socket.
+        let client_v6 = peer.is_ipv6();
         let Some(target) = self.target_for(Proto::Tcp, port, client_v6) else {
             debug!("no guest listener any more: resetting");
             let _ = client.set_reset_on_close();

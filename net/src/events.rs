@@ -103,9 +103,14 @@ impl ListenerEvents {
             return Ok(tables);
         }
         let mut pfd = libc::pollfd { fd: self.ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        // `ppoll`, not `poll`: the watcher's confirming reads wait tens of microseconds, which
+        // `poll`'s milliseconds would round to none.
+        let ts = libc::timespec {
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: timeout.subsec_nanos().into(),
+        };
+        // SAFETY: one valid pollfd and a valid timespec for the duration of the call; no mask.
+        let r = unsafe { libc::ppoll(&raw mut pfd, 1, &raw const ts, std::ptr::null()) };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {

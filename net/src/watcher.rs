@@ -128,21 +128,27 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// With kernel events, the table is still read this often, as the source of truth.
 pub const EVENT_RESYNC: Duration = Duration::from_secs(1);
 /// Close events (a listener leaving LISTEN, a UDP socket released) fire just before the kernel
-/// unhashes the socket, which a busy machine may delay by a time slice: when an event finds the
-/// tables unchanged, they are read again after each of these delays until they show a change
-/// (a new event cuts a delay short and starts them over), so a close is seen within about
-/// twice the time the kernel took, not at the next full read. Each read is of the event's
-/// table only.
-const CONFIRM_AFTER_EVENT: [Duration; 8] = [
-    Duration::from_micros(250),
-    Duration::from_micros(250),
-    Duration::from_micros(500),
-    Duration::from_millis(1),
-    Duration::from_millis(2),
-    Duration::from_millis(4),
-    Duration::from_millis(8),
-    Duration::from_millis(16),
+/// unhashes the socket — and the woken watcher may even run first, preempting the closing
+/// thread on its CPU until it sleeps. So when an event finds the tables unchanged, they are
+/// read again after each of these delays until they show a change (a new event cuts a delay
+/// short and starts them over): a close is seen within about twice the time the kernel took,
+/// not at the next full read. Each read is of the event's tables only.
+const CONFIRM_AFTER_EVENT: [Duration; 10] = [
+    Duration::from_micros(25),
+    Duration::from_micros(50),
+    Duration::from_micros(100),
+    Duration::from_micros(200),
+    Duration::from_micros(400),
+    Duration::from_micros(800),
+    Duration::from_micros(1_600),
+    Duration::from_micros(3_200),
+    Duration::from_micros(6_400),
+    Duration::from_micros(12_800),
 ];
+/// Timer slack of the watcher thread, so its short waits are short (Linux's default is 50 µs,
+/// twice the first of the delays above).
+#[cfg(target_os = "linux")]
+const TIMER_SLACK_NS: libc::c_ulong = 5_000;
 /// Back-off after a failed read of the table.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
@@ -203,19 +209,28 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> io::Result<watch::Receiver<Arc<ListenerSet>>> {
     let mut reader = Reader::new(diag, ignore_ports);
-    let first = reader.read(Tables::ALL)?;
+    let (first, _) = reader.read(Tables::ALL)?;
     let (tx, rx) = watch::channel(Arc::new(first));
     std::thread::Builder::new().name("hostnet-listeners".into()).spawn(move || {
-        // Reads `tables` and publishes the set; `Some(changed)`, or `None` after a failed read.
+        // SAFETY: sets this thread's timer slack; no pointers.
+        #[cfg(target_os = "linux")]
+        unsafe {
+            libc::prctl(libc::PR_SET_TIMERSLACK, TIMER_SLACK_NS);
+        }
+        // Reads `tables` and publishes the set; `Some(whether the tables changed)` — any socket,
+        // ours or not forwardable too —, or `None` after a failed read.
         let mut update = |tables| match reader.read(tables) {
-            Ok(set) => Some(tx.send_if_modified(|current| {
-                if **current == set {
-                    return false;
-                }
-                debug!(listeners = set.len(), "listeners changed");
-                *current = Arc::new(set);
-                true
-            })),
+            Ok((set, tables_changed)) => {
+                tx.send_if_modified(|current| {
+                    if **current == set {
+                        return false;
+                    }
+                    debug!(listeners = set.len(), "listeners changed");
+                    *current = Arc::new(set);
+                    true
+                });
+                Some(tables_changed)
+            }
             Err(e) => {
                 warn!("reading the listening sockets failed: {e}; retrying");
                 std::thread::sleep(RETRY_AFTER_ERROR);
@@ -230,6 +245,8 @@ pub fn spawn(
             let pending = events | confirming.map_or(Tables::NONE, |(_, tables)| tables);
             // A timer with nothing pending: the periodic full read (polling, or the resync).
             let tables = if pending.is_empty() { Tables::ALL } else { pending };
+            // An event's change shows in the tables (a socket came or went), whether or not it
+            // changes what is forwarded.
             let unchanged = update(tables) == Some(false);
             confirming = match (!events.is_empty(), unchanged, confirming) {
                 // The change was seen.
@@ -250,6 +267,8 @@ struct Reader {
     /// The latest read of each table (in [`Table::ALL`]'s order), kept so a read of one table
     /// leaves the others as they were.
     tables: [Vec<Found>; 4],
+    /// Where a table is read into, to compare with its previous read.
+    scratch: Vec<Found>,
     /// Tables whose latest read failed part-way: read again next time, whatever is asked.
     stale: Tables,
     found: Vec<Found>,
@@ -265,6 +284,7 @@ impl Reader {
         Reader {
             diag,
             tables: Default::default(),
+            scratch: Vec::new(),
             stale: Tables::NONE,
             found: Vec::new(),
             ignore_ports,
@@ -274,14 +294,20 @@ impl Reader {
         }
     }
 
-    fn read(&mut self, tables: Tables) -> io::Result<ListenerSet> {
+    /// The forwardable set after reading `tables`, and whether any of them changed.
+    fn read(&mut self, tables: Tables) -> io::Result<(ListenerSet, bool)> {
         let tables = tables | std::mem::take(&mut self.stale);
+        let mut changed = false;
         for (table, found) in Table::ALL.into_iter().zip(&mut self.tables) {
             if tables.contains(table) {
-                found.clear();
-                if let Err(e) = self.diag.read(table, found) {
+                self.scratch.clear();
+                if let Err(e) = self.diag.read(table, &mut self.scratch) {
                     self.stale = tables;
                     return Err(e);
+                }
+                if *found != self.scratch {
+                    changed = true;
+                    std::mem::swap(found, &mut self.scratch);
                 }
             }
         }
@@ -306,7 +332,7 @@ impl Reader {
             .filter_map(|f| self.servers.keep(f))
             .filter(|l| l.is_forwardable() && !self.ignore_ports.contains(&l.port))
             .collect();
-        Ok(set)
+        Ok((set, changed))
     }
 }
 
@@ -434,7 +460,7 @@ mod tests {
     }
 
     fn listed(reader: &mut Reader, tables: Tables) -> Vec<(Proto, u16)> {
-        reader.read(tables).unwrap().iter().map(|l| (l.proto, l.port)).collect()
+        reader.read(tables).unwrap().0.iter().map(|l| (l.proto, l.port)).collect()
     }
 
     // Inodes far above any this test process holds, so none counts as our own.
@@ -481,6 +507,21 @@ mod tests {
         let reads = reads.lock().unwrap();
         assert_eq!((reads[&TCP4.bit()], reads[&UDP4.bit()]), (2, 3));
         assert_eq!(reads[&Table::ALL[1].bit()], 1, "TCP over IPv6 read only in the first full read");
+    }
+
+    #[test]
+    fn a_read_says_whether_the_tables_changed_even_when_the_forwardable_set_did_not() {
+        let not_forwardable = || Some(vec![found(Proto::Tcp, "10.1.2.3", 80, INODE, false)]);
+        let script = Script::default()
+            .then(TCP4, Some(vec![]))
+            .then(TCP4, not_forwardable())
+            .then(TCP4, not_forwardable());
+        let mut reader = Reader::new(Box::new(script), BTreeSet::new());
+        let tcp4 = Tables::of(Some(Proto::Tcp), true, false);
+        assert!(!reader.read(tcp4).unwrap().1, "empty, as before");
+        let (set, changed) = reader.read(tcp4).unwrap();
+        assert!(changed && set.is_empty(), "a socket came that is not forwarded: {set:?}");
+        assert!(!reader.read(tcp4).unwrap().1, "the same again");
     }
 
     #[test]
