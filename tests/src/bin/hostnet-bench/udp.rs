@@ -65,6 +65,11 @@ pub fn relay_cpu_per_datagram(
     (relay_cpu() - before) * 1e6 / got.max(1) as f64
 }
 
+/// The sender's pace: it sends what is due, then sleeps this long. A sender spinning between
+/// datagrams (as this one did) takes a whole core of the two, which starves the paths with more
+/// processes in them — the relay's — far more than direct; no real sender spins.
+const PACE_TICK: Duration = Duration::from_micros(100);
+
 /// Sends at `rate` for `seconds`, counting echoes until they stop for 200 ms.
 fn paced_run(c: &UdpSocket, size: usize, rate: f64, seconds: f64) -> (u64, u64) {
     let total = (rate * seconds) as u64;
@@ -94,7 +99,7 @@ fn paced_run(c: &UdpSocket, size: usize, rate: f64, seconds: f64) -> (u64, u64) 
             let _ = c.send(&data);
             sent += 1;
         }
-        std::hint::spin_loop();
+        std::thread::sleep(PACE_TICK);
     }
     done.store(true, Ordering::SeqCst);
     (sent, counter.join().unwrap())
