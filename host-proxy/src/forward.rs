@@ -129,6 +129,9 @@ struct PortForward {
     stop: CancellationToken,
     /// This port's accept loops, to know when its sockets are closed.
     tasks: TaskTracker,
+    /// Its TCP listeners, shared with their accept loops: when the port closes they stop
+    /// listening at once, without waiting for those tasks to run.
+    listeners: Vec<Arc<TcpListener>>,
     stats: Arc<ForwardStats>,
     /// Host addresses listening now.
     bound: Vec<IpAddr>,
@@ -352,6 +355,7 @@ impl Forwards {
                 let keep = wanted.get(key).is_some_and(|w| fwd.matches(w));
                 if !keep {
                     fwd.stop.cancel();
+                    fwd.stop_listening();
                     fwd.tasks.close();
                     closing.push(fwd.tasks.clone());
                     if fwd.state == PortState::Forwarding {
@@ -418,6 +422,7 @@ impl Forwards {
             state: PortState::Forwarding,
             stop,
             tasks,
+            listeners: Vec::new(),
             stats,
             bound: bound.iter().map(|(ip, _)| *ip).collect(),
             missing,
@@ -446,19 +451,23 @@ impl Forwards {
             );
         }
         for (_, socket) in bound {
-            self.serve_socket(&fwd, guest_port, socket);
+            self.serve_socket(&mut fwd, guest_port, socket);
         }
         fwd
     }
 
     /// Serves one bound host socket of `fwd` until the forward stops.
-    fn serve_socket(&self, fwd: &PortForward, guest_port: u16, socket: Bound) {
+    fn serve_socket(&self, fwd: &mut PortForward, guest_port: u16, socket: Bound) {
         let this = self.clone();
         let (stop, stats) = (fwd.stop.clone(), fwd.stats.clone());
         match socket {
-            Bound::Tcp(l) => self.tracker.spawn(
-                fwd.tasks.track_future(async move { this.accept_loop(l, guest_port, stop, stats).await }),
-            ),
+            Bound::Tcp(l) => {
+                let l = Arc::new(l);
+                fwd.listeners.push(l.clone());
+                self.tracker.spawn(
+                    fwd.tasks.track_future(async move { this.accept_loop(l, guest_port, stop, stats).await }),
+                )
+            }
             Bound::Udp(s) => self.tracker.spawn(
                 fwd.tasks
                     .track_future(async move { crate::udp::serve(this, s, guest_port, stop, stats).await }),
@@ -468,7 +477,7 @@ impl Forwards {
 
     async fn accept_loop(
         self,
-        listener: TcpListener,
+        listener: Arc<TcpListener>,
         port: u16,
         stop: CancellationToken,
         stats: Arc<ForwardStats>,
@@ -480,6 +489,8 @@ impl Forwards {
             };
             let (client, peer) = match accepted {
                 Ok(c) => c,
+                // The port closed (its listener was shut down): done.
+                Err(_) if stop.is_cancelled() => return,
                 Err(e) => {
                     // fd exhaustion and the like: pause instead of spinning.
                     warn!(port, "accept failed: {e}");
@@ -578,6 +589,19 @@ impl Forwards {
 }
 
 impl PortForward {
+    /// Makes its TCP listeners refuse new connections now (Linux: `shutdown` of a listening
+    /// socket unhashes it at once; its accept loop then ends). Under load the accept loops may
+    /// run only milliseconds after their stop, and a desktop client connecting meanwhile would
+    /// be accepted and then reset instead of refused. Elsewhere the loops' stop closes them.
+    fn stop_listening(&mut self) {
+        for listener in self.listeners.drain(..) {
+            #[cfg(target_os = "linux")]
+            let _ = socket2::SockRef::from(&*listener).shutdown(std::net::Shutdown::Read);
+            #[cfg(not(target_os = "linux"))]
+            drop(listener);
+        }
+    }
+
     /// Why some address of the scope does not listen, if one does not.
     fn missing_reason(&self) -> Option<String> {
         let reasons: Vec<&str> = self.missing.iter().map(|(_, r)| r.as_str()).collect();
@@ -592,6 +616,7 @@ impl PortForward {
             state,
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            listeners: Vec::new(),
             stats,
             bound: Vec::new(),
             missing: Vec::new(),

@@ -68,20 +68,33 @@ pub async fn relay<L: RawStream, P: RawStream>(
     counters: &RelayCounters,
     shutdown: &CancellationToken,
 ) -> Outcome {
-    relay_after(local, peer, async { Ok(pending) }, counters, shutdown).await
+    relay_both(local, peer, async { Ok(pending) }, counters, shutdown, false).await
 }
 
 /// [`relay`] on a stream whose far side has not answered yet: the local side's bytes start
 /// flowing at once, while `answer` reads what leads the peer's direction (the agent's reply
 /// to `open`) and yields the bytes read past it — or the outcome that ends the connection
 /// (a refusal: [`Outcome::PeerReset`], the local socket is reset). Saves a round trip per
-/// new connection.
+/// new connection. The local side is a client that has just connected, and clients mostly
+/// speak first: its first bytes are read at once, before the reactor reports them.
 pub async fn relay_after<L: RawStream, P: RawStream>(
     local: &L,
     peer: &P,
     answer: impl std::future::Future<Output = Result<BytesMut, Outcome>>,
     counters: &RelayCounters,
     shutdown: &CancellationToken,
+) -> Outcome {
+    relay_both(local, peer, answer, counters, shutdown, true).await
+}
+
+/// Both directions; with `client_first`, the local side is read once before waiting for it.
+async fn relay_both<L: RawStream, P: RawStream>(
+    local: &L,
+    peer: &P,
+    answer: impl std::future::Future<Output = Result<BytesMut, Outcome>>,
+    counters: &RelayCounters,
+    shutdown: &CancellationToken,
+    client_first: bool,
 ) -> Outcome {
     let abort = CancellationToken::new();
     let up_done = CancellationToken::new();
@@ -91,7 +104,7 @@ pub async fn relay_after<L: RawStream, P: RawStream>(
         let end = tokio::select! {
             biased;
             _ = abort.cancelled() => None,
-            end = pump_up(local, peer, counters, &mid_chunk) => Some(end),
+            end = pump_up(local, peer, counters, &mid_chunk, client_first) => Some(end),
         };
         match end {
             Some(Outcome::Closed) => up_done.cancel(),
@@ -292,18 +305,23 @@ async fn pump_up<L: RawStream, P: RawStream>(
     peer: &P,
     counters: &RelayCounters,
     mid_chunk: &AtomicBool,
+    client_first: bool,
 ) -> Outcome {
     // What this direction holds only while the peer has been slow (bulk): a pipe or a buffer.
     let mut own: Option<Bulk> = None;
+    // A client's first bytes have usually arrived by now, but the reactor has not said so yet:
+    // read them at once (nothing there: `Again`, and the loop waits as for any read).
+    let mut first = client_first;
     loop {
-        if wait_readable(local, &mut own).await.is_err() {
+        let arrived = std::mem::take(&mut first);
+        if !arrived && wait_readable(local, &mut own).await.is_err() {
             let _ = stream::write_all(peer, &RST).await;
             return Outcome::LocalReset;
         }
         let step = match own.as_mut() {
             Some(Bulk::Pipe(pipe)) => splice_up(local, peer, pipe, mid_chunk).await,
             // Bulk: read into our own buffer, wait for the peer to take all of it.
-            Some(Bulk::Buffer(b)) => match read_chunk(local, b) {
+            Some(Bulk::Buffer(b)) => match read_chunk(|body| local.try_read(body), b) {
                 Ok(0) => Step::Eof,
                 Ok(n) => {
                     mid_chunk.store(true, Ordering::Relaxed);
@@ -318,7 +336,10 @@ async fn pump_up<L: RawStream, P: RawStream>(
                 }
                 Err(step) => step,
             },
-            None => with_scratch(|b| forward_now(local, peer, b)),
+            None if arrived => {
+                with_scratch(|b| forward_now(|body| stream::read_arrived(local, body), peer, b))
+            }
+            None => with_scratch(|b| forward_now(|body| local.try_read(body), peer, b)),
         };
         match step {
             Step::Sent(n) => {
@@ -356,11 +377,11 @@ async fn pump_up<L: RawStream, P: RawStream>(
 
 /// Reads from `local` into `b` after room for a chunk header, and writes the header.
 /// `Ok(n)` (0 at EOF); `Err(Again | LocalFailed)`.
-fn read_chunk<L: RawStream>(local: &L, b: &mut [u8]) -> Result<usize, Step> {
+fn read_chunk(read: impl FnOnce(&mut [u8]) -> io::Result<usize>, b: &mut [u8]) -> Result<usize, Step> {
     let Some((header, body)) = b.split_first_chunk_mut::<CHUNK_HEADER_LEN>() else {
         return Err(Step::LocalFailed);
     };
-    match local.try_read(body) {
+    match read(body) {
         Ok(0) => Ok(0),
         Ok(n) => {
             *header = chunk::data_header(n);
@@ -371,9 +392,14 @@ fn read_chunk<L: RawStream>(local: &L, b: &mut [u8]) -> Result<usize, Step> {
     }
 }
 
-/// One synchronous step through the scratch buffer: read, frame, write what the peer takes.
-fn forward_now<L: RawStream, P: RawStream>(local: &L, peer: &P, b: &mut [u8]) -> Step {
-    match read_chunk(local, b) {
+/// One synchronous step through the scratch buffer: read (with `read`), frame, write what the
+/// peer takes.
+fn forward_now<P: RawStream>(
+    read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+    peer: &P,
+    b: &mut [u8],
+) -> Step {
+    match read_chunk(read, b) {
         Ok(0) => Step::Eof,
         Ok(n) => {
             let frame = b.get(..CHUNK_HEADER_LEN + n).unwrap_or_default();

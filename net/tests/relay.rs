@@ -228,3 +228,35 @@ async fn bytes_flow_before_the_answer_and_a_refusal_resets_the_client() {
         "the client was not reset: {read:?}"
     );
 }
+
+/// A client that sent its request and half-closed before the relay began: its bytes are read
+/// at once (the reactor has not reported them yet) and go out whole, then its FIN; the answer
+/// then flows back and the connection ends cleanly.
+#[tokio::test]
+async fn a_client_that_spoke_and_half_closed_before_the_relay_began_is_relayed_whole() {
+    use hostnet_net::relay::relay_after;
+    let (mut client, host_local) = tcp_pair().await;
+    client.write_all(b"GET /").await.unwrap();
+    client.shutdown().await.unwrap();
+    // Both the bytes and the FIN are in `host_local` before the relay starts.
+    within(async {
+        let mut buf = [0u8; 8];
+        while host_local.peek(&mut buf).await.unwrap() < 5 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let (t1, mut t2) = UnixStream::pair().unwrap();
+    let host_side = tokio::spawn(async move {
+        let answer = async { Ok(BytesMut::new()) };
+        relay_after(&host_local, &t1, answer, &RelayCounters::default(), &CancellationToken::new()).await
+    });
+    let mut up = [0u8; 13];
+    within(t2.read_exact(&mut up)).await.unwrap();
+    assert_eq!(&up, b"\0\0\0\x05GET /\0\0\0\0", "request then FIN");
+    t2.write_all(b"\0\0\0\x02ok\0\0\0\0").await.unwrap();
+    let mut answer = Vec::new();
+    within(client.read_to_end(&mut answer)).await.unwrap();
+    assert_eq!(answer, b"ok");
+    assert_eq!(within(host_side).await.unwrap(), Outcome::Closed);
+}
