@@ -128,7 +128,8 @@ impl Params {
 fn main() {
     let opts = Opts::parse();
     let started = Instant::now();
-    let machine = procs::machine();
+    let mut machine = procs::machine();
+    let steal_at_start = procs::steal_seconds();
     let p = Params::new(&opts);
     let run = |w: Workload| opts.only.is_empty() || opts.only.contains(&w);
     // Each idle connection costs two descriptors here (client and server) and two in each of
@@ -353,7 +354,13 @@ fn main() {
 
     report::print_table(&rows);
     let total = started.elapsed();
+    let stolen = procs::steal_seconds() - steal_at_start;
+    machine["cpu_steal_seconds_during_run"] = serde_json::json!((stolen * 100.0).round() / 100.0);
     println!("\n{} rows in {:.1} s", rows.len(), total.as_secs_f64());
+    println!(
+        "machine: load average {} at the start, {} TCP sockets in TIME_WAIT, {stolen:.2} CPU-s taken by the hypervisor during the run",
+        machine["load_average_1min_at_start"], machine["tcp_time_wait_at_start"]
+    );
     if let Some(path) = &opts.json {
         let doc = serde_json::json!({
             "harness": "hostnet-bench",

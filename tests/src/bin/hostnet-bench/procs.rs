@@ -131,12 +131,44 @@ pub fn machine() -> serde_json::Value {
     let load1: f64 = load.split_whitespace().next().and_then(|l| l.parse().ok()).unwrap_or(0.0);
     serde_json::json!({
         "load_average_1min_at_start": load1,
+        "tcp_time_wait_at_start": tcp_time_wait(),
         "cpu": model,
         "cores": cores,
         "memory_gib": (mem_gib * 10.0).round() / 10.0,
         "kernel": kernel,
         "os": os,
     })
+}
+
+/// TCP sockets in TIME_WAIT on this machine (`/proc/net/sockstat`): a table full of them (a
+/// test suite just ran) makes every connect search longer for a free port, on every path.
+pub fn tcp_time_wait() -> u64 {
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    sockstat
+        .lines()
+        .find_map(|l| {
+            let mut words = l.strip_prefix("TCP:")?.split_whitespace();
+            while let Some(w) = words.next() {
+                if w == "tw" {
+                    return words.next()?.parse().ok();
+                }
+            }
+            None
+        })
+        .unwrap_or(0)
+}
+
+/// CPU-seconds the hypervisor has taken from this machine's virtual CPUs since boot (`steal`
+/// in `/proc/stat`): time the paths wanted to run and could not, on a shared host.
+pub fn steal_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let steal = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu ")?.split_whitespace().nth(7)?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    steal / if ticks > 0 { ticks as f64 } else { 100.0 }
 }
 
 /// Raises this process's open-file limit (inherited by the demo it starts) so the
