@@ -140,8 +140,9 @@ pub fn machine() -> serde_json::Value {
     })
 }
 
-/// TCP sockets in TIME_WAIT on this machine (`/proc/net/sockstat`): a table full of them (a
-/// test suite just ran) makes every connect search longer for a free port, on every path.
+/// TCP sockets in TIME_WAIT on this machine (`/proc/net/sockstat`): a table filling up (other
+/// connection-heavy work a minute before) makes every connect search longer for a free port,
+/// on every path.
 pub fn tcp_time_wait() -> u64 {
     let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
     sockstat
