@@ -16,7 +16,7 @@ use hostnet_net::Connector;
 use hostnet_net::handshake::{self, OpenError};
 use hostnet_net::relay::{self, RelayCounters};
 use hostnet_protocol::{ListenerSet, Open, Proto};
-use socket2::{Domain, Socket, Type};
+use socket2::Type;
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -210,8 +210,7 @@ async fn relay_to_host(
 
 fn transparent_listener(addr: SocketAddr) -> Result<TcpListener, InterceptError> {
     let make = || -> std::io::Result<TcpListener> {
-        let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
-        hostnet_net::own::register(&s);
+        let s = hostnet_net::own::socket(addr, Type::STREAM)?;
         if addr.is_ipv6() {
             s.set_only_v6(true)?;
             s.set_ip_transparent_v6(true)?;

@@ -23,7 +23,7 @@ use hostnet_net::udp::{Activity, DatagramBatch, UDP_SOCKET_BUFFER};
 use hostnet_protocol::Open;
 use hostnet_protocol::datagram::MAX_DATAGRAM_LEN;
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt};
-use socket2::{Domain, Socket, Type};
+use socket2::{Socket, Type};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -55,8 +55,7 @@ pub fn catch_all(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 }
 
 fn transparent_udp(addr: SocketAddr) -> std::io::Result<Socket> {
-    let s = Socket::new(Domain::for_address(addr), Type::DGRAM.nonblocking().cloexec(), None)?;
-    hostnet_net::own::register(&s);
+    let s = hostnet_net::own::socket(addr, Type::DGRAM)?;
     if addr.is_ipv6() {
         s.set_ip_transparent_v6(true)?;
     } else {

@@ -14,7 +14,7 @@ use hostnet_net::relay::{self, Outcome, RelayCounters};
 use hostnet_net::{Connector, RawStream};
 use hostnet_protocol::{Listener, ListenerSet, Open, Proto};
 use serde::Serialize;
-use socket2::{Domain, Socket, Type};
+use socket2::Type;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -671,8 +671,7 @@ fn bind(proto: Proto, addr: SocketAddr) -> io::Result<Bound> {
         Proto::Tcp => Type::STREAM,
         Proto::Udp => Type::DGRAM,
     };
-    let socket = Socket::new(Domain::for_address(addr), ty.nonblocking().cloexec(), None)?;
-    hostnet_net::own::register(&socket);
+    let socket = hostnet_net::own::socket(addr, ty)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }

@@ -27,6 +27,14 @@ fn with<T>(f: impl FnOnce(&mut HashMap<u32, Instant>) -> T) -> T {
     f(own.get_or_insert_with(HashMap::new))
 }
 
+/// A non-blocking, close-on-exec socket of `ty` for `addr`'s family, registered as this
+/// process's own before anything can bind it: how hostnet makes every IP socket it binds.
+pub fn socket(addr: std::net::SocketAddr, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty.nonblocking().cloexec(), None)?;
+    register(&s);
+    Ok(s)
+}
+
 /// Registers `socket` as this process's own: call it right after creating an IP socket that
 /// will be bound (before `bind`).
 #[cfg(target_os = "linux")]

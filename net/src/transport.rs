@@ -338,12 +338,7 @@ impl Acceptor for VsockAcceptor {
 /// A TCP listener as `TcpListener::bind` makes one (`SO_REUSEADDR`), registered as this
 /// process's own before it is bound, so the listener watcher never forwards it.
 fn tcp_listener(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM.nonblocking().cloexec(),
-        None,
-    )?;
-    crate::own::register(&s);
+    let s = crate::own::socket(addr, socket2::Type::STREAM)?;
     #[cfg(unix)]
     s.set_reuse_address(true)?;
     s.bind(&addr.into())?;

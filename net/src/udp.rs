@@ -206,12 +206,7 @@ pub async fn connected_socket(target: std::net::SocketAddr, mark: Option<u32>) -
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
     let local: SocketAddr =
         if target.is_ipv6() { (Ipv6Addr::LOCALHOST, 0).into() } else { (Ipv4Addr::LOCALHOST, 0).into() };
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(local),
-        socket2::Type::DGRAM.nonblocking().cloexec(),
-        None,
-    )?;
-    crate::own::register(&s);
+    let s = crate::own::socket(local, socket2::Type::DGRAM)?;
     #[cfg(target_os = "linux")]
     if let Some(mark) = mark {
         s.set_mark(mark)?;

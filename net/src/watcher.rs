@@ -369,7 +369,7 @@ impl ServersConnected {
 }
 
 /// Debug builds: stops at a socket of this process in the tables that was never registered
-/// with [`crate::own::register`] — it would be advertised (a mirror mirrored, the agent's own
+/// with [`crate::own::register`] (through [`crate::own::socket`]) — it would be advertised (a mirror mirrored, the agent's own
 /// interception socket forwarded). Learns this process's sockets from one pass over
 /// `/proc/self/fd` whenever a read brings inodes not checked before.
 #[cfg(debug_assertions)]
