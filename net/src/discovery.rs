@@ -109,7 +109,8 @@ impl SockDiag {
                                 port: r.header.socket_id.source_port,
                             },
                             inode: r.header.inode,
-                            uid: r.header.uid,
+                            uid: Some(r.header.uid),
+                            pid: None,
                             connected: r.header.socket_id.destination_port != 0,
                         });
                     }

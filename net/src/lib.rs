@@ -10,6 +10,8 @@
 //! - [`discovery`]: listening sockets through netlink `sock_diag` (Linux).
 //! - [`events`]: kernel listener events (eBPF) that wake the watcher at once.
 //! - [`watcher`]: the thread both sides run over a listener source, woken by events or a tick.
+//! - [`platform`]: each OS's listener source (sock_diag, macOS `proc_pidfdinfo`, Windows IP
+//!   Helper tables), socket owners, port holders and bind errors explained.
 
 pub mod cli;
 pub mod connect;
@@ -20,6 +22,7 @@ pub mod handshake;
 pub mod hyperv;
 pub mod mmsg;
 pub mod own;
+pub mod platform;
 pub mod relay;
 pub mod splice;
 pub mod stream;

@@ -13,8 +13,13 @@
 //! registered (a socket is registered before it is bound, so a fresh one may not show yet).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use hostnet_protocol::Proto;
+
+use crate::watcher::Found;
 
 /// How long a registered socket may stay out of the table before its entry goes.
 const GRACE: Duration = Duration::from_secs(10);
@@ -32,6 +37,7 @@ fn with<T>(f: impl FnOnce(&mut HashMap<u32, Instant>) -> T) -> T {
 pub fn socket(addr: std::net::SocketAddr, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
     let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty.nonblocking().cloexec(), None)?;
     register(&s);
+    register_address(addr, ty);
     Ok(s)
 }
 
@@ -76,9 +82,161 @@ pub(crate) fn forget_unshown(shown: impl Fn(u32) -> bool) {
     with(|own| own.retain(|inode, at| shown(*inode) || now.duration_since(*at) < GRACE));
 }
 
+/// Where the listener tables give no inode (macOS, Windows), a socket of ours is known by its
+/// owning pid; where they give no pid either (Windows under Wine, which reports pid 0 for
+/// every socket), by its protocol and the address it is bound to, registered here by
+/// [`socket`] before the bind (or by [`register_local`] after it, for port 0).
+#[cfg(not(target_os = "linux"))]
+fn register_address(addr: SocketAddr, ty: socket2::Type) {
+    if addr.port() != 0 {
+        with_bound(|bound| bound.insert(proto_of(ty), addr, Instant::now()));
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn register_address(_addr: SocketAddr, _ty: socket2::Type) {}
+
+/// Registers a socket that was bound to port 0 by the address it got (see
+/// [`register_address`]); call it right after the bind. Nothing to do on Linux (the inode,
+/// registered by [`socket`], tells).
+#[cfg(not(target_os = "linux"))]
+pub fn register_local(socket: &socket2::Socket) {
+    if let (Some(addr), Ok(ty)) = (socket.local_addr().ok().and_then(|a| a.as_socket()), socket.r#type()) {
+        register_address(addr, ty);
+    }
+}
+
+/// Registers a socket that was bound to port 0; nothing to do on Linux (the inode tells).
+#[cfg(target_os = "linux")]
+pub fn register_local(_socket: &socket2::Socket) {}
+
+#[cfg(not(target_os = "linux"))]
+fn proto_of(ty: socket2::Type) -> Proto {
+    if ty == socket2::Type::DGRAM { Proto::Udp } else { Proto::Tcp }
+}
+
+static BOUND: Mutex<Option<Bound>> = Mutex::new(None);
+
+fn with_bound<T>(f: impl FnOnce(&mut Bound) -> T) -> T {
+    let mut bound = BOUND.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    f(bound.get_or_insert_with(Bound::default))
+}
+
+/// Whether `found` is one of this process's sockets: by its owning pid when the table gives
+/// one (macOS, Windows), else by inode (Linux) or by bound address (Wine).
+pub(crate) fn is_own_found(found: &Found) -> bool {
+    is_own_by(found, std::process::id(), is_own, |proto, addr| with_bound(|b| b.contains(proto, addr)))
+}
+
+fn is_own_by(
+    found: &Found,
+    our_pid: u32,
+    by_inode: impl Fn(u32) -> bool,
+    by_address: impl Fn(Proto, SocketAddr) -> bool,
+) -> bool {
+    match found.pid {
+        Some(pid) => pid == our_pid,
+        None => {
+            by_inode(found.inode)
+                || by_address(found.listener.proto, SocketAddr::new(found.listener.addr, found.listener.port))
+        }
+    }
+}
+
+/// After a full read of the tables (`shown`: every socket in them): forgets the registered
+/// addresses gone from them.
+pub(crate) fn forget_unshown_addresses(shown: &[Found]) {
+    if with_bound(|b| b.0.is_empty()) {
+        return;
+    }
+    let shown: std::collections::HashSet<(Proto, SocketAddr)> =
+        shown.iter().map(|f| (f.listener.proto, SocketAddr::new(f.listener.addr, f.listener.port))).collect();
+    with_bound(|b| b.forget_unshown(|proto, addr| shown.contains(&(proto, addr)), Instant::now()));
+}
+
+/// This process's sockets by (protocol, bound address): when each was registered and whether
+/// a read of the tables has shown it since.
+#[derive(Debug, Default)]
+struct Bound(HashMap<(Proto, SocketAddr), (Instant, bool)>);
+
+impl Bound {
+    #[cfg_attr(target_os = "linux", allow(dead_code))]
+    fn insert(&mut self, proto: Proto, addr: SocketAddr, now: Instant) {
+        self.0.insert((proto, addr), (now, false));
+    }
+
+    fn contains(&self, proto: Proto, addr: SocketAddr) -> bool {
+        self.0.contains_key(&(proto, addr))
+    }
+
+    /// Marks the entries the tables show; forgets the others that were shown before (closed)
+    /// or registered more than [`GRACE`] ago (never bound). An address is forgotten as soon as
+    /// its socket leaves the tables, so a program that binds it next is not taken for ours.
+    fn forget_unshown(&mut self, shown: impl Fn(Proto, SocketAddr) -> bool, now: Instant) {
+        self.0.retain(|(proto, addr), (at, seen)| {
+            if shown(*proto, *addr) {
+                *seen = true;
+                return true;
+            }
+            !*seen && now.duration_since(*at) < GRACE
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hostnet_protocol::Listener;
+
+    fn found(proto: Proto, addr: &str, pid: Option<u32>, inode: u32) -> Found {
+        let addr: SocketAddr = addr.parse().unwrap();
+        Found {
+            listener: Listener { proto, addr: addr.ip(), port: addr.port() },
+            inode,
+            uid: None,
+            pid,
+            connected: false,
+        }
+    }
+
+    #[test]
+    fn own_by_pid_when_the_table_gives_one_else_by_inode_or_address() {
+        let mirror: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        let by_inode = |inode| inode == 7;
+        let by_address = |proto, addr| proto == Proto::Tcp && addr == mirror;
+        let own = |f: &Found| is_own_by(f, 100, by_inode, by_address);
+        assert!(own(&found(Proto::Tcp, "127.0.0.1:9", Some(100), 0)), "our pid");
+        assert!(
+            !own(&found(Proto::Tcp, "127.0.0.1:8000", Some(101), 7)),
+            "another pid decides, whatever else matches"
+        );
+        assert!(own(&found(Proto::Tcp, "127.0.0.1:9", None, 7)), "no pid: our inode");
+        assert!(own(&found(Proto::Tcp, "127.0.0.1:8000", None, 0)), "no pid (Wine): our bound address");
+        assert!(
+            !own(&found(Proto::Udp, "127.0.0.1:8000", None, 0)),
+            "the same address in the other protocol"
+        );
+        assert!(!own(&found(Proto::Tcp, "0.0.0.0:8000", None, 0)), "another address on the same port");
+    }
+
+    #[test]
+    fn a_registered_address_is_forgotten_once_its_socket_leaves_the_tables() {
+        let mut bound = Bound::default();
+        let t0 = Instant::now();
+        let (mirror, never_bound): (SocketAddr, SocketAddr) =
+            ("127.0.0.1:8000".parse().unwrap(), "[::1]:8001".parse().unwrap());
+        bound.insert(Proto::Tcp, mirror, t0);
+        bound.insert(Proto::Udp, never_bound, t0);
+        bound.forget_unshown(|_, _| false, t0 + Duration::from_millis(5));
+        assert!(bound.contains(Proto::Tcp, mirror), "not bound yet, within the grace: kept");
+        bound.forget_unshown(|p, a| p == Proto::Tcp && a == mirror, t0 + Duration::from_millis(10));
+        assert!(bound.contains(Proto::Tcp, mirror), "shown: kept");
+        bound.forget_unshown(|_, _| false, t0 + Duration::from_millis(20));
+        assert!(!bound.contains(Proto::Tcp, mirror), "shown before, gone now (closed): forgotten at once");
+        assert!(bound.contains(Proto::Udp, never_bound), "never shown, still within the grace");
+        bound.forget_unshown(|_, _| false, t0 + GRACE);
+        assert!(!bound.contains(Proto::Udp, never_bound), "never shown past the grace: forgotten");
+    }
 
     #[test]
     fn a_registered_socket_is_own_until_it_is_gone_from_the_tables_past_the_grace() {

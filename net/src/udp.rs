@@ -215,6 +215,7 @@ pub async fn connected_socket(target: std::net::SocketAddr, mark: Option<u32>) -
     let _ = mark;
     let _ = s.set_recv_buffer_size(UDP_SOCKET_BUFFER);
     s.bind(&local.into())?;
+    crate::own::register_local(&s);
     let socket = UdpSocket::from_std(s.into())?;
     socket.connect(target).await?;
     Ok(socket)

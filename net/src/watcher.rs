@@ -1,12 +1,13 @@
 //! The listener watcher, used by both sides: a thread that reads this machine's listening
 //! sockets (TCP listeners and bound UDP sockets) on a tick and publishes the forwardable set
-//! whenever it changes. Where the sockets come from is a [`ListenerSource`]: netlink
-//! `sock_diag` on Linux (the agent always; a Linux desktop for guest→host).
+//! whenever it changes. Where the sockets come from is a [`ListenerSource`], one per OS
+//! ([`crate::platform`]): netlink `sock_diag` on Linux (the agent always; a Linux desktop for
+//! guest→host); on macOS the socket descriptors of the user's processes
+//! (`proc_pidfdinfo(PROC_PIDFDSOCKETINFO)`); on Windows `GetExtendedTcpTable` /
+//! `GetExtendedUdpTable` (IPv4 and IPv6, with owning pids).
 //!
-//! Other desktops, by design (not built yet): macOS through `proc_pidinfo(PROC_PIDFDSOCKETINFO)`
-//! over its processes or the `net.inet.tcp.pcblist_n` / `net.inet.udp.pcblist_n` sysctls;
-//! Windows through `GetExtendedTcpTable` / `GetExtendedUdpTable` (IPv4 and IPv6, with owning
-//! PIDs, which also tell the proxy its own sockets).
+//! This process's own sockets are never published ([`crate::own`]): known by inode on Linux,
+//! by owning pid where the OS gives one, by bound address where it gives neither (Wine).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -22,12 +23,25 @@ use tracing::{debug, info, warn};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Found {
     pub listener: Listener,
-    /// Socket inode, to recognise sockets of our own process.
+    /// The socket's identity where the OS gives one (Linux: its inode; macOS: its kernel
+    /// handle folded to 32 bits); 0 where it does not (Windows).
     pub inode: u32,
-    pub uid: u32,
+    /// The owner's uid, where the OS says (Linux: the socket's; macOS: its process's).
+    pub uid: Option<u32>,
+    /// The owning process, where the OS says (macOS, Windows; not Wine, which says 0).
+    pub pid: Option<u32>,
     /// A UDP socket with a peer (`connect`ed): a client's, unless it was listed as a server
     /// before it connected (see [`ServersConnected`]).
     pub connected: bool,
+}
+
+impl Found {
+    /// Whether this socket belongs to the user this process runs as: uid against our effective
+    /// uid (Linux, macOS), the owning process's user SID against ours (Windows). `None` when
+    /// the OS does not say (no owner given, pid unknown or 0, a process that cannot be opened).
+    pub fn is_this_users(&self) -> Option<bool> {
+        crate::platform::is_this_users(self)
+    }
 }
 
 /// One table of sockets a [`ListenerSource`] reads: a protocol in one address family.
@@ -106,19 +120,9 @@ impl ListenerSource for crate::discovery::SockDiag {
     }
 }
 
-/// This platform's source of listening sockets.
+/// This platform's source of listening sockets (see [`crate::platform::source`]).
 pub fn platform_source() -> io::Result<Box<dyn ListenerSource>> {
-    #[cfg(target_os = "linux")]
-    {
-        Ok(Box::new(crate::discovery::SockDiag::open()?))
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "listener discovery is not implemented on this platform yet",
-        ))
-    }
+    crate::platform::source()
 }
 
 /// Default period between two reads of the listener table when polling (no kernel events): a
@@ -319,6 +323,7 @@ impl Reader {
         if tables == Tables::ALL {
             let shown: BTreeSet<u32> = found.iter().map(|f| f.inode).collect();
             crate::own::forget_unshown(|inode| shown.contains(&inode));
+            crate::own::forget_unshown_addresses(found);
         }
         self.servers.forget_gone(found);
         // Connected UDP sockets never listed as servers are clients' (a desktop has hundreds:
@@ -328,7 +333,7 @@ impl Reader {
         self.unregistered.check(found);
         let set = found
             .iter()
-            .filter(|f| !crate::own::is_own(f.inode))
+            .filter(|f| !crate::own::is_own_found(f))
             .filter_map(|f| self.servers.keep(f))
             .filter(|l| l.is_forwardable() && !self.ignore_ports.contains(&l.port))
             .collect();
@@ -456,7 +461,13 @@ mod tests {
     const UDP4: Table = Table::ALL[2];
 
     fn found(proto: Proto, addr: &str, port: u16, inode: u32, connected: bool) -> Found {
-        Found { listener: Listener { proto, addr: addr.parse().unwrap(), port }, inode, uid: 0, connected }
+        Found {
+            listener: Listener { proto, addr: addr.parse().unwrap(), port },
+            inode,
+            uid: Some(0),
+            pid: None,
+            connected,
+        }
     }
 
     fn listed(reader: &mut Reader, tables: Tables) -> Vec<(Proto, u16)> {
