@@ -75,9 +75,16 @@ pub fn windows_access_denied(
 
 /// The port ranges in `netsh int ipv4 show excludedportrange protocol=tcp`'s output: its
 /// lines of two numbers (start, end), optionally followed by `*` (an administered exclusion).
-/// Headings are translated on non-English Windows, so only those lines are read.
-pub fn parse_excluded_port_ranges(text: &str) -> Vec<RangeInclusive<u16>> {
-    text.lines()
+/// Headings are translated on non-English Windows, so only those lines are read; `None` when
+/// the text has no table at all (no line of dashes under the headings: Wine's `netsh` prints
+/// nothing), so "no range" is said only when Windows said it.
+pub fn parse_excluded_port_ranges(text: &str) -> Option<Vec<RangeInclusive<u16>>> {
+    let is_rule = |line: &str| line.contains("---") && line.chars().all(|c| c == '-' || c.is_whitespace());
+    if !text.lines().any(is_rule) {
+        return None;
+    }
+    let ranges = text
+        .lines()
         .filter_map(|line| {
             let mut words = line.split_whitespace();
             let start: u16 = words.next()?.parse().ok()?;
@@ -85,7 +92,8 @@ pub fn parse_excluded_port_ranges(text: &str) -> Vec<RangeInclusive<u16>> {
             let rest: Vec<&str> = words.collect();
             (start <= end && (rest.is_empty() || rest == ["*"])).then_some(start..=end)
         })
-        .collect()
+        .collect();
+    Some(ranges)
 }
 
 fn proto_name(proto: Proto) -> &'static str {
@@ -144,19 +152,22 @@ Start Port    End Port\r
     fn netsh_ranges_are_parsed_and_headings_ignored() {
         assert_eq!(
             parse_excluded_port_ranges(NETSH),
-            vec![1026..=1125, 5357..=5357, 7990..=8089, 50000..=50059]
+            Some(vec![1026..=1125, 5357..=5357, 7990..=8089, 50000..=50059])
         );
-        assert_eq!(parse_excluded_port_ranges(""), vec![]);
+        assert_eq!(parse_excluded_port_ranges(""), None, "no table (Wine's netsh): unknown, not empty");
+        assert_eq!(parse_excluded_port_ranges("1026 1125\n"), None, "numbers without the table's rule");
+        let none = "Start Port    End Port\n----------    --------\n\n* - Administered port exclusions.\n";
+        assert_eq!(parse_excluded_port_ranges(none), Some(vec![]), "a table with no ranges");
         assert_eq!(
-            parse_excluded_port_ranges("70000 70001\n9 8\n1 2 x\n3 4 *\n"),
-            vec![3..=4],
+            parse_excluded_port_ranges("----  ----\n70000 70001\n9 8\n1 2 x\n3 4 *\n"),
+            Some(vec![3..=4]),
             "bad lines skipped"
         );
     }
 
     #[test]
     fn windows_access_denied_names_the_excluded_range_or_both_causes() {
-        let ranges = parse_excluded_port_ranges(NETSH);
+        let ranges = parse_excluded_port_ranges(NETSH).unwrap();
         let msg = windows_access_denied(Proto::Tcp, at("127.0.0.1:8000"), Some(&ranges));
         assert!(msg.contains("excluded port range 7990-8089"), "{msg}");
         assert!(msg.contains("netsh int ipv4 show excludedportrange protocol=tcp"), "{msg}");

@@ -169,6 +169,6 @@ pub(super) fn explain_bind_error(proto: Proto, addr: SocketAddr, e: &io::Error) 
         .output()
         .ok()
         .filter(|out| out.status.success())
-        .map(|out| bind_errors::parse_excluded_port_ranges(&String::from_utf8_lossy(&out.stdout)));
+        .and_then(|out| bind_errors::parse_excluded_port_ranges(&String::from_utf8_lossy(&out.stdout)));
     Some(bind_errors::windows_access_denied(proto, addr, excluded.as_deref()))
 }
