@@ -239,6 +239,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_os = "linux")]
     fn a_registered_socket_is_own_until_it_is_gone_from_the_tables_past_the_grace() {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let inode = socket_inode(std::os::fd::AsRawFd::as_raw_fd(&socket)).unwrap();

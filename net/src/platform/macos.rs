@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use hostnet_protocol::Proto;
 
-use super::{bind_errors, proc_info};
+use super::{OneScanPerRound, bind_errors, proc_info};
 use crate::watcher::{Found, ListenerSource, Table};
 
 /// Processes to expect beyond what `proc_listallpids` counted (some start in between).
@@ -22,67 +22,54 @@ const FD_SLACK: usize = 32;
 
 pub(super) fn source() -> io::Result<Box<dyn ListenerSource>> {
     let mut source = ProcSource::default();
-    source.scan()?;
+    // Fail at start, with the reason, rather than on every tick.
+    source.read(Table::ALL[0], &mut Vec::new())?;
     Ok(Box::new(source))
 }
 
 #[derive(Debug, Default)]
 struct ProcSource {
-    /// The latest scan, per table in [`Table::ALL`]'s order.
-    tables: [Vec<Found>; 4],
-    /// Which tables were handed out since that scan.
-    served: [bool; 4],
+    scans: OneScanPerRound,
     fds: Vec<u8>,
 }
 
 impl ListenerSource for ProcSource {
     fn read(&mut self, table: Table, out: &mut Vec<Found>) -> io::Result<()> {
-        let i = Table::ALL.iter().position(|t| *t == table).unwrap_or_default();
-        if self.served.get(i).copied().unwrap_or(true) {
-            self.scan()?;
-        }
-        if let (Some(served), Some(found)) = (self.served.get_mut(i), self.tables.get(i)) {
-            *served = true;
-            out.extend_from_slice(found);
-        }
-        Ok(())
+        let fds = &mut self.fds;
+        self.scans.read(table, out, |tables| scan(tables, fds))
     }
 }
 
-impl ProcSource {
-    fn scan(&mut self) -> io::Result<()> {
-        self.tables.iter_mut().for_each(Vec::clear);
-        self.served = [false; 4];
-        let mut seen = std::collections::HashSet::new();
-        let mut info = [0u8; proc_info::SOCKET_FDINFO_LEN];
-        for pid in all_pids()? {
-            // Gone, or another user's (EPERM): skipped.
-            if !list_fds(pid, &mut self.fds) {
+/// Every socket of the processes this user may inspect, into `tables` (in [`Table::ALL`]'s
+/// order, empty before); `fds` is scratch space.
+fn scan(tables: &mut [Vec<Found>; 4], fds: &mut Vec<u8>) -> io::Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    let mut info = [0u8; proc_info::SOCKET_FDINFO_LEN];
+    for pid in all_pids()? {
+        // Gone, or another user's (EPERM): skipped.
+        if !list_fds(pid, fds) {
+            continue;
+        }
+        let mut uid = None;
+        for fd in proc_info::socket_fds(fds) {
+            if !socket_info(pid, fd, &mut info) {
                 continue;
             }
-            let mut uid = None;
-            for fd in proc_info::socket_fds(&self.fds) {
-                if !socket_info(pid, fd, &mut info) {
-                    continue;
-                }
-                let pid_u32 = u32::try_from(pid).unwrap_or_default();
-                let Some((table, mut found)) = proc_info::parse_socket(&info, pid_u32, None) else {
-                    continue;
-                };
-                // A socket shared by several processes (inherited) is listed once.
-                if !seen.insert((table.proto, found.inode, found.listener)) {
-                    continue;
-                }
-                found.uid = *uid.get_or_insert_with(|| process_uid(pid));
-                if let Some(t) =
-                    Table::ALL.iter().position(|t| *t == table).and_then(|i| self.tables.get_mut(i))
-                {
-                    t.push(found);
-                }
+            let pid_u32 = u32::try_from(pid).unwrap_or_default();
+            let Some((table, mut found)) = proc_info::parse_socket(&info, pid_u32, None) else {
+                continue;
+            };
+            // A socket shared by several processes (inherited) is listed once.
+            if !seen.insert((table.proto, found.inode, found.listener)) {
+                continue;
+            }
+            found.uid = *uid.get_or_insert_with(|| process_uid(pid));
+            if let Some(t) = Table::ALL.iter().position(|t| *t == table).and_then(|i| tables.get_mut(i)) {
+                t.push(found);
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// Every process id, from `proc_listallpids`.
@@ -148,10 +135,9 @@ pub(super) fn is_this_users(found: &Found) -> Option<bool> {
 }
 
 pub(super) fn port_holder(proto: Proto, port: u16) -> Option<String> {
-    let mut source = ProcSource::default();
-    source.scan().ok()?;
-    let pid = source
-        .tables
+    let mut tables = Default::default();
+    scan(&mut tables, &mut Vec::new()).ok()?;
+    let pid = tables
         .iter()
         .flatten()
         .find(|f| f.listener.proto == proto && f.listener.port == port)
@@ -172,4 +158,34 @@ pub(super) fn explain_bind_error(_proto: Proto, addr: SocketAddr, e: &io::Error)
         return None;
     }
     bind_errors::macos_low_port(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs on macOS only.
+    #[test]
+    fn the_scan_shows_our_listener_and_udp_socket_with_our_pid_and_uid() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let udp = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        let udp_port = udp.local_addr().unwrap().port();
+        let mut source = source().unwrap();
+        let mut tcp = Vec::new();
+        source.read(Table::ALL[0], &mut tcp).unwrap();
+        let ours = tcp.iter().find(|f| f.listener.port == port).expect("our listener");
+        assert_eq!(ours.pid, Some(std::process::id()));
+        assert_eq!(is_this_users(ours), Some(true));
+        let mut udp6 = Vec::new();
+        source.read(Table::ALL[3], &mut udp6).unwrap();
+        assert!(udp6.iter().any(|f| f.listener.port == udp_port && !f.connected));
+        assert!(
+            port_holder(Proto::Tcp, port).is_some_and(|h| h.contains(&format!("pid {}", std::process::id())))
+        );
+        drop(listener);
+        tcp.clear();
+        source.read(Table::ALL[0], &mut tcp).unwrap();
+        assert!(!tcp.iter().any(|f| f.listener.port == port), "a closed listener is gone");
+    }
 }

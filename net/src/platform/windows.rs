@@ -115,11 +115,15 @@ fn token_user(process: HANDLE) -> Option<Vec<u64>> {
     (ok != 0).then_some(buf)
 }
 
+/// The pid Windows gives the System process, which owns kernel-mode listeners (http.sys).
+const SYSTEM_PID: u32 = 4;
+
 pub(super) fn is_this_users(found: &Found) -> Option<bool> {
+    static OURS: std::sync::OnceLock<Option<Vec<u64>>> = std::sync::OnceLock::new();
+    // SAFETY: the current-process pseudo handle needs no closing.
+    let ours = OURS.get_or_init(|| token_user(unsafe { GetCurrentProcess() })).as_ref()?;
     let process = open_process(found.pid.filter(|p| *p != 0)?)?;
     let theirs = token_user(process.0)?;
-    // SAFETY: the current-process pseudo handle needs no closing.
-    let ours = token_user(unsafe { GetCurrentProcess() })?;
     // SAFETY: both buffers start with a `TOKEN_USER` GetTokenInformation wrote, whose SID
     // pointers point into the same (still alive) buffers.
     let equal = unsafe {
@@ -137,6 +141,14 @@ pub(super) fn port_holder(proto: Proto, port: u16) -> Option<String> {
         let _ = source.read(table, &mut found);
     }
     let pid = found.iter().filter(|f| f.listener.port == port).find_map(|f| f.pid)?;
+    Some(process_name(pid))
+}
+
+/// `"name.exe (pid N)"`, or `"pid N"` when the process cannot be asked.
+fn process_name(pid: u32) -> String {
+    if pid == SYSTEM_PID {
+        return format!("Windows itself (System, pid {pid}: http.sys or another kernel-mode service)");
+    }
     let name = open_process(pid).and_then(|process| {
         let mut path = vec![0u16; 1024];
         let mut len = u32::try_from(path.len()).ok()?;
@@ -146,10 +158,10 @@ pub(super) fn port_holder(proto: Proto, port: u16) -> Option<String> {
         let path = String::from_utf16_lossy(path.get(..usize::try_from(len).ok()?)?);
         (ok != 0).then(|| path.rsplit('\\').next().unwrap_or_default().to_owned())
     });
-    Some(match name {
+    match name {
         Some(name) if !name.is_empty() => format!("{name} (pid {pid})"),
         _ => format!("pid {pid}"),
-    })
+    }
 }
 
 pub(super) fn explain_bind_error(proto: Proto, addr: SocketAddr, e: &io::Error) -> Option<String> {
@@ -171,4 +183,64 @@ pub(super) fn explain_bind_error(proto: Proto, addr: SocketAddr, e: &io::Error) 
         .filter(|out| out.status.success())
         .and_then(|out| bind_errors::parse_excluded_port_ranges(&String::from_utf8_lossy(&out.stdout)));
     Some(bind_errors::windows_access_denied(proto, addr, excluded.as_deref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs on Windows (and under Wine, where the tables are the Linux machine's and every
+    /// pid is 0).
+    #[test]
+    fn the_tables_show_our_listener_with_our_pid_where_windows_gives_pids() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut source = source().unwrap();
+        let mut found = Vec::new();
+        source.read(Table::ALL[0], &mut found).unwrap();
+        let ours = found.iter().find(|f| f.listener.port == port).expect("our listener in the TCP table");
+        assert_eq!(ours.listener.addr, std::net::Ipv4Addr::LOCALHOST);
+        match ours.pid {
+            Some(pid) => {
+                assert_eq!(pid, std::process::id());
+                assert_eq!(is_this_users(ours), Some(true));
+                assert!(port_holder(Proto::Tcp, port).is_some_and(|h| h.contains(&format!("pid {pid}"))));
+            }
+            None => assert_eq!(is_this_users(ours), None, "Wine: no owner"),
+        }
+        drop(listener);
+        found.clear();
+        source.read(Table::ALL[0], &mut found).unwrap();
+        assert!(!found.iter().any(|f| f.listener.port == port), "a closed listener is gone");
+    }
+
+    #[test]
+    fn owner_and_name_of_a_process_by_pid() {
+        let found = |pid| Found {
+            listener: hostnet_protocol::Listener { proto: Proto::Tcp, addr: [127, 0, 0, 1].into(), port: 1 },
+            inode: 0,
+            uid: None,
+            pid,
+            connected: false,
+        };
+        let me = std::process::id();
+        assert_eq!(is_this_users(&found(Some(me))), Some(true), "our own process is ours");
+        assert_eq!(is_this_users(&found(None)), None);
+        assert_eq!(is_this_users(&found(Some(0))), None);
+        assert_eq!(is_this_users(&found(Some(0xffff_fff0))), None, "no such process");
+        let name = process_name(me);
+        assert!(name.ends_with(&format!(".exe (pid {me})")), "{name}");
+        assert_eq!(process_name(0xffff_fff0), format!("pid {}", 0xffff_fff0u32));
+    }
+
+    #[test]
+    fn the_udp_tables_show_a_bound_socket() {
+        let socket = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let mut found = Vec::new();
+        source().unwrap().read(Table::ALL[3], &mut found).unwrap();
+        assert!(
+            found.iter().any(|f| f.listener.port == port && f.listener.addr == std::net::Ipv6Addr::LOCALHOST)
+        );
+    }
 }
