@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use host_proxy::admin::{self, Request};
+#[cfg(target_os = "linux")]
 use host_proxy::demo::{self, DemoOptions};
 use host_proxy::forward;
 use host_proxy::settings::{self, Settings};
@@ -60,6 +61,7 @@ enum Cmd {
     #[command(
         after_help = "Try it, in three terminals:\n  sudo hostnet-proxy demo\n  sudo ip netns exec hostnet-demo nc -lkv 0.0.0.0 8000   # a \"container\" listens\n  nc localhost 8000                                       # the \"desktop\" connects"
     )]
+    #[cfg(target_os = "linux")]
     Demo {
         /// Name of the network namespace to create.
         #[arg(long, default_value = demo::DEFAULT_NETNS)]
@@ -122,6 +124,7 @@ async fn main() -> ExitCode {
         // A one-shot command piped into `head` ends quietly when the reader goes away, as
         // other command-line tools do, instead of panicking on a closed stdout.
         // SAFETY: restoring a signal's default disposition before any other thread uses it.
+        #[cfg(unix)]
         let _ = unsafe {
             nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)
         };
@@ -148,6 +151,7 @@ async fn main() -> ExitCode {
             host_proxy::run(config, shutdown, state_tx).await;
             Ok(())
         }
+        #[cfg(target_os = "linux")]
         Cmd::Demo { netns, reuse, agent, poll_interval_ms, no_guest_to_host, limits } => {
             let agent_args = poll_interval_ms
                 .map(|ms| vec!["--poll-interval-ms".to_owned(), ms.to_string()])
@@ -176,6 +180,7 @@ async fn main() -> ExitCode {
     }
 }
 
+#[cfg(target_os = "linux")]
 fn demo_banner(netns: &str) -> String {
     format!(
         "hostnet demo ready: network namespace {netns} stands in for the VM.\n  \

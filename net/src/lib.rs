@@ -23,6 +23,7 @@ pub mod own;
 pub mod relay;
 pub mod splice;
 pub mod stream;
+pub mod sys;
 pub mod transport;
 pub mod udp;
 #[cfg(target_os = "linux")]

@@ -30,7 +30,7 @@ fn with<T>(f: impl FnOnce(&mut HashMap<u32, Instant>) -> T) -> T {
 /// A non-blocking, close-on-exec socket of `ty` for `addr`'s family, registered as this
 /// process's own before anything can bind it: how hostnet makes every IP socket it binds.
 pub fn socket(addr: std::net::SocketAddr, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
-    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty.nonblocking().cloexec(), None)?;
+    let s = crate::sys::new_socket(socket2::Domain::for_address(addr), ty)?;
     register(&s);
     Ok(s)
 }
@@ -76,7 +76,7 @@ pub(crate) fn forget_unshown(shown: impl Fn(u32) -> bool) {
     with(|own| own.retain(|inode, at| shown(*inode) || now.duration_since(*at) < GRACE));
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
