@@ -78,6 +78,19 @@ enum Cmd {
         /// Do not let the namespace reach this machine's servers through localhost.
         #[arg(long)]
         no_guest_to_host: bool,
+        /// Run the desktop half as the Windows build of hostnet-proxy under Wine (its admin API
+        /// is then a named pipe: `wine64 hostnet-proxy.exe status`).
+        #[arg(long)]
+        windows: bool,
+        /// With --windows: the Windows proxy [default: target/x86_64-pc-windows-gnu/<profile>/hostnet-proxy.exe beside this program's target directory].
+        #[arg(long, value_name = "PATH", requires = "windows")]
+        windows_exe: Option<PathBuf>,
+        /// With --windows: Wine's loader [default: /usr/lib/wine/wine64, else wine64 or wine on $PATH].
+        #[arg(long, value_name = "PATH", requires = "windows")]
+        wine: Option<PathBuf>,
+        /// With --windows: the Wine prefix [default: hostnet/wine in the user's cache directory].
+        #[arg(long, value_name = "DIR", requires = "windows", env = "WINEPREFIX")]
+        wine_prefix: Option<PathBuf>,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -132,7 +145,7 @@ async fn main() -> ExitCode {
     let shutdown = cli::cancel_on_termination();
     let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
     let admin_socket = args.admin_socket.unwrap_or_else(admin::default_socket_path);
-    let settings_path = args.config.unwrap_or_else(settings::default_path);
+    let settings_path = args.config.clone().unwrap_or_else(settings::default_path);
 
     let result = match args.command {
         Cmd::Status { json } => cli_status(&admin_socket, json).await,
@@ -152,7 +165,33 @@ async fn main() -> ExitCode {
             Ok(())
         }
         #[cfg(target_os = "linux")]
-        Cmd::Demo { netns, reuse, agent, poll_interval_ms, no_guest_to_host, limits } => {
+        Cmd::Demo {
+            netns,
+            reuse,
+            agent,
+            poll_interval_ms,
+            no_guest_to_host,
+            windows,
+            windows_exe,
+            wine,
+            wine_prefix,
+            limits,
+        } => {
+            let windows = match windows {
+                true => match demo::wine::WineOptions::resolve(
+                    windows_exe,
+                    wine,
+                    wine_prefix,
+                    args.config.clone(),
+                ) {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                false => None,
+            };
             let agent_args = poll_interval_ms
                 .map(|ms| vec!["--poll-interval-ms".to_owned(), ms.to_string()])
                 .unwrap_or_default();
@@ -167,6 +206,7 @@ async fn main() -> ExitCode {
                 settings_path,
                 admin_socket: Some(admin_socket),
                 limits: limits.limits(),
+                windows,
             };
             demo::run(opts, shutdown, state_tx).await
         }
