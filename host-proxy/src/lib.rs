@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub mod admin;
+#[cfg(target_os = "linux")]
 pub mod demo;
 pub mod forward;
 pub mod guest_streams;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use host_proxy::admin::{self, Request};
+#[cfg(target_os = "linux")]
 use host_proxy::demo::{self, DemoOptions};
 use host_proxy::forward;
 use host_proxy::settings::{self, Settings};
@@ -60,6 +61,7 @@ enum Cmd {
     #[command(
         after_help = "Try it, in three terminals:\n  sudo hostnet-proxy demo\n  sudo ip netns exec hostnet-demo nc -lkv 0.0.0.0 8000   # a \"container\" listens\n  nc localhost 8000                                       # the \"desktop\" connects"
     )]
+    #[cfg(target_os = "linux")]
     Demo {
         /// Name of the network namespace to create.
         #[arg(long, default_value = demo::DEFAULT_NETNS)]
@@ -76,6 +78,19 @@ enum Cmd {
         /// Do not let the namespace reach this machine's servers through localhost.
         #[arg(long)]
         no_guest_to_host: bool,
+        /// Run the desktop half as the Windows build of hostnet-proxy under Wine (its admin API
+        /// is then a named pipe: `wine64 hostnet-proxy.exe status`).
+        #[arg(long)]
+        windows: bool,
+        /// With --windows: the Windows proxy [default: target/x86_64-pc-windows-gnu/<profile>/hostnet-proxy.exe beside this program's target directory].
+        #[arg(long, value_name = "PATH", requires = "windows")]
+        windows_exe: Option<PathBuf>,
+        /// With --windows: Wine's loader [default: /usr/lib/wine/wine64, else wine64 or wine on $PATH].
+        #[arg(long, value_name = "PATH", requires = "windows")]
+        wine: Option<PathBuf>,
+        /// With --windows: the Wine prefix [default: hostnet/wine in the user's cache directory].
+        #[arg(long, value_name = "DIR", requires = "windows", env = "WINEPREFIX")]
+        wine_prefix: Option<PathBuf>,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -122,6 +137,7 @@ async fn main() -> ExitCode {
         // A one-shot command piped into `head` ends quietly when the reader goes away, as
         // other command-line tools do, instead of panicking on a closed stdout.
         // SAFETY: restoring a signal's default disposition before any other thread uses it.
+        #[cfg(unix)]
         let _ = unsafe {
             nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)
         };
@@ -129,7 +145,7 @@ async fn main() -> ExitCode {
     let shutdown = cli::cancel_on_termination();
     let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
     let admin_socket = args.admin_socket.unwrap_or_else(admin::default_socket_path);
-    let settings_path = args.config.unwrap_or_else(settings::default_path);
+    let settings_path = args.config.clone().unwrap_or_else(settings::default_path);
 
     let result = match args.command {
         Cmd::Status { json } => cli_status(&admin_socket, json).await,
@@ -148,7 +164,34 @@ async fn main() -> ExitCode {
             host_proxy::run(config, shutdown, state_tx).await;
             Ok(())
         }
-        Cmd::Demo { netns, reuse, agent, poll_interval_ms, no_guest_to_host, limits } => {
+        #[cfg(target_os = "linux")]
+        Cmd::Demo {
+            netns,
+            reuse,
+            agent,
+            poll_interval_ms,
+            no_guest_to_host,
+            windows,
+            windows_exe,
+            wine,
+            wine_prefix,
+            limits,
+        } => {
+            let windows = match windows {
+                true => match demo::wine::WineOptions::resolve(
+                    windows_exe,
+                    wine,
+                    wine_prefix,
+                    args.config.clone(),
+                ) {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                false => None,
+            };
             let agent_args = poll_interval_ms
                 .map(|ms| vec!["--poll-interval-ms".to_owned(), ms.to_string()])
                 .unwrap_or_default();
@@ -163,6 +206,7 @@ async fn main() -> ExitCode {
                 settings_path,
                 admin_socket: Some(admin_socket),
                 limits: limits.limits(),
+                windows,
             };
             demo::run(opts, shutdown, state_tx).await
         }
@@ -176,6 +220,7 @@ async fn main() -> ExitCode {
     }
 }
 
+#[cfg(target_os = "linux")]
 fn demo_banner(netns: &str) -> String {
     format!(
         "hostnet demo ready: network namespace {netns} stands in for the VM.\n  \

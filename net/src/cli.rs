@@ -48,7 +48,7 @@ pub fn cancel_on_termination() -> CancellationToken {
 /// connections (each holds a socket on both sides) do not run into the usual 1 024. Returns the
 /// limit now in force.
 #[cfg(unix)]
-pub fn raise_fd_limit() -> std::io::Result<libc::rlim_t> {
+pub fn raise_fd_limit() -> std::io::Result<u64> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
@@ -63,6 +63,12 @@ pub fn raise_fd_limit() -> std::io::Result<libc::rlim_t> {
         lim = raised;
     }
     Ok(lim.rlim_cur)
+}
+
+/// Windows has no per-process limit on open sockets to raise: reports none.
+#[cfg(not(unix))]
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    Ok(u64::MAX)
 }
 
 /// Makes the allocator give large buffers back to the system as soon as they are freed.

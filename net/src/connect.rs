@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// How long a local server may take to accept a relayed connection.
@@ -14,7 +14,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// sentences naming `addr` and `where_` ("in the guest", "on the host").
 pub async fn connect_tcp(addr: SocketAddr, mark: Option<u32>, where_: &str) -> Result<TcpStream, String> {
     let attempt = async {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
+        let socket = crate::sys::new_socket(Domain::for_address(addr), Type::STREAM)?;
         #[cfg(target_os = "linux")]
         if let Some(mark) = mark {
             socket.set_mark(mark)?;

@@ -26,6 +26,7 @@ pub mod platform;
 pub mod relay;
 pub mod splice;
 pub mod stream;
+pub mod sys;
 pub mod transport;
 pub mod udp;
 #[cfg(target_os = "linux")]

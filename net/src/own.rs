@@ -35,7 +35,7 @@ fn with<T>(f: impl FnOnce(&mut HashMap<u32, Instant>) -> T) -> T {
 /// A non-blocking, close-on-exec socket of `ty` for `addr`'s family, registered as this
 /// process's own before anything can bind it: how hostnet makes every IP socket it binds.
 pub fn socket(addr: std::net::SocketAddr, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
-    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty.nonblocking().cloexec(), None)?;
+    let s = crate::sys::new_socket(socket2::Domain::for_address(addr), ty)?;
     register(&s);
     register_address(addr, ty);
     Ok(s)

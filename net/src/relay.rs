@@ -210,7 +210,7 @@ async fn splice_up<L: RawStream, P: RawStream>(
     pipe: &mut Pipe,
     mid_chunk: &AtomicBool,
 ) -> Step {
-    let filled = local.try_io_raw(Interest::READABLE, &mut || pipe.fill_from(local.as_fd(), usize::MAX));
+    let filled = local.try_io_raw(Interest::READABLE, &mut || pipe.fill_from(local.as_sock(), usize::MAX));
     let n = match filled {
         Some(Ok(0)) => return Step::Eof,
         Some(Ok(n)) => n,
@@ -234,7 +234,7 @@ async fn splice_up<L: RawStream, P: RawStream>(
 async fn drain_pipe<S: RawStream>(pipe: &mut Pipe, to: &S) -> io::Result<()> {
     while pipe.pending > 0 {
         std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
-        match to.try_io_raw(Interest::WRITABLE, &mut || pipe.drain_to(to.as_fd())) {
+        match to.try_io_raw(Interest::WRITABLE, &mut || pipe.drain_to(to.as_sock())) {
             Some(Ok(_)) => {}
             Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
             Some(Err(e)) => return Err(e),
@@ -264,7 +264,7 @@ async fn splice_down<P: RawStream, L: RawStream>(
             Err(_) => Err(Outcome::PeerVanished),
         };
     }
-    let n = match peer.try_io_raw(Interest::READABLE, &mut || pipe.fill_from(peer.as_fd(), remaining)) {
+    let n = match peer.try_io_raw(Interest::READABLE, &mut || pipe.fill_from(peer.as_sock(), remaining)) {
         Some(Ok(0)) => return Err(Outcome::PeerVanished),
         Some(Ok(n)) => n,
         Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),

@@ -3,15 +3,21 @@
 //! the relay copies.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+#[cfg(target_os = "linux")]
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use crate::sys::BorrowedSock;
 
 /// A non-blocking pipe and how many bytes sit in it.
 #[derive(Debug)]
 pub struct Pipe {
+    #[cfg(target_os = "linux")]
     read: OwnedFd,
+    #[cfg(target_os = "linux")]
     write: OwnedFd,
     /// Bytes spliced in and not yet spliced out.
     pub pending: usize,
+    #[cfg(target_os = "linux")]
     capacity: usize,
 }
 
@@ -41,7 +47,8 @@ impl Pipe {
 
     /// Moves up to `max` bytes (and the pipe's free room) from `from` into the pipe; `Ok(0)`
     /// at EOF.
-    pub fn fill_from(&mut self, from: BorrowedFd<'_>, max: usize) -> io::Result<usize> {
+    #[cfg(target_os = "linux")]
+    pub fn fill_from(&mut self, from: BorrowedSock<'_>, max: usize) -> io::Result<usize> {
         let room = self.capacity.saturating_sub(self.pending).max(1).min(max);
         let n = splice(from.as_raw_fd(), self.write.as_raw_fd(), room)?;
         self.pending += n;
@@ -49,10 +56,23 @@ impl Pipe {
     }
 
     /// Moves what the pipe holds (as much as `to` takes now) out to `to`.
-    pub fn drain_to(&mut self, to: BorrowedFd<'_>) -> io::Result<usize> {
+    #[cfg(target_os = "linux")]
+    pub fn drain_to(&mut self, to: BorrowedSock<'_>) -> io::Result<usize> {
         let n = splice(self.read.as_raw_fd(), to.as_raw_fd(), self.pending)?;
         self.pending -= n.min(self.pending);
         Ok(n)
+    }
+
+    /// Not available here (no pipe is ever made).
+    #[cfg(not(target_os = "linux"))]
+    pub fn fill_from(&mut self, _from: BorrowedSock<'_>, _max: usize) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// Not available here (no pipe is ever made).
+    #[cfg(not(target_os = "linux"))]
+    pub fn drain_to(&mut self, _to: BorrowedSock<'_>) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
     }
 }
 
@@ -70,9 +90,4 @@ fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
         )
     };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn splice(_from: i32, _to: i32, _len: usize) -> io::Result<usize> {
-    Err(io::ErrorKind::Unsupported.into())
 }

@@ -4,17 +4,20 @@
 
 use std::future::poll_fn;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
+#[cfg(unix)]
+use tokio::net::UnixStream;
+
+use crate::sys::{AsSock, BorrowedSock};
 
 /// A connected, non-blocking stream socket.
-pub trait RawStream: AsFd + Send + Sync {
+pub trait RawStream: AsSock + Send + Sync {
     /// Ready when a read would not block (data, EOF or an error waiting).
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     /// Ready when a write would not block.
@@ -37,13 +40,13 @@ pub trait RawStream: AsFd + Send + Sync {
 
     /// Half-closes: the peer reads EOF, this side can still read.
     fn shutdown_write(&self) -> io::Result<()> {
-        SockRef::from(&self.as_fd()).shutdown(std::net::Shutdown::Write)
+        SockRef::from(&self.as_sock()).shutdown(std::net::Shutdown::Write)
     }
 
     /// Arranges for the close of this socket to send a TCP RST (or the transport's abort)
     /// instead of an orderly FIN.
     fn set_reset_on_close(&self) -> io::Result<()> {
-        SockRef::from(&self.as_fd()).set_linger(Some(Duration::ZERO))
+        SockRef::from(&self.as_sock()).set_linger(Some(Duration::ZERO))
     }
 }
 
@@ -110,7 +113,7 @@ pub fn read_arrived<S: RawStream + ?Sized>(s: &S, buf: &mut [u8]) -> io::Result<
     {
         use std::os::fd::AsRawFd;
         // SAFETY: `buf` is valid for `buf.len()` bytes; the socket is non-blocking.
-        let n = unsafe { libc::read(s.as_fd().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let n = unsafe { libc::read(s.as_sock().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
     #[cfg(not(unix))]
@@ -162,12 +165,14 @@ macro_rules! tokio_raw_stream {
     };
 }
 tokio_raw_stream!(TcpStream);
+#[cfg(unix)]
 tokio_raw_stream!(UnixStream);
 
 /// The stream every transport yields. An enum, not a trait object: the relay stays
 /// monomorphic and each variant keeps its raw fd for `splice(2)`.
 #[derive(Debug)]
 pub enum TransportStream {
+    #[cfg(unix)]
     Unix(UnixStream),
     Tcp(TcpStream),
     #[cfg(target_os = "linux")]
@@ -177,6 +182,7 @@ pub enum TransportStream {
 macro_rules! each_variant {
     ($self:expr, $s:ident => $e:expr) => {
         match $self {
+            #[cfg(unix)]
             TransportStream::Unix($s) => $e,
             TransportStream::Tcp($s) => $e,
             #[cfg(target_os = "linux")]
@@ -185,9 +191,17 @@ macro_rules! each_variant {
     };
 }
 
-impl AsFd for TransportStream {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        each_variant!(self, s => s.as_fd())
+#[cfg(unix)]
+impl std::os::fd::AsFd for TransportStream {
+    fn as_fd(&self) -> BorrowedSock<'_> {
+        each_variant!(self, s => s.as_sock())
+    }
+}
+
+#[cfg(windows)]
+impl std::os::windows::io::AsSocket for TransportStream {
+    fn as_socket(&self) -> BorrowedSock<'_> {
+        each_variant!(self, s => s.as_sock())
     }
 }
 

@@ -8,16 +8,22 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+#[cfg(unix)]
+use std::path::Path;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
 
 use thiserror::Error;
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream};
+#[cfg(unix)]
+use tokio::net::{UnixListener, UnixStream};
 
 use crate::hyperv::{self, Guid};
-use crate::stream::{self, TransportStream};
+#[cfg(unix)]
+use crate::stream;
+use crate::stream::TransportStream;
 
 /// A boxed, sendable future, as the transport traits return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -146,6 +152,7 @@ impl TransportSpec {
     pub async fn bind(&self) -> Result<Box<dyn Acceptor>, TransportError> {
         let bind_err = |source| TransportError::Bind { target: self.to_string(), source };
         match self {
+            #[cfg(unix)]
             TransportSpec::Unix(path) => {
                 remove_stale_socket(path).await;
                 let l = UnixListener::bind(path).map_err(bind_err)?;
@@ -177,6 +184,7 @@ impl TransportSpec {
 
 /// A socket file left behind by a process that died is removed; a live one is kept (and the
 /// bind then fails with "address in use", which is the truth).
+#[cfg(unix)]
 async fn remove_stale_socket(path: &Path) {
     if tokio::fs::symlink_metadata(path).await.is_ok() && UnixStream::connect(path).await.is_err() {
         let _ = tokio::fs::remove_file(path).await;
@@ -197,6 +205,7 @@ impl Connector for SpecConnector {
         Box::pin(async move {
             let connect_err = |source| TransportError::Connect { target: self.0.to_string(), source };
             match &self.0 {
+                #[cfg(unix)]
                 TransportSpec::Unix(path) => {
                     UnixStream::connect(path).await.map(TransportStream::Unix).map_err(connect_err)
                 }
@@ -214,7 +223,15 @@ impl Connector for SpecConnector {
                 TransportSpec::Vsock { .. } => {
                     Err(TransportError::Unsupported { target: self.0.to_string() })
                 }
+                #[cfg(unix)]
                 TransportSpec::Hybrid { path, port } => hybrid_connect(path, *port, &self.0).await,
+                #[cfg(not(unix))]
+                TransportSpec::Unix(_) | TransportSpec::Hybrid { .. } => Err(TransportError::Unsupported {
+                    target: format!(
+                        "{} (Unix sockets: macOS and Linux; on Windows use hyperv: or tcp:)",
+                        self.0
+                    ),
+                }),
                 #[cfg(windows)]
                 TransportSpec::HyperV { vm_id, port } => {
                     let addr = hyperv::HvAddr::vsock(*vm_id, *port);
@@ -236,10 +253,12 @@ impl Connector for SpecConnector {
 }
 
 /// Longest answer line accepted from a hybrid-vsock socket.
+#[cfg(unix)]
 const MAX_HYBRID_LINE: usize = 64;
 
 /// `CONNECT <port>\n`, then expects `OK <port>\n` (vhost-device-vsock echoes the guest port,
 /// Firecracker sends a host port: either is fine).
+#[cfg(unix)]
 async fn hybrid_connect(
     path: &Path,
     port: u32,
@@ -282,9 +301,11 @@ async fn hybrid_connect(
     }
 }
 
+#[cfg(unix)]
 #[derive(Debug)]
 struct UnixAcceptor(UnixListener);
 
+#[cfg(unix)]
 impl Acceptor for UnixAcceptor {
     fn accept(&self) -> BoxFuture<'_, io::Result<(TransportStream, String)>> {
         Box::pin(async move {
@@ -349,6 +370,7 @@ fn tcp_listener(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(unix)]
     use crate::stream::RawStream;
 
     #[test]
@@ -427,6 +449,7 @@ mod tests {
         }
     }
 
+    #[cfg(unix)]
     /// A stand-in for a VMM's hybrid-vsock socket: answers `CONNECT` with `answer`, then echoes.
     async fn fake_vmm(answer: &'static [u8]) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -453,6 +476,7 @@ mod tests {
         (dir, path)
     }
 
+    #[cfg(unix)]
     #[tokio::test]
     async fn hybrid_connect_accepts_ok_and_keeps_following_bytes() {
         // The agent's first bytes arrive glued to the OK line: they must not be swallowed.
@@ -471,6 +495,7 @@ mod tests {
         s.shutdown_write().unwrap();
     }
 
+    #[cfg(unix)]
     #[tokio::test]
     async fn hybrid_refusal_is_a_sentence() {
         let (_dir, path) = fake_vmm(b"NOPE\n").await;
@@ -479,6 +504,7 @@ mod tests {
         assert!(err.to_string().contains("is hostnet-agent running"), "{err}");
     }
 
+    #[cfg(unix)]
     #[tokio::test]
     async fn a_vmm_hanging_up_on_connect_is_a_refusal_not_a_broken_pipe() {
         let dir = tempfile::tempdir().unwrap();
@@ -503,6 +529,7 @@ mod tests {
         }
     }
 
+    #[cfg(unix)]
     #[tokio::test]
     async fn unix_connect_to_nothing_names_the_target() {
         let err =

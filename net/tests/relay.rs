@@ -1,6 +1,7 @@
 //! In-process integration tests of the relay: a client ↔ relay ↔ data stream ↔ relay ↔ server
 //! chain on loopback and a Unix socket pair, no binaries, no namespaces.
 
+#![cfg(unix)] // the data stream is a Unix socket pair; Windows runs the relay in the Wine end-to-end test
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;

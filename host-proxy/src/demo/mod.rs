@@ -17,6 +17,8 @@ use tracing::{info, warn};
 
 use crate::{LinkState, ProxyConfig};
 
+pub mod wine;
+
 /// The namespace name when none is given.
 pub const DEFAULT_NETNS: &str = "hostnet-demo";
 /// Where named network namespaces live (`ip netns` convention).
@@ -45,6 +47,8 @@ pub struct DemoOptions {
     pub admin_socket: Option<PathBuf>,
     /// Connections and UDP flows served at once.
     pub limits: crate::forward::Limits,
+    /// Run the Windows build of the proxy under Wine instead of this one (`--windows`).
+    pub windows: Option<wine::WineOptions>,
 }
 
 /// Sets the stand-in up, runs the proxy against it until `shutdown`, tears it down.
@@ -68,17 +72,28 @@ pub async fn run(
     agent_cmd.extend(opts.agent_args.iter().cloned());
     let supervisor = tokio::spawn(supervise_agent(opts.netns.clone(), agent_cmd, shutdown.clone()));
 
-    let mut config = ProxyConfig::new(&spec);
-    config.guest_listen = opts.guest_to_host.then_some(host_spec);
-    config.settings_path = opts.settings_path.clone();
-    config.admin_socket = opts.admin_socket.clone();
-    config.limits = opts.limits;
-    crate::run(config, shutdown, state).await;
+    let result = match &opts.windows {
+        None => {
+            let mut config = ProxyConfig::new(&spec);
+            config.guest_listen = opts.guest_to_host.then_some(host_spec);
+            config.settings_path = opts.settings_path.clone();
+            config.admin_socket = opts.admin_socket.clone();
+            config.limits = opts.limits;
+            crate::run(config, shutdown.clone(), state).await;
+            Ok(())
+        }
+        Some(win) => {
+            let host_socket = stand_in.run_dir.join("host.sock");
+            let host_socket = opts.guest_to_host.then_some(host_socket.as_path());
+            wine::run(win, &stand_in.socket, host_socket, shutdown.clone(), state).await
+        }
+    };
+    shutdown.cancel();
     if let Err(e) = supervisor.await {
         warn!("agent supervisor failed: {e}");
     }
     stand_in.remove().await;
-    Ok(())
+    result
 }
 
 /// Checks that can fail before anything is created.
@@ -232,7 +247,7 @@ async fn supervise_agent(netns: String, agent_cmd: Vec<String>, shutdown: Cancel
 }
 
 /// SIGTERM, then SIGKILL if it lingers.
-async fn stop_child(child: &mut tokio::process::Child) {
+pub(crate) async fn stop_child(child: &mut tokio::process::Child) {
     if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
         if tokio::time::timeout(Duration::from_secs(3), child.wait()).await.is_ok() {
