@@ -551,6 +551,37 @@ mod tests {
     }
 
     #[test]
+    fn sockets_of_this_process_are_never_listed_where_the_os_gives_pids() {
+        let with_pid = |port, pid| Found { pid: Some(pid), ..found(Proto::Tcp, "127.0.0.1", port, 0, false) };
+        let me = std::process::id();
+        let script =
+            Script::default().then(TCP4, Some(vec![with_pid(8000, me), with_pid(8001, me.wrapping_add(1))]));
+        let mut reader = Reader::new(Box::new(script), BTreeSet::new());
+        assert_eq!(listed(&mut reader, Tables::ALL), vec![(Proto::Tcp, 8001)], "only the other process's");
+    }
+
+    /// Windows under Wine: every pid is 0, no inodes; our sockets are known by the address
+    /// `own::socket` was made for.
+    #[test]
+    #[cfg(not(target_os = "linux"))]
+    fn without_pids_our_sockets_are_known_by_the_address_they_were_bound_to() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let ours = crate::own::socket(free, socket2::Type::STREAM).unwrap();
+        ours.bind(&free.into()).unwrap();
+        ours.listen(8).unwrap();
+        let other = free.port().wrapping_add(1).max(1024);
+        let script = Script::default().then(
+            TCP4,
+            Some(vec![
+                found(Proto::Tcp, "127.0.0.1", free.port(), 0, false),
+                found(Proto::Tcp, "127.0.0.1", other, 0, false),
+            ]),
+        );
+        let mut reader = Reader::new(Box::new(script), BTreeSet::new());
+        assert_eq!(listed(&mut reader, Tables::ALL), vec![(Proto::Tcp, other)], "ours left out");
+    }
+
+    #[test]
     #[cfg(all(debug_assertions, target_os = "linux"))]
     fn own_sockets_are_recognised_by_inode() {
         use std::os::fd::AsRawFd;
