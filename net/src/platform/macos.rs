@@ -17,8 +17,10 @@ use crate::watcher::{Found, ListenerSource, Table};
 
 /// Processes to expect beyond what `proc_listallpids` counted (some start in between).
 const PID_SLACK: usize = 64;
-/// Descriptors to expect beyond what `PROC_PIDLISTFDS` sized.
-const FD_SLACK: usize = 32;
+/// Room for the descriptor list of one process at first (2048 descriptors), grown while a list
+/// fills it, up to `FDS_MAX` (a million descriptors: beyond any process's limit).
+const FDS_START: usize = 2048 * proc_info::PROC_FDINFO_LEN;
+const FDS_MAX: usize = 1 << 20 << 3;
 
 pub(super) fn source() -> io::Result<Box<dyn ListenerSource>> {
     let mut source = ProcSource::default();
@@ -47,9 +49,7 @@ fn scan(tables: &mut [Vec<Found>; 4], fds: &mut Vec<u8>) -> io::Result<()> {
     let mut info = [0u8; proc_info::SOCKET_FDINFO_LEN];
     for pid in all_pids()? {
         // Gone, or another user's (EPERM): skipped.
-        if !list_fds(pid, fds) {
-            continue;
-        }
+        let Some(fds) = list_fds(pid, fds) else { continue };
         let mut uid = None;
         for fd in proc_info::socket_fds(fds) {
             if !socket_info(pid, fd, &mut info) {
@@ -87,25 +87,22 @@ fn all_pids() -> io::Result<Vec<libc::c_int>> {
     Ok(pids)
 }
 
-/// Fills `buf` with `pid`'s `proc_fdinfo` rows; false if the process cannot be inspected.
-fn list_fds(pid: libc::c_int, buf: &mut Vec<u8>) -> bool {
-    // SAFETY: a null buffer asks only for the size the descriptor list needs.
-    let need = unsafe { libc::proc_pidinfo(pid, libc::PROC_PIDLISTFDS, 0, std::ptr::null_mut(), 0) };
-    let Ok(need) = usize::try_from(need) else { return false };
-    if need == 0 {
-        return false;
+/// `pid`'s `proc_fdinfo` rows, read into `buf` (kept at its size from one process to the
+/// next, so most processes cost one call); `None` if the process cannot be inspected.
+fn list_fds(pid: libc::c_int, buf: &mut Vec<u8>) -> Option<&[u8]> {
+    if buf.len() < FDS_START {
+        buf.resize(FDS_START, 0);
     }
-    buf.clear();
-    buf.resize(need + FD_SLACK * proc_info::PROC_FDINFO_LEN, 0);
-    let size = libc::c_int::try_from(buf.len()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `buf` holds `size` writable bytes; the call writes at most that many.
-    let got = unsafe { libc::proc_pidinfo(pid, libc::PROC_PIDLISTFDS, 0, buf.as_mut_ptr().cast(), size) };
-    match usize::try_from(got) {
-        Ok(got) if got > 0 => {
-            buf.truncate(got);
-            true
+    loop {
+        let size = libc::c_int::try_from(buf.len()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `buf` holds `size` writable bytes; the call writes at most that many.
+        let got = unsafe { libc::proc_pidinfo(pid, libc::PROC_PIDLISTFDS, 0, buf.as_mut_ptr().cast(), size) };
+        let got = usize::try_from(got).ok().filter(|got| *got > 0)?;
+        // A full buffer may have cut the list short: ask again with twice the room.
+        if got + proc_info::PROC_FDINFO_LEN <= buf.len() || buf.len() >= FDS_MAX {
+            return buf.get(..got);
         }
-        _ => false,
+        buf.resize(buf.len() * 2, 0);
     }
 }
 
