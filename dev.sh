@@ -2,26 +2,41 @@
 # hostnet's developer entry point: sets the machine up, then builds and runs.
 #
 #   ./dev.sh demo [ARGS…]   build, then run `hostnet-proxy demo` (the netns stand-in for a VM)
+#   ./dev.sh demo --windows the same, with the desktop half being the Windows build under Wine
 #   ./dev.sh test           build, then run every check and test (what .ci/run runs)
 #   ./dev.sh test --soak    the same, then the long soaks too (also: HOSTNET_SOAK=1)
 #   ./dev.sh gui            build and open the settings window (run a demo first)
+#   ./dev.sh wine ARGS…     run the Windows hostnet-proxy.exe under Wine (e.g. status --json)
 #   ./dev.sh setup          only install what the project needs
 #
-# Needs root: the demo and the end-to-end tests create network namespaces.
+# Needs root (the demo and the end-to-end tests create network namespaces): run as root, or
+# as a user with sudo — it asks for root itself.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
-require_root() {
-    [ "$(id -u)" = 0 ] || die "./dev.sh $1 needs root (it creates network namespaces): run it as root, or with sudo ./dev.sh $1"
+# Becomes root: as is when root already, else through sudo (keeping the user's Rust toolchain
+# reachable), else says how.
+become_root() {
+    [ "$(id -u)" = 0 ] && return
+    if command -v sudo >/dev/null; then
+        say "./dev.sh $1 needs root (network namespaces): asking sudo"
+        exec sudo --preserve-env=PATH,CARGO_HOME,RUSTUP_HOME,HOSTNET_SOAK,RUST_LOG,CI "$0" "$@"
+    fi
+    die "./dev.sh $1 needs root (it creates network namespaces) and sudo is not installed: run it as root"
 }
 
 find_cargo() {
+    # Under sudo, root's HOME lacks the invoking user's rustup toolchain and its settings.
+    local user_home=""
+    [ -n "${SUDO_USER:-}" ] && user_home="$(getent passwd "$SUDO_USER" | cut -d: -f6)"
+    if [ -z "${RUSTUP_HOME:-}" ] && [ ! -d "$HOME/.rustup" ] && [ -n "$user_home" ] && [ -d "$user_home/.rustup" ]; then
+        export RUSTUP_HOME="$user_home/.rustup"
+    fi
     command -v cargo >/dev/null && return
-    # Under sudo, root's PATH lacks the invoking user's rustup toolchain.
-    for home in "${CARGO_HOME:-}" "$HOME/.cargo" ${SUDO_USER:+"$(getent passwd "$SUDO_USER" | cut -d: -f6)/.cargo"}; do
+    for home in "${CARGO_HOME:-}" "$HOME/.cargo" ${user_home:+"$user_home/.cargo"}; do
         if [ -n "$home" ] && [ -x "$home/bin/cargo" ]; then
             export PATH="$home/bin:$PATH"
             return
@@ -30,49 +45,97 @@ find_cargo() {
     die "no Rust toolchain found: install one with rustup (stable), then run this again"
 }
 
-setup() {
+# Installs the Debian packages named (those not installed yet).
+apt_install() {
     local missing=()
-    command -v ip >/dev/null || missing+=(iproute2)
-    dpkg-query -W -f='${Status}' netcat-openbsd 2>/dev/null | grep -q 'ok installed' || missing+=(netcat-openbsd)
-    command -v setpriv >/dev/null || missing+=(util-linux)
-    command -v nft >/dev/null || missing+=(nftables)
-    command -v clang >/dev/null || missing+=(clang)      # the listener-events BPF program
-    command -v curl >/dev/null || missing+=(curl)
-    command -v python3 >/dev/null || missing+=(python3)          # also checks the launchd plist
-    command -v systemd-analyze >/dev/null || missing+=(systemd)   # verifies the systemd units
-    command -v xz >/dev/null || missing+=(xz-utils)        # guest image: kernel modules
-    command -v depmod >/dev/null || missing+=(kmod)        # guest image: modules.dep
-    command -v strip >/dev/null || missing+=(binutils)
-    command -v socat >/dev/null || missing+=(socat)          # the benchmark's peer relay
-    # The settings window (Tauri 2 / WebKitGTK) and its end-to-end test under Xvfb.
-    for pkg in libwebkit2gtk-4.1-dev libayatana-appindicator3-dev pkg-config xvfb xauth imagemagick xdotool; do
+    for pkg in "$@"; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
     done
-    command -v gcc >/dev/null || missing+=(gcc libc6-dev)
-    if [ ${#missing[@]} -gt 0 ]; then
-        say "installing Debian packages: ${missing[*]}"
-        command -v apt-get >/dev/null || die "please install: ${missing[*]}"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    fi
+    [ ${#missing[@]} -eq 0 ] && return
+    say "installing Debian packages: ${missing[*]}"
+    command -v apt-get >/dev/null || die "please install: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# What the demo needs: the namespace, the agent's interception, its listener-events program,
+# and the tools the README's workflow types.
+setup_demo() {
+    apt_install iproute2 netcat-openbsd nftables clang curl python3 util-linux gcc libc6-dev
     find_cargo
 }
+
+# The macOS and Windows targets (checked; Windows also linked with MinGW and run under Wine).
+DESKTOP_TARGETS=(aarch64-apple-darwin x86_64-apple-darwin x86_64-pc-windows-gnu)
+WINDOWS_TARGET=x86_64-pc-windows-gnu
+export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_LINKER=x86_64-w64-mingw32-gcc
+# objc2's build script compiles Objective-C for Apple targets: clang takes -arch, gcc does not.
+export CC_aarch64_apple_darwin=clang CC_x86_64_apple_darwin=clang
+
+setup_windows() {
+    apt_install gcc-mingw-w64-x86-64 wine64 imagemagick
+    find_cargo
+    local installed
+    installed="$(rustup target list --installed 2>/dev/null || true)"
+    for t in "$@"; do
+        grep -qx "$t" <<<"$installed" || { say "adding the Rust target $t"; rustup target add "$t" >/dev/null; }
+    done
+}
+
+# Builds the Windows proxy (PROFILE: debug or release) and, beside it, the stand-in DLL Wine 8
+# needs (tests/wine/bcryptprimitives.c; never shipped).
+build_windows() {
+    local profile="$1" flag=()
+    [ "$profile" = release ] && flag=(--release)
+    say "building the Windows proxy ($profile, $WINDOWS_TARGET)"
+    cargo build "${flag[@]}" --locked --target "$WINDOWS_TARGET" -p host-proxy --bin hostnet-proxy
+    x86_64-w64-mingw32-gcc -O2 -shared -Wl,--kill-at -o "target/$WINDOWS_TARGET/$profile/bcryptprimitives.dll" \
+        tests/wine/bcryptprimitives.c -ladvapi32
+}
+
+# Everything: the demo's, the tests' (systemd units, the guest image, the benchmark's peer,
+# the settings window under Xvfb) and the other desktops' (targets, MinGW, Wine).
+setup() {
+    setup_demo
+    apt_install systemd xz-utils kmod binutils socat \
+        libwebkit2gtk-4.1-dev libayatana-appindicator3-dev pkg-config xvfb xauth imagemagick xdotool
+    setup_windows "${DESKTOP_TARGETS[@]}"
+}
+
+# The desktop half: what must build on macOS and Windows.
+DESKTOP_CRATES="-p hostnet-protocol -p hostnet-net -p host-proxy"
 
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
     setup)
-        require_root setup
+        become_root setup "$@"
         setup
         say "ready"
         ;;
     demo)
-        require_root demo
-        setup
+        become_root demo "$@"
+        setup_demo
         say "building hostnet (release)"
         cargo build --release --locked -p host-proxy -p guest-agent
+        for arg in "$@"; do
+            if [ "$arg" = --windows ]; then
+                setup_windows "$WINDOWS_TARGET"
+                build_windows release
+            fi
+        done
         say "starting the demo (Ctrl-C stops it and removes everything it created)"
         exec ./target/release/hostnet-proxy demo "$@"
+        ;;
+    wine)
+        # The Windows proxy as the demo runs it: as root (the demo's user), in the same Wine
+        # prefix — a named pipe is only seen within its prefix.
+        become_root wine "$@"
+        exe="target/$WINDOWS_TARGET/release/hostnet-proxy.exe"
+        [ -f "$exe" ] || die "$exe not built yet: run ./dev.sh demo --windows first"
+        export WINEPREFIX="${WINEPREFIX:-${XDG_CACHE_HOME:-$HOME/.cache}/hostnet/wine}"
+        [ -d "$WINEPREFIX" ] || die "no Wine prefix at $WINEPREFIX: run ./dev.sh demo --windows first (as the same user)"
+        WINEDEBUG=-all exec /usr/lib/wine/wine64 "$exe" "$@"
         ;;
     gui)
         setup
@@ -86,14 +149,19 @@ case "$cmd" in
                 *) die "unknown option for ./dev.sh test: $arg (only --soak)" ;;
             esac
         done
-        require_root test
+        become_root test "$@"
         setup
         say "checking formatting"
         cargo fmt --all --check
         say "clippy"
         cargo clippy --workspace --all-targets --locked -- -D warnings
+        for t in "${DESKTOP_TARGETS[@]}"; do
+            say "clippy for $t (the desktop crates)"
+            cargo clippy --locked --target "$t" --all-targets $DESKTOP_CRATES -- -D warnings
+        done
         say "building"
         cargo build --workspace --locked
+        build_windows debug
         say "preparing the real VM (QEMU, vhost-device-vsock, guest image)"
         ./installer/vm-tools
         ./installer/build-guest-image

@@ -664,8 +664,10 @@ enum Bound {
     Udp(UdpSocket),
 }
 
-/// A socket like any server's: IPv6 sockets IPv6-only (the IPv4 one is separate); TCP with
-/// `SO_REUSEADDR` (so TIME_WAIT does not block a rebind); UDP with a large receive buffer.
+/// A socket like any server's: IPv6 sockets IPv6-only (the IPv4 one is separate); TCP
+/// prepared as this platform's servers are (`SO_REUSEADDR` on Unix so TIME_WAIT does not block
+/// a rebind, `SO_EXCLUSIVEADDRUSE` on Windows so no program can take the port over); UDP with
+/// a large receive buffer.
 fn bind(proto: Proto, addr: SocketAddr) -> io::Result<Bound> {
     let ty = match proto {
         Proto::Tcp => Type::STREAM,
@@ -677,13 +679,14 @@ fn bind(proto: Proto, addr: SocketAddr) -> io::Result<Bound> {
     }
     match proto {
         Proto::Tcp => {
-            socket.set_reuse_address(true)?;
+            hostnet_net::sys::prepare_listener(&socket)?;
             socket.bind(&addr.into())?;
             socket.listen(LISTEN_BACKLOG)?;
             Ok(Bound::Tcp(TcpListener::from_std(socket.into())?))
         }
         Proto::Udp => {
             let _ = socket.set_recv_buffer_size(hostnet_net::udp::UDP_SOCKET_BUFFER);
+            hostnet_net::sys::prepare_udp_server(&socket)?;
             socket.bind(&addr.into())?;
             Ok(Bound::Udp(UdpSocket::from_std(socket.into())?))
         }

@@ -144,6 +144,8 @@ async fn main() -> ExitCode {
     }
     let shutdown = cli::cancel_on_termination();
     let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
+    #[cfg(target_os = "linux")]
+    let explicit_admin = args.admin_socket.as_ref().map(|p| p.display().to_string());
     let admin_socket = args.admin_socket.unwrap_or_else(admin::default_socket_path);
     let settings_path = args.config.clone().unwrap_or_else(settings::default_path);
 
@@ -183,6 +185,7 @@ async fn main() -> ExitCode {
                     wine,
                     wine_prefix,
                     args.config.clone(),
+                    explicit_admin.clone(),
                 ) {
                     Ok(w) => Some(w),
                     Err(e) => {

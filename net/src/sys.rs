@@ -50,3 +50,72 @@ pub fn new_socket(domain: Domain, ty: Type) -> io::Result<Socket> {
         Ok(s)
     }
 }
+
+/// Readies a listening socket the way a server's should be on this platform, before `bind`.
+///
+/// Unix: `SO_REUSEADDR`, so a port whose earlier connections linger in TIME_WAIT can be bound
+/// again (it never lets two live sockets share a port there). Windows: **not** `SO_REUSEADDR`,
+/// which on Windows lets a socket bind a port another program is using and take its
+/// connections; `SO_EXCLUSIVEADDRUSE` instead, so nobody can do that to ours either.
+pub fn prepare_listener(socket: &Socket) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        socket.set_reuse_address(true)
+    }
+    #[cfg(windows)]
+    {
+        use std::os::windows::io::AsRawSocket;
+        use windows_sys::Win32::Networking::WinSock::{SO_EXCLUSIVEADDRUSE, SOCKET, SOL_SOCKET, setsockopt};
+        let on: i32 = 1;
+        // SAFETY: a valid socket; `on` lives across the call and its size is passed.
+        let r = unsafe {
+            setsockopt(
+                socket.as_raw_socket() as SOCKET,
+                SOL_SOCKET,
+                SO_EXCLUSIVEADDRUSE,
+                (&raw const on).cast(),
+                std::mem::size_of::<i32>() as i32,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Readies a UDP socket that serves many peers (the proxy's mirror of a guest UDP port).
+///
+/// Windows: turns off `SIO_UDP_CONNRESET`. There, an ICMP "port unreachable" for a datagram
+/// sent to one peer (a desktop client that went away) makes the socket's next receive fail
+/// with `WSAECONNRESET`, which is a fault of one peer, not of the socket every other client
+/// shares. Elsewhere a receive never reports another peer's ICMP on an unconnected socket.
+pub fn prepare_udp_server(socket: &Socket) -> io::Result<()> {
+    #[cfg(windows)]
+    {
+        use std::os::windows::io::AsRawSocket;
+        use windows_sys::Win32::Networking::WinSock::{SIO_UDP_CONNRESET, SOCKET, WSAIoctl};
+        let off: u32 = 0;
+        let mut returned: u32 = 0;
+        // SAFETY: a valid socket; the input buffer is `off`, alive across the call, and its size
+        // is passed; no output buffer; a synchronous call (no OVERLAPPED, no routine).
+        let r = unsafe {
+            WSAIoctl(
+                socket.as_raw_socket() as SOCKET,
+                SIO_UDP_CONNRESET,
+                (&raw const off).cast(),
+                std::mem::size_of::<u32>() as u32,
+                std::ptr::null_mut(),
+                0,
+                &raw mut returned,
+                std::ptr::null_mut(),
+                None,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let _ = socket;
+    Ok(())
+}

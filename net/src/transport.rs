@@ -360,8 +360,7 @@ impl Acceptor for VsockAcceptor {
 /// process's own before it is bound, so the listener watcher never forwards it.
 fn tcp_listener(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
     let s = crate::own::socket(addr, socket2::Type::STREAM)?;
-    #[cfg(unix)]
-    s.set_reuse_address(true)?;
+    crate::sys::prepare_listener(&s)?;
     s.bind(&addr.into())?;
     s.listen(1024)?;
     TcpListener::from_std(s.into())

@@ -99,15 +99,55 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
     start.elapsed()
 }
 
+/// The Windows build of `hostnet-proxy` (x86_64-pc-windows-gnu) and how Wine runs it: what
+/// `demo --windows` puts on the desktop side.
+#[derive(Debug, Clone)]
+pub struct WindowsProxy {
+    pub exe: PathBuf,
+    /// A Wine prefix kept in the target directory (made once, ~10 s; later starts ~2 s).
+    pub prefix: PathBuf,
+}
+
+impl WindowsProxy {
+    /// The debug build next to this run's binaries; it must be there (`./dev.sh test` builds
+    /// it, with the DLL Wine 8 needs beside it).
+    pub fn built() -> WindowsProxy {
+        let target = bin("hostnet-proxy").parent().unwrap().parent().unwrap().to_owned();
+        let exe = target.join("x86_64-pc-windows-gnu/debug/hostnet-proxy.exe");
+        assert!(
+            exe.is_file() && exe.with_file_name("bcryptprimitives.dll").is_file(),
+            "{} (and bcryptprimitives.dll beside it) is missing: the README's test command builds the \
+             Windows proxy (./dev.sh test: build_windows)",
+            exe.display()
+        );
+        WindowsProxy { exe, prefix: target.join("wine-prefix") }
+    }
+
+    /// `wine64 hostnet-proxy.exe` in this prefix, quiet.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new("/usr/lib/wine/wine64");
+        cmd.arg(&self.exe).env("WINEPREFIX", &self.prefix).env("WINEDEBUG", "-all");
+        cmd
+    }
+}
+
+/// A Linux path as a Windows program under Wine sees it (drive `Z:` is `/`).
+pub fn windows_path(p: &Path) -> String {
+    format!("Z:{}", p.display()).replace('/', "\\")
+}
+
 /// A running `hostnet-proxy demo`.
 #[derive(Debug)]
 pub struct Demo {
     pub netns: String,
-    /// This demo's admin socket and settings file (in a directory of its own).
+    /// This demo's admin socket and settings file (in a directory of its own); with
+    /// [`Demo::start_windows`], the admin API is a named pipe of this name.
     pub admin_socket: PathBuf,
     pub config: PathBuf,
     child: Option<Child>,
     log: PathBuf,
+    /// The desktop half is the Windows build under Wine.
+    windows: Option<WindowsProxy>,
 }
 
 impl Demo {
@@ -130,6 +170,29 @@ impl Demo {
         Self::launch(netns, "demo", args)
     }
 
+    /// Starts `demo --windows` in a namespace of its own: the desktop half is `proxy` under
+    /// Wine, its admin API a named pipe (`\\.\pipe\hostnet-test-<netns>`), reached by
+    /// [`Demo::cli`] through the Windows build too.
+    pub fn start_windows(proxy: &WindowsProxy, extra: &[&str]) -> Demo {
+        require_root();
+        static N: AtomicU32 = AtomicU32::new(0);
+        let netns = format!("hn-w{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "demo".into(),
+            "--netns".into(),
+            netns.clone().into(),
+            "--windows".into(),
+            "--windows-exe".into(),
+            proxy.exe.clone().into(),
+            "--wine-prefix".into(),
+            proxy.prefix.clone().into(),
+        ];
+        args.extend(extra.iter().map(Into::into));
+        let pipe = PathBuf::from(format!(r"\\.\pipe\hostnet-test-{netns}"));
+        Self::launch_as(&netns, "demo", args, Some(proxy.clone()), Some(pipe))
+            .unwrap_or_else(|e| panic!("demo --windows did not start: {e}"))
+    }
+
     /// Starts a plain `hostnet-proxy run` against the agent a demo left running in `netns`
     /// (after [`Demo::kill`]): the proxy restarting while the "VM" lives on. The result is a
     /// `Demo` in all but name: status, the namespace's sockets and so on work the same.
@@ -148,10 +211,20 @@ impl Demo {
     /// Spawns `hostnet-proxy` with this demo's admin socket and settings file and `args`,
     /// and waits for its `ready` line.
     fn launch(netns: &str, what: &str, args: Vec<std::ffi::OsString>) -> Result<Demo, String> {
+        Self::launch_as(netns, what, args, None, None)
+    }
+
+    fn launch_as(
+        netns: &str,
+        what: &str,
+        args: Vec<std::ffi::OsString>,
+        windows: Option<WindowsProxy>,
+        admin: Option<PathBuf>,
+    ) -> Result<Demo, String> {
         let log = std::env::temp_dir().join(format!("hostnet-{netns}-{what}.log"));
         let dir = std::env::temp_dir().join(format!("hostnet-{netns}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let admin_socket = dir.join("admin").join("admin.sock");
+        let admin_socket = admin.unwrap_or_else(|| dir.join("admin").join("admin.sock"));
         let config = dir.join("config").join("settings.toml");
         let mut child = Command::new(bin("hostnet-proxy"))
             .arg("--admin-socket")
@@ -173,7 +246,8 @@ impl Demo {
                 let _ = tx.send(line);
             }
         });
-        let mut demo = Demo { netns: netns.to_owned(), admin_socket, config, child: Some(child), log };
+        let mut demo =
+            Demo { netns: netns.to_owned(), admin_socket, config, child: Some(child), log, windows };
         let start = Instant::now();
         loop {
             match rx.recv_timeout(Duration::from_millis(20)) {
@@ -192,16 +266,25 @@ impl Demo {
         }
     }
 
-    /// Runs `hostnet-proxy ARGS` against this demo's admin socket and settings file.
+    /// Runs `hostnet-proxy ARGS` against this demo's admin socket and settings file (the
+    /// Windows build under Wine for a [`Demo::start_windows`]).
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin("hostnet-proxy"))
-            .arg("--admin-socket")
-            .arg(&self.admin_socket)
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .output()
-            .unwrap()
+        let mut cmd = match &self.windows {
+            None => {
+                let mut cmd = Command::new(bin("hostnet-proxy"));
+                cmd.arg("--admin-socket").arg(&self.admin_socket).arg("--config").arg(&self.config);
+                cmd
+            }
+            Some(w) => {
+                let mut cmd = w.command();
+                cmd.arg("--admin-socket")
+                    .arg(&self.admin_socket)
+                    .arg("--config")
+                    .arg(windows_path(&self.config));
+                cmd
+            }
+        };
+        cmd.args(args).stdin(Stdio::null()).output().unwrap()
     }
 
     /// `status --json`, parsed.

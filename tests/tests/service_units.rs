@@ -137,6 +137,10 @@ args = p["ProgramArguments"]
 assert args[0].endswith("/hostnet-proxy") and args[1] == "run", args
 assert "--transport" in args, args
 assert p["RunAtLoad"] is True and p["KeepAlive"] is True
+# Nothing in a directory every local user can write: another user could plant a socket there.
+for value in args + [p.get("StandardErrorPath", ""), p.get("StandardOutPath", "")]:
+    for shared in ("/tmp/", "/private/tmp/", "/var/tmp/", "/Users/Shared/"):
+        assert shared not in value, f"{value} is in the shared directory {shared}"
 "#;
     quiet_success(Command::new("python3").args(["-c", CHECK]).arg(path))
 }
@@ -153,6 +157,13 @@ fn launchd_plist_is_a_valid_plist_that_starts_the_proxy() {
     let no_run =
         scratch.write("no-run.plist", &text.replace("<string>run</string>", "<string>demo</string>"));
     assert!(check_plist(&no_run).is_err(), "a plist not running `hostnet-proxy run` passed");
+    let shared = scratch.write(
+        "shared.plist",
+        &text.replace("/Users/USERNAME/Library/Application Support/hostnet/", "/Users/Shared/hostnet/"),
+    );
+    assert!(check_plist(&shared).is_err(), "a plist with its sockets in /Users/Shared passed");
+    let tmp_log = scratch.write("tmp-log.plist", &text.replace("/Users/USERNAME/Library/Logs/", "/tmp/"));
+    assert!(check_plist(&tmp_log).is_err(), "a plist logging to /tmp passed");
 
     if let Err(e) = check_plist(&real) {
         panic!("installer/host/dev.hostnet.proxy.plist: {e}");

@@ -48,6 +48,9 @@ pub struct WineOptions {
     /// The settings file given with `--config` (else the Windows proxy's own default, in the
     /// prefix's `%APPDATA%`).
     pub config: Option<PathBuf>,
+    /// The admin endpoint given with `--admin-socket` (on Windows, a named pipe's name, e.g.
+    /// `\\.\pipe\hostnet-admin-test`); else the Windows proxy's default pipe.
+    pub admin: Option<String>,
 }
 
 impl WineOptions {
@@ -58,6 +61,7 @@ impl WineOptions {
         wine: Option<PathBuf>,
         prefix: Option<PathBuf>,
         config: Option<PathBuf>,
+        admin: Option<String>,
     ) -> anyhow::Result<Self> {
         let exe = match exe {
             Some(p) => p,
@@ -88,7 +92,7 @@ impl WineOptions {
         let prefix = prefix
             .or_else(|| dirs::cache_dir().map(|d| d.join("hostnet").join("wine")))
             .context("no cache directory for the Wine prefix: pass --wine-prefix DIR")?;
-        Ok(WineOptions { exe, wine, prefix, config })
+        Ok(WineOptions { exe, wine, prefix, config, admin })
     }
 }
 
@@ -127,8 +131,8 @@ pub fn wine_command(opts: &WineOptions) -> Command {
 
 /// Runs the Windows proxy against the agent behind `agent_socket`, serving the agent's
 /// guest→host streams (which the agent opens on `host_socket`, if given), until `shutdown`.
-/// The Windows proxy serves its admin API on its own default named pipe, or the one
-/// `HOSTNET_ADMIN_SOCKET` names in the environment it inherits.
+/// The Windows proxy serves its admin API on the pipe `opts.admin` names, else on its own
+/// default named pipe.
 pub async fn run(
     opts: &WineOptions,
     agent_socket: &Path,
@@ -159,6 +163,9 @@ pub async fn run(
     }
     if let Some(config) = &opts.config {
         args.extend(["--config".to_owned(), windows_path(config)]);
+    }
+    if let Some(admin) = &opts.admin {
+        args.extend(["--admin-socket".to_owned(), admin.clone()]);
     }
     info!(exe = %opts.exe.display(), prefix = %opts.prefix.display(), "starting the Windows proxy under Wine");
     let mut cmd = wine_command(opts);
