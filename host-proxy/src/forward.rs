@@ -695,15 +695,16 @@ fn bind(proto: Proto, addr: SocketAddr) -> io::Result<Bound> {
 
 fn describe_bind_error(proto: Proto, ip: IpAddr, port: u16, e: &io::Error, name_holder: bool) -> String {
     let at = SocketAddr::new(ip, port);
+    // What this OS says about the cause (Windows: an excluded port range; low ports), once per
+    // port: on Windows it asks `netsh`.
+    if name_holder {
+        if let Some(why) = hostnet_net::platform::explain_bind_error(proto, at, e) {
+            return format!("{why}; the forward is not active");
+        }
+    }
     match e.kind() {
         io::ErrorKind::AddrInUse => {
-            #[cfg(target_os = "linux")]
-            let holder = if name_holder { hostnet_net::discovery::port_holder(proto, port) } else { None };
-            #[cfg(not(target_os = "linux"))]
-            let holder: Option<String> = {
-                let _ = name_holder;
-                None
-            };
+            let holder = if name_holder { hostnet_net::platform::port_holder(proto, port) } else { None };
             let who = holder.map(|h| format!("by {h}")).unwrap_or_else(|| "by another program".to_owned());
             format!(
                 "{proto} port {port} is already in use on the host ({at}) {who}; the forward will start when it frees up"
