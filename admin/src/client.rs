@@ -110,6 +110,10 @@ async fn request_once(endpoint: &Endpoint, line: &str) -> Result<Try, ClientErro
         Ok(c) => c,
         // The socket's accept queue is full: as busy as it gets.
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Try::Busy),
+        // Someone's socket, not ours to use: not "not running".
+        Err(source) if source.kind() == io::ErrorKind::PermissionDenied => {
+            return Err(ClientError::Io { endpoint: endpoint.clone(), source });
+        }
         Err(source) => return Err(ClientError::NotRunning { endpoint: endpoint.clone(), source }),
     };
     let me = crate::unix::euid();

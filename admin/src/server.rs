@@ -630,3 +630,59 @@ mod tests {
         assert!(msg.contains("user id 65534") && msg.contains("not by you"), "{msg}");
     }
 }
+
+/// The named pipe, for real: run on Windows (or the Windows test build under Wine).
+#[cfg(all(test, windows, feature = "client"))]
+mod windows_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn echo(r: Request) -> Response {
+        Response::error(format!("echo {}", serde_json::to_string(&r).unwrap()))
+    }
+
+    #[tokio::test]
+    async fn the_pipe_serves_its_user_and_only_one_proxy() {
+        let endpoint = Endpoint::Pipe(format!(r"\\.\pipe\hostnet-admin-test-{}", std::process::id()));
+        let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
+        serve(&endpoint, echo, &tracker, &stop).unwrap();
+        for _ in 0..3 {
+            let answer = crate::request(&endpoint, &Request::Status {}).await.unwrap();
+            assert_eq!(answer, Response::error(r#"echo {"cmd":"status"}"#));
+        }
+        let e = serve(&endpoint, echo, &tracker, &stop).unwrap_err();
+        assert!(e.to_string().contains("another hostnet-proxy is already serving"), "{e}");
+        // Many clients at once: each gets its answer (instances are created as they connect).
+        let many: Vec<_> = (0..20)
+            .map(|_| {
+                let endpoint = endpoint.clone();
+                tokio::spawn(async move { crate::request(&endpoint, &Request::GetSettings {}).await })
+            })
+            .collect();
+        for c in many {
+            assert_eq!(c.await.unwrap().unwrap(), Response::error(r#"echo {"cmd":"get_settings"}"#));
+        }
+        stop.cancel();
+        tracker.close();
+        tracker.wait().await;
+        let e = crate::request(&endpoint, &Request::Status {}).await.unwrap_err();
+        assert!(e.is_not_running(), "{e}");
+    }
+
+    #[test]
+    fn the_default_pipe_is_named_after_this_user() {
+        let sid = crate::windows::current_user_sid().unwrap();
+        assert!(sid.starts_with("S-1-"), "{sid}");
+        let Endpoint::Pipe(name) = crate::endpoint::choose_endpoint(
+            crate::endpoint::Os::Windows,
+            &crate::endpoint::EndpointInputs { user_sid: Some(sid.clone()), ..Default::default() },
+        )
+        .unwrap() else {
+            panic!("not a pipe")
+        };
+        assert!(name.ends_with(&sid), "{name}");
+        let sd = crate::windows::SecurityDescriptor::from_sddl(&crate::endpoint::pipe_sddl(&sid).unwrap());
+        assert!(sd.is_ok(), "{sd:?}");
+    }
+}
