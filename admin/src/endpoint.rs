@@ -216,14 +216,18 @@ pub fn socket_dir(path: &Path) -> &Path {
 mod tests {
     use super::*;
 
+    #[cfg(unix)]
     fn user(uid: u32) -> EndpointInputs {
         EndpointInputs { uid: Some(uid), home: Some("/home/me".into()), ..EndpointInputs::default() }
     }
 
+    #[cfg(unix)]
     fn sock(p: &str) -> Result<Endpoint, EndpointError> {
         Ok(Endpoint::Socket(p.into()))
     }
 
+    // Unix paths are built with this platform's `Path`: checked where they are used.
+    #[cfg(unix)]
     #[test]
     fn linux_prefers_the_runtime_dir_and_never_tmp() {
         let mut i = user(1000);
@@ -245,6 +249,8 @@ mod tests {
         assert!(EndpointError::NoPrivateDirectory.to_string().contains("--admin-socket"));
     }
 
+    // Unix paths are built with this platform's `Path`: checked where they are used.
+    #[cfg(unix)]
     #[test]
     fn root_has_its_own_directory() {
         let mut i = user(0);
@@ -253,6 +259,8 @@ mod tests {
         assert_eq!(choose_endpoint(Os::MacOs, &i), sock("/var/run/hostnet/admin/admin.sock"));
     }
 
+    // Unix paths are built with this platform's `Path`: checked where they are used.
+    #[cfg(unix)]
     #[test]
     fn macos_uses_the_users_library() {
         let mut i = user(501);
@@ -282,6 +290,8 @@ mod tests {
         ));
     }
 
+    // Unix paths are built with this platform's `Path`: checked where they are used.
+    #[cfg(unix)]
     #[test]
     fn the_override_wins_everywhere() {
         let i = EndpointInputs {
@@ -307,6 +317,8 @@ mod tests {
         }
     }
 
+    // Unix paths are built with this platform's `Path`: checked where they are used.
+    #[cfg(unix)]
     #[test]
     fn a_bare_file_name_lives_in_the_working_directory() {
         assert_eq!(socket_dir(Path::new("admin.sock")), Path::new("."));

@@ -250,10 +250,11 @@ mod platform {
 mod platform {
     use std::sync::Arc;
 
-    use tokio::net::windows::named_pipe::{NamedPipeServer, ServerOptions};
+    use tokio::net::windows::named_pipe::{ClientOptions, NamedPipeServer, ServerOptions};
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
     use tracing::{info, warn};
+    use windows_sys::Win32::Foundation::ERROR_PIPE_BUSY;
 
     use super::{Handler, ServeError, TurnedAway, dispatch};
     use crate::windows::{SecurityDescriptor, current_user_sid};
@@ -288,6 +289,18 @@ mod platform {
         let sid = current_user_sid().map_err(io_err)?;
         let sddl = crate::endpoint::pipe_sddl(&sid).map_err(|e| ServeError::Unsafe(e.to_string()))?;
         let sd = SecurityDescriptor::from_sddl(&sddl).map_err(io_err)?;
+        // Someone answers there already (first_pipe_instance below is the race-free check; this
+        // one also holds where it is not enforced, as under Wine).
+        match ClientOptions::new().open(name) {
+            Ok(_) => return Err(ServeError::InUse(endpoint.clone())),
+            Err(e)
+                if e.raw_os_error() == Some(ERROR_PIPE_BUSY as i32)
+                    || e.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                return Err(ServeError::InUse(endpoint.clone()));
+            }
+            Err(_) => {}
+        }
         let first = match instance(name, &sd, true) {
             Ok(p) => p,
             // The name exists: another process serves it (first_pipe_instance refuses).
