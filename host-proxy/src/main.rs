@@ -247,27 +247,37 @@ async fn cli_status(endpoint: &Endpoint, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
+    print!("{}", status_table(&s));
+    Ok(())
+}
+
+/// `status` for people: the switch, the agent, errors, then one row per forward.
+fn status_table(s: &Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let agent = match &s.agent_error {
         Some(e) => format!("{} ({e})", s.agent.as_str()),
         None => s.agent.as_str().to_owned(),
     };
-    println!("host networking: {}    agent: {agent}", if s.enabled { "ON" } else { "OFF" });
-    println!("settings: {}", s.settings_path.display());
+    let _ = writeln!(out, "host networking: {}    agent: {agent}", if s.enabled { "ON" } else { "OFF" });
+    let _ = writeln!(out, "settings: {}", s.settings_path.display());
     for e in &s.errors {
-        println!("error: {e}");
+        let _ = writeln!(out, "error: {e}");
     }
     if s.forwards.is_empty() {
-        println!("no forwards");
-        return Ok(());
+        let _ = writeln!(out, "no forwards");
+        return out;
     }
-    println!(
+    let _ = writeln!(
+        out,
         "\n{:<5} {:<9} {:>6} {:>6}  {:<11} {:>9} {:>11} {:>11}  REASON",
         "PROTO", "DIRECTION", "GUEST", "HOST", "STATE", "CONNS", "TO GUEST", "FROM GUEST"
     );
     for f in &s.forwards {
-        println!(
+        let _ = writeln!(
+            out,
             "{:<5} {:<9} {:>6} {:>6}  {:<11} {:>9} {:>11} {:>11}  {}",
-            f.proto,
+            f.proto.to_string(),
             f.direction.words(),
             f.guest_port,
             f.host_port,
@@ -278,7 +288,7 @@ async fn cli_status(endpoint: &Endpoint, json: bool) -> anyhow::Result<()> {
             f.reason.as_deref().unwrap_or(""),
         );
     }
-    Ok(())
+    out
 }
 
 fn human_bytes(n: u64) -> String {
@@ -317,5 +327,58 @@ async fn cli_set_enabled(
             Ok(())
         }
         Err(e) => Err(no_answer(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hostnet_admin::{AgentLink, Direction, ForwardState, ForwardStatus};
+
+    #[test]
+    fn the_status_table_lines_up_typed_fields() {
+        let forward = |proto, direction, state, reason: Option<&str>| ForwardStatus {
+            proto,
+            direction,
+            guest_port: 8000,
+            host_port: 8080,
+            state,
+            reason: reason.map(str::to_owned),
+            host_addresses: vec![],
+            connections_active: 2,
+            connections_total: 7,
+            connections_refused: 0,
+            bytes_to_guest: 3 * 1024 * 1024,
+            bytes_from_guest: 12,
+        };
+        let s = Status {
+            enabled: false,
+            agent: AgentLink::Disconnected,
+            agent_error: Some("connection refused".into()),
+            settings_path: "/s.toml".into(),
+            errors: vec!["bad remap".into()],
+            forwards: vec![
+                forward(hostnet_protocol::Proto::Tcp, Direction::ToGuest, ForwardState::Forwarding, None),
+                forward(
+                    hostnet_protocol::Proto::Udp,
+                    Direction::ToHost,
+                    ForwardState::Conflict,
+                    Some("in use"),
+                ),
+            ],
+        };
+        let table = status_table(&s);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "host networking: OFF    agent: disconnected (connection refused)");
+        assert_eq!(lines[2], "error: bad remap");
+        assert!(lines[4].starts_with("PROTO DIRECTION  GUEST   HOST  STATE"), "{table}");
+        assert_eq!(
+            lines[5],
+            "tcp   to guest    8000   8080  forwarding        2/7     3.0 MiB        12 B  "
+        );
+        assert!(
+            lines[6].starts_with("udp   to host     8000   8080  conflict ")
+                && lines[6].ends_with("  in use")
+        );
     }
 }
