@@ -177,6 +177,13 @@ fn tray<R: Runtime>(app: &tauri::App<R>) -> tauri::Result<()> {
     let toggle = CheckMenuItem::with_id(app, "toggle", "Enable host networking", true, true, None::<&str>)?;
     let quit = MenuItem::with_id(app, "quit", "Quit", true, None::<&str>)?;
     let menu = Menu::with_items(app, &[&open, &toggle, &quit])?;
+    // The check mark shows the proxy's switch, not a guess.
+    let shown = toggle.clone();
+    tauri::async_runtime::spawn(async move {
+        if let Ok(view) = commands::get_status().await {
+            let _ = shown.set_checked(view.enabled);
+        }
+    });
     let mut builder = TrayIconBuilder::new().menu(&menu).tooltip("hostnet");
     if let Some(icon) = app.default_window_icon() {
         builder = builder.icon(icon.clone());
@@ -191,8 +198,11 @@ fn tray<R: Runtime>(app: &tauri::App<R>) -> tauri::Result<()> {
             }
             "toggle" => {
                 let enabled = toggle.is_checked().unwrap_or(true);
+                let toggle = toggle.clone();
                 tauri::async_runtime::spawn(async move {
-                    let _ = commands::set_enabled(enabled).await;
+                    // What the proxy did: back as it was if it refused or is not running.
+                    let now = commands::set_enabled(enabled).await.map(|v| v.enabled).unwrap_or(!enabled);
+                    let _ = toggle.set_checked(now);
                 });
             }
             "quit" => app.exit(0),
