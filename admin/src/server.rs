@@ -10,9 +10,11 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::codec::{FramedRead, FramedWrite, LinesCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use crate::{Endpoint, IDLE_TIMEOUT, MAX_CLIENTS, MAX_REQUEST_LEN, Request, Response};
+#[cfg(unix)]
+use crate::MAX_CLIENTS;
+use crate::{Endpoint, IDLE_TIMEOUT, MAX_REQUEST_LEN, Request, Response};
 
 /// What answers the requests: the proxy's view of its forwards and settings.
 pub trait Handler: Send + Sync + 'static {
@@ -54,14 +56,16 @@ pub fn serve<H: Handler>(
 }
 
 /// Counts connections turned away while [`MAX_CLIENTS`] are served, and says so now and then.
+#[cfg(unix)]
 #[derive(Debug, Default)]
 struct TurnedAway(u64);
 
+#[cfg(unix)]
 impl TurnedAway {
     fn one_more(&mut self) {
         self.0 += 1;
         if self.0.is_power_of_two() {
-            warn!(
+            tracing::warn!(
                 "{MAX_CLIENTS} admin clients are connected: answered one more \"busy\" ({} so far); \
                  a client silent for {IDLE_TIMEOUT:?} is closed",
                 self.0
@@ -72,6 +76,7 @@ impl TurnedAway {
 
 /// Hands an accepted connection to a task of `tracker`, or answers it "busy" when
 /// [`MAX_CLIENTS`] are served already.
+#[cfg(unix)]
 fn dispatch<S, H>(
     conn: S,
     clients: &Arc<tokio::sync::Semaphore>,
@@ -90,6 +95,20 @@ fn dispatch<S, H>(
         let _ = conn.write_all(format!("{}\n", Response::busy().to_line()).as_bytes()).now_or_never();
         return;
     };
+    spawn_client(conn, permit, handler, tracker, stop);
+}
+
+/// Serves `conn` in a task of `tracker`, holding its place (`permit`) until it ends.
+fn spawn_client<S, H>(
+    conn: S,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    handler: &Arc<H>,
+    tracker: &TaskTracker,
+    stop: &CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    H: Handler,
+{
     let (handler, stop) = (handler.clone(), stop.clone());
     tracker.spawn(async move {
         client(conn, move |r| handler.handle(r), stop).await;
@@ -256,9 +275,9 @@ mod platform {
     use tracing::{info, warn};
     use windows_sys::Win32::Foundation::ERROR_PIPE_BUSY;
 
-    use super::{Handler, ServeError, TurnedAway, dispatch};
+    use super::{Handler, ServeError, spawn_client};
     use crate::windows::{SecurityDescriptor, current_user_sid};
-    use crate::{Endpoint, MAX_CLIENTS};
+    use crate::{Endpoint, IDLE_TIMEOUT, MAX_CLIENTS};
 
     /// Creates one instance of the pipe `name` with the descriptor `sd`.
     fn instance(name: &str, sd: &SecurityDescriptor, first: bool) -> std::io::Result<NamedPipeServer> {
@@ -315,6 +334,10 @@ mod platform {
         Ok(())
     }
 
+    /// Serves the pipe until `stop`, at most [`MAX_CLIENTS`] connections at once. While that
+    /// many are served no new instance is made, so clients beyond them (but the one that may
+    /// wait on the last instance) get `ERROR_PIPE_BUSY`, which `request` retries like a
+    /// "busy" answer.
     async fn accept_loop<H: Handler>(
         mut server: NamedPipeServer,
         name: &str,
@@ -324,10 +347,32 @@ mod platform {
         stop: &CancellationToken,
     ) {
         let clients = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
-        let mut turned_away = TurnedAway::default();
+        let mut full_since_said = false;
         loop {
+            let permit = match clients.clone().try_acquire_owned() {
+                Ok(p) => {
+                    full_since_said = false;
+                    p
+                }
+                Err(_) => {
+                    if !full_since_said {
+                        warn!(
+                            "{MAX_CLIENTS} admin clients are connected: others wait (pipe busy); a client \
+                             silent for {IDLE_TIMEOUT:?} is closed"
+                        );
+                        full_since_said = true;
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        p = clients.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => return,
+                        },
+                    }
+                }
+            };
             let connected = tokio::select! {
-                _ = stop.cancelled() => break,
+                _ = stop.cancelled() => return,
                 c = server.connect() => c,
             };
             // The next instance waits for the next client while this one is served.
@@ -348,7 +393,7 @@ mod platform {
                 warn!("accepting an admin connection failed: {e}");
                 continue;
             }
-            dispatch(conn, &clients, &mut turned_away, &handler, tracker, stop);
+            spawn_client(conn, permit, &handler, tracker, stop);
         }
     }
 }
@@ -650,6 +695,7 @@ mod windows_tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use crate::MAX_CLIENTS;
 
     fn echo(r: Request) -> Response {
         Response::error(format!("echo {}", serde_json::to_string(&r).unwrap()))
@@ -681,6 +727,32 @@ mod windows_tests {
         tracker.wait().await;
         let e = crate::request(&endpoint, &Request::Status {}).await.unwrap_err();
         assert!(e.is_not_running(), "{e}");
+    }
+
+    /// Real time (about 10 s): pipes are not driven by tokio's paused clock.
+    #[tokio::test]
+    async fn silent_clients_hold_the_pipe_for_at_most_the_idle_timeout() {
+        use tokio::net::windows::named_pipe::ClientOptions;
+        let endpoint = Endpoint::Pipe(format!(r"\\.\pipe\hostnet-admin-busy-{}", std::process::id()));
+        let Endpoint::Pipe(name) = &endpoint else { unreachable!() };
+        let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
+        serve(&endpoint, echo, &tracker, &stop).unwrap();
+        let started = std::time::Instant::now();
+        let mut silent = Vec::new();
+        while silent.len() < MAX_CLIENTS {
+            match ClientOptions::new().open(name) {
+                Ok(c) => silent.push(c),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+            }
+        }
+        // `request` waits (pipe busy) and gets through once the silent ones are closed.
+        let answer = crate::request(&endpoint, &Request::Status {}).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(answer, Response::error(r#"echo {"cmd":"status"}"#));
+        assert!(took >= IDLE_TIMEOUT && took < IDLE_TIMEOUT * 2, "took {took:?}");
+        stop.cancel();
+        tracker.close();
+        tracker.wait().await;
     }
 
     #[test]
