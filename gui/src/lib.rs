@@ -1,10 +1,8 @@
 //! hostnet's settings window (Tauri 2). It holds no networking logic: every command is one
-//! request to the proxy's admin API (`docs/admin-api.md`), through `host_proxy::admin`.
+//! request to the proxy's admin API (`docs/admin-api.md`), through `hostnet_admin`'s client.
 
-use std::path::PathBuf;
-
-use host_proxy::admin::{self, Request, Status};
-use host_proxy::settings::Settings;
+use hostnet_admin::settings::Settings;
+use hostnet_admin::{AgentLink, ClientError, Direction, Endpoint, Request, Response, Status};
 use serde::Serialize;
 use tauri::menu::{CheckMenuItem, Menu, MenuItem};
 use tauri::tray::TrayIconBuilder;
@@ -24,8 +22,8 @@ pub struct ForwardRow {
     pub proto: String,
     /// "desktop → VM" or "VM → desktop".
     pub direction: &'static str,
-    pub guest_port: u64,
-    pub host_port: u64,
+    pub guest_port: u16,
+    pub host_port: u16,
     pub state: String,
     pub reason: Option<String>,
     pub connections: String,
@@ -42,17 +40,21 @@ pub struct StatusView {
     pub settings_path: String,
 }
 
-/// The admin socket: `HOSTNET_ADMIN_SOCKET`, else the same default as `hostnet-proxy`.
-pub fn socket_path() -> PathBuf {
-    std::env::var_os("HOSTNET_ADMIN_SOCKET").map(PathBuf::from).unwrap_or_else(admin::default_socket_path)
+/// The admin endpoint: `HOSTNET_ADMIN_SOCKET`, else the same default as `hostnet-proxy`.
+pub fn endpoint() -> Result<Endpoint, UiError> {
+    hostnet_admin::default_endpoint().map_err(|e| UiError {
+        kind: "not_running",
+        message: format!("hostnet's admin API cannot be found: {e}."),
+        field: None,
+    })
 }
 
 /// Maps the proxy's status to what the window shows.
 pub fn view(status: &Status) -> StatusView {
-    let banner = match status.agent.as_str() {
-        "connected" => None,
-        "connecting" => Some("Connecting to the VM…".to_owned()),
-        _ => Some(format!(
+    let banner = match status.agent {
+        AgentLink::Connected => None,
+        AgentLink::Connecting => Some("Connecting to the VM…".to_owned()),
+        AgentLink::Disconnected => Some(format!(
             "The VM is not connected: hostnet is waiting for its agent{}",
             status.agent_error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
         )),
@@ -60,22 +62,17 @@ pub fn view(status: &Status) -> StatusView {
     let forwards = status
         .forwards
         .iter()
-        .map(|f| {
-            let num = |k: &str| f.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-            let text = |k: &str| f.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
-            ForwardRow {
-                proto: text("proto").to_uppercase(),
-                direction: if text("direction") == "to_host" { "VM → desktop" } else { "desktop → VM" },
-                guest_port: num("guest_port"),
-                host_port: num("host_port"),
-                state: text("state"),
-                reason: f.get("reason").and_then(|v| v.as_str()).map(str::to_owned),
-                connections: format!(
-                    "{} open, {} total",
-                    num("connections_active"),
-                    num("connections_total")
-                ),
-            }
+        .map(|f| ForwardRow {
+            proto: f.proto.to_string().to_uppercase(),
+            direction: match f.direction {
+                Direction::ToGuest => "desktop → VM",
+                Direction::ToHost => "VM → desktop",
+            },
+            guest_port: f.guest_port,
+            host_port: f.host_port,
+            state: f.state.as_str().to_owned(),
+            reason: f.reason.clone(),
+            connections: format!("{} open, {} total", f.connections_active, f.connections_total),
         })
         .collect();
     StatusView {
@@ -87,36 +84,37 @@ pub fn view(status: &Status) -> StatusView {
     }
 }
 
-async fn call(req: &Request) -> Result<serde_json::Value, UiError> {
-    let path = socket_path();
-    let answer = admin::request(&path, req).await.map_err(|e| UiError {
-        kind: "not_running",
-        message: if e.kind() == std::io::ErrorKind::TimedOut {
-            // Running, but busy or stuck: starting another one would not help.
-            format!("hostnet-proxy did not answer at {} ({e}); trying again.", path.display())
-        } else {
-            format!("hostnet is not running (no admin API at {}: {e}). Start hostnet-proxy.", path.display())
+/// One request; a refusal comes back as an error naming its field.
+async fn call(req: &Request) -> Result<Response, UiError> {
+    let endpoint = endpoint()?;
+    let answer = hostnet_admin::request(&endpoint, req).await.map_err(|e| UiError {
+        kind: match e {
+            // Served by someone else: starting hostnet would not help; say what is wrong.
+            ClientError::NotOurs { .. } | ClientError::Unsupported { .. } => "refused",
+            _ => "not_running",
+        },
+        message: match &e {
+            ClientError::TimedOut { .. } => format!("{e}; trying again."),
+            ClientError::NotRunning { .. } => format!("{e}. Start hostnet-proxy."),
+            _ => e.to_string(),
         },
         field: None,
     })?;
-    if answer.get("ok").and_then(|v| v.as_bool()) == Some(true) {
-        return Ok(answer);
+    match answer {
+        Response::Error(e) => Err(UiError { kind: "refused", message: e.error, field: e.field }),
+        answer => Ok(answer),
     }
-    Err(UiError {
-        kind: "refused",
-        message: answer.get("error").and_then(|v| v.as_str()).unwrap_or("the proxy refused").to_owned(),
-        field: answer.get("field").and_then(|v| v.as_str()).map(str::to_owned),
-    })
 }
 
-fn status_of(answer: &serde_json::Value) -> Result<StatusView, UiError> {
-    let status: Status =
-        serde_json::from_value(answer.get("status").cloned().unwrap_or_default()).map_err(|e| UiError {
+fn status_of(answer: Response) -> Result<StatusView, UiError> {
+    match answer {
+        Response::Status(status) => Ok(view(&status)),
+        other => Err(UiError {
             kind: "refused",
-            message: format!("unexpected status from the proxy: {e}"),
+            message: format!("unexpected answer from the proxy: {other:?}"),
             field: None,
-        })?;
-    Ok(view(&status))
+        }),
+    }
 }
 
 /// The window's commands: each one admin-API request.
@@ -126,37 +124,39 @@ pub mod commands {
     /// Current status.
     #[tauri::command]
     pub async fn get_status() -> Result<StatusView, UiError> {
-        status_of(&call(&Request::Status {}).await?)
+        status_of(call(&Request::Status {}).await?)
     }
 
     /// The "Enable host networking" switch: applies at once, saved by the proxy.
     #[tauri::command]
     pub async fn set_enabled(enabled: bool) -> Result<StatusView, UiError> {
-        status_of(&call(&Request::SetEnabled { enabled }).await?)
+        status_of(call(&Request::SetEnabled { enabled }).await?)
     }
 
     /// The settings as the proxy has them.
     #[tauri::command]
-    pub async fn get_settings() -> Result<serde_json::Value, UiError> {
-        Ok(call(&Request::GetSettings {}).await?.get("settings").cloned().unwrap_or_default())
+    pub async fn get_settings() -> Result<Settings, UiError> {
+        match call(&Request::GetSettings {}).await? {
+            Response::Settings { settings, .. } => Ok(settings),
+            other => Err(UiError {
+                kind: "refused",
+                message: format!("unexpected answer from the proxy: {other:?}"),
+                field: None,
+            }),
+        }
     }
 
     /// Validates the form here first (the same rules as the proxy), then saves and applies.
     #[tauri::command]
     pub async fn update_settings(settings: serde_json::Value) -> Result<StatusView, UiError> {
         let settings = validate(settings)?;
-        status_of(&call(&Request::UpdateSettings { settings }).await?)
+        status_of(call(&Request::UpdateSettings { settings }).await?)
     }
 }
 
 /// The form's values as settings, or the first problem with the field it concerns.
 pub fn validate(value: serde_json::Value) -> Result<Settings, UiError> {
-    let field_of = |msg: &str| {
-        ["enabled", "bind", "udp", "guest_to_host", "ignore_ports", "remap"]
-            .iter()
-            .find(|k| msg.contains(*k))
-            .map(|k| (*k).to_owned())
-    };
+    let field_of = |msg: &str| Settings::keys().iter().find(|k| msg.contains(*k)).map(|k| (*k).to_owned());
     let settings: Settings = serde_json::from_value(value).map_err(|e| {
         let message = e.to_string();
         let field =
@@ -177,6 +177,13 @@ fn tray<R: Runtime>(app: &tauri::App<R>) -> tauri::Result<()> {
     let toggle = CheckMenuItem::with_id(app, "toggle", "Enable host networking", true, true, None::<&str>)?;
     let quit = MenuItem::with_id(app, "quit", "Quit", true, None::<&str>)?;
     let menu = Menu::with_items(app, &[&open, &toggle, &quit])?;
+    // The check mark shows the proxy's switch, not a guess.
+    let shown = toggle.clone();
+    tauri::async_runtime::spawn(async move {
+        if let Ok(view) = commands::get_status().await {
+            let _ = shown.set_checked(view.enabled);
+        }
+    });
     let mut builder = TrayIconBuilder::new().menu(&menu).tooltip("hostnet");
     if let Some(icon) = app.default_window_icon() {
         builder = builder.icon(icon.clone());
@@ -191,8 +198,11 @@ fn tray<R: Runtime>(app: &tauri::App<R>) -> tauri::Result<()> {
             }
             "toggle" => {
                 let enabled = toggle.is_checked().unwrap_or(true);
+                let toggle = toggle.clone();
                 tauri::async_runtime::spawn(async move {
-                    let _ = commands::set_enabled(enabled).await;
+                    // What the proxy did: back as it was if it refused or is not running.
+                    let now = commands::set_enabled(enabled).await.map(|v| v.enabled).unwrap_or(!enabled);
+                    let _ = toggle.set_checked(now);
                 });
             }
             "quit" => app.exit(0),

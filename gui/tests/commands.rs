@@ -27,7 +27,9 @@ fn fake_admin() -> (tempfile::TempDir, Arc<Mutex<Vec<String>>>) {
             let mut w = conn.try_clone().unwrap();
             for line in BufReader::new(conn).lines().map_while(Result::ok) {
                 log.lock().unwrap().push(line.clone());
-                let answer = if line.contains("update_settings") && line.contains("\"bind\":\"all\"") {
+                let answer = if line.contains("get_settings") {
+                    r#"{"ok":true,"settings":{"enabled":false,"bind":"loopback","udp":true,"guest_to_host":true,"ignore_ports":["22"],"remap":{"80":8080}},"path":"/x/settings.toml"}"#.to_owned()
+                } else if line.contains("update_settings") && line.contains("\"bind\":\"all\"") {
                     r#"{"ok":false,"error":"settings.toml: line 1: bind: no","field":"bind"}"#.to_owned()
                 } else {
                     format!(r#"{{"ok":true,"status":{}}}"#, STATUS.replace('\n', ""))
@@ -109,6 +111,17 @@ fn settings_are_validated_before_and_by_the_proxy() {
     assert_eq!(err["field"], "bind", "{err}");
     // And a good one goes through.
     invoke("update_settings", serde_json::json!({ "settings": base })).unwrap();
+}
+
+#[test]
+fn the_form_is_filled_from_the_proxys_settings() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (_dir, seen) = fake_admin();
+    let settings = invoke("get_settings", serde_json::json!({})).unwrap();
+    assert_eq!(settings["enabled"], false);
+    assert_eq!(settings["ignore_ports"], serde_json::json!(["22"]));
+    assert_eq!(settings["remap"]["80"], 8080);
+    assert_eq!(seen.lock().unwrap().as_slice(), [r#"{"cmd":"get_settings"}"#]);
 }
 
 #[test]

@@ -9,11 +9,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use hostnet_admin::{Direction, ForwardState};
 use hostnet_net::handshake::{self, FrameReader, OpenError};
 use hostnet_net::relay::{self, Outcome, RelayCounters};
 use hostnet_net::{Connector, RawStream};
 use hostnet_protocol::{Listener, ListenerSet, Open, Proto};
-use serde::Serialize;
 use socket2::Type;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
@@ -88,35 +88,16 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// One forward as `status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ForwardStatus {
-    pub proto: Proto,
-    /// `to_guest`: a desktop port reaching a VM listener; `to_host`: the reverse.
-    pub direction: &'static str,
-    pub guest_port: u16,
-    pub host_port: u16,
-    /// `forwarding`, `conflict`, `ignored` or `disabled`.
-    pub state: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// Host addresses the forward listens on (to_guest) or connects to (to_host).
-    pub host_addresses: Vec<IpAddr>,
-    pub connections_active: u64,
-    pub connections_total: u64,
-    /// Refused because a limit was reached: TCP connections, or UDP datagrams of new flows.
-    pub connections_refused: u64,
-    pub bytes_to_guest: u64,
-    pub bytes_from_guest: u64,
-}
+/// One forward as `status` shows it (the admin API's type).
+pub use hostnet_admin::ForwardStatus;
 
 impl PortState {
-    pub fn label(&self) -> (&'static str, Option<String>) {
+    pub fn label(&self) -> (ForwardState, Option<String>) {
         match self {
-            PortState::Forwarding => ("forwarding", None),
-            PortState::Conflict(r) => ("conflict", Some(r.clone())),
-            PortState::Ignored => ("ignored", Some("listed in ignore_ports".to_owned())),
-            PortState::Disabled(r) => ("disabled", Some(r.clone())),
+            PortState::Forwarding => (ForwardState::Forwarding, None),
+            PortState::Conflict(r) => (ForwardState::Conflict, Some(r.clone())),
+            PortState::Ignored => (ForwardState::Ignored, Some("listed in ignore_ports".to_owned())),
+            PortState::Disabled(r) => (ForwardState::Disabled, Some(r.clone())),
         }
     }
 }
@@ -252,7 +233,7 @@ impl Forwards {
                     if f.state == PortState::Forwarding { f.bound.clone() } else { Vec::new() };
                 ForwardStatus {
                     proto,
-                    direction: "to_guest",
+                    direction: Direction::ToGuest,
                     guest_port,
                     host_port: f.host_port,
                     state,

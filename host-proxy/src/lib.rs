@@ -40,8 +40,9 @@ pub struct ProxyConfig {
     pub guest_listen: Option<TransportSpec>,
     /// The settings file (watched; created when first saved).
     pub settings_path: PathBuf,
-    /// Where the admin API listens (`None`: no admin API).
-    pub admin_socket: Option<PathBuf>,
+    /// Where the admin API listens: a Unix socket, or a named pipe on Windows (`None`: no
+    /// admin API).
+    pub admin_socket: Option<admin::Endpoint>,
     /// Connections and UDP flows served at once.
     pub limits: forward::Limits,
 }
@@ -52,7 +53,9 @@ impl ProxyConfig {
             connector: agent.connector(),
             guest_listen: None,
             settings_path: settings::default_path(),
-            admin_socket: Some(admin::default_socket_path()),
+            admin_socket: admin::default_endpoint()
+                .map_err(|e| tracing::warn!("the admin API is off: {e}"))
+                .ok(),
             limits: forward::Limits::default(),
         }
     }
@@ -97,7 +100,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
         }
         None => watch::channel(Arc::new(ListenerSet::new())).1,
     };
-    if let Some(path) = &config.admin_socket {
+    if let Some(endpoint) = &config.admin_socket {
         let api = admin::Admin {
             forwards: forwards.clone(),
             settings: settings.clone(),
@@ -105,7 +108,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
             host: host.clone(),
             to_host_stats,
         };
-        if let Err(e) = admin::serve(path, api, &tracker, &shutdown) {
+        if let Err(e) = admin::serve(endpoint, api, &tracker, &shutdown) {
             tracing::warn!("the admin API is off: {e}");
         }
     }

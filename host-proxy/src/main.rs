@@ -2,16 +2,18 @@
 
 #![allow(clippy::print_stdout)] // The `ready` line is this program's interface.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use host_proxy::admin::{self, Request};
+use host_proxy::admin::{self, Endpoint};
 #[cfg(target_os = "linux")]
 use host_proxy::demo::{self, DemoOptions};
 use host_proxy::forward;
-use host_proxy::settings::{self, Settings};
+use host_proxy::settings::{self, Settings, SettingsFile};
 use host_proxy::{LinkState, ProxyConfig};
+use hostnet_admin::{ClientError, Request, Response, Status};
 use hostnet_net::{TransportSpec, cli};
 use tokio::sync::watch;
 
@@ -24,9 +26,11 @@ use tokio::sync::watch;
 #[command(version, propagate_version = true)]
 struct Args {
     /// The admin socket: where `run`/`demo` serve the admin API and `status`/`enable`/`disable`
-    /// find it [default: /run/hostnet/admin.sock for root, else $XDG_RUNTIME_DIR/hostnet/admin.sock]
+    /// find it; on Windows a pipe name [default: $XDG_RUNTIME_DIR/hostnet/admin.sock on Linux
+    /// (/run/hostnet/admin/admin.sock for root), ~/Library/Application Support/hostnet/run/admin.sock
+    /// on macOS, \\.\pipe\hostnet-admin-<your SID> on Windows; see docs/admin-api.md]
     #[arg(long, global = true, value_name = "PATH", env = "HOSTNET_ADMIN_SOCKET")]
-    admin_socket: Option<PathBuf>,
+    admin_socket: Option<OsString>,
 
     /// The settings file [default: ~/.config/hostnet/settings.toml, or the platform's config
     /// directory]
@@ -145,14 +149,37 @@ async fn main() -> ExitCode {
     let shutdown = cli::cancel_on_termination();
     let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
     #[cfg(target_os = "linux")]
-    let explicit_admin = args.admin_socket.as_ref().map(|p| p.display().to_string());
-    let admin_socket = args.admin_socket.unwrap_or_else(admin::default_socket_path);
+    let explicit_admin = args.admin_socket.clone();
+    let endpoint = match args.admin_socket {
+        Some(value) => Ok(Endpoint::from_user(value)),
+        None => admin::default_endpoint(),
+    };
     let settings_path = args.config.clone().unwrap_or_else(settings::default_path);
+    // `run` and `demo` work without an admin API (said in the log); the commands need one.
+    let admin_socket = match (&endpoint, &args.command) {
+        #[cfg(target_os = "linux")]
+        (Err(e), Cmd::Demo { .. }) => {
+            tracing::warn!("the admin API is off: {e}");
+            None
+        }
+        (Err(e), Cmd::Run { .. }) => {
+            tracing::warn!("the admin API is off: {e}");
+            None
+        }
+        _ => endpoint.as_ref().ok().cloned(),
+    };
 
     let result = match args.command {
-        Cmd::Status { json } => cli_status(&admin_socket, json).await,
-        Cmd::Enable => cli_set_enabled(&admin_socket, &settings_path, true).await,
-        Cmd::Disable => cli_set_enabled(&admin_socket, &settings_path, false).await,
+        Cmd::Status { json } => match endpoint {
+            Ok(endpoint) => cli_status(&endpoint, json).await,
+            Err(e) => Err(e.into()),
+        },
+        Cmd::Enable | Cmd::Disable => match endpoint {
+            Ok(endpoint) => {
+                cli_set_enabled(&endpoint, &settings_path, matches!(args.command, Cmd::Enable)).await
+            }
+            Err(e) => Err(e.into()),
+        },
         Cmd::Run { transport, listen, limits } => {
             tokio::spawn(announce_ready(
                 state_rx,
@@ -161,7 +188,7 @@ async fn main() -> ExitCode {
             let mut config = ProxyConfig::new(&transport);
             config.guest_listen = listen;
             config.settings_path = settings_path;
-            config.admin_socket = Some(admin_socket);
+            config.admin_socket = admin_socket;
             config.limits = limits.limits();
             host_proxy::run(config, shutdown, state_tx).await;
             Ok(())
@@ -185,7 +212,7 @@ async fn main() -> ExitCode {
                     wine,
                     wine_prefix,
                     args.config.clone(),
-                    explicit_admin.clone(),
+                    explicit_admin.clone().map(|a| a.to_string_lossy().into_owned()),
                 ) {
                     Ok(w) => Some(w),
                     Err(e) => {
@@ -207,7 +234,7 @@ async fn main() -> ExitCode {
                 agent_args,
                 guest_to_host,
                 settings_path,
-                admin_socket: Some(admin_socket),
+                admin_socket,
                 limits: limits.limits(),
                 windows,
             };
@@ -246,65 +273,75 @@ async fn announce_ready(mut state: watch::Receiver<LinkState>, message: String) 
     }
 }
 
-/// A sentence for "the proxy is not running", from a failed connect to its admin socket — or,
-/// if it is running but did not answer in time (busy or stuck), for that.
-fn not_running(path: &std::path::Path, e: &std::io::Error) -> anyhow::Error {
-    if e.kind() == std::io::ErrorKind::TimedOut {
-        return anyhow::anyhow!("hostnet-proxy did not answer on {}: {e}; try again", path.display());
+/// A sentence for a request that got no answer: where to look, what to do.
+fn no_answer(e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::NotRunning { .. } => anyhow::anyhow!(
+            "{e}; start it with `hostnet-proxy run` or `hostnet-proxy demo`, or pass --admin-socket"
+        ),
+        ClientError::TimedOut { .. } => anyhow::anyhow!("{e}"),
+        e => e.into(),
     }
-    anyhow::anyhow!(
-        "hostnet-proxy is not running (no admin API at {}: {e}); start it with `hostnet-proxy run` or `hostnet-proxy demo`, or pass --admin-socket",
-        path.display()
-    )
 }
 
-async fn cli_status(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
-    let answer = admin::request(path, &Request::Status {}).await.map_err(|e| not_running(path, &e))?;
-    if answer.get("ok").and_then(|v| v.as_bool()) != Some(true) {
-        let error = answer.get("error").and_then(|e| e.as_str()).unwrap_or("no reason given");
-        anyhow::bail!("the proxy refused the status request: {error}");
+/// The status in an answer, or the proxy's refusal as an error.
+fn status_of(answer: Response, what: &str) -> anyhow::Result<Status> {
+    match answer {
+        Response::Status(s) => Ok(*s),
+        Response::Error(e) => anyhow::bail!("the proxy refused the {what} request: {}", e.error),
+        Response::Settings { .. } => anyhow::bail!("the proxy answered the {what} request with its settings"),
     }
-    let status = answer.get("status").cloned().unwrap_or_default();
+}
+
+async fn cli_status(endpoint: &Endpoint, json: bool) -> anyhow::Result<()> {
+    let answer = hostnet_admin::request(endpoint, &Request::Status {}).await.map_err(no_answer)?;
+    let s = status_of(answer, "status")?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
-    let s: admin::Status = serde_json::from_value(status)?;
+    print!("{}", status_table(&s));
+    Ok(())
+}
+
+/// `status` for people: the switch, the agent, errors, then one row per forward.
+fn status_table(s: &Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let agent = match &s.agent_error {
-        Some(e) => format!("{} ({e})", s.agent),
-        None => s.agent.clone(),
+        Some(e) => format!("{} ({e})", s.agent.as_str()),
+        None => s.agent.as_str().to_owned(),
     };
-    println!("host networking: {}    agent: {agent}", if s.enabled { "ON" } else { "OFF" });
-    println!("settings: {}", s.settings_path.display());
+    let _ = writeln!(out, "host networking: {}    agent: {agent}", if s.enabled { "ON" } else { "OFF" });
+    let _ = writeln!(out, "settings: {}", s.settings_path.display());
     for e in &s.errors {
-        println!("error: {e}");
+        let _ = writeln!(out, "error: {e}");
     }
     if s.forwards.is_empty() {
-        println!("no forwards");
-        return Ok(());
+        let _ = writeln!(out, "no forwards");
+        return out;
     }
-    println!(
+    let _ = writeln!(
+        out,
         "\n{:<5} {:<9} {:>6} {:>6}  {:<11} {:>9} {:>11} {:>11}  REASON",
         "PROTO", "DIRECTION", "GUEST", "HOST", "STATE", "CONNS", "TO GUEST", "FROM GUEST"
     );
     for f in &s.forwards {
-        let get = |k: &str| f.get(k).cloned().unwrap_or_default();
-        let num = |k: &str| get(k).as_u64().unwrap_or(0);
-        let text = |k: &str| get(k).as_str().unwrap_or("").to_owned();
-        println!(
+        let _ = writeln!(
+            out,
             "{:<5} {:<9} {:>6} {:>6}  {:<11} {:>9} {:>11} {:>11}  {}",
-            text("proto"),
-            text("direction").replace('_', " "),
-            num("guest_port"),
-            num("host_port"),
-            text("state"),
-            format!("{}/{}", num("connections_active"), num("connections_total")),
-            human_bytes(num("bytes_to_guest")),
-            human_bytes(num("bytes_from_guest")),
-            text("reason"),
+            f.proto.to_string(),
+            f.direction.words(),
+            f.guest_port,
+            f.host_port,
+            f.state.as_str(),
+            format!("{}/{}", f.connections_active, f.connections_total),
+            human_bytes(f.bytes_to_guest),
+            human_bytes(f.bytes_from_guest),
+            f.reason.as_deref().unwrap_or(""),
         );
     }
-    Ok(())
+    out
 }
 
 fn human_bytes(n: u64) -> String {
@@ -319,21 +356,19 @@ fn human_bytes(n: u64) -> String {
 }
 
 async fn cli_set_enabled(
-    admin_socket: &std::path::Path,
+    endpoint: &Endpoint,
     settings_path: &std::path::Path,
     enabled: bool,
 ) -> anyhow::Result<()> {
     let word = if enabled { "enabled" } else { "disabled" };
-    match admin::request(admin_socket, &Request::SetEnabled { enabled }).await {
-        Ok(answer) if answer.get("ok").and_then(|v| v.as_bool()) == Some(true) => {
+    match hostnet_admin::request(endpoint, &Request::SetEnabled { enabled }).await {
+        Ok(Response::Error(e)) => anyhow::bail!("{}", e.error),
+        Ok(answer) => {
+            status_of(answer, "set_enabled")?;
             println!("host networking {word}");
             Ok(())
         }
-        Ok(answer) => {
-            anyhow::bail!("{}", answer.get("error").and_then(|e| e.as_str()).unwrap_or("the proxy refused"))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(not_running(admin_socket, &e)),
-        Err(_) => {
+        Err(e) if e.is_not_running() => {
             // Not running: change the file, the proxy reads it when it starts.
             let mut s = Settings::load(settings_path)?;
             s.enabled = enabled;
@@ -344,5 +379,59 @@ async fn cli_set_enabled(
             );
             Ok(())
         }
+        Err(e) => Err(no_answer(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hostnet_admin::{AgentLink, Direction, ForwardState, ForwardStatus};
+
+    #[test]
+    fn the_status_table_lines_up_typed_fields() {
+        let forward = |proto, direction, state, reason: Option<&str>| ForwardStatus {
+            proto,
+            direction,
+            guest_port: 8000,
+            host_port: 8080,
+            state,
+            reason: reason.map(str::to_owned),
+            host_addresses: vec![],
+            connections_active: 2,
+            connections_total: 7,
+            connections_refused: 0,
+            bytes_to_guest: 3 * 1024 * 1024,
+            bytes_from_guest: 12,
+        };
+        let s = Status {
+            enabled: false,
+            agent: AgentLink::Disconnected,
+            agent_error: Some("connection refused".into()),
+            settings_path: "/s.toml".into(),
+            errors: vec!["bad remap".into()],
+            forwards: vec![
+                forward(hostnet_protocol::Proto::Tcp, Direction::ToGuest, ForwardState::Forwarding, None),
+                forward(
+                    hostnet_protocol::Proto::Udp,
+                    Direction::ToHost,
+                    ForwardState::Conflict,
+                    Some("in use"),
+                ),
+            ],
+        };
+        let table = status_table(&s);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "host networking: OFF    agent: disconnected (connection refused)");
+        assert_eq!(lines[2], "error: bad remap");
+        assert!(lines[4].starts_with("PROTO DIRECTION  GUEST   HOST  STATE"), "{table}");
+        assert_eq!(
+            lines[5],
+            "tcp   to guest    8000   8080  forwarding        2/7     3.0 MiB        12 B  "
+        );
+        assert!(
+            lines[6].starts_with("udp   to host     8000   8080  conflict ")
+                && lines[6].ends_with("  in use")
+        );
     }
 }

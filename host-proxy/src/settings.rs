@@ -1,184 +1,20 @@
-//! `settings.toml`: what the user chose. Parsed strictly (unknown keys are errors), validated
-//! into sentences that name the key, and saved without losing the user's comments.
+//! `settings.toml` on disk: read (bounded), saved without losing the user's comments, and
+//! watched for edits. The type, its parsing and validation live in `hostnet_admin::settings`
+//! (re-exported here), shared with the settings window.
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
-use thiserror::Error;
+pub use hostnet_admin::settings::*;
 
-/// Largest settings file read: anything bigger is not a settings file.
-pub const MAX_SETTINGS_LEN: u64 = 64 * 1024;
-
-/// Where forwarded host ports listen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BindScope {
-    /// `127.0.0.1` and `::1`: only this machine can connect.
-    #[default]
-    Loopback,
-    /// `0.0.0.0` and `::`: other machines on the network can connect too (explicit opt-in).
-    All,
-}
-
-/// A port or an inclusive range, written `"N"` or `"N-M"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct PortRange {
-    pub first: u16,
-    pub last: u16,
-}
-
-impl PortRange {
-    pub fn contains(&self, port: u16) -> bool {
-        (self.first..=self.last).contains(&port)
-    }
-}
-
-impl FromStr for PortRange {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let port = |p: &str| -> Result<u16, String> {
-            match p.trim().parse::<u16>() {
-                Ok(0) | Err(_) => {
-                    Err(format!("{s:?} is not a port or range: use \"N\" or \"N-M\" with ports 1–65535"))
-                }
-                Ok(n) => Ok(n),
-            }
-        };
-        let (first, last) = match s.split_once('-') {
-            Some((a, b)) => (port(a)?, port(b)?),
-            None => {
-                let p = port(s)?;
-                (p, p)
-            }
-        };
-        if first > last {
-            return Err(format!("{s:?}: the range starts after it ends"));
-        }
-        Ok(PortRange { first, last })
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.first == self.last {
-            write!(f, "{}", self.first)
-        } else {
-            write!(f, "{}-{}", self.first, self.last)
-        }
-    }
-}
-
-impl Serialize for PortRange {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for PortRange {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// The user's settings. Every key is optional; missing ones take the defaults.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Settings {
-    /// "Enable host networking": off closes every forwarded port and guest-side redirect.
-    pub enabled: bool,
-    /// Where forwarded ports listen on this machine.
-    pub bind: BindScope,
-    /// Forward UDP as well as TCP.
-    pub udp: bool,
-    /// Let processes in the VM reach this machine's servers as localhost:PORT.
-    pub guest_to_host: bool,
-    /// Guest ports never forwarded (`"N"` or `"N-M"`).
-    pub ignore_ports: Vec<PortRange>,
-    /// Guest port → the host port it is forwarded to (default: the same number).
-    pub remap: BTreeMap<String, u16>,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            enabled: true,
-            bind: BindScope::Loopback,
-            udp: true,
-            guest_to_host: true,
-            ignore_ports: Vec::new(),
-            remap: BTreeMap::new(),
-        }
-    }
-}
-
-/// Why settings could not be read or saved; each names the file and, where it can, the key.
-#[derive(Debug, Error)]
-pub enum SettingsError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{path} is {len} bytes; a settings file is at most {MAX_SETTINGS_LEN} bytes")]
-    TooLarge { path: PathBuf, len: u64 },
-    #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String, key: Option<&'static str> },
-    #[error("cannot save {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
-}
-
-impl SettingsError {
-    /// The settings key the error is about, for a form to show it next to the field.
-    pub fn key(&self) -> Option<&'static str> {
-        match self {
-            SettingsError::Invalid { key, .. } => *key,
-            _ => None,
-        }
-    }
-}
-
-impl Settings {
-    /// Parses and validates the text of a settings file.
-    pub fn parse(text: &str, path: &Path) -> Result<Settings, SettingsError> {
-        let invalid = |message: String, key| SettingsError::Invalid { path: path.to_owned(), message, key };
-        let settings: Settings = toml::from_str(text).map_err(|e| {
-            let at = e.span().map(|s| s.start).unwrap_or(0);
-            let key = key_at(text, at);
-            let line = text.get(..at).unwrap_or_default().matches('\n').count() + 1;
-            let what = key.map(|k| format!("{k}: ")).unwrap_or_default();
-            invalid(format!("line {line}: {what}{}", e.message()), key)
-        })?;
-        settings.validate().map_err(|(key, message)| invalid(message, Some(key)))?;
-        Ok(settings)
-    }
-
-    /// Checks what TOML types cannot: remap keys are ports, no two guest ports share a host port.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        let mut seen: BTreeMap<u16, u16> = BTreeMap::new();
-        for (guest, &host) in &self.remap {
-            let g = match guest.parse::<u16>() {
-                Ok(0) | Err(_) => {
-                    return Err(("remap", format!("remap key {guest:?} is not a guest port (1–65535)")));
-                }
-                Ok(g) => g,
-            };
-            if host == 0 {
-                return Err(("remap", format!("remap {g} → 0: the host port must be 1–65535")));
-            }
-            if let Some(other) = seen.insert(host, g) {
-                return Err((
-                    "remap",
-                    format!("guest ports {other} and {g} are both remapped to host port {host}"),
-                ));
-            }
-        }
-        Ok(())
-    }
-
+/// Reading the settings file: `Settings::load(path)` with this trait in scope.
+pub trait SettingsFile: Sized {
     /// Reads `path`; a missing file means the defaults.
-    pub fn load(path: &Path) -> Result<Settings, SettingsError> {
+    fn load(path: &Path) -> Result<Self, SettingsError>;
+}
+
+impl SettingsFile for Settings {
+    /// Reads `path`; a missing file means the defaults.
+    fn load(path: &Path) -> Result<Settings, SettingsError> {
         let read_err = |source| SettingsError::Read { path: path.to_owned(), source };
         match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Settings::default()),
@@ -191,35 +27,6 @@ impl Settings {
         let text = std::fs::read_to_string(path).map_err(read_err)?;
         Settings::parse(&text, path)
     }
-
-    /// The host port a guest port is forwarded to, or `None` if it is ignored.
-    pub fn host_port_for(&self, guest_port: u16) -> Option<u16> {
-        if self.ignore_ports.iter().any(|r| r.contains(guest_port)) {
-            return None;
-        }
-        Some(self.remap.get(&guest_port.to_string()).copied().unwrap_or(guest_port))
-    }
-}
-
-/// The keys, for pointing an error at its field.
-const KEYS: [&str; 6] = ["enabled", "bind", "udp", "guest_to_host", "ignore_ports", "remap"];
-
-/// The settings key whose value contains byte `offset` of `text`: the key on that line, else
-/// the table the line is in.
-fn key_at(text: &str, offset: usize) -> Option<&'static str> {
-    let find = |name: &str| KEYS.iter().copied().find(|k| *k == name.trim());
-    let before = text.get(..offset.min(text.len())).unwrap_or_default();
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let line = text.get(line_start..).unwrap_or_default().lines().next().unwrap_or_default();
-    if let Some(k) = line.split_once('=').and_then(|(k, _)| find(k)) {
-        return Some(k);
-    }
-    before
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('['))
-        .and_then(|h| find(h.trim_matches(['[', ']'])))
 }
 
 /// Writes `settings` to `path`, keeping the comments and layout of what is there. Atomic: a
@@ -272,54 +79,6 @@ pub fn default_path() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parse(text: &str) -> Result<Settings, SettingsError> {
-        Settings::parse(text, Path::new("settings.toml"))
-    }
-
-    #[test]
-    fn empty_file_is_the_defaults() {
-        assert_eq!(parse("").unwrap(), Settings::default());
-        assert!(Settings::default().enabled && Settings::default().bind == BindScope::Loopback);
-    }
-
-    #[test]
-    fn every_key_parses() {
-        let s = parse(
-            "enabled = false\nbind = \"all\"\nudp = false\nguest_to_host = false\nignore_ports = [\"22\", \"5000-5010\"]\n[remap]\n80 = 8080\n",
-        )
-        .unwrap();
-        assert!(!s.enabled && !s.udp && !s.guest_to_host);
-        assert_eq!(s.bind, BindScope::All);
-        assert_eq!(s.host_port_for(22), None);
-        assert_eq!(s.host_port_for(5005), None);
-        assert_eq!(s.host_port_for(80), Some(8080));
-        assert_eq!(s.host_port_for(81), Some(81));
-    }
-
-    #[test]
-    fn bad_values_name_their_key() {
-        for (text, key, words) in [
-            ("enabeld = true", None, "unknown field"),
-            ("enabled = \"yes\"", Some("enabled"), "enabled"),
-            ("bind = \"lan\"", Some("bind"), "bind"),
-            ("ignore_ports = [\"70000\"]", Some("ignore_ports"), "1–65535"),
-            ("ignore_ports = [\"90-80\"]", Some("ignore_ports"), "starts after it ends"),
-            ("[remap]\nx = 80", Some("remap"), "not a guest port"),
-            ("[remap]\n80 = 0", Some("remap"), "host port must be"),
-            ("[remap]\n80 = 9000\n81 = 9000", Some("remap"), "both remapped"),
-            ("[remap]\n80 = 70000", Some("remap"), "remap"),
-            ("enabled = true\nenabled = false", None, "duplicate"),
-            ("not toml at all [", None, "settings.toml"),
-        ] {
-            let err = parse(text).unwrap_err();
-            let msg = err.to_string();
-            assert!(msg.contains(words), "{text:?}: {msg}");
-            if key.is_some() {
-                assert_eq!(err.key(), key, "{text:?}: {msg}");
-            }
-        }
-    }
 
     #[test]
     fn save_keeps_comments_and_round_trips() {

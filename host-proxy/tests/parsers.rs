@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use host_proxy::admin::Request;
-use host_proxy::settings::{self, PortRange, Settings};
+use host_proxy::settings::{self, PortRange, Settings, SettingsFile};
 use proptest::prelude::*;
 
 /// A TOML value of any type the settings use, and some they do not.

@@ -33,7 +33,7 @@ impl Proxy {
         let agent = UnixListener::bind(dir.join("agent.sock")).unwrap();
         let child = Command::new(bin("hostnet-proxy"))
             .arg("--admin-socket")
-            .arg(dir.join("admin.sock"))
+            .arg(dir.join("admin").join("admin.sock"))
             .arg("--config")
             .arg(dir.join("settings.toml"))
             .arg("run")
@@ -52,7 +52,7 @@ impl Proxy {
         }
         let out = Command::new(bin("hostnet-proxy"))
             .arg("--admin-socket")
-            .arg(self.dir.join("admin.sock"))
+            .arg(self.dir.join("admin").join("admin.sock"))
             .args(["status", "--json"])
             .output()
             .unwrap();

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use hostnet_tests::*;
 
-/// `host_proxy::admin::IDLE_TIMEOUT`: a connection without a complete request for this long
+/// `hostnet_admin::IDLE_TIMEOUT`: a connection without a complete request for this long
 /// is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// `host_proxy::admin::MAX_CLIENTS`.
+/// `hostnet_admin::MAX_CLIENTS`.
 const MAX_CLIENTS: usize = 64;
 
 fn connect(demo: &Demo) -> UnixStream {

@@ -126,7 +126,7 @@ impl Vm {
     fn status(&self) -> serde_json::Value {
         let out = Command::new(bin("hostnet-proxy"))
             .arg("--admin-socket")
-            .arg(self.run.join("admin.sock"))
+            .arg(self.run.join("admin").join("admin.sock"))
             .args(["status", "--json"])
             .output()
             .unwrap();

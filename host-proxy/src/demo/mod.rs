@@ -43,8 +43,8 @@ pub struct DemoOptions {
     pub guest_to_host: bool,
     /// The settings file.
     pub settings_path: PathBuf,
-    /// The admin socket (`None`: no admin API).
-    pub admin_socket: Option<PathBuf>,
+    /// The admin endpoint (`None`: no admin API).
+    pub admin_socket: Option<crate::admin::Endpoint>,
     /// Connections and UDP flows served at once.
     pub limits: crate::forward::Limits,
     /// Run the Windows build of the proxy under Wine instead of this one (`--windows`).
