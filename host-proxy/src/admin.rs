@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::LinkState;
 use crate::forward::{ForwardStats, ForwardStatus, Forwards};
-use crate::guest_streams::ToHostStats;
+use crate::guest_streams::{ToHost, ToHostStats};
 use crate::settings::{Settings, SettingsHandle};
 
 /// Longest request line accepted.
@@ -75,6 +75,9 @@ pub struct Status {
     /// Problems the user should see (an invalid settings file, say).
     pub errors: Vec<String>,
     pub forwards: Vec<serde_json::Value>,
+    /// Limits reached, each a sentence naming the limit and what changes it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<String>,
 }
 
 /// What the API serves from.
@@ -84,6 +87,7 @@ pub struct Admin {
     pub settings: SettingsHandle,
     pub link: watch::Receiver<LinkState>,
     pub host: watch::Receiver<Arc<ListenerSet>>,
+    pub to_host: ToHost,
     pub to_host_stats: ToHostStats,
 }
 
@@ -107,6 +111,37 @@ impl Admin {
             let counts = stats.get(&(proto, port)).cloned().unwrap_or_default();
             forwards.push(to_host_status(proto, port, addrs, &counts));
         }
+        // Desktop listeners the guest may not reach, and why (the guest→host policy).
+        let withheld = self.to_host.withheld.borrow().clone();
+        for (l, why) in withheld.iter() {
+            if host.iter().any(|o| o.proto == l.proto && o.port == l.port && o.addr == l.addr) {
+                continue;
+            }
+            forwards.push(ForwardStatus {
+                state: "not_offered",
+                reason: Some(format!("{} {}: {why}", l.addr, l.port)),
+                ..to_host_status(l.proto, l.port, Vec::new(), &ForwardStats::default())
+            });
+        }
+        let mut limits = Vec::new();
+        let limited: Vec<String> = forwards
+            .iter()
+            .filter(|f| f.state == "limited")
+            .map(|f| format!("{}/{}", f.proto, f.guest_port))
+            .collect();
+        if let (Some(first), Some(last)) = (limited.first(), limited.last()) {
+            limits.push(format!(
+                "{} guest port(s) not forwarded over the limits on host ports ({first} … {last}; each forward says which limit)",
+                limited.len()
+            ));
+        }
+        let refused = self.to_host.streams_refused.load(std::sync::atomic::Ordering::Relaxed);
+        if refused > 0 {
+            limits.push(format!(
+                "{refused} guest→host stream(s) closed at once: {} were open, the limit (--max-guest-streams)",
+                self.to_host.max_streams
+            ));
+        }
         Status {
             enabled: settings.enabled,
             agent: agent.to_owned(),
@@ -114,6 +149,7 @@ impl Admin {
             settings_path: self.settings.path.clone(),
             errors: self.settings.error().into_iter().collect(),
             forwards: forwards.iter().filter_map(|f| serde_json::to_value(f).ok()).collect(),
+            limits,
         }
     }
 

@@ -3,9 +3,10 @@
 //! data stream to the agent per accepted connection or UDP flow. The settings decide which
 //! guest ports are forwarded, to which host port, and whether anything is forwarded at all.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -34,11 +35,17 @@ pub struct Limits {
     pub connections: usize,
     /// UDP flows open at once.
     pub udp_flows: usize,
+    /// Guest→host streams (connections, flows, openings) served at once.
+    pub guest_streams: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { connections: MAX_CONNECTIONS, udp_flows: crate::udp::MAX_UDP_FLOWS }
+        Limits {
+            connections: MAX_CONNECTIONS,
+            udp_flows: crate::udp::MAX_UDP_FLOWS,
+            guest_streams: crate::guest_streams::MAX_GUEST_STREAMS,
+        }
     }
 }
 /// Backlog of each mirrored listening socket.
@@ -55,6 +62,8 @@ pub enum PortState {
     Ignored,
     /// Host networking (or UDP forwarding) is off in the settings.
     Disabled(String),
+    /// Not forwarded: a limit on what the guest may take on the desktop (`[limits]`).
+    Limited(String),
 }
 
 /// Live counts of one forward, shared by its connections.
@@ -117,6 +126,7 @@ impl PortState {
             PortState::Conflict(r) => ("conflict", Some(r.clone())),
             PortState::Ignored => ("ignored", Some("listed in ignore_ports".to_owned())),
             PortState::Disabled(r) => ("disabled", Some(r.clone())),
+            PortState::Limited(r) => ("limited", Some(r.clone())),
         }
     }
 }
@@ -135,8 +145,8 @@ struct PortForward {
     stats: Arc<ForwardStats>,
     /// Host addresses listening now.
     bound: Vec<IpAddr>,
-    /// Addresses of the scope another program holds, and why: a forward live on one family
-    /// keeps trying the other (`retry_conflicts`) until it frees up.
+    /// Addresses of the scope another program holds, and why (only while binding: a port
+    /// held on any address is not forwarded at all).
     missing: Vec<(IpAddr, String)>,
 }
 
@@ -146,19 +156,58 @@ enum Wanted {
     Forward { host_port: u16, bind: BindScope },
     Ignored,
     Disabled(String),
+    Limited(String),
 }
 
-#[derive(Default)]
 struct Table {
     guest: ListenerSet,
     settings: Arc<Settings>,
     ports: BTreeMap<(Proto, u16), PortForward>,
+    /// The desktop's ephemeral port range (where its outgoing connections get their ports).
+    ephemeral: RangeInclusive<u16>,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Table {
+            guest: ListenerSet::new(),
+            settings: Arc::default(),
+            ports: BTreeMap::new(),
+            ephemeral: ephemeral_port_range(),
+        }
+    }
 }
 
 impl Table {
-    /// What the settings want for every guest port.
+    /// What the settings and limits want for every guest port. Ports that hold a host port
+    /// now (forwarding, or in conflict) keep their place under the limits.
     fn wanted(&self) -> BTreeMap<(Proto, u16), Wanted> {
-        self.guest.ports().into_iter().map(|key| (key, wanted(&self.settings, key))).collect()
+        let holding: BTreeSet<(Proto, u16)> = self
+            .ports
+            .iter()
+            .filter(|(_, f)| matches!(f.state, PortState::Forwarding | PortState::Conflict(_)))
+            .map(|(k, _)| *k)
+            .collect();
+        plan(&self.guest.ports(), &self.settings, self.ephemeral.clone(), &holding)
+    }
+}
+
+/// The desktop's ephemeral port range: Linux's `ip_local_port_range` (default 32768–60999),
+/// elsewhere the IANA range macOS and Windows use, 49152–65535.
+pub fn ephemeral_port_range() -> RangeInclusive<u16> {
+    const IANA: RangeInclusive<u16> = 49152..=65535;
+    #[cfg(target_os = "linux")]
+    {
+        let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+        let mut nums = text.split_whitespace().filter_map(|n| n.parse::<u16>().ok());
+        match (nums.next(), nums.next()) {
+            (Some(first), Some(last)) if first <= last => first..=last,
+            _ => IANA,
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        IANA
     }
 }
 
@@ -301,10 +350,15 @@ impl Forwards {
         (t.guest.len(), forwarding)
     }
 
-    /// Tries again to bind ports that were held by another program; says so when one frees up
-    /// or its reason changes, and stays quiet otherwise.
+    /// Tries again to bind ports that were held by another program, if the settings say to
+    /// (`take_freed_ports`): otherwise a port the desktop held stays the desktop's, so a
+    /// desktop server that restarts finds its port free. Says so when one frees up, and stays
+    /// quiet otherwise.
     pub fn retry_conflicts(&self) {
         let mut t = self.lock();
+        if !t.settings.take_freed_ports {
+            return;
+        }
         let conflicted: Vec<_> = t
             .ports
             .iter()
@@ -317,29 +371,12 @@ impl Forwards {
             .collect();
         for ((proto, guest_port), host_port, bind, old_reason, stats) in conflicted {
             // Quietly: the reason found the first time stands while the port stays taken.
-            let mut fwd = self.start_port(proto, guest_port, host_port, bind, stats, false);
+            let mut fwd = self.start_port(proto, guest_port, host_port, bind, stats, false, true);
             match &fwd.state {
                 PortState::Forwarding => info!(port = host_port, "host port {host_port} is free now"),
                 _ => fwd.state = PortState::Conflict(old_reason),
             }
             t.ports.insert((proto, guest_port), fwd);
-        }
-        // Forwards live on one family whose other address was taken.
-        for (&(proto, guest_port), fwd) in t.ports.iter_mut() {
-            if fwd.state != PortState::Forwarding || fwd.missing.is_empty() {
-                continue;
-            }
-            let missing = std::mem::take(&mut fwd.missing);
-            for (ip, reason) in missing {
-                match bind(proto, SocketAddr::new(ip, fwd.host_port)) {
-                    Ok(socket) => {
-                        info!(port = fwd.host_port, "host port {} is free now on {ip} too", fwd.host_port);
-                        self.serve_socket(fwd, guest_port, socket);
-                        fwd.bound.push(ip);
-                    }
-                    Err(_) => fwd.missing.push((ip, reason)),
-                }
-            }
         }
     }
 
@@ -376,9 +413,10 @@ impl Forwards {
             }
             let (proto, guest_port) = key;
             let stats = Arc::new(ForwardStats::default());
+            let take_freed = t.settings.take_freed_ports;
             let fwd = match want {
                 Wanted::Forward { host_port, bind } => {
-                    let fwd = self.start_port(proto, guest_port, host_port, bind, stats, true);
+                    let fwd = self.start_port(proto, guest_port, host_port, bind, stats, true, take_freed);
                     if let PortState::Conflict(reason) = &fwd.state {
                         warn!(port = host_port, "{reason}");
                     }
@@ -386,12 +424,19 @@ impl Forwards {
                 }
                 Wanted::Ignored => PortForward::idle(guest_port, PortState::Ignored, stats),
                 Wanted::Disabled(why) => PortForward::idle(guest_port, PortState::Disabled(why), stats),
+                Wanted::Limited(why) => {
+                    debug!(proto = %proto, port = guest_port, "not forwarded: {why}");
+                    PortForward::idle(guest_port, PortState::Limited(why), stats)
+                }
             };
             t.ports.insert(key, fwd);
         }
     }
 
-    /// Binds `host_port` on the bind scope's addresses and starts serving it.
+    /// Binds `host_port` on the bind scope's addresses and starts serving it — on all of
+    /// them or none: a port the desktop holds on one family is the desktop's (`localhost`
+    /// clients try `::1` first; a mirror there would take the desktop's URL to the guest).
+    #[allow(clippy::too_many_arguments)]
     fn start_port(
         &self,
         proto: Proto,
@@ -400,6 +445,7 @@ impl Forwards {
         bind_scope: BindScope,
         stats: Arc<ForwardStats>,
         explain: bool,
+        take_freed: bool,
     ) -> PortForward {
         let stop = self.shutdown.child_token();
         let mut bound = Vec::new();
@@ -427,13 +473,19 @@ impl Forwards {
             bound: bound.iter().map(|(ip, _)| *ip).collect(),
             missing,
         };
-        if bound.is_empty() {
-            fwd.state = PortState::Conflict(fwd.missing_reason().unwrap_or_default());
+        if bound.is_empty() || !fwd.missing.is_empty() {
+            // Sockets bound on the other family close here (dropped unserved).
+            drop(bound);
+            fwd.bound.clear();
+            let then = if take_freed {
+                "the forward will start when it frees up"
+            } else {
+                "the port stays this desktop's, so the guest's port is not forwarded on any address \
+                 (take_freed_ports = true in the settings forwards it once the desktop frees it)"
+            };
+            fwd.state = PortState::Conflict(format!("{}; {then}", fwd.missing_reason().unwrap_or_default()));
             fwd.missing.clear();
             return fwd;
-        }
-        for (_, e) in &fwd.missing {
-            warn!(port = host_port, "{e}"); // One family failed, the other forwards.
         }
         let scope = match bind_scope {
             BindScope::Loopback => "loopback",
@@ -630,10 +682,67 @@ impl PortForward {
                 *host_port == self.host_port && *bind == self.bind
             }
             (Wanted::Ignored, PortState::Ignored) => true,
-            (Wanted::Disabled(a), PortState::Disabled(b)) => a == b,
+            (Wanted::Disabled(a), PortState::Disabled(b)) | (Wanted::Limited(a), PortState::Limited(b)) => {
+                a == b
+            }
             _ => false,
         }
     }
+}
+
+/// What the settings and the limits want for each of the guest's ports — a pure function,
+/// tested without sockets. The limits (`[limits]` in the settings) keep the desktop its own:
+/// at most `ports` host ports forwarded in all, and at most `ephemeral_ports` per protocol
+/// inside the desktop's ephemeral range, so a guest listening on thousands of ports there
+/// cannot leave the desktop's outgoing connections without a source port. Ports in `holding`
+/// (bound now) keep their place; the others are taken in port order.
+fn plan(
+    guest: &BTreeSet<(Proto, u16)>,
+    settings: &Settings,
+    ephemeral: RangeInclusive<u16>,
+    holding: &BTreeSet<(Proto, u16)>,
+) -> BTreeMap<(Proto, u16), Wanted> {
+    let limits = &settings.limits;
+    let mut out = BTreeMap::new();
+    let mut forward = Vec::new();
+    for &key in guest {
+        match wanted(settings, key) {
+            w @ Wanted::Forward { .. } => forward.push((key, w)),
+            other => {
+                out.insert(key, other);
+            }
+        }
+    }
+    forward.sort_by_key(|(key, _)| (!holding.contains(key), *key));
+    let mut total = 0usize;
+    let mut in_ephemeral: BTreeMap<Proto, usize> = BTreeMap::new();
+    for (key, w) in forward {
+        let Wanted::Forward { host_port, .. } = w else { continue };
+        if total >= limits.ports {
+            out.insert(
+                key,
+                Wanted::Limited(format!(
+                    "{} host ports are forwarded, the limit (limits.ports in the settings)",
+                    limits.ports
+                )),
+            );
+            continue;
+        }
+        if ephemeral.contains(&host_port) {
+            let n = in_ephemeral.entry(key.0).or_default();
+            if *n >= limits.ephemeral_ports {
+                out.insert(key, Wanted::Limited(format!(
+                    "host port {host_port} is in this desktop's ephemeral range ({}-{}), which keeps its ports for outgoing connections: {} {} ports there are forwarded, the limit (limits.ephemeral_ports in the settings)",
+                    ephemeral.start(), ephemeral.end(), limits.ephemeral_ports, key.0
+                )));
+                continue;
+            }
+            *n += 1;
+        }
+        total += 1;
+        out.insert(key, w);
+    }
+    out
 }
 
 /// What the settings want for a guest port.
@@ -702,13 +811,89 @@ fn describe_bind_error(proto: Proto, ip: IpAddr, port: u16, e: &io::Error, name_
                 None
             };
             let who = holder.map(|h| format!("by {h}")).unwrap_or_else(|| "by another program".to_owned());
-            format!(
-                "{proto} port {port} is already in use on the host ({at}) {who}; the forward will start when it frees up"
-            )
+            format!("{proto} port {port} is already in use on the host ({at}) {who}")
         }
-        io::ErrorKind::PermissionDenied => format!(
-            "binding {at} needs privileges on this host (ports below 1024 are restricted); the forward is not active"
-        ),
+        io::ErrorKind::PermissionDenied => {
+            format!("binding {at} needs privileges on this host (ports below 1024 are restricted)")
+        }
         _ => format!("cannot listen on {at}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp_ports(ports: impl IntoIterator<Item = u16>) -> BTreeSet<(Proto, u16)> {
+        ports.into_iter().map(|p| (Proto::Tcp, p)).collect()
+    }
+
+    fn forwarded(plan: &BTreeMap<(Proto, u16), Wanted>) -> Vec<u16> {
+        plan.iter().filter(|(_, w)| matches!(w, Wanted::Forward { .. })).map(|(k, _)| k.1).collect()
+    }
+
+    const EPHEMERAL: RangeInclusive<u16> = 32768..=60999;
+
+    #[test]
+    fn a_guest_on_thousands_of_ephemeral_ports_gets_only_its_share_of_them() {
+        let settings = Settings::default();
+        let guest = tcp_ports((40_000..43_000).chain([8080, 9000]));
+        let plan = plan(&guest, &settings, EPHEMERAL, &BTreeSet::new());
+        let ok = forwarded(&plan);
+        assert_eq!(ok.len(), 2 + settings.limits.ephemeral_ports, "two outside the range + the share");
+        assert!(ok.contains(&8080) && ok.contains(&9000));
+        let limited: Vec<_> = plan
+            .values()
+            .filter_map(|w| match w {
+                Wanted::Limited(why) => Some(why),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(limited.len(), 3000 - settings.limits.ephemeral_ports);
+        assert!(
+            limited
+                .iter()
+                .all(|w| w.contains("ephemeral range (32768-60999)") && w.contains("limits.ephemeral_ports")),
+            "{:?}",
+            limited.first()
+        );
+        // UDP has its own ports, so its own share.
+        let udp: BTreeSet<_> = (40_000..40_300).map(|p| (Proto::Udp, p)).collect();
+        assert_eq!(forwarded(&plan_for(&udp, &settings)).len(), settings.limits.ephemeral_ports);
+    }
+
+    fn plan_for(guest: &BTreeSet<(Proto, u16)>, settings: &Settings) -> BTreeMap<(Proto, u16), Wanted> {
+        plan(guest, settings, EPHEMERAL, &BTreeSet::new())
+    }
+
+    #[test]
+    fn the_total_caps_every_port_and_forwards_that_hold_a_port_keep_their_place() {
+        let mut settings = Settings::default();
+        settings.limits.ports = 3;
+        let guest = tcp_ports([1000, 2000, 3000, 4000, 5000]);
+        assert_eq!(forwarded(&plan_for(&guest, &settings)), vec![1000, 2000, 3000]);
+        // 4000 and 5000 were forwarding before 1000 and 2000 appeared: they stay.
+        let holding = tcp_ports([4000, 5000]);
+        assert_eq!(forwarded(&plan(&guest, &settings, EPHEMERAL, &holding)), vec![1000, 4000, 5000]);
+        let why = match &plan_for(&guest, &settings)[&(Proto::Tcp, 5000)] {
+            Wanted::Limited(why) => why.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert!(why.contains("limits.ports"), "{why}");
+    }
+
+    #[test]
+    fn remapped_ports_count_where_they_land_and_ignored_ones_take_nothing() {
+        let mut settings = Settings::default();
+        settings.limits.ephemeral_ports = 1;
+        settings.remap.insert("8080".into(), 40_000);
+        settings.ignore_ports = vec!["40001".parse().unwrap()];
+        let plan = plan_for(&tcp_ports([8080, 40_001, 40_002]), &settings);
+        assert_eq!(
+            plan[&(Proto::Tcp, 8080)],
+            Wanted::Forward { host_port: 40_000, bind: BindScope::Loopback }
+        );
+        assert_eq!(plan[&(Proto::Tcp, 40_001)], Wanted::Ignored);
+        assert!(matches!(plan[&(Proto::Tcp, 40_002)], Wanted::Limited(_)), "{plan:?}");
     }
 }

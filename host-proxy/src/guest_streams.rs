@@ -1,9 +1,15 @@
 //! Guest→host: the desktop's own listeners are advertised to the agent, and the streams the
 //! agent opens for intercepted guest connections are served here — only to loopback ports
 //! that are advertised right now.
+//!
+//! What is advertised is what the guest→host policy ([`crate::policy`]) allows: this user's
+//! listeners on `127.0.0.1`/`::1`/wildcards, unprivileged ports, the allow and deny lists.
+//! Every stream is checked against that set, so a guest process that speaks the protocol
+//! itself (vsock is not namespaced in the VM) reaches nothing more than the agent would.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,46 +18,82 @@ use hostnet_net::handshake::{self, FrameReader};
 use hostnet_net::relay;
 use hostnet_net::udp;
 use hostnet_net::{TransportSpec, TransportStream, watcher};
-use hostnet_protocol::{ListenerSet, Open, Proto};
-use tokio::sync::watch;
+use hostnet_protocol::{Listener, ListenerSet, Open, Proto};
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::HOST_POLL_INTERVAL;
 use crate::forward::ForwardStats;
+use crate::policy::{self, Decision, Withheld};
 use crate::settings::Settings;
 
+/// Most guest→host streams served at once — TCP connections, UDP flows and openings not yet
+/// complete, together — unless `--max-guest-streams` says otherwise. Past it a new stream is
+/// closed at once and counted in `status`: the guest cannot spend the proxy's descriptors
+/// (the admin API, and so `hostnet-proxy disable`, keeps working).
+pub const MAX_GUEST_STREAMS: usize = 4096;
+
+/// What the guest→host side shares with `status`.
+#[derive(Debug, Clone)]
+pub struct ToHost {
+    /// The desktop listeners the guest may reach: what is advertised and served.
+    pub advertised: watch::Receiver<Arc<ListenerSet>>,
+    /// The desktop listeners it may not, each with why.
+    pub withheld: watch::Receiver<Arc<BTreeMap<Listener, Withheld>>>,
+    /// Streams closed at once because [`MAX_GUEST_STREAMS`] (or the configured limit) were open.
+    pub streams_refused: Arc<AtomicU64>,
+    /// The limit in force.
+    pub max_streams: usize,
+}
+
+impl ToHost {
+    /// Guest→host off: nothing advertised, nothing withheld.
+    pub fn off() -> ToHost {
+        ToHost {
+            advertised: watch::channel(Arc::new(ListenerSet::new())).1,
+            withheld: watch::channel(Arc::default()).1,
+            streams_refused: Arc::default(),
+            max_streams: 0,
+        }
+    }
+}
+
 /// Starts watching the desktop's listeners and serving the agent's guest→host streams.
-/// Returns the set to advertise: the desktop's listeners while the settings allow guest→host,
-/// else empty (and always empty if either part cannot start).
+/// Advertises the desktop's listeners the policy allows while the settings allow guest→host,
+/// else nothing (and nothing if either part cannot start).
 pub async fn start(
     listen: &TransportSpec,
     settings: watch::Receiver<Arc<Settings>>,
     stats: ToHostStats,
+    max_streams: usize,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
-) -> watch::Receiver<Arc<ListenerSet>> {
-    let off = || watch::channel(Arc::new(ListenerSet::new())).1;
+) -> ToHost {
     let raw = match watcher::platform_source().and_then(|src| {
-        watcher::spawn(src, watcher::Trigger::best(HOST_POLL_INTERVAL), BTreeSet::new(), shutdown.clone())
+        watcher::spawn_found(src, watcher::Trigger::best(HOST_POLL_INTERVAL), shutdown.clone())
     }) {
         Ok(rx) => rx,
         Err(e) => {
             warn!("guest→host is off: cannot read this machine's listening sockets: {e}");
-            return off();
+            return ToHost::off();
         }
     };
     let acceptor = match listen.bind().await {
         Ok(a) => a,
         Err(e) => {
             warn!("guest→host is off: {e}");
-            return off();
+            return ToHost::off();
         }
     };
     info!(%listen, "serving guest→host connections");
-    let host = advertised(raw, settings, tracker, shutdown);
-    let (host2, shutdown2, tracker2) = (host.clone(), shutdown.clone(), tracker.clone());
+    let (advertised, withheld) = advertised(raw, settings, tracker, shutdown);
+    let to_host =
+        ToHost { advertised, withheld, streams_refused: Arc::default(), max_streams: max_streams.max(1) };
+    let streams = Arc::new(Semaphore::new(to_host.max_streams));
+    let (host2, shutdown2, tracker2, refused) =
+        (to_host.advertised.clone(), shutdown.clone(), tracker.clone(), to_host.streams_refused.clone());
     tracker.spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -60,8 +102,21 @@ pub async fn start(
             };
             match accepted {
                 Ok((stream, _)) => {
+                    let Ok(permit) = streams.clone().try_acquire_owned() else {
+                        // Closed at once (the drop), counted; logged at 1, 2, 4, 8…
+                        let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n.is_power_of_two() {
+                            warn!(
+                                "{max_streams} guest→host streams open, the limit: closing new ones ({n} so far)"
+                            );
+                        }
+                        continue;
+                    };
                     let (host, shutdown, stats) = (host2.clone(), shutdown2.clone(), stats.clone());
-                    tracker2.spawn(async move { serve(stream, host, stats, shutdown).await });
+                    tracker2.spawn(async move {
+                        serve(stream, host, stats, shutdown).await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     warn!("accepting a guest→host stream failed: {e}");
@@ -70,7 +125,7 @@ pub async fn start(
             }
         }
     });
-    host
+    to_host
 }
 
 /// Live counts of guest→host traffic per desktop port, for `status`.
@@ -80,17 +135,40 @@ fn stats_for(stats: &ToHostStats, proto: Proto, port: u16) -> Arc<ForwardStats> 
     stats.lock().unwrap_or_else(|p| p.into_inner()).entry((proto, port)).or_default().clone()
 }
 
-/// The desktop's listeners as far as the settings let the guest reach them.
+/// The policy applied to the desktop's listeners: what the guest may reach, and the rest with
+/// why. Nothing at all while host networking or guest→host is off.
+pub fn offer(found: &[watcher::Found], settings: &Settings) -> (ListenerSet, BTreeMap<Listener, Withheld>) {
+    let mut offered = ListenerSet::new();
+    let mut withheld = BTreeMap::new();
+    if !(settings.enabled && settings.guest_to_host) {
+        return (offered, withheld);
+    }
+    for f in found {
+        match policy::decide(&f.listener, f.is_this_users(), &settings.guest_to_host_policy) {
+            Decision::Allowed => {
+                offered.insert(f.listener);
+            }
+            Decision::Denied(why) => {
+                withheld.insert(f.listener, why);
+            }
+        }
+    }
+    // A listener allowed once (two sockets on one address, one of them ours to offer) is offered.
+    withheld.retain(|l, _| !offered.iter().any(|o| o == l));
+    (offered, withheld)
+}
+
+/// The desktop's listeners as far as the settings let the guest reach them, and the others.
+#[allow(clippy::type_complexity)]
 fn advertised(
-    mut raw: watch::Receiver<Arc<ListenerSet>>,
+    mut raw: watch::Receiver<Arc<Vec<watcher::Found>>>,
     mut settings: watch::Receiver<Arc<Settings>>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
-) -> watch::Receiver<Arc<ListenerSet>> {
-    let compute = |raw: &Arc<ListenerSet>, s: &Settings| {
-        if s.enabled && s.guest_to_host { raw.clone() } else { Arc::new(ListenerSet::new()) }
-    };
-    let (tx, rx) = watch::channel(compute(&raw.borrow_and_update(), &settings.borrow_and_update()));
+) -> (watch::Receiver<Arc<ListenerSet>>, watch::Receiver<Arc<BTreeMap<Listener, Withheld>>>) {
+    let (set, why) = offer(&raw.borrow_and_update(), &settings.borrow_and_update());
+    let (tx, rx) = watch::channel(Arc::new(set));
+    let (why_tx, why_rx) = watch::channel(Arc::new(why));
     let stop = shutdown.clone();
     tracker.spawn(async move {
         loop {
@@ -99,15 +177,24 @@ fn advertised(
                 r = raw.changed() => if r.is_err() { return },
                 r = settings.changed() => if r.is_err() { return },
             }
-            let next = compute(&raw.borrow_and_update(), &settings.borrow_and_update());
+            let (next, why) = offer(&raw.borrow_and_update(), &settings.borrow_and_update());
             tx.send_if_modified(|cur| {
-                let changed = **cur != *next;
-                *cur = next;
+                let changed = **cur != next;
+                if changed {
+                    *cur = Arc::new(next);
+                }
+                changed
+            });
+            why_tx.send_if_modified(|cur| {
+                let changed = **cur != why;
+                if changed {
+                    *cur = Arc::new(why);
+                }
                 changed
             });
         }
     });
-    rx
+    (rx, why_rx)
 }
 
 /// One guest connection: connect to the advertised desktop port, relay.

@@ -10,7 +10,6 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use hostnet_net::{Connector, TransportSpec};
-use hostnet_protocol::ListenerSet;
 use settings::SettingsHandle;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +20,7 @@ pub mod demo;
 pub mod forward;
 pub mod guest_streams;
 mod link;
+pub mod policy;
 pub mod settings;
 pub mod udp;
 
@@ -90,18 +90,28 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
         });
     }
     let to_host_stats = guest_streams::ToHostStats::default();
-    let host = match &config.guest_listen {
+    let to_host = match &config.guest_listen {
         Some(spec) => {
-            guest_streams::start(spec, settings.subscribe(), to_host_stats.clone(), &tracker, &shutdown).await
+            guest_streams::start(
+                spec,
+                settings.subscribe(),
+                to_host_stats.clone(),
+                config.limits.guest_streams,
+                &tracker,
+                &shutdown,
+            )
+            .await
         }
-        None => watch::channel(Arc::new(ListenerSet::new())).1,
+        None => guest_streams::ToHost::off(),
     };
+    let host = to_host.advertised.clone();
     if let Some(path) = &config.admin_socket {
         let api = admin::Admin {
             forwards: forwards.clone(),
             settings: settings.clone(),
             link: state.subscribe(),
             host: host.clone(),
+            to_host: to_host.clone(),
             to_host_stats,
         };
         if let Err(e) = admin::serve(path, api, &tracker, &shutdown) {

@@ -101,11 +101,18 @@ struct LimitArgs {
     /// UDP flows (desktop client addresses) open at once; datagrams of more are dropped.
     #[arg(long, value_name = "N", default_value_t = host_proxy::udp::MAX_UDP_FLOWS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_udp_flows: u32,
+    /// Guest→host streams (connections, UDP flows, openings) served at once; more are closed.
+    #[arg(long, value_name = "N", default_value_t = host_proxy::guest_streams::MAX_GUEST_STREAMS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_guest_streams: u32,
 }
 
 impl LimitArgs {
     fn limits(&self) -> forward::Limits {
-        forward::Limits { connections: self.max_connections as usize, udp_flows: self.max_udp_flows as usize }
+        forward::Limits {
+            connections: self.max_connections as usize,
+            udp_flows: self.max_udp_flows as usize,
+            guest_streams: self.max_guest_streams as usize,
+        }
     }
 }
 
@@ -230,6 +237,9 @@ async fn cli_status(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
     println!("settings: {}", s.settings_path.display());
     for e in &s.errors {
         println!("error: {e}");
+    }
+    for l in &s.limits {
+        println!("limit: {l}");
     }
     if s.forwards.is_empty() {
         println!("no forwards");

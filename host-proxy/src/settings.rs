@@ -9,6 +9,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::policy::{ForwardLimits, GuestToHostPolicy};
+
 /// Largest settings file read: anything bigger is not a settings file.
 pub const MAX_SETTINGS_LEN: u64 = 64 * 1024;
 
@@ -101,6 +103,13 @@ pub struct Settings {
     pub ignore_ports: Vec<PortRange>,
     /// Guest port → the host port it is forwarded to (default: the same number).
     pub remap: BTreeMap<String, u16>,
+    /// Which desktop listeners the guest may reach (`[guest_to_host_policy]`).
+    pub guest_to_host_policy: GuestToHostPolicy,
+    /// A guest port whose host port a desktop program held starts forwarding once the desktop
+    /// frees it. Off: the port stays the desktop's (a desktop server that restarts gets it back).
+    pub take_freed_ports: bool,
+    /// How many host ports the guest's listeners may take (`[limits]`).
+    pub limits: ForwardLimits,
 }
 
 impl Default for Settings {
@@ -112,6 +121,9 @@ impl Default for Settings {
             guest_to_host: true,
             ignore_ports: Vec::new(),
             remap: BTreeMap::new(),
+            guest_to_host_policy: GuestToHostPolicy::default(),
+            take_freed_ports: false,
+            limits: ForwardLimits::default(),
         }
     }
 }
@@ -123,6 +135,8 @@ pub enum SettingsError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path} is {len} bytes; a settings file is at most {MAX_SETTINGS_LEN} bytes")]
     TooLarge { path: PathBuf, len: u64 },
+    #[error("{path} is not a regular file ({kind}); settings are read only from a regular file")]
+    NotAFile { path: PathBuf, kind: &'static str },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String, key: Option<&'static str> },
     #[error("cannot save {path}: {source}")]
@@ -174,22 +188,21 @@ impl Settings {
                 ));
             }
         }
-        Ok(())
+        self.guest_to_host_policy.validate()?;
+        self.limits.validate()
     }
 
-    /// Reads `path`; a missing file means the defaults.
+    /// Reads `path`; a missing file means the defaults. Only a regular file of at most
+    /// [`MAX_SETTINGS_LEN`] bytes is read: a FIFO or a device (`/dev/zero`) put in its place
+    /// neither blocks the proxy nor makes it grow.
     pub fn load(path: &Path) -> Result<Settings, SettingsError> {
-        let read_err = |source| SettingsError::Read { path: path.to_owned(), source };
-        match std::fs::metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Settings::default()),
-            Err(e) => return Err(read_err(e)),
-            Ok(m) if m.len() > MAX_SETTINGS_LEN => {
-                return Err(SettingsError::TooLarge { path: path.to_owned(), len: m.len() });
+        match read_settings_file(path) {
+            Err(SettingsError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(Settings::default())
             }
-            Ok(_) => {}
+            Err(e) => Err(e),
+            Ok(text) => Settings::parse(&text, path),
         }
-        let text = std::fs::read_to_string(path).map_err(read_err)?;
-        Settings::parse(&text, path)
     }
 
     /// The host port a guest port is forwarded to, or `None` if it is ignored.
@@ -201,8 +214,50 @@ impl Settings {
     }
 }
 
+/// The text of the settings file at `path`, if it is a regular file of at most
+/// [`MAX_SETTINGS_LEN`] bytes. Opened without blocking (a FIFO would wait for a writer), then
+/// checked on the open file itself, and read no further than the limit.
+pub fn read_settings_file(path: &Path) -> Result<String, SettingsError> {
+    use std::io::Read;
+    let read_err = |source| SettingsError::Read { path: path.to_owned(), source };
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc_nonblock());
+    let file = options.open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() { "a directory" } else { "a device, pipe or socket" };
+        return Err(SettingsError::NotAFile { path: path.to_owned(), kind });
+    }
+    if meta.len() > MAX_SETTINGS_LEN {
+        return Err(SettingsError::TooLarge { path: path.to_owned(), len: meta.len() });
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_SETTINGS_LEN + 1).read_to_end(&mut bytes).map_err(read_err)?;
+    if bytes.len() as u64 > MAX_SETTINGS_LEN {
+        return Err(SettingsError::TooLarge { path: path.to_owned(), len: bytes.len() as u64 });
+    }
+    String::from_utf8(bytes).map_err(|e| read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+}
+
+#[cfg(unix)]
+fn libc_nonblock() -> i32 {
+    nix::fcntl::OFlag::O_NONBLOCK.bits()
+}
+
 /// The keys, for pointing an error at its field.
-const KEYS: [&str; 6] = ["enabled", "bind", "udp", "guest_to_host", "ignore_ports", "remap"];
+const KEYS: [&str; 9] = [
+    "enabled",
+    "bind",
+    "udp",
+    "guest_to_host",
+    "ignore_ports",
+    "remap",
+    "guest_to_host_policy",
+    "take_freed_ports",
+    "limits",
+];
 
 /// The settings key whose value contains byte `offset` of `text`: the key on that line, else
 /// the table the line is in.
@@ -226,7 +281,7 @@ fn key_at(text: &str, offset: usize) -> Option<&'static str> {
 /// reader sees the old file or the new one.
 pub fn save(path: &Path, settings: &Settings) -> Result<(), SettingsError> {
     let write_err = |source| SettingsError::Write { path: path.to_owned(), source };
-    let mut doc: toml_edit::DocumentMut = match std::fs::read_to_string(path) {
+    let mut doc: toml_edit::DocumentMut = match read_settings_file(path) {
         Ok(text) => text.parse().unwrap_or_default(),
         Err(_) => toml_edit::DocumentMut::new(),
     };
@@ -341,6 +396,42 @@ mod tests {
         let big = dir.path().join("big.toml");
         std::fs::write(&big, vec![b'#'; MAX_SETTINGS_LEN as usize + 1]).unwrap();
         assert!(matches!(Settings::load(&big), Err(SettingsError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn a_fifo_or_a_device_in_place_of_the_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let zero = dir.path().join("zero.toml");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        for path in [fifo, zero, dir.path().to_owned()] {
+            // On today's main a FIFO blocks here for good and /dev/zero grows until memory runs out.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let p = path.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(Settings::load(&p).map(|_| ()).map_err(|e| e.to_string()));
+            });
+            let result = rx.recv_timeout(std::time::Duration::from_secs(5)).expect("load returned");
+            let err = result.unwrap_err();
+            assert!(err.contains("not a regular file"), "{}: {err}", path.display());
+        }
+    }
+
+    #[test]
+    fn the_guest_to_host_policy_table_parses_and_names_its_key() {
+        let s = parse("[guest_to_host_policy]\nallow_ports = [\"80\", \"600-700\"]\ndeny_ports = [\"9222\"]\nother_users = true\n").unwrap();
+        assert_eq!(s.guest_to_host_policy.allow_ports.len(), 2);
+        assert!(s.guest_to_host_policy.other_users && !s.guest_to_host_policy.only_allowed);
+        for (text, words) in [
+            ("[guest_to_host_policy]\ndeny_ports = [\"0\"]", "1–65535"),
+            ("[guest_to_host_policy]\nallow = []", "unknown field"),
+            ("[guest_to_host_policy]\nonly_allowed = true", "allow_ports"),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert_eq!(err.key(), Some("guest_to_host_policy"), "{text:?}: {err}");
+            assert!(err.to_string().contains(words), "{text:?}: {err}");
+        }
     }
 }
 

@@ -14,6 +14,11 @@ use crate::listener::{Listener, Proto};
 /// Largest frame body accepted or sent. A snapshot of ~10 000 listeners fits; more than that is
 /// refused rather than buffered.
 pub const MAX_FRAME_LEN: usize = 1 << 20;
+/// Largest opening frame accepted: the first frame of a stream (`Open`, `OpenReply`, the
+/// control stream's `Hello`) is ~100 bytes; only the control stream's later frames
+/// (snapshots) need [`MAX_FRAME_LEN`]. So a peer that opens many streams and announces big
+/// openings makes the other side buffer at most this much per stream, not a megabyte.
+pub const MAX_OPENING_LEN: usize = 4096;
 /// Bytes of the length prefix.
 pub const FRAME_HEADER_LEN: usize = 4;
 
@@ -94,8 +99,8 @@ pub enum OpenReply {
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, Error)]
 pub enum FrameError {
-    #[error("frame of {len} bytes exceeds the limit of {MAX_FRAME_LEN} bytes")]
-    TooLong { len: usize },
+    #[error("frame of {len} bytes exceeds the limit of {limit} bytes")]
+    TooLong { len: usize, limit: usize },
     #[error("malformed frame: {0}")]
     Malformed(#[from] serde_json::Error),
 }
@@ -104,7 +109,7 @@ pub enum FrameError {
 pub fn encode_frame<T: Serialize>(msg: &T, out: &mut impl BufMut) -> Result<(), FrameError> {
     let body = serde_json::to_vec(msg)?;
     if body.len() > MAX_FRAME_LEN {
-        return Err(FrameError::TooLong { len: body.len() });
+        return Err(FrameError::TooLong { len: body.len(), limit: MAX_FRAME_LEN });
     }
     // Cannot truncate: MAX_FRAME_LEN < u32::MAX.
     out.put_u32(body.len() as u32);
@@ -122,7 +127,17 @@ impl FrameDecoder {
     /// Takes one whole frame off the front of `buf`, or returns `Ok(None)` if more bytes are
     /// needed. On error the stream is unusable and must be closed.
     pub fn decode<T: DeserializeOwned>(&self, buf: &mut BytesMut) -> Result<Option<T>, FrameError> {
-        let Some(len) = peek_len(buf)? else {
+        self.decode_at_most(buf, MAX_FRAME_LEN)
+    }
+
+    /// [`Self::decode`] with a lower limit than [`MAX_FRAME_LEN`] (an opening frame's,
+    /// [`MAX_OPENING_LEN`]): a longer announced body is refused before anything is reserved.
+    pub fn decode_at_most<T: DeserializeOwned>(
+        &self,
+        buf: &mut BytesMut,
+        limit: usize,
+    ) -> Result<Option<T>, FrameError> {
+        let Some(len) = peek_len(buf, limit.min(MAX_FRAME_LEN))? else {
             return Ok(None);
         };
         let total = FRAME_HEADER_LEN + len;
@@ -136,14 +151,14 @@ impl FrameDecoder {
     }
 }
 
-/// The body length announced at the front of `buf`, checked against [`MAX_FRAME_LEN`].
-fn peek_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
+/// The body length announced at the front of `buf`, checked against `limit`.
+fn peek_len(buf: &[u8], limit: usize) -> Result<Option<usize>, FrameError> {
     let Some(&[a, b, c, d]) = buf.get(..FRAME_HEADER_LEN) else {
         return Ok(None);
     };
     let len = u32::from_be_bytes([a, b, c, d]) as usize;
-    if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLong { len });
+    if len > limit {
+        return Err(FrameError::TooLong { len, limit });
     }
     Ok(Some(len))
 }
@@ -218,6 +233,22 @@ mod tests {
             br#"{"type":"snapshot","listeners":[{"proto":"tcp","addr":"::","port":8000}]}"#,
         );
         assert_eq!(&wire[..], &want[..]);
+    }
+
+    #[test]
+    fn an_opening_is_bounded_far_below_a_control_frame() {
+        // A real opening fits; an announced 1 MiB body is refused before a byte is reserved.
+        let mut wire = BytesMut::new();
+        let open =
+            Open::Tcp { addr: "::1".parse().unwrap(), port: 80, peer: Some("[::1]:40000".parse().unwrap()) };
+        encode_frame(&open, &mut wire).unwrap();
+        assert_eq!(FrameDecoder.decode_at_most::<Open>(&mut wire, MAX_OPENING_LEN).unwrap(), Some(open));
+        let mut buf = BytesMut::from(&(MAX_FRAME_LEN as u32).to_be_bytes()[..]);
+        let err = FrameDecoder.decode_at_most::<Open>(&mut buf, MAX_OPENING_LEN).unwrap_err();
+        assert!(matches!(err, FrameError::TooLong { limit: MAX_OPENING_LEN, .. }), "{err}");
+        assert!(buf.capacity() < 1024, "nothing reserved for it");
+        let mut buf = BytesMut::from(&(MAX_OPENING_LEN as u32 + 1).to_be_bytes()[..]);
+        assert!(FrameDecoder.decode_at_most::<Open>(&mut buf, MAX_OPENING_LEN).is_err());
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub mod listener;
 pub mod preface;
 
 pub use chunk::{ChunkDecoder, ChunkError, ChunkEvent, MAX_CHUNK_LEN};
-pub use frame::{Control, FrameDecoder, FrameError, MAX_FRAME_LEN, Open, OpenReply, Role, encode_frame};
+pub use frame::{
+    Control, FrameDecoder, FrameError, MAX_FRAME_LEN, MAX_OPENING_LEN, Open, OpenReply, Role, encode_frame,
+};
 pub use listener::{Listener, ListenerSet, Proto};
 pub use preface::{PREFACE_LEN, Preface, PrefaceError, VERSION};

@@ -105,7 +105,7 @@ fn editing_the_file_toggles_and_a_bad_edit_keeps_forwarding() {
 }
 
 #[test]
-fn a_conflict_is_reported_with_its_holder_and_heals() {
+fn a_conflict_is_reported_with_its_holder_and_heals_when_the_settings_say_so() {
     let demo = Demo::start();
     let (port, held) = hold_port();
     let _srv = GuestServer::serve(demo.listen(addr("0.0.0.0", port), false), echo);
@@ -119,6 +119,9 @@ fn a_conflict_is_reported_with_its_holder_and_heals() {
     );
     let human = String::from_utf8_lossy(&demo.cli(&["status"]).stdout).into_owned();
     assert!(human.contains("conflict") && human.contains("already in use"), "{human}");
+    assert!(reason.contains("take_freed_ports"), "status says what would take the port: {reason}");
+    write_settings(&demo, "take_freed_ports = true\n");
+    wait_until("the setting applies", || demo.log_text().contains("settings changed"));
     drop(held);
     connect_when_forwarded(loopback(false, port));
     assert_eq!(forward(&demo, "tcp", port).unwrap()["state"], "forwarding");
