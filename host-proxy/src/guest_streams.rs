@@ -60,6 +60,19 @@ impl ToHost {
     }
 }
 
+/// Refuses a guest→host endpoint other machines could reach: `tcp:` beyond loopback only
+/// when `beyond_loopback` says the user asked for it (`--listen-beyond-loopback`).
+pub fn check_listen(spec: &TransportSpec, beyond_loopback: bool) -> Result<(), String> {
+    match spec {
+        TransportSpec::Tcp(addr) if !addr.ip().is_loopback() && !beyond_loopback => Err(format!(
+            "--listen {spec} would let other machines on the network open guest→host streams to \
+             this desktop's servers; use a loopback address (tcp:127.0.0.1:PORT), a vsock or Unix \
+             socket, or add --listen-beyond-loopback if that is what you want"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Starts watching the desktop's listeners and serving the agent's guest→host streams.
 /// Advertises the desktop's listeners the policy allows while the settings allow guest→host,
 /// else nothing (and nothing if either part cannot start).
@@ -270,4 +283,44 @@ async fn serve_udp(
     let idle = Some(crate::udp::UDP_IDLE_TIMEOUT * 2);
     let stats = udp::relay_connected(&stream, &mut reader, &socket, idle, &shutdown).await;
     debug!(?stats, "guest→host udp flow finished");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_to_host_endpoint_beyond_loopback_needs_the_flag() {
+        for spec in ["tcp:0.0.0.0:1025", "tcp:[::]:1025", "tcp:192.168.1.2:1025"] {
+            let spec: TransportSpec = spec.parse().unwrap();
+            let err = check_listen(&spec, false).unwrap_err();
+            assert!(err.contains("--listen-beyond-loopback"), "{err}");
+            assert!(check_listen(&spec, true).is_ok());
+        }
+        for spec in ["tcp:127.0.0.1:1025", "tcp:[::1]:1025", "unix:/run/x.sock", "vsock:any:1025"] {
+            assert!(check_listen(&spec.parse().unwrap(), false).is_ok(), "{spec}");
+        }
+    }
+
+    fn found(addr: &str, port: u16, uid: u32) -> watcher::Found {
+        watcher::Found {
+            listener: Listener { proto: Proto::Tcp, addr: addr.parse().unwrap(), port },
+            inode: 1,
+            uid,
+            connected: false,
+        }
+    }
+
+    #[test]
+    fn the_offer_is_the_policys_and_nothing_while_off() {
+        let me = nix::unistd::geteuid().as_raw();
+        let other = me.wrapping_add(1);
+        let desktop =
+            [found("127.0.0.1", 8080, me), found("127.0.0.1", 5432, other), found("127.0.0.53", 5353, me)];
+        let (offered, withheld) = offer(&desktop, &Settings::default());
+        assert_eq!(offered.ports(), [(Proto::Tcp, 8080)].into_iter().collect());
+        assert_eq!(withheld.len(), 2, "{withheld:?}");
+        let off = Settings { guest_to_host: false, ..Settings::default() };
+        assert_eq!(offer(&desktop, &off), (ListenerSet::new(), BTreeMap::new()));
+    }
 }

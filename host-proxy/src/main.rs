@@ -52,6 +52,10 @@ enum Cmd {
         /// vhost-vsock; hyperv:VMID:1025 (Windows). Off when not given.
         #[arg(long, value_name = "SPEC")]
         listen: Option<TransportSpec>,
+        /// Allow --listen tcp: on an address beyond loopback (other machines could then speak
+        /// the guest→host protocol to this proxy).
+        #[arg(long)]
+        listen_beyond_loopback: bool,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -142,7 +146,14 @@ async fn main() -> ExitCode {
         Cmd::Status { json } => cli_status(&admin_socket, json).await,
         Cmd::Enable => cli_set_enabled(&admin_socket, &settings_path, true).await,
         Cmd::Disable => cli_set_enabled(&admin_socket, &settings_path, false).await,
-        Cmd::Run { transport, listen, limits } => {
+        Cmd::Run { transport, listen, listen_beyond_loopback, limits } => {
+            if let Some(Err(e)) = listen
+                .as_ref()
+                .map(|spec| host_proxy::guest_streams::check_listen(spec, listen_beyond_loopback))
+            {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
             tokio::spawn(announce_ready(
                 state_rx,
                 format!("hostnet-proxy ready: forwarding ports from the agent at {transport}"),

@@ -349,3 +349,31 @@ fn guest_to_host_streams_past_the_limit_are_closed_at_once_and_counted() {
     let human = String::from_utf8_lossy(&demo.cli(&["status"]).stdout).into_owned();
     assert!(human.contains("limit:") && human.contains("guest→host stream"), "{human}");
 }
+
+#[test]
+fn a_guest_to_host_endpoint_beyond_loopback_is_refused_unless_asked_for() {
+    let dir = std::env::temp_dir().join(format!("hostnet-listen-{}", std::process::id()));
+    let run = |extra: &[&str]| {
+        Command::new(bin("hostnet-proxy"))
+            .arg("--admin-socket")
+            .arg(dir.join("admin.sock"))
+            .arg("--config")
+            .arg(dir.join("settings.toml"))
+            .args(["run", "--transport", "unix:/nonexistent/agent.sock", "--listen", "tcp:0.0.0.0:0"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let out = run(&[]).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--listen-beyond-loopback"), "{err}");
+    // With the flag it starts (and keeps waiting for its agent until stopped).
+    let mut child = run(&["--listen-beyond-loopback"]);
+    wait_until("the proxy serves its admin API", || dir.join("admin.sock").exists());
+    assert!(child.try_wait().unwrap().is_none(), "runs when asked for");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
