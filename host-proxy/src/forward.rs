@@ -218,6 +218,11 @@ const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 #[derive(Clone)]
 pub struct Forwards {
     table: Arc<Mutex<Table>>,
+    /// The guest's listeners, for the accept path: its own lock, held only to clone an `Arc`,
+    /// so a connection never waits on the table (binds, reconciles) to learn its target.
+    targets: Arc<Mutex<Arc<ListenerSet>>>,
+    /// Held for a whole reconcile: the settings task and the link task never reconcile at once.
+    reconciling: Arc<tokio::sync::Mutex<()>>,
     /// Cancelled (and replaced) when host networking is switched off: closes open connections.
     generation: Arc<Mutex<CancellationToken>>,
     pub(crate) connector: Arc<dyn Connector>,
@@ -247,6 +252,8 @@ impl Forwards {
     ) -> Self {
         Forwards {
             table: Arc::default(),
+            targets: Arc::default(),
+            reconciling: Arc::default(),
             generation: Arc::new(Mutex::new(shutdown.child_token())),
             connector,
             tracker,
@@ -319,28 +326,36 @@ impl Forwards {
 
     /// The agent's full set (a snapshot): forward exactly these.
     pub async fn replace_all(&self, guest: ListenerSet) {
-        self.lock().guest = guest;
+        self.change_guest(|g| *g = guest);
         self.reconcile().await;
     }
 
     pub async fn add(&self, listeners: &[Listener]) {
-        self.lock().guest.extend(listeners.iter().copied());
+        self.change_guest(|g| g.extend(listeners.iter().copied()));
         self.reconcile().await;
     }
 
     pub async fn remove(&self, listeners: &[Listener]) {
-        {
-            let mut t = self.lock();
+        self.change_guest(|g| {
             for l in listeners {
-                t.guest.remove(l);
+                g.remove(l);
             }
-        }
+        });
         self.reconcile().await;
+    }
+
+    /// Changes the guest's listeners in the table and in what the accept path reads.
+    fn change_guest(&self, change: impl FnOnce(&mut ListenerSet)) {
+        let mut t = self.lock();
+        change(&mut t.guest);
+        let now = Arc::new(t.guest.clone());
+        *self.targets.lock().unwrap_or_else(|p| p.into_inner()) = now;
     }
 
     /// The guest address a client of the given family is relayed to, if anything listens.
     pub(crate) fn target_for(&self, proto: Proto, port: u16, client_v6: bool) -> Option<IpAddr> {
-        self.lock().guest.target_for(proto, port, client_v6)
+        let targets = self.targets.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        targets.target_for(proto, port, client_v6)
     }
 
     /// Number of guest listeners known and host ports forwarding.
@@ -371,7 +386,7 @@ impl Forwards {
             .collect();
         for ((proto, guest_port), host_port, bind, old_reason, stats) in conflicted {
             // Quietly: the reason found the first time stands while the port stays taken.
-            let mut fwd = self.start_port(proto, guest_port, host_port, bind, stats, false, true);
+            let mut fwd = self.start_port(proto, guest_port, host_port, bind, stats, true);
             match &fwd.state {
                 PortState::Forwarding => info!(port = host_port, "host port {host_port} is free now"),
                 _ => fwd.state = PortState::Conflict(old_reason),
@@ -384,6 +399,7 @@ impl Forwards {
     /// must go and waits for those sockets to be really closed (a forward that moves to another
     /// bind scope would otherwise collide with itself), then opens what is missing.
     async fn reconcile(&self) {
+        let _one_at_a_time = self.reconciling.lock().await;
         let closing: Vec<TaskTracker> = {
             let mut t = self.lock();
             let wanted = t.wanted();
@@ -406,6 +422,7 @@ impl Forwards {
         for tasks in closing {
             let _ = tokio::time::timeout(CLOSE_WAIT, tasks.wait()).await;
         }
+        let mut to_name = Vec::new();
         let mut t = self.lock();
         for (key, want) in t.wanted() {
             if t.ports.contains_key(&key) {
@@ -416,9 +433,13 @@ impl Forwards {
             let take_freed = t.settings.take_freed_ports;
             let fwd = match want {
                 Wanted::Forward { host_port, bind } => {
-                    let fwd = self.start_port(proto, guest_port, host_port, bind, stats, true, take_freed);
+                    let fwd = self.start_port(proto, guest_port, host_port, bind, stats, take_freed);
                     if let PortState::Conflict(reason) = &fwd.state {
-                        warn!(port = host_port, "{reason}");
+                        if reason.contains(ANOTHER_PROGRAM) {
+                            to_name.push((key, host_port));
+                        } else {
+                            warn!(port = host_port, "{reason}");
+                        }
                     }
                     fwd
                 }
@@ -431,12 +452,48 @@ impl Forwards {
             };
             t.ports.insert(key, fwd);
         }
+        drop(t);
+        if !to_name.is_empty() {
+            self.name_holders(to_name);
+        }
+    }
+
+    /// Names the programs holding conflicting host ports, off the table's lock and the
+    /// runtime's workers (it walks every process's descriptors), then puts the names in the
+    /// ports' reasons and logs them.
+    fn name_holders(&self, ports: Vec<((Proto, u16), u16)>) {
+        let this = self.clone();
+        let stop = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            for ((proto, guest_port), host_port) in ports {
+                if stop.is_cancelled() {
+                    return;
+                }
+                #[cfg(target_os = "linux")]
+                let holder = tokio::task::spawn_blocking(move || {
+                    hostnet_net::discovery::port_holder(proto, host_port)
+                })
+                .await
+                .ok()
+                .flatten();
+                #[cfg(not(target_os = "linux"))]
+                let holder: Option<String> = None;
+                let mut t = this.lock();
+                if let Some(PortForward { state: PortState::Conflict(reason), .. }) =
+                    t.ports.get_mut(&(proto, guest_port))
+                {
+                    if let Some(h) = &holder {
+                        *reason = reason.replace(ANOTHER_PROGRAM, &format!("by {h}"));
+                    }
+                    warn!(port = host_port, "{reason}");
+                }
+            }
+        });
     }
 
     /// Binds `host_port` on the bind scope's addresses and starts serving it — on all of
     /// them or none: a port the desktop holds on one family is the desktop's (`localhost`
     /// clients try `::1` first; a mirror there would take the desktop's URL to the guest).
-    #[allow(clippy::too_many_arguments)]
     fn start_port(
         &self,
         proto: Proto,
@@ -444,7 +501,6 @@ impl Forwards {
         host_port: u16,
         bind_scope: BindScope,
         stats: Arc<ForwardStats>,
-        explain: bool,
         take_freed: bool,
     ) -> PortForward {
         let stop = self.shutdown.child_token();
@@ -456,9 +512,7 @@ impl Forwards {
                 Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => {
                     debug!(port = host_port, "no IPv6 on this host; forwarding on IPv4 only");
                 }
-                // Naming the holder reads the whole socket table: once per port is enough.
-                Err(e) => missing
-                    .push((ip, describe_bind_error(proto, ip, host_port, &e, explain && missing.is_empty()))),
+                Err(e) => missing.push((ip, describe_bind_error(proto, ip, host_port, &e))),
             }
         }
         let tasks = TaskTracker::new();
@@ -767,6 +821,9 @@ pub fn bind_addrs(scope: BindScope) -> [IpAddr; 2] {
     }
 }
 
+/// How a conflict's reason names the holder until [`Forwards::name_holders`] knows better.
+const ANOTHER_PROGRAM: &str = "by another program";
+
 /// A host socket serving one forwarded port on one address.
 enum Bound {
     Tcp(TcpListener),
@@ -799,18 +856,12 @@ fn bind(proto: Proto, addr: SocketAddr) -> io::Result<Bound> {
     }
 }
 
-fn describe_bind_error(proto: Proto, ip: IpAddr, port: u16, e: &io::Error, name_holder: bool) -> String {
+fn describe_bind_error(proto: Proto, ip: IpAddr, port: u16, e: &io::Error) -> String {
     let at = SocketAddr::new(ip, port);
     match e.kind() {
         io::ErrorKind::AddrInUse => {
-            #[cfg(target_os = "linux")]
-            let holder = if name_holder { hostnet_net::discovery::port_holder(proto, port) } else { None };
-            #[cfg(not(target_os = "linux"))]
-            let holder: Option<String> = {
-                let _ = name_holder;
-                None
-            };
-            let who = holder.map(|h| format!("by {h}")).unwrap_or_else(|| "by another program".to_owned());
+            // The holder's name comes later, off the accept path (`name_holders`).
+            let who = ANOTHER_PROGRAM;
             format!("{proto} port {port} is already in use on the host ({at}) {who}")
         }
         io::ErrorKind::PermissionDenied => {

@@ -377,3 +377,65 @@ fn a_guest_to_host_endpoint_beyond_loopback_is_refused_unless_asked_for() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// How long one pass over this process's descriptors takes (`readlink` of each, as naming a
+/// port's holder does for every process).
+fn fd_walk_time() -> Duration {
+    let start = Instant::now();
+    let mut n = 0usize;
+    for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        n += usize::from(std::fs::read_link(fd.path()).is_ok());
+    }
+    assert!(n > 0);
+    start.elapsed()
+}
+
+#[test]
+fn naming_a_conflicts_holder_does_not_delay_connections_on_other_ports() {
+    // Many descriptors in this process, the holder's sockets last: naming the holder walks them all.
+    let limit = raise_fd_limit(200_000);
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let count = 120_000.min(limit.saturating_sub(4_000));
+    let fds: Vec<std::fs::File> = (0..count).map_while(|_| null.try_clone().ok()).collect();
+    let walk = fd_walk_time();
+    eprintln!("{} descriptors; one walk over them: {walk:?}", fds.len());
+    let demo = Demo::start();
+    let port = free_port();
+    let _srv = GuestServer::serve(demo.listen(addr("0.0.0.0", port), false), echo);
+    connect_when_forwarded(loopback(false, port));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut slowest = Duration::ZERO;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let start = Instant::now();
+                let c = TcpStream::connect(loopback(false, port)).unwrap();
+                assert_eq!(echo_round_trip(c, b"ping"), b"ping");
+                slowest = slowest.max(start.elapsed());
+            }
+            slowest
+        })
+    };
+    // Guest listeners on ports this process holds: each a conflict whose holder is named.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let (conflict, h) = hold_port();
+        held.push(h);
+        let _guest = demo.listen(addr("0.0.0.0", conflict), false);
+        wait_until("the conflict's holder is named", || {
+            demo.forward_status("tcp", conflict).is_some_and(|f| {
+                f["reason"].as_str().is_some_and(|r| r.contains(&format!("pid {}", std::process::id())))
+            })
+        });
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let slowest = probe.join().unwrap();
+    eprintln!("slowest connection meanwhile: {slowest:?}");
+    assert!(
+        slowest < walk / 2,
+        "a connection on another port waited {slowest:?} while holders were named (one walk: {walk:?})"
+    );
+    drop(fds);
+}

@@ -109,8 +109,12 @@ fn a_conflict_is_reported_with_its_holder_and_heals_when_the_settings_say_so() {
     let demo = Demo::start();
     let (port, held) = hold_port();
     let _srv = GuestServer::serve(demo.listen(addr("0.0.0.0", port), false), echo);
-    wait_until("status shows the conflict", || {
-        forward(&demo, "tcp", port).is_some_and(|f| f["state"] == "conflict")
+    // The holder is named a moment later, off the accept path.
+    wait_until("status shows the conflict and its holder", || {
+        forward(&demo, "tcp", port).is_some_and(|f| {
+            f["state"] == "conflict"
+                && f["reason"].as_str().is_some_and(|r| r.contains(&format!("pid {}", std::process::id())))
+        })
     });
     let reason = forward(&demo, "tcp", port).unwrap()["reason"].as_str().unwrap().to_owned();
     assert!(
