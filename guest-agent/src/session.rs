@@ -10,7 +10,7 @@ use hostnet_net::connect::connect_tcp;
 use hostnet_net::handshake::{self, FrameReader, HandshakeError};
 use hostnet_net::relay::{self, RelayCounters};
 use hostnet_net::udp;
-use hostnet_protocol::{Control, ListenerSet, Open, PrefaceError, Role};
+use hostnet_protocol::{Control, ListenerSet, Open, PrefaceError, Role, SnapshotParts, listener_chunks};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -129,9 +129,11 @@ impl Sessions {
         handshake::send_preface_and(stream, &hello).await?;
         let mut listeners = self.listeners.clone();
         let mut sent = (**listeners.borrow_and_update()).clone();
-        handshake::send_frame(stream, &Control::Snapshot { listeners: sent.iter().copied().collect() })
-            .await?;
+        for frame in Control::snapshot_frames(sent.iter().copied().collect()) {
+            handshake::send_frame(stream, &frame).await?;
+        }
         debug!(listeners = sent.len(), "snapshot sent");
+        let mut host_parts = SnapshotParts::default();
         loop {
             tokio::select! {
                 _ = token.cancelled() => return Ok(()),
@@ -143,11 +145,15 @@ impl Sessions {
                     let (added, removed) = sent.diff(&now);
                     if !removed.is_empty() {
                         debug!(?removed, "listeners removed");
-                        handshake::send_frame(stream, &Control::Removed { listeners: removed }).await?;
+                        for listeners in listener_chunks(removed) {
+                            handshake::send_frame(stream, &Control::Removed { listeners }).await?;
+                        }
                     }
                     if !added.is_empty() {
                         debug!(?added, "listeners added");
-                        handshake::send_frame(stream, &Control::Added { listeners: added }).await?;
+                        for listeners in listener_chunks(added) {
+                            handshake::send_frame(stream, &Control::Added { listeners }).await?;
+                        }
                     }
                     sent = now;
                 }
@@ -157,8 +163,13 @@ impl Sessions {
                             handshake::send_frame(stream, &Control::HeartbeatAck { seq }).await?;
                         }
                         Control::Hello { software, .. } => info!(%software, "proxy said hello"),
-                        Control::HostSnapshot { listeners } => {
-                            self.update_host(|s| *s = listeners.into_iter().filter(|l| l.is_forwardable()).collect());
+                        Control::HostSnapshot { listeners, more } => {
+                            let whole = host_parts.push(listeners, more).map_err(|e| {
+                                HandshakeError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+                            })?;
+                            if let Some(listeners) = whole {
+                                self.update_host(|s| *s = listeners.into_iter().filter(|l| l.is_forwardable()).collect());
+                            }
                         }
                         Control::HostAdded { listeners } => {
                             self.update_host(|s| s.extend(listeners.into_iter().filter(|l| l.is_forwardable())));

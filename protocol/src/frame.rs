@@ -39,16 +39,27 @@ pub enum Control {
     /// First frame from each side.
     Hello { role: Role, software: String },
     /// Agent → proxy: the complete set of guest listeners. Sent once after `Hello`; replaces
-    /// whatever the proxy believed before (the resync after a reconnect).
-    Snapshot { listeners: Vec<Listener> },
+    /// whatever the proxy believed before (the resync after a reconnect). A set of more than
+    /// [`LISTENERS_PER_FRAME`] goes as several frames, each but the last with `more: true`
+    /// (see [`Control::snapshot_frames`]); `more` is left out when false, so a snapshot that
+    /// fits one frame is byte for byte what it was before `more` existed.
+    Snapshot {
+        listeners: Vec<Listener>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        more: bool,
+    },
     /// Agent → proxy: listeners that appeared since the last snapshot or delta.
     Added { listeners: Vec<Listener> },
     /// Agent → proxy: listeners that went away.
     Removed { listeners: Vec<Listener> },
     /// Proxy → agent: the complete set of the desktop's own listeners (never its mirrors of
     /// guest ports) that guest processes may reach as `localhost:PORT`. Sent after the agent's
-    /// snapshot; replaces the agent's previous view.
-    HostSnapshot { listeners: Vec<Listener> },
+    /// snapshot; replaces the agent's previous view. Split like `Snapshot`.
+    HostSnapshot {
+        listeners: Vec<Listener>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        more: bool,
+    },
     /// Proxy → agent: desktop listeners that appeared.
     HostAdded { listeners: Vec<Listener> },
     /// Proxy → agent: desktop listeners that went away.
@@ -59,6 +70,76 @@ pub enum Control {
     HeartbeatAck { seq: u64 },
     /// Either side: a fatal problem the peer should log before the stream closes.
     Error { message: String },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Most listeners one frame carries: a listener takes at most ~70 bytes of JSON (a full IPv6
+/// address), so a frame of them stays under half of [`MAX_FRAME_LEN`]. Larger sets and deltas
+/// go as several frames: a guest listening on every port no longer breaks the link.
+pub const LISTENERS_PER_FRAME: usize = 8192;
+
+/// Most listeners a split snapshot may add up to before its last part: every TCP and UDP
+/// port on a handful of addresses. A peer announcing more is refused, not buffered.
+pub const MAX_SNAPSHOT_LISTENERS: usize = 4 * 2 * 65_536;
+
+/// `listeners` in pieces of at most [`LISTENERS_PER_FRAME`]; at least one piece, maybe empty.
+pub fn listener_chunks(listeners: Vec<Listener>) -> Vec<Vec<Listener>> {
+    if listeners.len() <= LISTENERS_PER_FRAME {
+        return vec![listeners];
+    }
+    listeners.chunks(LISTENERS_PER_FRAME).map(<[Listener]>::to_vec).collect()
+}
+
+impl Control {
+    /// A snapshot as frames: every part but the last says `more`.
+    pub fn snapshot_frames(listeners: Vec<Listener>) -> Vec<Control> {
+        let parts = listener_chunks(listeners);
+        let last = parts.len().saturating_sub(1);
+        parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, listeners)| Control::Snapshot { listeners, more: i < last })
+            .collect()
+    }
+
+    /// The desktop's listeners as `host_snapshot` frames, split like [`Self::snapshot_frames`].
+    pub fn host_snapshot_frames(listeners: Vec<Listener>) -> Vec<Control> {
+        let parts = listener_chunks(listeners);
+        let last = parts.len().saturating_sub(1);
+        parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, listeners)| Control::HostSnapshot { listeners, more: i < last })
+            .collect()
+    }
+}
+
+/// Gathers the parts of a split snapshot.
+#[derive(Debug, Default)]
+pub struct SnapshotParts(Vec<Listener>);
+
+/// A split snapshot grew past [`MAX_SNAPSHOT_LISTENERS`].
+#[derive(Debug, Error)]
+#[error("the peer's snapshot has more than {MAX_SNAPSHOT_LISTENERS} listeners")]
+pub struct SnapshotTooLarge;
+
+impl SnapshotParts {
+    /// Adds one part; the whole snapshot once its last part (`more: false`) arrived.
+    pub fn push(
+        &mut self,
+        listeners: Vec<Listener>,
+        more: bool,
+    ) -> Result<Option<Vec<Listener>>, SnapshotTooLarge> {
+        if self.0.len() + listeners.len() > MAX_SNAPSHOT_LISTENERS {
+            self.0 = Vec::new();
+            return Err(SnapshotTooLarge);
+        }
+        self.0.extend(listeners);
+        Ok((!more).then(|| std::mem::take(&mut self.0)))
+    }
 }
 
 /// First frame on a data stream, from the side that opened it.
@@ -173,10 +254,11 @@ mod tests {
         let l = Listener { proto: Proto::Tcp, addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED), port: 8000 };
         vec![
             Control::Hello { role: Role::Agent, software: "hostnet-agent 0.1.0".into() },
-            Control::Snapshot { listeners: vec![l] },
+            Control::Snapshot { listeners: vec![l], more: false },
+            Control::Snapshot { listeners: vec![l], more: true },
             Control::Added { listeners: vec![] },
             Control::Removed { listeners: vec![l] },
-            Control::HostSnapshot { listeners: vec![l] },
+            Control::HostSnapshot { listeners: vec![l], more: false },
             Control::HostAdded { listeners: vec![l] },
             Control::HostRemoved { listeners: vec![] },
             Control::Heartbeat { seq: 7 },
@@ -225,7 +307,7 @@ mod tests {
         )
         .unwrap();
         let l = Listener { proto: Proto::Tcp, addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED), port: 8000 };
-        encode_frame(&Control::Snapshot { listeners: vec![l] }, &mut wire).unwrap();
+        encode_frame(&Control::Snapshot { listeners: vec![l], more: false }, &mut wire).unwrap();
         let mut want = b"HNET\x00\x01\x00\x00\x00\x40".to_vec();
         want.extend_from_slice(br#"{"type":"hello","role":"agent","software":"hostnet-agent 0.1.0"}"#);
         want.extend_from_slice(b"\x00\x00\x00\x49");
@@ -233,6 +315,72 @@ mod tests {
             br#"{"type":"snapshot","listeners":[{"proto":"tcp","addr":"::","port":8000}]}"#,
         );
         assert_eq!(&wire[..], &want[..]);
+    }
+
+    #[test]
+    fn a_snapshot_of_every_port_goes_in_frames_under_the_limit_and_comes_back_whole() {
+        let all: Vec<Listener> = (1..=u16::MAX)
+            .flat_map(|port| {
+                [
+                    Listener {
+                        proto: Proto::Tcp,
+                        addr: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap(),
+                        port,
+                    },
+                    Listener { proto: Proto::Udp, addr: "::".parse().unwrap(), port },
+                ]
+            })
+            .collect();
+        // One frame of all of them would exceed the limit: the link used to fail on it.
+        assert!(
+            encode_frame(&Control::Snapshot { listeners: all.clone(), more: false }, &mut BytesMut::new())
+                .is_err()
+        );
+        let frames = Control::snapshot_frames(all.clone());
+        assert!(frames.len() > 1);
+        let mut wire = BytesMut::new();
+        for f in &frames {
+            encode_frame(f, &mut wire).unwrap();
+        }
+        let mut parts = SnapshotParts::default();
+        let mut whole = None;
+        while let Some(frame) = FrameDecoder.decode::<Control>(&mut wire).unwrap() {
+            let Control::Snapshot { listeners, more } = frame else { panic!("{frame:?}") };
+            assert!(whole.is_none(), "nothing after the last part");
+            whole = parts.push(listeners, more).unwrap();
+        }
+        assert_eq!(whole, Some(all));
+    }
+
+    #[test]
+    fn a_snapshot_that_fits_one_frame_is_what_older_peers_sent() {
+        let l = Listener { proto: Proto::Tcp, addr: "::".parse().unwrap(), port: 8000 };
+        let frames = Control::snapshot_frames(vec![l]);
+        assert_eq!(frames, vec![Control::Snapshot { listeners: vec![l], more: false }]);
+        assert_eq!(
+            serde_json::to_string(&frames[0]).unwrap(),
+            r#"{"type":"snapshot","listeners":[{"proto":"tcp","addr":"::","port":8000}]}"#
+        );
+        assert_eq!(
+            Control::host_snapshot_frames(vec![]),
+            vec![Control::HostSnapshot { listeners: vec![], more: false }]
+        );
+    }
+
+    #[test]
+    fn endless_snapshot_parts_are_refused() {
+        let l = Listener { proto: Proto::Tcp, addr: "::".parse().unwrap(), port: 1 };
+        let mut parts = SnapshotParts::default();
+        let mut pushed = 0;
+        let err = loop {
+            match parts.push(vec![l; LISTENERS_PER_FRAME], true) {
+                Ok(None) => pushed += LISTENERS_PER_FRAME,
+                Ok(Some(_)) => panic!("not the last part"),
+                Err(e) => break e,
+            }
+        };
+        assert!(pushed <= MAX_SNAPSHOT_LISTENERS, "{pushed}");
+        assert!(err.to_string().contains("more than"));
     }
 
     #[test]
@@ -328,7 +476,7 @@ mod tests {
                 addr: if v6 { IpAddr::from(raw) } else { IpAddr::from([raw[0], raw[1], raw[2], raw[3]]) },
                 port,
             }).collect();
-            let frame = Control::Snapshot { listeners };
+            let frame = Control::Snapshot { listeners, more: ports.len() % 2 == 1 };
             let mut buf = BytesMut::new();
             encode_frame(&frame, &mut buf).unwrap();
             prop_assert_eq!(FrameDecoder.decode::<Control>(&mut buf).unwrap(), Some(frame));

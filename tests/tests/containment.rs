@@ -247,6 +247,7 @@ fn a_port_the_desktop_holds_on_one_family_stays_the_desktops() {
 
 #[test]
 fn a_guest_on_thousands_of_ephemeral_ports_leaves_the_desktop_its_source_ports() {
+    let _alone = HEAVY.lock().unwrap_or_else(|p| p.into_inner());
     raise_fd_limit(16_384);
     let demo = Demo::start();
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
@@ -293,6 +294,7 @@ fn a_guest_on_thousands_of_ephemeral_ports_leaves_the_desktop_its_source_ports()
 
 #[test]
 fn a_flood_of_half_sent_openings_leaves_memory_bounded_and_status_answering() {
+    let _alone = HEAVY.lock().unwrap_or_else(|p| p.into_inner());
     raise_fd_limit(8_192);
     let demo = Demo::start();
     let before = rss_kib(demo.pid());
@@ -378,6 +380,10 @@ fn a_guest_to_host_endpoint_beyond_loopback_is_refused_unless_asked_for() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Taken by the tests that load the machine (thousands of sockets) and by the one that
+/// measures latency, so they do not run at once within this file.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// How long one pass over this process's descriptors takes (`readlink` of each, as naming a
 /// port's holder does for every process).
 fn fd_walk_time() -> Duration {
@@ -392,6 +398,8 @@ fn fd_walk_time() -> Duration {
 
 #[test]
 fn naming_a_conflicts_holder_does_not_delay_connections_on_other_ports() {
+    const CONFLICTS: usize = 6;
+    let _alone = HEAVY.lock().unwrap_or_else(|p| p.into_inner());
     // Many descriptors in this process, the holder's sockets last: naming the holder walks them all.
     let limit = raise_fd_limit(200_000);
     let null = std::fs::File::open("/dev/null").unwrap();
@@ -408,19 +416,19 @@ fn naming_a_conflicts_holder_does_not_delay_connections_on_other_ports() {
     let probe = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let mut slowest = Duration::ZERO;
+            let mut times = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let start = Instant::now();
                 let c = TcpStream::connect(loopback(false, port)).unwrap();
                 assert_eq!(echo_round_trip(c, b"ping"), b"ping");
-                slowest = slowest.max(start.elapsed());
+                times.push(start.elapsed());
             }
-            slowest
+            times
         })
     };
     // Guest listeners on ports this process holds: each a conflict whose holder is named.
     let mut held = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..CONFLICTS {
         let (conflict, h) = hold_port();
         held.push(h);
         let _guest = demo.listen(addr("0.0.0.0", conflict), false);
@@ -431,11 +439,84 @@ fn naming_a_conflicts_holder_does_not_delay_connections_on_other_ports() {
         });
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let slowest = probe.join().unwrap();
-    eprintln!("slowest connection meanwhile: {slowest:?}");
+    let mut times = probe.join().unwrap();
+    times.sort();
+    // Each walk under the table's lock held up the connections of its moment: one slow probe
+    // per conflict. A single slow one is the machine's business (a busy CPU), not a wait.
+    let slow: Vec<Duration> = times.iter().copied().filter(|t| *t > walk / 2).collect();
+    eprintln!(
+        "{} connections meanwhile, slowest {:?}; slower than half a walk: {slow:?}",
+        times.len(),
+        times.last()
+    );
     assert!(
-        slowest < walk / 2,
-        "a connection on another port waited {slowest:?} while holders were named (one walk: {walk:?})"
+        slow.len() <= 1,
+        "connections on another port waited {slow:?} while {CONFLICTS} holders were named (one walk: {walk:?})"
     );
     drop(fds);
+}
+
+/// Listens on TCP `first..last` on `0.0.0.0` and (IPv6-only) `::` inside the "VM", from a
+/// process of its own (each process has its own descriptor limit); returns once all listen.
+fn guest_listener_process(demo: &Demo, first: u16, last: u16) -> KillOnDrop {
+    let script = r#"
+import socket, sys, time
+socks = []
+for p in range(int(sys.argv[1]), int(sys.argv[2])):
+    for fam, a in ((socket.AF_INET, '0.0.0.0'), (socket.AF_INET6, '::')):
+        s = socket.socket(fam)
+        if fam == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            s.bind((a, p))
+        except OSError:
+            continue  # taken in the guest already (the agent's own sockets)
+        s.listen(1)
+        socks.append(s)
+print('ready', flush=True)
+time.sleep(600)
+"#;
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &demo.netns,
+            "/usr/bin/python3",
+            "-c",
+            script,
+            &first.to_string(),
+            &last.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready", "the listeners are up");
+    KillOnDrop(child)
+}
+
+#[test]
+fn a_snapshot_larger_than_one_frame_keeps_the_link_up() {
+    let _alone = HEAVY.lock().unwrap_or_else(|p| p.into_inner());
+    let demo = Demo::start();
+    let agent = demo.agent_pid();
+    // 30 000 guest listeners: one snapshot frame of them would be ~1.4 MB, over the 1 MiB limit.
+    let _a = guest_listener_process(&demo, 40_000, 47_500);
+    let _b = guest_listener_process(&demo, 47_500, 55_000);
+    let guest_ports = |demo: &Demo| {
+        demo.status()["forwards"].as_array().unwrap().iter().filter(|f| f["direction"] == "to_guest").count()
+    };
+    wait_until("the proxy knows every guest port", || guest_ports(&demo) >= 14_000);
+    // The agent restarts (as after a crash or a VM resume): it resyncs with a full snapshot.
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), nix::sys::signal::Signal::SIGKILL);
+    wait_until("the proxy notices", || demo.log_text().contains("lost the agent"));
+    wait_until("the link is back with the whole snapshot", || {
+        let status = demo.status();
+        status["agent"] == "connected"
+            && status["forwards"].as_array().unwrap().iter().filter(|f| f["direction"] == "to_guest").count()
+                >= 14_000
+    });
+    assert!(!demo.log_text().contains("exceeds the limit"), "no frame over the limit");
 }
