@@ -135,6 +135,12 @@ impl Admin {
                 limited.len()
             ));
         }
+        let foreign = self.to_host.foreign_refused.load(std::sync::atomic::Ordering::Relaxed);
+        if let (true, Some(cid)) = (foreign > 0, self.to_host.guest_cid) {
+            limits.push(format!(
+                "{foreign} guest→host stream(s) refused from vsock peers other than the VM (CID {cid})"
+            ));
+        }
         let refused = self.to_host.streams_refused.load(std::sync::atomic::Ordering::Relaxed);
         if refused > 0 {
             limits.push(format!(

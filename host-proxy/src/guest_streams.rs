@@ -44,6 +44,10 @@ pub struct ToHost {
     pub withheld: watch::Receiver<Arc<BTreeMap<Listener, Withheld>>>,
     /// Streams closed at once because [`MAX_GUEST_STREAMS`] (or the configured limit) were open.
     pub streams_refused: Arc<AtomicU64>,
+    /// Streams refused because they came from a vsock peer other than the VM.
+    pub foreign_refused: Arc<AtomicU64>,
+    /// The VM's vsock CID, when the transport tells peers apart.
+    pub guest_cid: Option<u32>,
     /// The limit in force.
     pub max_streams: usize,
 }
@@ -55,8 +59,20 @@ impl ToHost {
             advertised: watch::channel(Arc::new(ListenerSet::new())).1,
             withheld: watch::channel(Arc::default()).1,
             streams_refused: Arc::default(),
+            foreign_refused: Arc::default(),
+            guest_cid: None,
             max_streams: 0,
         }
+    }
+}
+
+/// Whether a stream from `peer` (as the transport names it) may be the VM's: over vsock, only
+/// from the VM's CID (`vsock:any:PORT` listens for every VM and the host's own processes);
+/// other transports do not tell peers apart.
+fn from_the_vm(peer: &str, guest_cid: Option<u32>) -> bool {
+    match (peer.strip_prefix("vsock:"), guest_cid) {
+        (Some(rest), Some(cid)) => rest.split(':').next().and_then(|c| c.parse::<u32>().ok()) == Some(cid),
+        _ => true,
     }
 }
 
@@ -81,6 +97,7 @@ pub async fn start(
     settings: watch::Receiver<Arc<Settings>>,
     stats: ToHostStats,
     max_streams: usize,
+    guest_cid: Option<u32>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> ToHost {
@@ -102,11 +119,22 @@ pub async fn start(
     };
     info!(%listen, "serving guest→host connections");
     let (advertised, withheld) = advertised(raw, settings, tracker, shutdown);
-    let to_host =
-        ToHost { advertised, withheld, streams_refused: Arc::default(), max_streams: max_streams.max(1) };
+    let to_host = ToHost {
+        advertised,
+        withheld,
+        streams_refused: Arc::default(),
+        foreign_refused: Arc::default(),
+        guest_cid,
+        max_streams: max_streams.max(1),
+    };
     let streams = Arc::new(Semaphore::new(to_host.max_streams));
-    let (host2, shutdown2, tracker2, refused) =
-        (to_host.advertised.clone(), shutdown.clone(), tracker.clone(), to_host.streams_refused.clone());
+    let (host2, shutdown2, tracker2, refused, foreign) = (
+        to_host.advertised.clone(),
+        shutdown.clone(),
+        tracker.clone(),
+        to_host.streams_refused.clone(),
+        to_host.foreign_refused.clone(),
+    );
     tracker.spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -114,7 +142,14 @@ pub async fn start(
                 a = acceptor.accept() => a,
             };
             match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
+                    if !from_the_vm(&peer, guest_cid) {
+                        let n = foreign.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n.is_power_of_two() {
+                            warn!(%peer, "refused a guest→host stream from a vsock peer that is not the VM ({n} so far)");
+                        }
+                        continue;
+                    }
                     let Ok(permit) = streams.clone().try_acquire_owned() else {
                         // Closed at once (the drop), counted; logged at 1, 2, 4, 8…
                         let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
@@ -300,6 +335,16 @@ mod tests {
         for spec in ["tcp:127.0.0.1:1025", "tcp:[::1]:1025", "unix:/run/x.sock", "vsock:any:1025"] {
             assert!(check_listen(&spec.parse().unwrap(), false).is_ok(), "{spec}");
         }
+    }
+
+    #[test]
+    fn over_vsock_only_the_vms_cid_opens_guest_to_host_streams() {
+        assert!(from_the_vm("vsock:3:51234", Some(3)));
+        for peer in ["vsock:4:51234", "vsock:1:1", "vsock:2:7", "vsock:?"] {
+            assert!(!from_the_vm(peer, Some(3)), "{peer}");
+        }
+        assert!(from_the_vm("unix peer", Some(3)), "a Unix socket does not tell");
+        assert!(from_the_vm("vsock:4:1", None), "no CID known (hybrid vsock): not checked");
     }
 
     fn found(addr: &str, port: u16, uid: u32) -> watcher::Found {

@@ -43,6 +43,9 @@ pub struct ProxyConfig {
     pub admin_socket: Option<PathBuf>,
     /// Connections and UDP flows served at once.
     pub limits: forward::Limits,
+    /// The VM's vsock CID when the agent is reached over vsock: guest→host streams from any
+    /// other vsock peer are refused (and counted).
+    pub guest_cid: Option<u32>,
 }
 
 impl ProxyConfig {
@@ -53,6 +56,10 @@ impl ProxyConfig {
             settings_path: settings::default_path(),
             admin_socket: Some(admin::default_socket_path()),
             limits: forward::Limits::default(),
+            guest_cid: match agent {
+                TransportSpec::Vsock { cid, .. } => Some(*cid),
+                _ => None,
+            },
         }
     }
 }
@@ -97,6 +104,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
                 settings.subscribe(),
                 to_host_stats.clone(),
                 config.limits.guest_streams,
+                config.guest_cid,
                 &tracker,
                 &shutdown,
             )
