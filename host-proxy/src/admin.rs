@@ -114,9 +114,6 @@ impl Admin {
         // Desktop listeners the guest may not reach, and why (the guest→host policy).
         let withheld = self.to_host.withheld.borrow().clone();
         for (l, why) in withheld.iter() {
-            if host.iter().any(|o| o.proto == l.proto && o.port == l.port && o.addr == l.addr) {
-                continue;
-            }
             forwards.push(ForwardStatus {
                 state: "not_offered",
                 reason: Some(format!("{} {}: {why}", l.addr, l.port)),

@@ -211,6 +211,13 @@ pub fn ephemeral_port_range() -> RangeInclusive<u16> {
     }
 }
 
+/// The ports ([`Forwards::name_holders`]) waiting for their holder's name: `(guest key, host port)`.
+#[derive(Debug, Default)]
+struct Naming {
+    waiting: BTreeSet<((Proto, u16), u16)>,
+    running: bool,
+}
+
 /// How long closing a forward may take before its replacement binds anyway.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -223,6 +230,8 @@ pub struct Forwards {
     targets: Arc<Mutex<Arc<ListenerSet>>>,
     /// Held for a whole reconcile: the settings task and the link task never reconcile at once.
     reconciling: Arc<tokio::sync::Mutex<()>>,
+    /// Conflicting ports whose holder is still to be named, and whether a task is naming them.
+    naming: Arc<Mutex<Naming>>,
     /// Cancelled (and replaced) when host networking is switched off: closes open connections.
     generation: Arc<Mutex<CancellationToken>>,
     pub(crate) connector: Arc<dyn Connector>,
@@ -254,6 +263,7 @@ impl Forwards {
             table: Arc::default(),
             targets: Arc::default(),
             reconciling: Arc::default(),
+            naming: Arc::default(),
             generation: Arc::new(Mutex::new(shutdown.child_token())),
             connector,
             tracker,
@@ -460,14 +470,35 @@ impl Forwards {
 
     /// Names the programs holding conflicting host ports, off the table's lock and the
     /// runtime's workers (it walks every process's descriptors), then puts the names in the
-    /// ports' reasons and logs them.
+    /// ports' reasons and logs them. One walk at a time, by one task, from a set of the ports
+    /// waiting: a guest flapping a listener on a held port queues that port once, not a walk
+    /// per flap, and a port no longer in conflict when its turn comes is skipped.
     fn name_holders(&self, ports: Vec<((Proto, u16), u16)>) {
+        {
+            let mut naming = self.naming.lock().unwrap_or_else(|p| p.into_inner());
+            naming.waiting.extend(ports);
+            if naming.running || naming.waiting.is_empty() {
+                return;
+            }
+            naming.running = true;
+        }
         let this = self.clone();
-        let stop = self.shutdown.clone();
         self.tracker.spawn(async move {
-            for ((proto, guest_port), host_port) in ports {
-                if stop.is_cancelled() {
-                    return;
+            loop {
+                let next = {
+                    let mut naming = this.naming.lock().unwrap_or_else(|p| p.into_inner());
+                    let next = if this.shutdown.is_cancelled() { None } else { naming.waiting.pop_first() };
+                    naming.running = next.is_some();
+                    next
+                };
+                let Some(((proto, guest_port), host_port)) = next else { return };
+                let in_conflict = |t: &Table| {
+                    t.ports.get(&(proto, guest_port)).is_some_and(|f| {
+                        f.host_port == host_port && matches!(f.state, PortState::Conflict(_))
+                    })
+                };
+                if !in_conflict(&this.lock()) {
+                    continue;
                 }
                 #[cfg(target_os = "linux")]
                 let holder = tokio::task::spawn_blocking(move || {
@@ -479,6 +510,9 @@ impl Forwards {
                 #[cfg(not(target_os = "linux"))]
                 let holder: Option<String> = None;
                 let mut t = this.lock();
+                if !in_conflict(&t) {
+                    continue;
+                }
                 if let Some(PortForward { state: PortState::Conflict(reason), .. }) =
                     t.ports.get_mut(&(proto, guest_port))
                 {

@@ -7,7 +7,7 @@
 //! Every stream is checked against that set, so a guest process that speaks the protocol
 //! itself (vsock is not namespaced in the VM) reaches nothing more than the agent would.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -186,10 +186,10 @@ fn stats_for(stats: &ToHostStats, proto: Proto, port: u16) -> Arc<ForwardStats> 
 /// The policy applied to the desktop's listeners: what the guest may reach, and the rest with
 /// why. Nothing at all while host networking or guest→host is off.
 pub fn offer(found: &[watcher::Found], settings: &Settings) -> (ListenerSet, BTreeMap<Listener, Withheld>) {
-    let mut offered = ListenerSet::new();
+    let mut offered = BTreeSet::new();
     let mut withheld = BTreeMap::new();
     if !(settings.enabled && settings.guest_to_host) {
-        return (offered, withheld);
+        return (ListenerSet::new(), withheld);
     }
     for f in found {
         match policy::decide(&f.listener, f.is_this_users(), &settings.guest_to_host_policy) {
@@ -202,8 +202,8 @@ pub fn offer(found: &[watcher::Found], settings: &Settings) -> (ListenerSet, BTr
         }
     }
     // A listener allowed once (two sockets on one address, one of them ours to offer) is offered.
-    withheld.retain(|l, _| !offered.iter().any(|o| o == l));
-    (offered, withheld)
+    withheld.retain(|l, _| !offered.contains(l));
+    (offered.into_iter().collect(), withheld)
 }
 
 /// The desktop's listeners as far as the settings let the guest reach them, and the others.
