@@ -116,7 +116,7 @@ impl Admin {
         for (l, why) in withheld.iter() {
             forwards.push(ForwardStatus {
                 state: "not_offered",
-                reason: Some(format!("{} {}: {why}", l.addr, l.port)),
+                reason: Some(format!("{}: {why}", std::net::SocketAddr::new(l.addr, l.port))),
                 ..to_host_status(l.proto, l.port, Vec::new(), &ForwardStats::default())
             });
         }

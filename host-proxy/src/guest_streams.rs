@@ -357,6 +357,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(unix)]
     fn the_offer_is_the_policys_and_nothing_while_off() {
         let me = nix::unistd::geteuid().as_raw();
         let other = me.wrapping_add(1);

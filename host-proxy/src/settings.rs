@@ -399,6 +399,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(unix)]
     fn a_fifo_or_a_device_in_place_of_the_file_is_refused_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("fifo.toml");
