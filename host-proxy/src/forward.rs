@@ -190,6 +190,11 @@ impl Table {
             .collect();
         plan(&self.guest.ports(), &self.settings, self.ephemeral.clone(), &holding)
     }
+
+    /// Every forward as [`actions`] sees it.
+    fn shapes(&self) -> BTreeMap<(Proto, u16), Shape<'_>> {
+        self.ports.iter().map(|(k, f)| (*k, f.shape())).collect()
+    }
 }
 
 /// The desktop's ephemeral port range: Linux's `ip_local_port_range` (default 32768–60999),
@@ -412,21 +417,19 @@ impl Forwards {
         let _one_at_a_time = self.reconciling.lock().await;
         let closing: Vec<TaskTracker> = {
             let mut t = self.lock();
-            let wanted = t.wanted();
+            let steps = actions(&t.shapes(), &t.wanted());
             let mut closing = Vec::new();
-            t.ports.retain(|key, fwd| {
-                let keep = wanted.get(key).is_some_and(|w| fwd.matches(w));
-                if !keep {
-                    fwd.stop.cancel();
-                    fwd.stop_listening();
-                    fwd.tasks.close();
-                    closing.push(fwd.tasks.clone());
-                    if fwd.state == PortState::Forwarding {
-                        info!(proto = %key.0, port = fwd.host_port, "host port closed");
-                    }
+            for step in steps {
+                let Action::Close(key) = step else { continue };
+                let Some(mut fwd) = t.ports.remove(&key) else { continue };
+                fwd.stop.cancel();
+                fwd.stop_listening();
+                fwd.tasks.close();
+                closing.push(fwd.tasks.clone());
+                if fwd.state == PortState::Forwarding {
+                    info!(proto = %key.0, port = fwd.host_port, "host port closed");
                 }
-                keep
-            });
+            }
             closing
         };
         for tasks in closing {
@@ -434,7 +437,11 @@ impl Forwards {
         }
         let mut to_name = Vec::new();
         let mut t = self.lock();
-        for (key, want) in t.wanted() {
+        // The guest or the settings may have moved on while the closes were waited for: what
+        // that changed is the next reconcile's (it is queued behind this one).
+        let steps = actions(&t.shapes(), &t.wanted());
+        for step in steps {
+            let Action::Open(key, want) = step else { continue };
             if t.ports.contains_key(&key) {
                 continue;
             }
@@ -763,9 +770,25 @@ impl PortForward {
         }
     }
 
-    /// Whether this forward already is what `want` asks for (a conflict counts: it retries).
+    /// What [`actions`] needs to know of this forward.
+    fn shape(&self) -> Shape<'_> {
+        Shape { state: &self.state, host_port: self.host_port, bind: self.bind }
+    }
+}
+
+/// A forward as [`actions`] sees it: no sockets, so the decision is tested without any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape<'a> {
+    state: &'a PortState,
+    host_port: u16,
+    bind: BindScope,
+}
+
+impl Shape<'_> {
+    /// Whether this forward already is what `want` asks for (a conflict counts: it is the
+    /// port's answer until the guest port goes, or is retried with `take_freed_ports`).
     fn matches(&self, want: &Wanted) -> bool {
-        match (want, &self.state) {
+        match (want, self.state) {
             (Wanted::Forward { host_port, bind }, PortState::Forwarding | PortState::Conflict(_)) => {
                 *host_port == self.host_port && *bind == self.bind
             }
@@ -776,6 +799,30 @@ impl PortForward {
             _ => false,
         }
     }
+}
+
+/// One step of a reconcile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Action {
+    /// Close this guest port's forward: gone from the guest, or no longer what is wanted.
+    Close((Proto, u16)),
+    /// Give this guest port the forward wanted (after every close is done: a forward moving
+    /// to another bind scope would otherwise collide with itself).
+    Open((Proto, u16), Wanted),
+}
+
+/// The steps from the forwards now to the ones wanted: every close, then every open, each in
+/// port order. Pure; the table's one reconcile at a time applies them.
+fn actions(now: &BTreeMap<(Proto, u16), Shape<'_>>, wanted: &BTreeMap<(Proto, u16), Wanted>) -> Vec<Action> {
+    let closes = now
+        .iter()
+        .filter(|(key, shape)| wanted.get(*key).is_none_or(|w| !shape.matches(w)))
+        .map(|(key, _)| Action::Close(*key));
+    let opens = wanted
+        .iter()
+        .filter(|(key, w)| now.get(*key).is_none_or(|shape| !shape.matches(w)))
+        .map(|(key, w)| Action::Open(*key, w.clone()));
+    closes.chain(opens).collect()
 }
 
 /// What the settings and the limits want for each of the guest's ports — a pure function,
@@ -965,6 +1012,50 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert!(why.contains("limits.ports"), "{why}");
+    }
+
+    #[test]
+    fn actions_close_what_changed_before_opening_and_leave_what_matches() {
+        let (fwd, conflict, ignored) =
+            (PortState::Forwarding, PortState::Conflict("held".into()), PortState::Ignored);
+        let shape = |state, host_port, bind| Shape { state, host_port, bind };
+        let key = |p| (Proto::Tcp, p);
+        let loopback = |host_port| Wanted::Forward { host_port, bind: BindScope::Loopback };
+        let now: BTreeMap<_, _> = [
+            (key(1), shape(&fwd, 1, BindScope::Loopback)),      // stays
+            (key(2), shape(&conflict, 2, BindScope::Loopback)), // a conflict is its answer: stays
+            (key(3), shape(&fwd, 3, BindScope::Loopback)),      // moves to bind = all
+            (key(4), shape(&fwd, 4, BindScope::Loopback)),      // the guest closed it
+            (key(5), shape(&ignored, 5, BindScope::Loopback)),  // no longer ignored
+            (key(6), shape(&fwd, 6, BindScope::Loopback)),      // remapped
+        ]
+        .into_iter()
+        .collect();
+        let wanted: BTreeMap<_, _> = [
+            (key(1), loopback(1)),
+            (key(2), loopback(2)),
+            (key(3), Wanted::Forward { host_port: 3, bind: BindScope::All }),
+            (key(5), loopback(5)),
+            (key(6), loopback(6006)),
+            (key(7), Wanted::Limited("over".into())),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            actions(&now, &wanted),
+            vec![
+                Action::Close(key(3)),
+                Action::Close(key(4)),
+                Action::Close(key(5)),
+                Action::Close(key(6)),
+                Action::Open(key(3), Wanted::Forward { host_port: 3, bind: BindScope::All }),
+                Action::Open(key(5), loopback(5)),
+                Action::Open(key(6), loopback(6006)),
+                Action::Open(key(7), Wanted::Limited("over".into())),
+            ]
+        );
+        let settled: BTreeMap<_, _> = [(key(1), shape(&fwd, 1, BindScope::Loopback))].into_iter().collect();
+        assert_eq!(actions(&settled, &[(key(1), loopback(1))].into_iter().collect()), vec![]);
     }
 
     #[test]
