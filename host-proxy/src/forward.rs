@@ -230,9 +230,10 @@ const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 #[derive(Clone)]
 pub struct Forwards {
     table: Arc<Mutex<Table>>,
-    /// The guest's listeners, for the accept path: its own lock, held only to clone an `Arc`,
-    /// so a connection never waits on the table (binds, reconciles) to learn its target.
-    targets: Arc<Mutex<Arc<ListenerSet>>>,
+    /// The guest's listeners, for the accept path: its own lock, held only for a lookup or to
+    /// apply a delta, so a connection never waits on the table (binds, reconciles, the naming
+    /// of a conflict's holder) to learn its target.
+    targets: Arc<Mutex<ListenerSet>>,
     /// Held for a whole reconcile: the settings task and the link task never reconcile at once.
     reconciling: Arc<tokio::sync::Mutex<()>>,
     /// Conflicting ports whose holder is still to be named, and whether a task is naming them.
@@ -341,36 +342,44 @@ impl Forwards {
 
     /// The agent's full set (a snapshot): forward exactly these.
     pub async fn replace_all(&self, guest: ListenerSet) {
-        self.change_guest(|g| *g = guest);
+        {
+            let mut t = self.lock();
+            *self.targets() = guest.clone();
+            t.guest = guest;
+        }
         self.reconcile().await;
     }
 
     pub async fn add(&self, listeners: &[Listener]) {
-        self.change_guest(|g| g.extend(listeners.iter().copied()));
+        {
+            let mut t = self.lock();
+            t.guest.extend(listeners.iter().copied());
+            self.targets().extend(listeners.iter().copied());
+        }
         self.reconcile().await;
     }
 
     pub async fn remove(&self, listeners: &[Listener]) {
-        self.change_guest(|g| {
+        {
+            let mut t = self.lock();
+            let mut targets = self.targets();
             for l in listeners {
-                g.remove(l);
+                t.guest.remove(l);
+                targets.remove(l);
             }
-        });
+        }
         self.reconcile().await;
     }
 
-    /// Changes the guest's listeners in the table and in what the accept path reads.
-    fn change_guest(&self, change: impl FnOnce(&mut ListenerSet)) {
-        let mut t = self.lock();
-        change(&mut t.guest);
-        let now = Arc::new(t.guest.clone());
-        *self.targets.lock().unwrap_or_else(|p| p.into_inner()) = now;
+    /// The accept path's copy of the guest's listeners, changed along with the table's (under
+    /// the table's lock, so the two never disagree for long) and read without it.
+    fn targets(&self) -> MutexGuard<'_, ListenerSet> {
+        self.targets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The guest address a client of the given family is relayed to, if anything listens.
     pub(crate) fn target_for(&self, proto: Proto, port: u16, client_v6: bool) -> Option<IpAddr> {
-        let targets = self.targets.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        targets.target_for(proto, port, client_v6)
+        self.targets().target_for(proto, port, client_v6)
     }
 
     /// Number of guest listeners known and host ports forwarding.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use hostnet_net::handshake::{self, FrameReader, HandshakeError};
 use hostnet_net::{Connector, TransportError};
+use hostnet_protocol::frame::MAX_SNAPSHOT_LISTENERS;
 use hostnet_protocol::{Control, ListenerSet, Open, Role, SnapshotParts, listener_chunks};
 use thiserror::Error;
 use tokio::sync::watch;
@@ -44,6 +45,8 @@ enum LinkError {
     Silent(Duration),
     #[error(transparent)]
     SnapshotTooLarge(#[from] hostnet_protocol::frame::SnapshotTooLarge),
+    #[error("the agent reports more than {0} listeners")]
+    TooManyListeners(usize),
 }
 
 fn backoff() -> impl Iterator<Item = Duration> {
@@ -253,6 +256,10 @@ async fn session(
                     }
                     Control::Added { listeners } => {
                         let ok: Vec<_> = listeners.into_iter().filter(|l| l.is_forwardable()).collect();
+                        // Deltas cannot grow the table past what a snapshot may hold.
+                        if forwards.counts().0 + ok.len() > MAX_SNAPSHOT_LISTENERS {
+                            return Err(LinkError::TooManyListeners(MAX_SNAPSHOT_LISTENERS));
+                        }
                         forwards.add(&ok).await;
                     }
                     Control::Removed { listeners } => forwards.remove(&listeners).await,
