@@ -202,6 +202,9 @@ pub struct Status {
     pub errors: Vec<String>,
     #[serde(default)]
     pub forwards: Vec<ForwardStatus>,
+    /// Limits reached, each a sentence naming the limit and what changes it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<String>,
 }
 
 /// The control link to the agent in the VM.
@@ -258,6 +261,12 @@ pub enum ForwardState {
     Ignored,
     /// Host networking (or UDP forwarding) is off in the settings.
     Disabled,
+    /// Not forwarded: over a limit on the host ports the guest may take (`[limits]`); the
+    /// reason names which.
+    Limited,
+    /// A desktop listener the guest→host policy does not offer the guest; the reason says why
+    /// and which setting changes it.
+    NotOffered,
 }
 
 impl ForwardState {
@@ -267,6 +276,8 @@ impl ForwardState {
             ForwardState::Conflict => "conflict",
             ForwardState::Ignored => "ignored",
             ForwardState::Disabled => "disabled",
+            ForwardState::Limited => "limited",
+            ForwardState::NotOffered => "not_offered",
         }
     }
 }
@@ -339,6 +350,7 @@ mod tests {
                     bytes_from_guest: 0,
                 },
             ],
+            limits: vec!["3 guest→host stream(s) closed at once: 4096 were open, the limit".into()],
         }
     }
 

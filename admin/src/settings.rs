@@ -86,6 +86,100 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
+// The guest's share of the desktop: `[guest_to_host_policy]` and `[limits]` (the proxy's
+// `policy` module applies them).
+
+/// Ports below this are system services' (CUPS on 631, DNS on 53, …): not offered unless
+/// `allow_ports` names them.
+pub const FIRST_UNPRIVILEGED_PORT: u16 = 1024;
+
+/// The `[guest_to_host_policy]` table of `settings.toml`. Every key is optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestToHostPolicy {
+    /// Desktop ports the guest may reach even below 1024 (`"N"` or `"N-M"`).
+    pub allow_ports: Vec<PortRange>,
+    /// Desktop ports the guest never reaches, whatever else says so.
+    pub deny_ports: Vec<PortRange>,
+    /// Offer nothing but `allow_ports`.
+    pub only_allowed: bool,
+    /// Also offer listeners of other desktop users, and those whose owner the system does
+    /// not tell.
+    pub other_users: bool,
+}
+
+impl GuestToHostPolicy {
+    /// Checks what the types cannot; names the key at fault. (Every combination of the
+    /// lists is meaningful today: `deny_ports` wins where they overlap.)
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.only_allowed && self.allow_ports.is_empty() {
+            return Err((
+                "guest_to_host_policy",
+                "only_allowed = true with an empty allow_ports offers the guest nothing: \
+                 list the ports in allow_ports, or turn guest_to_host off"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `allow_ports` names `port`.
+    pub fn allows(&self, port: u16) -> bool {
+        self.allow_ports.iter().any(|r| r.contains(port))
+    }
+
+    /// Whether `deny_ports` names `port`.
+    pub fn denies(&self, port: u16) -> bool {
+        self.deny_ports.iter().any(|r| r.contains(port))
+    }
+}
+
+/// Most host ports forwarded for guest ports in all (TCP and UDP counted apart): far more
+/// than a development VM uses, few enough that a guest listening on every port takes a bounded
+/// share of the desktop. `limits.ports` in the settings changes it.
+pub const MAX_FORWARDED_PORTS: usize = 4096;
+/// Most host ports forwarded inside the desktop's ephemeral range, per protocol: the range is
+/// where the desktop's own outgoing connections get their source ports (Linux: 28 232 of
+/// them by default), so a guest may take at most this many (under 1 %) of them.
+/// `limits.ephemeral_ports` in the settings changes it.
+pub const MAX_EPHEMERAL_FORWARDS: usize = 256;
+
+/// The `[limits]` table of `settings.toml`: how much of the desktop the guest's ports may take.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardLimits {
+    /// Host ports forwarded in all.
+    pub ports: usize,
+    /// Host ports forwarded inside the desktop's ephemeral range, per protocol.
+    pub ephemeral_ports: usize,
+}
+
+impl Default for ForwardLimits {
+    fn default() -> Self {
+        ForwardLimits { ports: MAX_FORWARDED_PORTS, ephemeral_ports: MAX_EPHEMERAL_FORWARDS }
+    }
+}
+
+impl ForwardLimits {
+    /// Checks the numbers are ports' worth; names the key at fault.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        const ALL_PORTS: usize = 2 * 65_535;
+        if self.ports > ALL_PORTS {
+            return Err((
+                "limits",
+                format!("limits.ports = {}: at most {ALL_PORTS} (every TCP and UDP port)", self.ports),
+            ));
+        }
+        if self.ephemeral_ports > 65_535 {
+            return Err((
+                "limits",
+                format!("limits.ephemeral_ports = {}: at most 65535", self.ephemeral_ports),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The user's settings. Every key is optional; missing ones take the defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -100,8 +194,16 @@ pub struct Settings {
     pub guest_to_host: bool,
     /// Guest ports never forwarded (`"N"` or `"N-M"`).
     pub ignore_ports: Vec<PortRange>,
-    /// Guest port → the host port it is forwarded to (default: the same number).
+    /// A guest port whose host port a desktop program held starts forwarding once the desktop
+    /// frees it. Off: the port stays the desktop's (a desktop server that restarts gets it back).
+    pub take_freed_ports: bool,
+    /// Guest port → the host port it is forwarded to (default: the same number). Tables come
+    /// after the plain keys, as TOML writes them.
     pub remap: BTreeMap<String, u16>,
+    /// Which desktop listeners the guest may reach (`[guest_to_host_policy]`).
+    pub guest_to_host_policy: GuestToHostPolicy,
+    /// How many host ports the guest's listeners may take (`[limits]`).
+    pub limits: ForwardLimits,
 }
 
 impl Default for Settings {
@@ -113,6 +215,9 @@ impl Default for Settings {
             guest_to_host: true,
             ignore_ports: Vec::new(),
             remap: BTreeMap::new(),
+            guest_to_host_policy: GuestToHostPolicy::default(),
+            take_freed_ports: false,
+            limits: ForwardLimits::default(),
         }
     }
 }
@@ -124,6 +229,8 @@ pub enum SettingsError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path} is {len} bytes; a settings file is at most {MAX_SETTINGS_LEN} bytes")]
     TooLarge { path: PathBuf, len: u64 },
+    #[error("{path} is not a regular file ({kind}); settings are read only from a regular file")]
+    NotAFile { path: PathBuf, kind: &'static str },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String, key: Option<&'static str> },
     #[error("cannot save {path}: {source}")]
@@ -175,7 +282,8 @@ impl Settings {
                 ));
             }
         }
-        Ok(())
+        self.guest_to_host_policy.validate()?;
+        self.limits.validate()
     }
 
     /// The host port a guest port is forwarded to, or `None` if it is ignored.
@@ -295,13 +403,32 @@ mod tests {
 
     #[test]
     fn the_keys_are_the_fields_in_file_order() {
-        assert_eq!(Settings::keys(), ["enabled", "bind", "udp", "guest_to_host", "ignore_ports", "remap"]);
+        assert_eq!(
+            Settings::keys(),
+            [
+                "enabled",
+                "bind",
+                "udp",
+                "guest_to_host",
+                "ignore_ports",
+                "take_freed_ports",
+                "remap",
+                "guest_to_host_policy",
+                "limits"
+            ]
+        );
         // Every key is written out, and nothing else: the list and the file cannot drift apart.
         let text = toml::to_string(&Settings::default()).unwrap();
+        // The top-level keys: plain ones, then tables (their own keys are the table's business).
+        let mut in_table = false;
         let written: Vec<&str> = text
             .lines()
             .filter_map(|l| {
-                l.split_once(" = ").map(|(k, _)| k).or_else(|| l.strip_prefix('[')?.strip_suffix(']'))
+                if let Some(table) = l.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                    in_table = true;
+                    return Some(table);
+                }
+                l.split_once(" = ").filter(|_| !in_table).map(|(k, _)| k)
             })
             .collect();
         assert_eq!(written, Settings::keys(), "{text}");
@@ -315,5 +442,21 @@ mod tests {
         assert_eq!(serde_json::from_str::<Settings>(&json).unwrap(), s);
         let e = serde_json::from_str::<Settings>(r#"{"enabeld":true}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn the_guest_to_host_policy_table_parses_and_names_its_key() {
+        let s = parse("[guest_to_host_policy]\nallow_ports = [\"80\", \"600-700\"]\ndeny_ports = [\"9222\"]\nother_users = true\n").unwrap();
+        assert_eq!(s.guest_to_host_policy.allow_ports.len(), 2);
+        assert!(s.guest_to_host_policy.other_users && !s.guest_to_host_policy.only_allowed);
+        for (text, words) in [
+            ("[guest_to_host_policy]\ndeny_ports = [\"0\"]", "1–65535"),
+            ("[guest_to_host_policy]\nallow = []", "unknown field"),
+            ("[guest_to_host_policy]\nonly_allowed = true", "allow_ports"),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert_eq!(err.key(), Some("guest_to_host_policy"), "{text:?}: {err}");
+            assert!(err.to_string().contains(words), "{text:?}: {err}");
+        }
     }
 }

@@ -10,7 +10,7 @@ use hostnet_net::connect::connect_tcp;
 use hostnet_net::handshake::{self, FrameReader, HandshakeError};
 use hostnet_net::relay::{self, RelayCounters};
 use hostnet_net::udp;
-use hostnet_protocol::{Control, ListenerSet, Open, PrefaceError, Role};
+use hostnet_protocol::{Control, ListenerSet, Open, PrefaceError, Role, SnapshotParts, listener_chunks};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -71,7 +71,19 @@ impl Sessions {
             }
         };
         match open {
-            Open::Control {} => self.control(stream, reader).await,
+            Open::Control {} if !control_peer_allowed(&peer) => {
+                // Any process in the VM can open AF_VSOCK to the agent's port: only the host
+                // may take the control stream (and with it the session of the real proxy).
+                let msg = Control::Error {
+                    message: "hostnet-agent: control streams are taken only from the host".to_owned(),
+                };
+                let _ = handshake::send_preface_and(&stream, &msg).await;
+                warn!(%peer, "refused a control stream from a peer that is not the host");
+            }
+            Open::Control {} => {
+                info!(%peer, "control stream from the proxy");
+                self.control(stream, reader).await
+            }
             Open::Tcp { addr, port, peer } => {
                 let span =
                     info_span!("tcp", %port, client = %peer.map(|p| p.to_string()).unwrap_or_default());
@@ -89,6 +101,9 @@ impl Sessions {
         let token = self.shutdown.child_token();
         {
             let mut current = self.control.lock().unwrap_or_else(|p| p.into_inner());
+            if !current.is_cancelled() {
+                warn!("a new control stream replaces the live one (the proxy reconnected)");
+            }
             current.cancel();
             *current = token.clone();
         }
@@ -114,9 +129,11 @@ impl Sessions {
         handshake::send_preface_and(stream, &hello).await?;
         let mut listeners = self.listeners.clone();
         let mut sent = (**listeners.borrow_and_update()).clone();
-        handshake::send_frame(stream, &Control::Snapshot { listeners: sent.iter().copied().collect() })
-            .await?;
+        for frame in Control::snapshot_frames(sent.iter().copied().collect()) {
+            handshake::send_frame(stream, &frame).await?;
+        }
         debug!(listeners = sent.len(), "snapshot sent");
+        let mut host_parts = SnapshotParts::default();
         loop {
             tokio::select! {
                 _ = token.cancelled() => return Ok(()),
@@ -128,11 +145,15 @@ impl Sessions {
                     let (added, removed) = sent.diff(&now);
                     if !removed.is_empty() {
                         debug!(?removed, "listeners removed");
-                        handshake::send_frame(stream, &Control::Removed { listeners: removed }).await?;
+                        for listeners in listener_chunks(removed) {
+                            handshake::send_frame(stream, &Control::Removed { listeners }).await?;
+                        }
                     }
                     if !added.is_empty() {
                         debug!(?added, "listeners added");
-                        handshake::send_frame(stream, &Control::Added { listeners: added }).await?;
+                        for listeners in listener_chunks(added) {
+                            handshake::send_frame(stream, &Control::Added { listeners }).await?;
+                        }
                     }
                     sent = now;
                 }
@@ -142,8 +163,13 @@ impl Sessions {
                             handshake::send_frame(stream, &Control::HeartbeatAck { seq }).await?;
                         }
                         Control::Hello { software, .. } => info!(%software, "proxy said hello"),
-                        Control::HostSnapshot { listeners } => {
-                            self.update_host(|s| *s = listeners.into_iter().filter(|l| l.is_forwardable()).collect());
+                        Control::HostSnapshot { listeners, more } => {
+                            let whole = host_parts.push(listeners, more).map_err(|e| {
+                                HandshakeError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+                            })?;
+                            if let Some(listeners) = whole {
+                                self.update_host(|s| *s = listeners.into_iter().filter(|l| l.is_forwardable()).collect());
+                            }
                         }
                         Control::HostAdded { listeners } => {
                             self.update_host(|s| s.extend(listeners.into_iter().filter(|l| l.is_forwardable())));
@@ -199,4 +225,31 @@ impl Sessions {
 
 fn software() -> String {
     format!("hostnet-agent {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// `VMADDR_CID_HOST`: the vsock address of the host, where the proxy runs.
+const VSOCK_CID_HOST: u32 = 2;
+
+/// Whether a control stream may come from `peer` (as the transport names it): over vsock only
+/// from the host; other transports (the stand-in's Unix socket, a VMM's hybrid vsock, whose
+/// streams reach the agent from the host side only) do not tell, and are the host's.
+fn control_peer_allowed(peer: &str) -> bool {
+    match peer.strip_prefix("vsock:") {
+        Some(rest) => rest.split(':').next().and_then(|cid| cid.parse::<u32>().ok()) == Some(VSOCK_CID_HOST),
+        None => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_host_takes_the_control_stream_over_vsock() {
+        assert!(control_peer_allowed("vsock:2:1029"));
+        for peer in ["vsock:1:5000", "vsock:3:5000", "vsock:4294967295:1", "vsock:?"] {
+            assert!(!control_peer_allowed(peer), "{peer}");
+        }
+        assert!(control_peer_allowed("unix peer"));
+    }
 }

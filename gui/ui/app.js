@@ -87,7 +87,9 @@ $("settings").addEventListener("submit", async (ev) => {
     if (!g || !Number.isInteger(host)) { showError({ field: "remap", message: `"${pair}" is not guest=host` }); return; }
     remap[g.trim()] = host;
   }
+  // Keys the form does not show (the guest→host policy, limits, …) keep their values.
   const settings = {
+    ...(window.currentSettings || {}),
     enabled: $("enabled").checked, bind: $("bind").value, udp: $("udp").checked,
     guest_to_host: $("guest_to_host").checked, ignore_ports: parseList($("ignore_ports").value), remap,
   };

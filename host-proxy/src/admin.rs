@@ -18,7 +18,7 @@ pub use hostnet_admin::{
 
 use crate::LinkState;
 use crate::forward::{ForwardStats, Forwards};
-use crate::guest_streams::ToHostStats;
+use crate::guest_streams::{ToHost, ToHostStats};
 use crate::settings::SettingsHandle;
 
 /// What the API serves from.
@@ -28,6 +28,7 @@ pub struct Admin {
     pub settings: SettingsHandle,
     pub link: watch::Receiver<LinkState>,
     pub host: watch::Receiver<Arc<ListenerSet>>,
+    pub to_host: ToHost,
     pub to_host_stats: ToHostStats,
 }
 
@@ -51,6 +52,40 @@ impl Admin {
             let counts = stats.get(&(proto, port)).cloned().unwrap_or_default();
             forwards.push(to_host_status(proto, port, addrs, &counts));
         }
+        // Desktop listeners the guest may not reach, and why (the guest→host policy).
+        let withheld = self.to_host.withheld.borrow().clone();
+        for (l, why) in withheld.iter() {
+            forwards.push(ForwardStatus {
+                state: ForwardState::NotOffered,
+                reason: Some(format!("{}: {why}", std::net::SocketAddr::new(l.addr, l.port))),
+                ..to_host_status(l.proto, l.port, Vec::new(), &ForwardStats::default())
+            });
+        }
+        let mut limits = Vec::new();
+        let limited: Vec<String> = forwards
+            .iter()
+            .filter(|f| f.state == ForwardState::Limited)
+            .map(|f| format!("{}/{}", f.proto, f.guest_port))
+            .collect();
+        if let (Some(first), Some(last)) = (limited.first(), limited.last()) {
+            limits.push(format!(
+                "{} guest port(s) not forwarded over the limits on host ports ({first} … {last}; each forward says which limit)",
+                limited.len()
+            ));
+        }
+        let foreign = self.to_host.foreign_refused.load(std::sync::atomic::Ordering::Relaxed);
+        if let (true, Some(cid)) = (foreign > 0, self.to_host.guest_cid) {
+            limits.push(format!(
+                "{foreign} guest→host stream(s) refused from vsock peers other than the VM (CID {cid})"
+            ));
+        }
+        let refused = self.to_host.streams_refused.load(std::sync::atomic::Ordering::Relaxed);
+        if refused > 0 {
+            limits.push(format!(
+                "{refused} guest→host stream(s) closed at once: {} were open, the limit (--max-guest-streams)",
+                self.to_host.max_streams
+            ));
+        }
         Status {
             enabled: settings.enabled,
             agent,
@@ -58,6 +93,7 @@ impl Admin {
             settings_path: self.settings.path.clone(),
             errors: self.settings.error().into_iter().collect(),
             forwards,
+            limits,
         }
     }
 

@@ -3,9 +3,10 @@
 //! data stream to the agent per accepted connection or UDP flow. The settings decide which
 //! guest ports are forwarded, to which host port, and whether anything is forwarded at all.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -34,11 +35,17 @@ pub struct Limits {
     pub connections: usize,
     /// UDP flows open at once.
     pub udp_flows: usize,
+    /// Guest→host streams (connections, flows, openings) served at once.
+    pub guest_streams: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { connections: MAX_CONNECTIONS, udp_flows: crate::udp::MAX_UDP_FLOWS }
+        Limits {
+            connections: MAX_CONNECTIONS,
+            udp_flows: crate::udp::MAX_UDP_FLOWS,
+            guest_streams: crate::guest_streams::MAX_GUEST_STREAMS,
+        }
     }
 }
 /// Backlog of each mirrored listening socket.
@@ -55,6 +62,8 @@ pub enum PortState {
     Ignored,
     /// Host networking (or UDP forwarding) is off in the settings.
     Disabled(String),
+    /// Not forwarded: a limit on what the guest may take on the desktop (`[limits]`).
+    Limited(String),
 }
 
 /// Live counts of one forward, shared by its connections.
@@ -98,6 +107,7 @@ impl PortState {
             PortState::Conflict(r) => (ForwardState::Conflict, Some(r.clone())),
             PortState::Ignored => (ForwardState::Ignored, Some("listed in ignore_ports".to_owned())),
             PortState::Disabled(r) => (ForwardState::Disabled, Some(r.clone())),
+            PortState::Limited(r) => (ForwardState::Limited, Some(r.clone())),
         }
     }
 }
@@ -116,8 +126,8 @@ struct PortForward {
     stats: Arc<ForwardStats>,
     /// Host addresses listening now.
     bound: Vec<IpAddr>,
-    /// Addresses of the scope another program holds, and why: a forward live on one family
-    /// keeps trying the other (`retry_conflicts`) until it frees up.
+    /// Addresses of the scope another program holds, and why (only while binding: a port
+    /// held on any address is not forwarded at all).
     missing: Vec<(IpAddr, String)>,
 }
 
@@ -127,20 +137,71 @@ enum Wanted {
     Forward { host_port: u16, bind: BindScope },
     Ignored,
     Disabled(String),
+    Limited(String),
 }
 
-#[derive(Default)]
 struct Table {
     guest: ListenerSet,
     settings: Arc<Settings>,
     ports: BTreeMap<(Proto, u16), PortForward>,
+    /// The desktop's ephemeral port range (where its outgoing connections get their ports).
+    ephemeral: RangeInclusive<u16>,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Table {
+            guest: ListenerSet::new(),
+            settings: Arc::default(),
+            ports: BTreeMap::new(),
+            ephemeral: ephemeral_port_range(),
+        }
+    }
 }
 
 impl Table {
-    /// What the settings want for every guest port.
+    /// What the settings and limits want for every guest port. Ports that hold a host port
+    /// now (forwarding, or in conflict) keep their place under the limits.
     fn wanted(&self) -> BTreeMap<(Proto, u16), Wanted> {
-        self.guest.ports().into_iter().map(|key| (key, wanted(&self.settings, key))).collect()
+        let holding: BTreeSet<(Proto, u16)> = self
+            .ports
+            .iter()
+            .filter(|(_, f)| matches!(f.state, PortState::Forwarding | PortState::Conflict(_)))
+            .map(|(k, _)| *k)
+            .collect();
+        plan(&self.guest.ports(), &self.settings, self.ephemeral.clone(), &holding)
     }
+
+    /// Every forward as [`actions`] sees it.
+    fn shapes(&self) -> BTreeMap<(Proto, u16), Shape<'_>> {
+        self.ports.iter().map(|(k, f)| (*k, f.shape())).collect()
+    }
+}
+
+/// The desktop's ephemeral port range: Linux's `ip_local_port_range` (default 32768–60999),
+/// elsewhere the IANA range macOS and Windows use, 49152–65535.
+pub fn ephemeral_port_range() -> RangeInclusive<u16> {
+    const IANA: RangeInclusive<u16> = 49152..=65535;
+    #[cfg(target_os = "linux")]
+    {
+        let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+        let mut nums = text.split_whitespace().filter_map(|n| n.parse::<u16>().ok());
+        match (nums.next(), nums.next()) {
+            (Some(first), Some(last)) if first <= last => first..=last,
+            _ => IANA,
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        IANA
+    }
+}
+
+/// The ports ([`Forwards::name_holders`]) waiting for their holder's name: `(guest key, host port)`.
+#[derive(Debug, Default)]
+struct Naming {
+    waiting: BTreeSet<((Proto, u16), u16)>,
+    running: bool,
 }
 
 /// How long closing a forward may take before its replacement binds anyway.
@@ -150,6 +211,14 @@ const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 #[derive(Clone)]
 pub struct Forwards {
     table: Arc<Mutex<Table>>,
+    /// The guest's listeners, for the accept path: its own lock, held only for a lookup or to
+    /// apply a delta, so a connection never waits on the table (binds, reconciles, the naming
+    /// of a conflict's holder) to learn its target.
+    targets: Arc<Mutex<ListenerSet>>,
+    /// Held for a whole reconcile: the settings task and the link task never reconcile at once.
+    reconciling: Arc<tokio::sync::Mutex<()>>,
+    /// Conflicting ports whose holder is still to be named, and whether a task is naming them.
+    naming: Arc<Mutex<Naming>>,
     /// Cancelled (and replaced) when host networking is switched off: closes open connections.
     generation: Arc<Mutex<CancellationToken>>,
     pub(crate) connector: Arc<dyn Connector>,
@@ -179,6 +248,9 @@ impl Forwards {
     ) -> Self {
         Forwards {
             table: Arc::default(),
+            targets: Arc::default(),
+            reconciling: Arc::default(),
+            naming: Arc::default(),
             generation: Arc::new(Mutex::new(shutdown.child_token())),
             connector,
             tracker,
@@ -251,28 +323,44 @@ impl Forwards {
 
     /// The agent's full set (a snapshot): forward exactly these.
     pub async fn replace_all(&self, guest: ListenerSet) {
-        self.lock().guest = guest;
+        {
+            let mut t = self.lock();
+            *self.targets() = guest.clone();
+            t.guest = guest;
+        }
         self.reconcile().await;
     }
 
     pub async fn add(&self, listeners: &[Listener]) {
-        self.lock().guest.extend(listeners.iter().copied());
+        {
+            let mut t = self.lock();
+            t.guest.extend(listeners.iter().copied());
+            self.targets().extend(listeners.iter().copied());
+        }
         self.reconcile().await;
     }
 
     pub async fn remove(&self, listeners: &[Listener]) {
         {
             let mut t = self.lock();
+            let mut targets = self.targets();
             for l in listeners {
                 t.guest.remove(l);
+                targets.remove(l);
             }
         }
         self.reconcile().await;
     }
 
+    /// The accept path's copy of the guest's listeners, changed along with the table's (under
+    /// the table's lock, so the two never disagree for long) and read without it.
+    fn targets(&self) -> MutexGuard<'_, ListenerSet> {
+        self.targets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The guest address a client of the given family is relayed to, if anything listens.
     pub(crate) fn target_for(&self, proto: Proto, port: u16, client_v6: bool) -> Option<IpAddr> {
-        self.lock().guest.target_for(proto, port, client_v6)
+        self.targets().target_for(proto, port, client_v6)
     }
 
     /// Number of guest listeners known and host ports forwarding.
@@ -282,10 +370,15 @@ impl Forwards {
         (t.guest.len(), forwarding)
     }
 
-    /// Tries again to bind ports that were held by another program; says so when one frees up
-    /// or its reason changes, and stays quiet otherwise.
+    /// Tries again to bind ports that were held by another program, if the settings say to
+    /// (`take_freed_ports`): otherwise a port the desktop held stays the desktop's, so a
+    /// desktop server that restarts finds its port free. Says so when one frees up, and stays
+    /// quiet otherwise.
     pub fn retry_conflicts(&self) {
         let mut t = self.lock();
+        if !t.settings.take_freed_ports {
+            return;
+        }
         let conflicted: Vec<_> = t
             .ports
             .iter()
@@ -298,29 +391,12 @@ impl Forwards {
             .collect();
         for ((proto, guest_port), host_port, bind, old_reason, stats) in conflicted {
             // Quietly: the reason found the first time stands while the port stays taken.
-            let mut fwd = self.start_port(proto, guest_port, host_port, bind, stats, false);
+            let mut fwd = self.start_port(proto, guest_port, host_port, bind, stats, true);
             match &fwd.state {
                 PortState::Forwarding => info!(port = host_port, "host port {host_port} is free now"),
                 _ => fwd.state = PortState::Conflict(old_reason),
             }
             t.ports.insert((proto, guest_port), fwd);
-        }
-        // Forwards live on one family whose other address was taken.
-        for (&(proto, guest_port), fwd) in t.ports.iter_mut() {
-            if fwd.state != PortState::Forwarding || fwd.missing.is_empty() {
-                continue;
-            }
-            let missing = std::mem::take(&mut fwd.missing);
-            for (ip, reason) in missing {
-                match bind(proto, SocketAddr::new(ip, fwd.host_port)) {
-                    Ok(socket) => {
-                        info!(port = fwd.host_port, "host port {} is free now on {ip} too", fwd.host_port);
-                        self.serve_socket(fwd, guest_port, socket);
-                        fwd.bound.push(ip);
-                    }
-                    Err(_) => fwd.missing.push((ip, reason)),
-                }
-            }
         }
     }
 
@@ -328,51 +404,123 @@ impl Forwards {
     /// must go and waits for those sockets to be really closed (a forward that moves to another
     /// bind scope would otherwise collide with itself), then opens what is missing.
     async fn reconcile(&self) {
+        let _one_at_a_time = self.reconciling.lock().await;
         let closing: Vec<TaskTracker> = {
             let mut t = self.lock();
-            let wanted = t.wanted();
+            let steps = actions(&t.shapes(), &t.wanted());
             let mut closing = Vec::new();
-            t.ports.retain(|key, fwd| {
-                let keep = wanted.get(key).is_some_and(|w| fwd.matches(w));
-                if !keep {
-                    fwd.stop.cancel();
-                    fwd.stop_listening();
-                    fwd.tasks.close();
-                    closing.push(fwd.tasks.clone());
-                    if fwd.state == PortState::Forwarding {
-                        info!(proto = %key.0, port = fwd.host_port, "host port closed");
-                    }
+            for step in steps {
+                let Action::Close(key) = step else { continue };
+                let Some(mut fwd) = t.ports.remove(&key) else { continue };
+                fwd.stop.cancel();
+                fwd.stop_listening();
+                fwd.tasks.close();
+                closing.push(fwd.tasks.clone());
+                if fwd.state == PortState::Forwarding {
+                    info!(proto = %key.0, port = fwd.host_port, "host port closed");
                 }
-                keep
-            });
+            }
             closing
         };
         for tasks in closing {
             let _ = tokio::time::timeout(CLOSE_WAIT, tasks.wait()).await;
         }
+        let mut to_name = Vec::new();
         let mut t = self.lock();
-        for (key, want) in t.wanted() {
+        // The guest or the settings may have moved on while the closes were waited for: what
+        // that changed is the next reconcile's (it is queued behind this one).
+        let steps = actions(&t.shapes(), &t.wanted());
+        for step in steps {
+            let Action::Open(key, want) = step else { continue };
             if t.ports.contains_key(&key) {
                 continue;
             }
             let (proto, guest_port) = key;
             let stats = Arc::new(ForwardStats::default());
+            let take_freed = t.settings.take_freed_ports;
             let fwd = match want {
                 Wanted::Forward { host_port, bind } => {
-                    let fwd = self.start_port(proto, guest_port, host_port, bind, stats, true);
+                    let fwd = self.start_port(proto, guest_port, host_port, bind, stats, take_freed);
                     if let PortState::Conflict(reason) = &fwd.state {
-                        warn!(port = host_port, "{reason}");
+                        if reason.contains(ANOTHER_PROGRAM) {
+                            to_name.push((key, host_port));
+                        } else {
+                            warn!(port = host_port, "{reason}");
+                        }
                     }
                     fwd
                 }
                 Wanted::Ignored => PortForward::idle(guest_port, PortState::Ignored, stats),
                 Wanted::Disabled(why) => PortForward::idle(guest_port, PortState::Disabled(why), stats),
+                Wanted::Limited(why) => {
+                    debug!(proto = %proto, port = guest_port, "not forwarded: {why}");
+                    PortForward::idle(guest_port, PortState::Limited(why), stats)
+                }
             };
             t.ports.insert(key, fwd);
         }
+        drop(t);
+        if !to_name.is_empty() {
+            self.name_holders(to_name);
+        }
     }
 
-    /// Binds `host_port` on the bind scope's addresses and starts serving it.
+    /// Names the programs holding conflicting host ports, off the table's lock and the
+    /// runtime's workers (it walks every process's descriptors), then puts the names in the
+    /// ports' reasons and logs them. One walk at a time, by one task, from a set of the ports
+    /// waiting: a guest flapping a listener on a held port queues that port once, not a walk
+    /// per flap, and a port no longer in conflict when its turn comes is skipped.
+    fn name_holders(&self, ports: Vec<((Proto, u16), u16)>) {
+        {
+            let mut naming = self.naming.lock().unwrap_or_else(|p| p.into_inner());
+            naming.waiting.extend(ports);
+            if naming.running || naming.waiting.is_empty() {
+                return;
+            }
+            naming.running = true;
+        }
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            loop {
+                let next = {
+                    let mut naming = this.naming.lock().unwrap_or_else(|p| p.into_inner());
+                    let next = if this.shutdown.is_cancelled() { None } else { naming.waiting.pop_first() };
+                    naming.running = next.is_some();
+                    next
+                };
+                let Some(((proto, guest_port), host_port)) = next else { return };
+                let in_conflict = |t: &Table| {
+                    t.ports.get(&(proto, guest_port)).is_some_and(|f| {
+                        f.host_port == host_port && matches!(f.state, PortState::Conflict(_))
+                    })
+                };
+                if !in_conflict(&this.lock()) {
+                    continue;
+                }
+                let holder =
+                    tokio::task::spawn_blocking(move || hostnet_net::platform::port_holder(proto, host_port))
+                        .await
+                        .ok()
+                        .flatten();
+                let mut t = this.lock();
+                if !in_conflict(&t) {
+                    continue;
+                }
+                if let Some(PortForward { state: PortState::Conflict(reason), .. }) =
+                    t.ports.get_mut(&(proto, guest_port))
+                {
+                    if let Some(h) = &holder {
+                        *reason = reason.replace(ANOTHER_PROGRAM, &format!("by {h}"));
+                    }
+                    warn!(port = host_port, "{reason}");
+                }
+            }
+        });
+    }
+
+    /// Binds `host_port` on the bind scope's addresses and starts serving it — on all of
+    /// them or none: a port the desktop holds on one family is the desktop's (`localhost`
+    /// clients try `::1` first; a mirror there would take the desktop's URL to the guest).
     fn start_port(
         &self,
         proto: Proto,
@@ -380,7 +528,7 @@ impl Forwards {
         host_port: u16,
         bind_scope: BindScope,
         stats: Arc<ForwardStats>,
-        explain: bool,
+        take_freed: bool,
     ) -> PortForward {
         let stop = self.shutdown.child_token();
         let mut bound = Vec::new();
@@ -391,9 +539,7 @@ impl Forwards {
                 Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => {
                     debug!(port = host_port, "no IPv6 on this host; forwarding on IPv4 only");
                 }
-                // Naming the holder reads the whole socket table: once per port is enough.
-                Err(e) => missing
-                    .push((ip, describe_bind_error(proto, ip, host_port, &e, explain && missing.is_empty()))),
+                Err(e) => missing.push((ip, describe_bind_error(proto, ip, host_port, &e))),
             }
         }
         let tasks = TaskTracker::new();
@@ -408,13 +554,19 @@ impl Forwards {
             bound: bound.iter().map(|(ip, _)| *ip).collect(),
             missing,
         };
-        if bound.is_empty() {
-            fwd.state = PortState::Conflict(fwd.missing_reason().unwrap_or_default());
+        if bound.is_empty() || !fwd.missing.is_empty() {
+            // Sockets bound on the other family close here (dropped unserved).
+            drop(bound);
+            fwd.bound.clear();
+            let then = if take_freed {
+                "the forward will start when it frees up"
+            } else {
+                "the port stays this desktop's, so the guest's port is not forwarded on any address \
+                 (take_freed_ports = true in the settings forwards it once the desktop frees it)"
+            };
+            fwd.state = PortState::Conflict(format!("{}; {then}", fwd.missing_reason().unwrap_or_default()));
             fwd.missing.clear();
             return fwd;
-        }
-        for (_, e) in &fwd.missing {
-            warn!(port = host_port, "{e}"); // One family failed, the other forwards.
         }
         let scope = match bind_scope {
             BindScope::Loopback => "loopback",
@@ -604,17 +756,114 @@ impl PortForward {
         }
     }
 
-    /// Whether this forward already is what `want` asks for (a conflict counts: it retries).
+    /// What [`actions`] needs to know of this forward.
+    fn shape(&self) -> Shape<'_> {
+        Shape { state: &self.state, host_port: self.host_port, bind: self.bind }
+    }
+}
+
+/// A forward as [`actions`] sees it: no sockets, so the decision is tested without any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape<'a> {
+    state: &'a PortState,
+    host_port: u16,
+    bind: BindScope,
+}
+
+impl Shape<'_> {
+    /// Whether this forward already is what `want` asks for (a conflict counts: it is the
+    /// port's answer until the guest port goes, or is retried with `take_freed_ports`).
     fn matches(&self, want: &Wanted) -> bool {
-        match (want, &self.state) {
+        match (want, self.state) {
             (Wanted::Forward { host_port, bind }, PortState::Forwarding | PortState::Conflict(_)) => {
                 *host_port == self.host_port && *bind == self.bind
             }
             (Wanted::Ignored, PortState::Ignored) => true,
-            (Wanted::Disabled(a), PortState::Disabled(b)) => a == b,
+            (Wanted::Disabled(a), PortState::Disabled(b)) | (Wanted::Limited(a), PortState::Limited(b)) => {
+                a == b
+            }
             _ => false,
         }
     }
+}
+
+/// One step of a reconcile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Action {
+    /// Close this guest port's forward: gone from the guest, or no longer what is wanted.
+    Close((Proto, u16)),
+    /// Give this guest port the forward wanted (after every close is done: a forward moving
+    /// to another bind scope would otherwise collide with itself).
+    Open((Proto, u16), Wanted),
+}
+
+/// The steps from the forwards now to the ones wanted: every close, then every open, each in
+/// port order. Pure; the table's one reconcile at a time applies them.
+fn actions(now: &BTreeMap<(Proto, u16), Shape<'_>>, wanted: &BTreeMap<(Proto, u16), Wanted>) -> Vec<Action> {
+    let closes = now
+        .iter()
+        .filter(|(key, shape)| wanted.get(*key).is_none_or(|w| !shape.matches(w)))
+        .map(|(key, _)| Action::Close(*key));
+    let opens = wanted
+        .iter()
+        .filter(|(key, w)| now.get(*key).is_none_or(|shape| !shape.matches(w)))
+        .map(|(key, w)| Action::Open(*key, w.clone()));
+    closes.chain(opens).collect()
+}
+
+/// What the settings and the limits want for each of the guest's ports — a pure function,
+/// tested without sockets. The limits (`[limits]` in the settings) keep the desktop its own:
+/// at most `ports` host ports forwarded in all, and at most `ephemeral_ports` per protocol
+/// inside the desktop's ephemeral range, so a guest listening on thousands of ports there
+/// cannot leave the desktop's outgoing connections without a source port. Ports in `holding`
+/// (bound now) keep their place; the others are taken in port order.
+fn plan(
+    guest: &BTreeSet<(Proto, u16)>,
+    settings: &Settings,
+    ephemeral: RangeInclusive<u16>,
+    holding: &BTreeSet<(Proto, u16)>,
+) -> BTreeMap<(Proto, u16), Wanted> {
+    let limits = &settings.limits;
+    let mut out = BTreeMap::new();
+    let mut forward = Vec::new();
+    for &key in guest {
+        match wanted(settings, key) {
+            w @ Wanted::Forward { .. } => forward.push((key, w)),
+            other => {
+                out.insert(key, other);
+            }
+        }
+    }
+    forward.sort_by_key(|(key, _)| (!holding.contains(key), *key));
+    let mut total = 0usize;
+    let mut in_ephemeral: BTreeMap<Proto, usize> = BTreeMap::new();
+    for (key, w) in forward {
+        let Wanted::Forward { host_port, .. } = w else { continue };
+        if total >= limits.ports {
+            out.insert(
+                key,
+                Wanted::Limited(format!(
+                    "{} host ports are forwarded, the limit (limits.ports in the settings)",
+                    limits.ports
+                )),
+            );
+            continue;
+        }
+        if ephemeral.contains(&host_port) {
+            let n = in_ephemeral.entry(key.0).or_default();
+            if *n >= limits.ephemeral_ports {
+                out.insert(key, Wanted::Limited(format!(
+                    "host port {host_port} is in this desktop's ephemeral range ({}-{}), which keeps its ports for outgoing connections: {} {} ports there are forwarded, the limit (limits.ephemeral_ports in the settings)",
+                    ephemeral.start(), ephemeral.end(), limits.ephemeral_ports, key.0
+                )));
+                continue;
+            }
+            *n += 1;
+        }
+        total += 1;
+        out.insert(key, w);
+    }
+    out
 }
 
 /// What the settings want for a guest port.
@@ -638,6 +887,9 @@ pub fn bind_addrs(scope: BindScope) -> [IpAddr; 2] {
         BindScope::All => [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
     }
 }
+
+/// How a conflict's reason names the holder until [`Forwards::name_holders`] knows better.
+const ANOTHER_PROGRAM: &str = "by another program";
 
 /// A host socket serving one forwarded port on one address.
 enum Bound {
@@ -674,26 +926,146 @@ fn bind(proto: Proto, addr: SocketAddr) -> io::Result<Bound> {
     }
 }
 
-fn describe_bind_error(proto: Proto, ip: IpAddr, port: u16, e: &io::Error, name_holder: bool) -> String {
+fn describe_bind_error(proto: Proto, ip: IpAddr, port: u16, e: &io::Error) -> String {
     let at = SocketAddr::new(ip, port);
-    // What this OS says about the cause (Windows: an excluded port range; low ports), once per
-    // port: on Windows it asks `netsh`.
-    if name_holder {
+    // What this OS says about the cause (Windows: an excluded port range, read from `netsh`;
+    // low ports): only for refusals (access errors), so a plain conflict costs nothing here.
+    if e.kind() != io::ErrorKind::AddrInUse {
         if let Some(why) = hostnet_net::platform::explain_bind_error(proto, at, e) {
-            return format!("{why}; the forward is not active");
+            return why;
         }
     }
     match e.kind() {
         io::ErrorKind::AddrInUse => {
-            let holder = if name_holder { hostnet_net::platform::port_holder(proto, port) } else { None };
-            let who = holder.map(|h| format!("by {h}")).unwrap_or_else(|| "by another program".to_owned());
-            format!(
-                "{proto} port {port} is already in use on the host ({at}) {who}; the forward will start when it frees up"
-            )
+            // The holder's name comes later, off the accept path (`name_holders`).
+            let who = ANOTHER_PROGRAM;
+            format!("{proto} port {port} is already in use on the host ({at}) {who}")
         }
-        io::ErrorKind::PermissionDenied => format!(
-            "binding {at} needs privileges on this host (ports below 1024 are restricted); the forward is not active"
-        ),
+        io::ErrorKind::PermissionDenied => {
+            format!("binding {at} needs privileges on this host (ports below 1024 are restricted)")
+        }
         _ => format!("cannot listen on {at}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp_ports(ports: impl IntoIterator<Item = u16>) -> BTreeSet<(Proto, u16)> {
+        ports.into_iter().map(|p| (Proto::Tcp, p)).collect()
+    }
+
+    fn forwarded(plan: &BTreeMap<(Proto, u16), Wanted>) -> Vec<u16> {
+        plan.iter().filter(|(_, w)| matches!(w, Wanted::Forward { .. })).map(|(k, _)| k.1).collect()
+    }
+
+    const EPHEMERAL: RangeInclusive<u16> = 32768..=60999;
+
+    #[test]
+    fn a_guest_on_thousands_of_ephemeral_ports_gets_only_its_share_of_them() {
+        let settings = Settings::default();
+        let guest = tcp_ports((40_000..43_000).chain([8080, 9000]));
+        let plan = plan(&guest, &settings, EPHEMERAL, &BTreeSet::new());
+        let ok = forwarded(&plan);
+        assert_eq!(ok.len(), 2 + settings.limits.ephemeral_ports, "two outside the range + the share");
+        assert!(ok.contains(&8080) && ok.contains(&9000));
+        let limited: Vec<_> = plan
+            .values()
+            .filter_map(|w| match w {
+                Wanted::Limited(why) => Some(why),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(limited.len(), 3000 - settings.limits.ephemeral_ports);
+        assert!(
+            limited
+                .iter()
+                .all(|w| w.contains("ephemeral range (32768-60999)") && w.contains("limits.ephemeral_ports")),
+            "{:?}",
+            limited.first()
+        );
+        // UDP has its own ports, so its own share.
+        let udp: BTreeSet<_> = (40_000..40_300).map(|p| (Proto::Udp, p)).collect();
+        assert_eq!(forwarded(&plan_for(&udp, &settings)).len(), settings.limits.ephemeral_ports);
+    }
+
+    fn plan_for(guest: &BTreeSet<(Proto, u16)>, settings: &Settings) -> BTreeMap<(Proto, u16), Wanted> {
+        plan(guest, settings, EPHEMERAL, &BTreeSet::new())
+    }
+
+    #[test]
+    fn the_total_caps_every_port_and_forwards_that_hold_a_port_keep_their_place() {
+        let mut settings = Settings::default();
+        settings.limits.ports = 3;
+        let guest = tcp_ports([1000, 2000, 3000, 4000, 5000]);
+        assert_eq!(forwarded(&plan_for(&guest, &settings)), vec![1000, 2000, 3000]);
+        // 4000 and 5000 were forwarding before 1000 and 2000 appeared: they stay.
+        let holding = tcp_ports([4000, 5000]);
+        assert_eq!(forwarded(&plan(&guest, &settings, EPHEMERAL, &holding)), vec![1000, 4000, 5000]);
+        let why = match &plan_for(&guest, &settings)[&(Proto::Tcp, 5000)] {
+            Wanted::Limited(why) => why.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert!(why.contains("limits.ports"), "{why}");
+    }
+
+    #[test]
+    fn actions_close_what_changed_before_opening_and_leave_what_matches() {
+        let (fwd, conflict, ignored) =
+            (PortState::Forwarding, PortState::Conflict("held".into()), PortState::Ignored);
+        let shape = |state, host_port, bind| Shape { state, host_port, bind };
+        let key = |p| (Proto::Tcp, p);
+        let loopback = |host_port| Wanted::Forward { host_port, bind: BindScope::Loopback };
+        let now: BTreeMap<_, _> = [
+            (key(1), shape(&fwd, 1, BindScope::Loopback)),      // stays
+            (key(2), shape(&conflict, 2, BindScope::Loopback)), // a conflict is its answer: stays
+            (key(3), shape(&fwd, 3, BindScope::Loopback)),      // moves to bind = all
+            (key(4), shape(&fwd, 4, BindScope::Loopback)),      // the guest closed it
+            (key(5), shape(&ignored, 5, BindScope::Loopback)),  // no longer ignored
+            (key(6), shape(&fwd, 6, BindScope::Loopback)),      // remapped
+        ]
+        .into_iter()
+        .collect();
+        let wanted: BTreeMap<_, _> = [
+            (key(1), loopback(1)),
+            (key(2), loopback(2)),
+            (key(3), Wanted::Forward { host_port: 3, bind: BindScope::All }),
+            (key(5), loopback(5)),
+            (key(6), loopback(6006)),
+            (key(7), Wanted::Limited("over".into())),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            actions(&now, &wanted),
+            vec![
+                Action::Close(key(3)),
+                Action::Close(key(4)),
+                Action::Close(key(5)),
+                Action::Close(key(6)),
+                Action::Open(key(3), Wanted::Forward { host_port: 3, bind: BindScope::All }),
+                Action::Open(key(5), loopback(5)),
+                Action::Open(key(6), loopback(6006)),
+                Action::Open(key(7), Wanted::Limited("over".into())),
+            ]
+        );
+        let settled: BTreeMap<_, _> = [(key(1), shape(&fwd, 1, BindScope::Loopback))].into_iter().collect();
+        assert_eq!(actions(&settled, &[(key(1), loopback(1))].into_iter().collect()), vec![]);
+    }
+
+    #[test]
+    fn remapped_ports_count_where_they_land_and_ignored_ones_take_nothing() {
+        let mut settings = Settings::default();
+        settings.limits.ephemeral_ports = 1;
+        settings.remap.insert("8080".into(), 40_000);
+        settings.ignore_ports = vec!["40001".parse().unwrap()];
+        let plan = plan_for(&tcp_ports([8080, 40_001, 40_002]), &settings);
+        assert_eq!(
+            plan[&(Proto::Tcp, 8080)],
+            Wanted::Forward { host_port: 40_000, bind: BindScope::Loopback }
+        );
+        assert_eq!(plan[&(Proto::Tcp, 40_001)], Wanted::Ignored);
+        assert!(matches!(plan[&(Proto::Tcp, 40_002)], Wanted::Limited(_)), "{plan:?}");
     }
 }

@@ -1,9 +1,15 @@
 //! Guest→host: the desktop's own listeners are advertised to the agent, and the streams the
 //! agent opens for intercepted guest connections are served here — only to loopback ports
 //! that are advertised right now.
+//!
+//! What is advertised is what the guest→host policy ([`crate::policy`]) allows: this user's
+//! listeners on `127.0.0.1`/`::1`/wildcards, unprivileged ports, the allow and deny lists.
+//! Every stream is checked against that set, so a guest process that speaks the protocol
+//! itself (vsock is not namespaced in the VM) reaches nothing more than the agent would.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,46 +18,123 @@ use hostnet_net::handshake::{self, FrameReader};
 use hostnet_net::relay;
 use hostnet_net::udp;
 use hostnet_net::{TransportSpec, TransportStream, watcher};
-use hostnet_protocol::{ListenerSet, Open, Proto};
-use tokio::sync::watch;
+use hostnet_protocol::{Listener, ListenerSet, Open, Proto};
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::HOST_POLL_INTERVAL;
 use crate::forward::ForwardStats;
+use crate::policy::{self, Decision, Withheld};
 use crate::settings::Settings;
 
+/// Most guest→host streams served at once — TCP connections, UDP flows and openings not yet
+/// complete, together — unless `--max-guest-streams` says otherwise. Past it a new stream is
+/// closed at once and counted in `status`: the guest cannot spend the proxy's descriptors
+/// (the admin API, and so `hostnet-proxy disable`, keeps working).
+pub const MAX_GUEST_STREAMS: usize = 4096;
+
+/// What the guest→host side shares with `status`.
+#[derive(Debug, Clone)]
+pub struct ToHost {
+    /// The desktop listeners the guest may reach: what is advertised and served.
+    pub advertised: watch::Receiver<Arc<ListenerSet>>,
+    /// The desktop listeners it may not, each with why.
+    pub withheld: watch::Receiver<Arc<BTreeMap<Listener, Withheld>>>,
+    /// Streams closed at once because [`MAX_GUEST_STREAMS`] (or the configured limit) were open.
+    pub streams_refused: Arc<AtomicU64>,
+    /// Streams refused because they came from a vsock peer other than the VM.
+    pub foreign_refused: Arc<AtomicU64>,
+    /// The VM's vsock CID, when the transport tells peers apart.
+    pub guest_cid: Option<u32>,
+    /// The limit in force.
+    pub max_streams: usize,
+}
+
+impl ToHost {
+    /// Guest→host off: nothing advertised, nothing withheld.
+    pub fn off() -> ToHost {
+        ToHost {
+            advertised: watch::channel(Arc::new(ListenerSet::new())).1,
+            withheld: watch::channel(Arc::default()).1,
+            streams_refused: Arc::default(),
+            foreign_refused: Arc::default(),
+            guest_cid: None,
+            max_streams: 0,
+        }
+    }
+}
+
+/// Whether a stream from `peer` (as the transport names it) may be the VM's: over vsock, only
+/// from the VM's CID (`vsock:any:PORT` listens for every VM and the host's own processes);
+/// other transports do not tell peers apart.
+fn from_the_vm(peer: &str, guest_cid: Option<u32>) -> bool {
+    match (peer.strip_prefix("vsock:"), guest_cid) {
+        (Some(rest), Some(cid)) => rest.split(':').next().and_then(|c| c.parse::<u32>().ok()) == Some(cid),
+        _ => true,
+    }
+}
+
+/// Refuses a guest→host endpoint other machines could reach: `tcp:` beyond loopback only
+/// when `beyond_loopback` says the user asked for it (`--listen-beyond-loopback`).
+pub fn check_listen(spec: &TransportSpec, beyond_loopback: bool) -> Result<(), String> {
+    match spec {
+        TransportSpec::Tcp(addr) if !addr.ip().is_loopback() && !beyond_loopback => Err(format!(
+            "--listen {spec} would let other machines on the network open guest→host streams to \
+             this desktop's servers; use a loopback address (tcp:127.0.0.1:PORT), a vsock or Unix \
+             socket, or add --listen-beyond-loopback if that is what you want"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Starts watching the desktop's listeners and serving the agent's guest→host streams.
-/// Returns the set to advertise: the desktop's listeners while the settings allow guest→host,
-/// else empty (and always empty if either part cannot start).
+/// Advertises the desktop's listeners the policy allows while the settings allow guest→host,
+/// else nothing (and nothing if either part cannot start).
 pub async fn start(
     listen: &TransportSpec,
     settings: watch::Receiver<Arc<Settings>>,
     stats: ToHostStats,
+    max_streams: usize,
+    guest_cid: Option<u32>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
-) -> watch::Receiver<Arc<ListenerSet>> {
-    let off = || watch::channel(Arc::new(ListenerSet::new())).1;
+) -> ToHost {
     let raw = match watcher::platform_source().and_then(|src| {
-        watcher::spawn(src, watcher::Trigger::best(HOST_POLL_INTERVAL), BTreeSet::new(), shutdown.clone())
+        watcher::spawn_found(src, watcher::Trigger::best(HOST_POLL_INTERVAL), shutdown.clone())
     }) {
         Ok(rx) => rx,
         Err(e) => {
             warn!("guest→host is off: cannot read this machine's listening sockets: {e}");
-            return off();
+            return ToHost::off();
         }
     };
     let acceptor = match listen.bind().await {
         Ok(a) => a,
         Err(e) => {
             warn!("guest→host is off: {e}");
-            return off();
+            return ToHost::off();
         }
     };
     info!(%listen, "serving guest→host connections");
-    let host = advertised(raw, settings, tracker, shutdown);
-    let (host2, shutdown2, tracker2) = (host.clone(), shutdown.clone(), tracker.clone());
+    let (advertised, withheld) = advertised(raw, settings, tracker, shutdown);
+    let to_host = ToHost {
+        advertised,
+        withheld,
+        streams_refused: Arc::default(),
+        foreign_refused: Arc::default(),
+        guest_cid,
+        max_streams: max_streams.max(1),
+    };
+    let streams = Arc::new(Semaphore::new(to_host.max_streams));
+    let (host2, shutdown2, tracker2, refused, foreign) = (
+        to_host.advertised.clone(),
+        shutdown.clone(),
+        tracker.clone(),
+        to_host.streams_refused.clone(),
+        to_host.foreign_refused.clone(),
+    );
     tracker.spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -59,9 +142,29 @@ pub async fn start(
                 a = acceptor.accept() => a,
             };
             match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
+                    if !from_the_vm(&peer, guest_cid) {
+                        let n = foreign.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n.is_power_of_two() {
+                            warn!(%peer, "refused a guest→host stream from a vsock peer that is not the VM ({n} so far)");
+                        }
+                        continue;
+                    }
+                    let Ok(permit) = streams.clone().try_acquire_owned() else {
+                        // Closed at once (the drop), counted; logged at 1, 2, 4, 8…
+                        let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n.is_power_of_two() {
+                            warn!(
+                                "{max_streams} guest→host streams open, the limit: closing new ones ({n} so far)"
+                            );
+                        }
+                        continue;
+                    };
                     let (host, shutdown, stats) = (host2.clone(), shutdown2.clone(), stats.clone());
-                    tracker2.spawn(async move { serve(stream, host, stats, shutdown).await });
+                    tracker2.spawn(async move {
+                        serve(stream, host, stats, shutdown).await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     warn!("accepting a guest→host stream failed: {e}");
@@ -70,7 +173,7 @@ pub async fn start(
             }
         }
     });
-    host
+    to_host
 }
 
 /// Live counts of guest→host traffic per desktop port, for `status`.
@@ -80,17 +183,40 @@ fn stats_for(stats: &ToHostStats, proto: Proto, port: u16) -> Arc<ForwardStats> 
     stats.lock().unwrap_or_else(|p| p.into_inner()).entry((proto, port)).or_default().clone()
 }
 
-/// The desktop's listeners as far as the settings let the guest reach them.
+/// The policy applied to the desktop's listeners: what the guest may reach, and the rest with
+/// why. Nothing at all while host networking or guest→host is off.
+pub fn offer(found: &[watcher::Found], settings: &Settings) -> (ListenerSet, BTreeMap<Listener, Withheld>) {
+    let mut offered = BTreeSet::new();
+    let mut withheld = BTreeMap::new();
+    if !(settings.enabled && settings.guest_to_host) {
+        return (ListenerSet::new(), withheld);
+    }
+    for f in found {
+        match policy::decide(&f.listener, f.is_this_users(), &settings.guest_to_host_policy) {
+            Decision::Allowed => {
+                offered.insert(f.listener);
+            }
+            Decision::Denied(why) => {
+                withheld.insert(f.listener, why);
+            }
+        }
+    }
+    // A listener allowed once (two sockets on one address, one of them ours to offer) is offered.
+    withheld.retain(|l, _| !offered.contains(l));
+    (offered.into_iter().collect(), withheld)
+}
+
+/// The desktop's listeners as far as the settings let the guest reach them, and the others.
+#[allow(clippy::type_complexity)]
 fn advertised(
-    mut raw: watch::Receiver<Arc<ListenerSet>>,
+    mut raw: watch::Receiver<Arc<Vec<watcher::Found>>>,
     mut settings: watch::Receiver<Arc<Settings>>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
-) -> watch::Receiver<Arc<ListenerSet>> {
-    let compute = |raw: &Arc<ListenerSet>, s: &Settings| {
-        if s.enabled && s.guest_to_host { raw.clone() } else { Arc::new(ListenerSet::new()) }
-    };
-    let (tx, rx) = watch::channel(compute(&raw.borrow_and_update(), &settings.borrow_and_update()));
+) -> (watch::Receiver<Arc<ListenerSet>>, watch::Receiver<Arc<BTreeMap<Listener, Withheld>>>) {
+    let (set, why) = offer(&raw.borrow_and_update(), &settings.borrow_and_update());
+    let (tx, rx) = watch::channel(Arc::new(set));
+    let (why_tx, why_rx) = watch::channel(Arc::new(why));
     let stop = shutdown.clone();
     tracker.spawn(async move {
         loop {
@@ -99,15 +225,24 @@ fn advertised(
                 r = raw.changed() => if r.is_err() { return },
                 r = settings.changed() => if r.is_err() { return },
             }
-            let next = compute(&raw.borrow_and_update(), &settings.borrow_and_update());
+            let (next, why) = offer(&raw.borrow_and_update(), &settings.borrow_and_update());
             tx.send_if_modified(|cur| {
-                let changed = **cur != *next;
-                *cur = next;
+                let changed = **cur != next;
+                if changed {
+                    *cur = Arc::new(next);
+                }
+                changed
+            });
+            why_tx.send_if_modified(|cur| {
+                let changed = **cur != why;
+                if changed {
+                    *cur = Arc::new(why);
+                }
                 changed
             });
         }
     });
-    rx
+    (rx, why_rx)
 }
 
 /// One guest connection: connect to the advertised desktop port, relay.
@@ -183,4 +318,57 @@ async fn serve_udp(
     let idle = Some(crate::udp::UDP_IDLE_TIMEOUT * 2);
     let stats = udp::relay_connected(&stream, &mut reader, &socket, idle, &shutdown).await;
     debug!(?stats, "guest→host udp flow finished");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_to_host_endpoint_beyond_loopback_needs_the_flag() {
+        for spec in ["tcp:0.0.0.0:1025", "tcp:[::]:1025", "tcp:192.168.1.2:1025"] {
+            let spec: TransportSpec = spec.parse().unwrap();
+            let err = check_listen(&spec, false).unwrap_err();
+            assert!(err.contains("--listen-beyond-loopback"), "{err}");
+            assert!(check_listen(&spec, true).is_ok());
+        }
+        for spec in ["tcp:127.0.0.1:1025", "tcp:[::1]:1025", "unix:/run/x.sock", "vsock:any:1025"] {
+            assert!(check_listen(&spec.parse().unwrap(), false).is_ok(), "{spec}");
+        }
+    }
+
+    #[test]
+    fn over_vsock_only_the_vms_cid_opens_guest_to_host_streams() {
+        assert!(from_the_vm("vsock:3:51234", Some(3)));
+        for peer in ["vsock:4:51234", "vsock:1:1", "vsock:2:7", "vsock:?"] {
+            assert!(!from_the_vm(peer, Some(3)), "{peer}");
+        }
+        assert!(from_the_vm("unix peer", Some(3)), "a Unix socket does not tell");
+        assert!(from_the_vm("vsock:4:1", None), "no CID known (hybrid vsock): not checked");
+    }
+
+    #[cfg(unix)]
+    fn found(addr: &str, port: u16, uid: u32) -> watcher::Found {
+        watcher::Found {
+            listener: Listener { proto: Proto::Tcp, addr: addr.parse().unwrap(), port },
+            inode: 1,
+            uid: Some(uid),
+            pid: None,
+            connected: false,
+        }
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn the_offer_is_the_policys_and_nothing_while_off() {
+        let me = nix::unistd::geteuid().as_raw();
+        let other = me.wrapping_add(1);
+        let desktop =
+            [found("127.0.0.1", 8080, me), found("127.0.0.1", 5432, other), found("127.0.0.53", 5353, me)];
+        let (offered, withheld) = offer(&desktop, &Settings::default());
+        assert_eq!(offered.ports(), [(Proto::Tcp, 8080)].into_iter().collect());
+        assert_eq!(withheld.len(), 2, "{withheld:?}");
+        let off = Settings { guest_to_host: false, ..Settings::default() };
+        assert_eq!(offer(&desktop, &off), (ListenerSet::new(), BTreeMap::new()));
+    }
 }

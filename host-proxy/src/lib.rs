@@ -10,7 +10,6 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use hostnet_net::{Connector, TransportSpec};
-use hostnet_protocol::ListenerSet;
 use settings::SettingsHandle;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +21,7 @@ pub mod demo;
 pub mod forward;
 pub mod guest_streams;
 mod link;
+pub mod policy;
 pub mod settings;
 pub mod udp;
 
@@ -45,6 +45,9 @@ pub struct ProxyConfig {
     pub admin_socket: Option<admin::Endpoint>,
     /// Connections and UDP flows served at once.
     pub limits: forward::Limits,
+    /// The VM's vsock CID when the agent is reached over vsock: guest→host streams from any
+    /// other vsock peer are refused (and counted).
+    pub guest_cid: Option<u32>,
 }
 
 impl ProxyConfig {
@@ -52,11 +55,16 @@ impl ProxyConfig {
         ProxyConfig {
             connector: agent.connector(),
             guest_listen: None,
-            settings_path: settings::default_path(),
+            // The current directory only when the system names no configuration directory.
+            settings_path: settings::default_path().unwrap_or_else(|| PathBuf::from("hostnet-settings.toml")),
             admin_socket: admin::default_endpoint()
                 .map_err(|e| tracing::warn!("the admin API is off: {e}"))
                 .ok(),
             limits: forward::Limits::default(),
+            guest_cid: match agent {
+                TransportSpec::Vsock { cid, .. } => Some(*cid),
+                _ => None,
+            },
         }
     }
 }
@@ -94,18 +102,29 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
         });
     }
     let to_host_stats = guest_streams::ToHostStats::default();
-    let host = match &config.guest_listen {
+    let to_host = match &config.guest_listen {
         Some(spec) => {
-            guest_streams::start(spec, settings.subscribe(), to_host_stats.clone(), &tracker, &shutdown).await
+            guest_streams::start(
+                spec,
+                settings.subscribe(),
+                to_host_stats.clone(),
+                config.limits.guest_streams,
+                config.guest_cid,
+                &tracker,
+                &shutdown,
+            )
+            .await
         }
-        None => watch::channel(Arc::new(ListenerSet::new())).1,
+        None => guest_streams::ToHost::off(),
     };
+    let host = to_host.advertised.clone();
     if let Some(endpoint) = &config.admin_socket {
         let api = admin::Admin {
             forwards: forwards.clone(),
             settings: settings.clone(),
             link: state.subscribe(),
             host: host.clone(),
+            to_host: to_host.clone(),
             to_host_stats,
         };
         if let Err(e) = admin::serve(endpoint, api, &tracker, &shutdown) {

@@ -8,7 +8,8 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use hostnet_net::handshake::{self, FrameReader, HandshakeError};
 use hostnet_net::{Connector, TransportError};
-use hostnet_protocol::{Control, ListenerSet, Open, Role};
+use hostnet_protocol::frame::MAX_SNAPSHOT_LISTENERS;
+use hostnet_protocol::{Control, ListenerSet, Open, Role, SnapshotParts, listener_chunks};
 use thiserror::Error;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -42,6 +43,10 @@ enum LinkError {
     Unexpected(&'static str, &'static str),
     #[error("the agent stopped answering heartbeats for {0:?}")]
     Silent(Duration),
+    #[error(transparent)]
+    SnapshotTooLarge(#[from] hostnet_protocol::frame::SnapshotTooLarge),
+    #[error("the agent reports more than {0} listeners")]
+    TooManyListeners(usize),
 }
 
 fn backoff() -> impl Iterator<Item = Duration> {
@@ -175,20 +180,29 @@ async fn session(
         Control::Error { message } => return Err(LinkError::Agent(message)),
         _ => return Err(LinkError::Unexpected("another frame", "hello")),
     }
-    let snapshot =
-        tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, reader.read_frame::<_, Control>(&stream))
-            .await
-            .map_err(|_| HandshakeError::TimedOut(handshake::HANDSHAKE_TIMEOUT))??;
-    let Control::Snapshot { listeners } = snapshot else {
-        return Err(LinkError::Unexpected("another frame", "snapshot"));
-    };
+    // The snapshot, in as many parts as the agent split it into.
+    let mut parts = SnapshotParts::default();
+    let listeners = tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, async {
+        loop {
+            let Control::Snapshot { listeners, more } = reader.read_frame::<_, Control>(&stream).await?
+            else {
+                return Err(LinkError::Unexpected("another frame", "snapshot"));
+            };
+            if let Some(all) = parts.push(listeners, more)? {
+                return Ok(all);
+            }
+        }
+    })
+    .await
+    .map_err(|_| HandshakeError::TimedOut(handshake::HANDSHAKE_TIMEOUT))??;
     forwards.replace_all(listeners.into_iter().filter(|l| l.is_forwardable()).collect()).await;
     established.store(true, Ordering::SeqCst);
     publish(state, forwards);
     // Guest→host: the desktop's own listeners (the watcher already leaves out our mirrors).
     let mut host_sent = (**host.borrow_and_update()).clone();
-    handshake::send_frame(&stream, &Control::HostSnapshot { listeners: host_sent.iter().copied().collect() })
-        .await?;
+    for frame in Control::host_snapshot_frames(host_sent.iter().copied().collect()) {
+        handshake::send_frame(&stream, &frame).await?;
+    }
     let mut host_live = true;
     let mut host_due: Option<Instant> = None;
 
@@ -221,21 +235,31 @@ async fn session(
                 let now = (**host.borrow_and_update()).clone();
                 let (added, removed) = host_sent.diff(&now);
                 if !removed.is_empty() {
-                    handshake::send_frame(&stream, &Control::HostRemoved { listeners: removed }).await?;
+                    for listeners in listener_chunks(removed) {
+                        handshake::send_frame(&stream, &Control::HostRemoved { listeners }).await?;
+                    }
                 }
                 if !added.is_empty() {
-                    handshake::send_frame(&stream, &Control::HostAdded { listeners: added }).await?;
+                    for listeners in listener_chunks(added) {
+                        handshake::send_frame(&stream, &Control::HostAdded { listeners }).await?;
+                    }
                 }
                 host_sent = now;
             }
             frame = reader.read_frame::<_, Control>(&stream) => {
                 last_heard = Instant::now();
                 match frame? {
-                    Control::Snapshot { listeners } => {
-                        forwards.replace_all(listeners.into_iter().filter(|l| l.is_forwardable()).collect()).await;
+                    Control::Snapshot { listeners, more } => {
+                        if let Some(all) = parts.push(listeners, more)? {
+                            forwards.replace_all(all.into_iter().filter(|l| l.is_forwardable()).collect()).await;
+                        }
                     }
                     Control::Added { listeners } => {
                         let ok: Vec<_> = listeners.into_iter().filter(|l| l.is_forwardable()).collect();
+                        // Deltas cannot grow the table past what a snapshot may hold.
+                        if forwards.counts().0 + ok.len() > MAX_SNAPSHOT_LISTENERS {
+                            return Err(LinkError::TooManyListeners(MAX_SNAPSHOT_LISTENERS));
+                        }
                         forwards.add(&ok).await;
                     }
                     Control::Removed { listeners } => forwards.remove(&listeners).await,

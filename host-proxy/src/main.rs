@@ -57,6 +57,10 @@ enum Cmd {
         /// vhost-vsock; hyperv:VMID:1025 (Windows). Off when not given.
         #[arg(long, value_name = "SPEC")]
         listen: Option<TransportSpec>,
+        /// Allow --listen tcp: on an address beyond loopback (other machines could then speak
+        /// the guest→host protocol to this proxy).
+        #[arg(long)]
+        listen_beyond_loopback: bool,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -120,11 +124,18 @@ struct LimitArgs {
     /// UDP flows (desktop client addresses) open at once; datagrams of more are dropped.
     #[arg(long, value_name = "N", default_value_t = host_proxy::udp::MAX_UDP_FLOWS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_udp_flows: u32,
+    /// Guest→host streams (connections, UDP flows, openings) served at once; more are closed.
+    #[arg(long, value_name = "N", default_value_t = host_proxy::guest_streams::MAX_GUEST_STREAMS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_guest_streams: u32,
 }
 
 impl LimitArgs {
     fn limits(&self) -> forward::Limits {
-        forward::Limits { connections: self.max_connections as usize, udp_flows: self.max_udp_flows as usize }
+        forward::Limits {
+            connections: self.max_connections as usize,
+            udp_flows: self.max_udp_flows as usize,
+            guest_streams: self.max_guest_streams as usize,
+        }
     }
 }
 
@@ -154,7 +165,13 @@ async fn main() -> ExitCode {
         Some(value) => Ok(Endpoint::from_user(value)),
         None => admin::default_endpoint(),
     };
-    let settings_path = args.config.clone().unwrap_or_else(settings::default_path);
+    let Some(settings_path) = args.config.clone().or_else(settings::default_path) else {
+        eprintln!(
+            "error: this system names no configuration directory (is HOME set?) for the settings file, \
+             and hostnet does not fall back to a shared one such as /tmp: pass --config PATH (HOSTNET_CONFIG)"
+        );
+        return ExitCode::FAILURE;
+    };
     // `run` and `demo` work without an admin API (said in the log); the commands need one.
     let admin_socket = match (&endpoint, &args.command) {
         #[cfg(target_os = "linux")]
@@ -180,7 +197,14 @@ async fn main() -> ExitCode {
             }
             Err(e) => Err(e.into()),
         },
-        Cmd::Run { transport, listen, limits } => {
+        Cmd::Run { transport, listen, listen_beyond_loopback, limits } => {
+            if let Some(Err(e)) = listen
+                .as_ref()
+                .map(|spec| host_proxy::guest_streams::check_listen(spec, listen_beyond_loopback))
+            {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
             tokio::spawn(announce_ready(
                 state_rx,
                 format!("hostnet-proxy ready: forwarding ports from the agent at {transport}"),
@@ -317,6 +341,9 @@ fn status_table(s: &Status) -> String {
     for e in &s.errors {
         let _ = writeln!(out, "error: {e}");
     }
+    for l in &s.limits {
+        let _ = writeln!(out, "limit: {l}");
+    }
     if s.forwards.is_empty() {
         let _ = writeln!(out, "no forwards");
         return out;
@@ -419,19 +446,21 @@ mod tests {
                     Some("in use"),
                 ),
             ],
+            limits: vec!["2 guest port(s) not forwarded over the limits".into()],
         };
         let table = status_table(&s);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines[0], "host networking: OFF    agent: disconnected (connection refused)");
         assert_eq!(lines[2], "error: bad remap");
-        assert!(lines[4].starts_with("PROTO DIRECTION  GUEST   HOST  STATE"), "{table}");
+        assert_eq!(lines[3], "limit: 2 guest port(s) not forwarded over the limits");
+        assert!(lines[5].starts_with("PROTO DIRECTION  GUEST   HOST  STATE"), "{table}");
         assert_eq!(
-            lines[5],
+            lines[6],
             "tcp   to guest    8000   8080  forwarding        2/7     3.0 MiB        12 B  "
         );
         assert!(
-            lines[6].starts_with("udp   to host     8000   8080  conflict ")
-                && lines[6].ends_with("  in use")
+            lines[7].starts_with("udp   to host     8000   8080  conflict ")
+                && lines[7].ends_with("  in use")
         );
     }
 }

@@ -13,27 +13,52 @@ pub trait SettingsFile: Sized {
 }
 
 impl SettingsFile for Settings {
-    /// Reads `path`; a missing file means the defaults.
+    /// Reads `path`; a missing file means the defaults. Only a regular file of at most
+    /// [`MAX_SETTINGS_LEN`] bytes is read: a FIFO or a device (`/dev/zero`) put in its place
+    /// neither blocks the proxy nor makes it grow.
     fn load(path: &Path) -> Result<Settings, SettingsError> {
-        let read_err = |source| SettingsError::Read { path: path.to_owned(), source };
-        match std::fs::metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Settings::default()),
-            Err(e) => return Err(read_err(e)),
-            Ok(m) if m.len() > MAX_SETTINGS_LEN => {
-                return Err(SettingsError::TooLarge { path: path.to_owned(), len: m.len() });
+        match read_settings_file(path) {
+            Err(SettingsError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(Settings::default())
             }
-            Ok(_) => {}
+            Err(e) => Err(e),
+            Ok(text) => Settings::parse(&text, path),
         }
-        let text = std::fs::read_to_string(path).map_err(read_err)?;
-        Settings::parse(&text, path)
     }
+}
+
+/// The text of the settings file at `path`, if it is a regular file of at most
+/// [`MAX_SETTINGS_LEN`] bytes. Opened without blocking (a FIFO would wait for a writer), then
+/// checked on the open file itself, and read no further than the limit.
+pub fn read_settings_file(path: &Path) -> Result<String, SettingsError> {
+    use std::io::Read;
+    let read_err = |source| SettingsError::Read { path: path.to_owned(), source };
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, nix::fcntl::OFlag::O_NONBLOCK.bits());
+    let file = options.open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() { "a directory" } else { "a device, pipe or socket" };
+        return Err(SettingsError::NotAFile { path: path.to_owned(), kind });
+    }
+    if meta.len() > MAX_SETTINGS_LEN {
+        return Err(SettingsError::TooLarge { path: path.to_owned(), len: meta.len() });
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_SETTINGS_LEN + 1).read_to_end(&mut bytes).map_err(read_err)?;
+    if bytes.len() as u64 > MAX_SETTINGS_LEN {
+        return Err(SettingsError::TooLarge { path: path.to_owned(), len: bytes.len() as u64 });
+    }
+    String::from_utf8(bytes).map_err(|e| read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
 }
 
 /// Writes `settings` to `path`, keeping the comments and layout of what is there. Atomic: a
 /// reader sees the old file or the new one.
 pub fn save(path: &Path, settings: &Settings) -> Result<(), SettingsError> {
     let write_err = |source| SettingsError::Write { path: path.to_owned(), source };
-    let mut doc: toml_edit::DocumentMut = match std::fs::read_to_string(path) {
+    let mut doc: toml_edit::DocumentMut = match read_settings_file(path) {
         Ok(text) => text.parse().unwrap_or_default(),
         Err(_) => toml_edit::DocumentMut::new(),
     };
@@ -71,9 +96,11 @@ pub fn save(path: &Path, settings: &Settings) -> Result<(), SettingsError> {
 
 /// The platform's place for the settings file: `$XDG_CONFIG_HOME/hostnet/settings.toml` on
 /// Linux, `~/Library/Application Support/hostnet/settings.toml` on macOS,
-/// `%APPDATA%\hostnet\settings.toml` on Windows.
-pub fn default_path() -> PathBuf {
-    dirs::config_dir().unwrap_or_else(std::env::temp_dir).join("hostnet").join("settings.toml")
+/// `%APPDATA%\hostnet\settings.toml` on Windows. `None` when the system names no
+/// configuration directory (no `HOME`): never a shared directory such as `/tmp`, where another
+/// local user could put a file of theirs first.
+pub fn default_path() -> Option<PathBuf> {
+    dirs::config_dir().map(|d| d.join("hostnet").join("settings.toml"))
 }
 
 #[cfg(test)]
@@ -100,6 +127,27 @@ mod tests {
         let big = dir.path().join("big.toml");
         std::fs::write(&big, vec![b'#'; MAX_SETTINGS_LEN as usize + 1]).unwrap();
         assert!(matches!(Settings::load(&big), Err(SettingsError::TooLarge { .. })));
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn a_fifo_or_a_device_in_place_of_the_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let zero = dir.path().join("zero.toml");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        for path in [fifo, zero, dir.path().to_owned()] {
+            // On today's main a FIFO blocks here for good and /dev/zero grows until memory runs out.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let p = path.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(Settings::load(&p).map(|_| ()).map_err(|e| e.to_string()));
+            });
+            let result = rx.recv_timeout(std::time::Duration::from_secs(5)).expect("load returned");
+            let err = result.unwrap_err();
+            assert!(err.contains("not a regular file"), "{}: {err}", path.display());
+        }
     }
 }
 

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use hostnet_protocol::datagram::{self, DATAGRAM_HEADER_LEN, MAX_DATAGRAM_LEN};
-use hostnet_protocol::{FrameDecoder, FrameError, PREFACE_LEN, Preface, PrefaceError};
+use hostnet_protocol::{
+    FrameDecoder, FrameError, MAX_FRAME_LEN, MAX_OPENING_LEN, PREFACE_LEN, Preface, PrefaceError,
+};
 use serde::{Serialize, de::DeserializeOwned};
 use thiserror::Error;
 
@@ -81,15 +83,25 @@ impl FrameReader {
         &mut self,
         s: &S,
     ) -> Result<T, HandshakeError> {
+        self.read_frame_at_most(s, MAX_FRAME_LEN).await
+    }
+
+    async fn read_frame_at_most<S: RawStream, T: DeserializeOwned>(
+        &mut self,
+        s: &S,
+        limit: usize,
+    ) -> Result<T, HandshakeError> {
         loop {
-            if let Some(frame) = FrameDecoder.decode(&mut self.buf)? {
+            if let Some(frame) = FrameDecoder.decode_at_most(&mut self.buf, limit)? {
                 return Ok(frame);
             }
             self.fill(s).await?;
         }
     }
 
-    /// [`Self::read_preface`] then [`Self::read_frame`], within [`HANDSHAKE_TIMEOUT`].
+    /// [`Self::read_preface`] then one frame of at most [`MAX_OPENING_LEN`] bytes (an opening
+    /// is small: a peer opening many streams cannot make each hold a megabyte), within
+    /// [`HANDSHAKE_TIMEOUT`].
     ///
     /// An opener sends its preface and frame as soon as it connects, so on an accepted stream
     /// they have usually arrived already: taken at once, they cost no trip through the reactor
@@ -102,7 +114,7 @@ impl FrameReader {
         self.take_arrived(s)?;
         let opening = async {
             self.read_preface(s).await?;
-            self.read_frame(s).await
+            self.read_frame_at_most(s, MAX_OPENING_LEN).await
         };
         let mut opening = std::pin::pin!(opening);
         let first = std::future::poll_fn(|cx| Poll::Ready(opening.as_mut().poll(cx))).await;

@@ -208,12 +208,33 @@ impl Trigger {
 /// returns, so the first snapshot a peer gets is already the truth.
 pub fn spawn(
     diag: Box<dyn ListenerSource>,
-    mut trigger: Trigger,
+    trigger: Trigger,
     ignore_ports: BTreeSet<u16>,
     shutdown: CancellationToken,
 ) -> io::Result<watch::Receiver<Arc<ListenerSet>>> {
+    spawn_publishing(diag, trigger, ignore_ports, shutdown, |set, _| set)
+}
+
+/// Like [`spawn`], but publishes each forwardable socket as the source reported it, owner
+/// included (ordered by listener): what the proxy's guest→host policy decides on.
+pub fn spawn_found(
+    diag: Box<dyn ListenerSource>,
+    trigger: Trigger,
+    shutdown: CancellationToken,
+) -> io::Result<watch::Receiver<Arc<Vec<Found>>>> {
+    spawn_publishing(diag, trigger, BTreeSet::new(), shutdown, |_, found| found.to_vec())
+}
+
+fn spawn_publishing<T: PartialEq + Send + Sync + 'static>(
+    diag: Box<dyn ListenerSource>,
+    mut trigger: Trigger,
+    ignore_ports: BTreeSet<u16>,
+    shutdown: CancellationToken,
+    publish: fn(ListenerSet, &[Found]) -> T,
+) -> io::Result<watch::Receiver<Arc<T>>> {
     let mut reader = Reader::new(diag, ignore_ports);
     let (first, _) = reader.read(Tables::ALL)?;
+    let first = publish(first, &reader.forwardable);
     let (tx, rx) = watch::channel(Arc::new(first));
     std::thread::Builder::new().name("hostnet-listeners".into()).spawn(move || {
         // SAFETY: sets this thread's timer slack; no pointers.
@@ -225,11 +246,13 @@ pub fn spawn(
         // ours or not forwardable too —, or `None` after a failed read.
         let mut update = |tables| match reader.read(tables) {
             Ok((set, tables_changed)) => {
+                let listeners = set.len();
+                let set = publish(set, &reader.forwardable);
                 tx.send_if_modified(|current| {
                     if **current == set {
                         return false;
                     }
-                    debug!(listeners = set.len(), "listeners changed");
+                    debug!(listeners, "listeners changed");
                     *current = Arc::new(set);
                     true
                 });
@@ -276,6 +299,8 @@ struct Reader {
     /// Tables whose latest read failed part-way: read again next time, whatever is asked.
     stale: Tables,
     found: Vec<Found>,
+    /// The sockets of the latest set, as found (owner included), ordered by listener.
+    forwardable: Vec<Found>,
     ignore_ports: BTreeSet<u16>,
     servers: ServersConnected,
     /// Debug builds: whether every socket of this process in the tables was registered.
@@ -291,6 +316,7 @@ impl Reader {
             scratch: Vec::new(),
             stale: Tables::NONE,
             found: Vec::new(),
+            forwardable: Vec::new(),
             ignore_ports,
             servers: ServersConnected::default(),
             #[cfg(debug_assertions)]
@@ -331,12 +357,19 @@ impl Reader {
         found.retain(|f| !f.connected || self.servers.was_listed(f.inode));
         #[cfg(debug_assertions)]
         self.unregistered.check(found);
-        let set = found
-            .iter()
-            .filter(|f| !crate::own::is_own_found(f))
-            .filter_map(|f| self.servers.keep(f))
-            .filter(|l| l.is_forwardable() && !self.ignore_ports.contains(&l.port))
-            .collect();
+        self.forwardable.clear();
+        for f in found.iter().filter(|f| !crate::own::is_own_found(f)) {
+            match self.servers.keep(f) {
+                Some(listener)
+                    if listener.is_forwardable() && !self.ignore_ports.contains(&listener.port) =>
+                {
+                    self.forwardable.push(Found { listener, ..*f })
+                }
+                _ => {}
+            }
+        }
+        self.forwardable.sort_by_key(|f| (f.listener, f.inode));
+        let set = self.forwardable.iter().map(|f| f.listener).collect();
         Ok((set, changed))
     }
 }

@@ -14,6 +14,11 @@ use crate::listener::{Listener, Proto};
 /// Largest frame body accepted or sent. A snapshot of ~10 000 listeners fits; more than that is
 /// refused rather than buffered.
 pub const MAX_FRAME_LEN: usize = 1 << 20;
+/// Largest opening frame accepted: the first frame of a stream (`Open`, `OpenReply`, the
+/// control stream's `Hello`) is ~100 bytes; only the control stream's later frames
+/// (snapshots) need [`MAX_FRAME_LEN`]. So a peer that opens many streams and announces big
+/// openings makes the other side buffer at most this much per stream, not a megabyte.
+pub const MAX_OPENING_LEN: usize = 4096;
 /// Bytes of the length prefix.
 pub const FRAME_HEADER_LEN: usize = 4;
 
@@ -34,16 +39,27 @@ pub enum Control {
     /// First frame from each side.
     Hello { role: Role, software: String },
     /// Agent → proxy: the complete set of guest listeners. Sent once after `Hello`; replaces
-    /// whatever the proxy believed before (the resync after a reconnect).
-    Snapshot { listeners: Vec<Listener> },
+    /// whatever the proxy believed before (the resync after a reconnect). A set of more than
+    /// [`LISTENERS_PER_FRAME`] goes as several frames, each but the last with `more: true`
+    /// (see [`Control::snapshot_frames`]); `more` is left out when false, so a snapshot that
+    /// fits one frame is byte for byte what it was before `more` existed.
+    Snapshot {
+        listeners: Vec<Listener>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        more: bool,
+    },
     /// Agent → proxy: listeners that appeared since the last snapshot or delta.
     Added { listeners: Vec<Listener> },
     /// Agent → proxy: listeners that went away.
     Removed { listeners: Vec<Listener> },
     /// Proxy → agent: the complete set of the desktop's own listeners (never its mirrors of
     /// guest ports) that guest processes may reach as `localhost:PORT`. Sent after the agent's
-    /// snapshot; replaces the agent's previous view.
-    HostSnapshot { listeners: Vec<Listener> },
+    /// snapshot; replaces the agent's previous view. Split like `Snapshot`.
+    HostSnapshot {
+        listeners: Vec<Listener>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        more: bool,
+    },
     /// Proxy → agent: desktop listeners that appeared.
     HostAdded { listeners: Vec<Listener> },
     /// Proxy → agent: desktop listeners that went away.
@@ -54,6 +70,76 @@ pub enum Control {
     HeartbeatAck { seq: u64 },
     /// Either side: a fatal problem the peer should log before the stream closes.
     Error { message: String },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Most listeners one frame carries: a listener takes at most ~70 bytes of JSON (a full IPv6
+/// address), so a frame of them stays under half of [`MAX_FRAME_LEN`]. Larger sets and deltas
+/// go as several frames: a guest listening on every port no longer breaks the link.
+pub const LISTENERS_PER_FRAME: usize = 8192;
+
+/// Most listeners a split snapshot may add up to before its last part: every TCP and UDP
+/// port on a handful of addresses. A peer announcing more is refused, not buffered.
+pub const MAX_SNAPSHOT_LISTENERS: usize = 4 * 2 * 65_536;
+
+/// `listeners` in pieces of at most [`LISTENERS_PER_FRAME`]; at least one piece, maybe empty.
+pub fn listener_chunks(listeners: Vec<Listener>) -> Vec<Vec<Listener>> {
+    if listeners.len() <= LISTENERS_PER_FRAME {
+        return vec![listeners];
+    }
+    listeners.chunks(LISTENERS_PER_FRAME).map(<[Listener]>::to_vec).collect()
+}
+
+impl Control {
+    /// A snapshot as frames: every part but the last says `more`.
+    pub fn snapshot_frames(listeners: Vec<Listener>) -> Vec<Control> {
+        let parts = listener_chunks(listeners);
+        let last = parts.len().saturating_sub(1);
+        parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, listeners)| Control::Snapshot { listeners, more: i < last })
+            .collect()
+    }
+
+    /// The desktop's listeners as `host_snapshot` frames, split like [`Self::snapshot_frames`].
+    pub fn host_snapshot_frames(listeners: Vec<Listener>) -> Vec<Control> {
+        let parts = listener_chunks(listeners);
+        let last = parts.len().saturating_sub(1);
+        parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, listeners)| Control::HostSnapshot { listeners, more: i < last })
+            .collect()
+    }
+}
+
+/// Gathers the parts of a split snapshot.
+#[derive(Debug, Default)]
+pub struct SnapshotParts(Vec<Listener>);
+
+/// A split snapshot grew past [`MAX_SNAPSHOT_LISTENERS`].
+#[derive(Debug, Error)]
+#[error("the peer's snapshot has more than {MAX_SNAPSHOT_LISTENERS} listeners")]
+pub struct SnapshotTooLarge;
+
+impl SnapshotParts {
+    /// Adds one part; the whole snapshot once its last part (`more: false`) arrived.
+    pub fn push(
+        &mut self,
+        listeners: Vec<Listener>,
+        more: bool,
+    ) -> Result<Option<Vec<Listener>>, SnapshotTooLarge> {
+        if self.0.len() + listeners.len() > MAX_SNAPSHOT_LISTENERS {
+            self.0 = Vec::new();
+            return Err(SnapshotTooLarge);
+        }
+        self.0.extend(listeners);
+        Ok((!more).then(|| std::mem::take(&mut self.0)))
+    }
 }
 
 /// First frame on a data stream, from the side that opened it.
@@ -94,8 +180,8 @@ pub enum OpenReply {
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, Error)]
 pub enum FrameError {
-    #[error("frame of {len} bytes exceeds the limit of {MAX_FRAME_LEN} bytes")]
-    TooLong { len: usize },
+    #[error("frame of {len} bytes exceeds the limit of {limit} bytes")]
+    TooLong { len: usize, limit: usize },
     #[error("malformed frame: {0}")]
     Malformed(#[from] serde_json::Error),
 }
@@ -104,7 +190,7 @@ pub enum FrameError {
 pub fn encode_frame<T: Serialize>(msg: &T, out: &mut impl BufMut) -> Result<(), FrameError> {
     let body = serde_json::to_vec(msg)?;
     if body.len() > MAX_FRAME_LEN {
-        return Err(FrameError::TooLong { len: body.len() });
+        return Err(FrameError::TooLong { len: body.len(), limit: MAX_FRAME_LEN });
     }
     // Cannot truncate: MAX_FRAME_LEN < u32::MAX.
     out.put_u32(body.len() as u32);
@@ -122,7 +208,17 @@ impl FrameDecoder {
     /// Takes one whole frame off the front of `buf`, or returns `Ok(None)` if more bytes are
     /// needed. On error the stream is unusable and must be closed.
     pub fn decode<T: DeserializeOwned>(&self, buf: &mut BytesMut) -> Result<Option<T>, FrameError> {
-        let Some(len) = peek_len(buf)? else {
+        self.decode_at_most(buf, MAX_FRAME_LEN)
+    }
+
+    /// [`Self::decode`] with a lower limit than [`MAX_FRAME_LEN`] (an opening frame's,
+    /// [`MAX_OPENING_LEN`]): a longer announced body is refused before anything is reserved.
+    pub fn decode_at_most<T: DeserializeOwned>(
+        &self,
+        buf: &mut BytesMut,
+        limit: usize,
+    ) -> Result<Option<T>, FrameError> {
+        let Some(len) = peek_len(buf, limit.min(MAX_FRAME_LEN))? else {
             return Ok(None);
         };
         let total = FRAME_HEADER_LEN + len;
@@ -136,14 +232,14 @@ impl FrameDecoder {
     }
 }
 
-/// The body length announced at the front of `buf`, checked against [`MAX_FRAME_LEN`].
-fn peek_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
+/// The body length announced at the front of `buf`, checked against `limit`.
+fn peek_len(buf: &[u8], limit: usize) -> Result<Option<usize>, FrameError> {
     let Some(&[a, b, c, d]) = buf.get(..FRAME_HEADER_LEN) else {
         return Ok(None);
     };
     let len = u32::from_be_bytes([a, b, c, d]) as usize;
-    if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLong { len });
+    if len > limit {
+        return Err(FrameError::TooLong { len, limit });
     }
     Ok(Some(len))
 }
@@ -158,10 +254,11 @@ mod tests {
         let l = Listener { proto: Proto::Tcp, addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED), port: 8000 };
         vec![
             Control::Hello { role: Role::Agent, software: "hostnet-agent 0.1.0".into() },
-            Control::Snapshot { listeners: vec![l] },
+            Control::Snapshot { listeners: vec![l], more: false },
+            Control::Snapshot { listeners: vec![l], more: true },
             Control::Added { listeners: vec![] },
             Control::Removed { listeners: vec![l] },
-            Control::HostSnapshot { listeners: vec![l] },
+            Control::HostSnapshot { listeners: vec![l], more: false },
             Control::HostAdded { listeners: vec![l] },
             Control::HostRemoved { listeners: vec![] },
             Control::Heartbeat { seq: 7 },
@@ -210,7 +307,7 @@ mod tests {
         )
         .unwrap();
         let l = Listener { proto: Proto::Tcp, addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED), port: 8000 };
-        encode_frame(&Control::Snapshot { listeners: vec![l] }, &mut wire).unwrap();
+        encode_frame(&Control::Snapshot { listeners: vec![l], more: false }, &mut wire).unwrap();
         let mut want = b"HNET\x00\x01\x00\x00\x00\x40".to_vec();
         want.extend_from_slice(br#"{"type":"hello","role":"agent","software":"hostnet-agent 0.1.0"}"#);
         want.extend_from_slice(b"\x00\x00\x00\x49");
@@ -218,6 +315,88 @@ mod tests {
             br#"{"type":"snapshot","listeners":[{"proto":"tcp","addr":"::","port":8000}]}"#,
         );
         assert_eq!(&wire[..], &want[..]);
+    }
+
+    #[test]
+    fn a_snapshot_of_every_port_goes_in_frames_under_the_limit_and_comes_back_whole() {
+        let all: Vec<Listener> = (1..=u16::MAX)
+            .flat_map(|port| {
+                [
+                    Listener {
+                        proto: Proto::Tcp,
+                        addr: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap(),
+                        port,
+                    },
+                    Listener { proto: Proto::Udp, addr: "::".parse().unwrap(), port },
+                ]
+            })
+            .collect();
+        // One frame of all of them would exceed the limit: the link used to fail on it.
+        assert!(
+            encode_frame(&Control::Snapshot { listeners: all.clone(), more: false }, &mut BytesMut::new())
+                .is_err()
+        );
+        let frames = Control::snapshot_frames(all.clone());
+        assert!(frames.len() > 1);
+        let mut wire = BytesMut::new();
+        for f in &frames {
+            encode_frame(f, &mut wire).unwrap();
+        }
+        let mut parts = SnapshotParts::default();
+        let mut whole = None;
+        while let Some(frame) = FrameDecoder.decode::<Control>(&mut wire).unwrap() {
+            let Control::Snapshot { listeners, more } = frame else { panic!("{frame:?}") };
+            assert!(whole.is_none(), "nothing after the last part");
+            whole = parts.push(listeners, more).unwrap();
+        }
+        assert_eq!(whole, Some(all));
+    }
+
+    #[test]
+    fn a_snapshot_that_fits_one_frame_is_what_older_peers_sent() {
+        let l = Listener { proto: Proto::Tcp, addr: "::".parse().unwrap(), port: 8000 };
+        let frames = Control::snapshot_frames(vec![l]);
+        assert_eq!(frames, vec![Control::Snapshot { listeners: vec![l], more: false }]);
+        assert_eq!(
+            serde_json::to_string(&frames[0]).unwrap(),
+            r#"{"type":"snapshot","listeners":[{"proto":"tcp","addr":"::","port":8000}]}"#
+        );
+        assert_eq!(
+            Control::host_snapshot_frames(vec![]),
+            vec![Control::HostSnapshot { listeners: vec![], more: false }]
+        );
+    }
+
+    #[test]
+    fn endless_snapshot_parts_are_refused() {
+        let l = Listener { proto: Proto::Tcp, addr: "::".parse().unwrap(), port: 1 };
+        let mut parts = SnapshotParts::default();
+        let mut pushed = 0;
+        let err = loop {
+            match parts.push(vec![l; LISTENERS_PER_FRAME], true) {
+                Ok(None) => pushed += LISTENERS_PER_FRAME,
+                Ok(Some(_)) => panic!("not the last part"),
+                Err(e) => break e,
+            }
+        };
+        assert!(pushed <= MAX_SNAPSHOT_LISTENERS, "{pushed}");
+        assert!(err.to_string().contains("more than"));
+    }
+
+    #[test]
+    fn an_opening_is_bounded_far_below_a_control_frame() {
+        // A real opening fits; an announced 1 MiB body is refused before a byte is reserved.
+        let mut wire = BytesMut::new();
+        let open =
+            Open::Tcp { addr: "::1".parse().unwrap(), port: 80, peer: Some("[::1]:40000".parse().unwrap()) };
+        encode_frame(&open, &mut wire).unwrap();
+        assert_eq!(FrameDecoder.decode_at_most::<Open>(&mut wire, MAX_OPENING_LEN).unwrap(), Some(open));
+        let mut buf = BytesMut::from(&(MAX_FRAME_LEN as u32).to_be_bytes()[..]);
+        let err = FrameDecoder.decode_at_most::<Open>(&mut buf, MAX_OPENING_LEN).unwrap_err();
+        assert!(matches!(err, FrameError::TooLong { limit: MAX_OPENING_LEN, .. }), "{err}");
+        assert!(buf.capacity() < 1024, "nothing reserved for it");
+        let mut buf = BytesMut::from(&(MAX_OPENING_LEN as u32 + 1).to_be_bytes()[..]);
+        assert!(FrameDecoder.decode_at_most::<Open>(&mut buf, MAX_OPENING_LEN).is_err());
     }
 
     #[test]
@@ -297,7 +476,7 @@ mod tests {
                 addr: if v6 { IpAddr::from(raw) } else { IpAddr::from([raw[0], raw[1], raw[2], raw[3]]) },
                 port,
             }).collect();
-            let frame = Control::Snapshot { listeners };
+            let frame = Control::Snapshot { listeners, more: ports.len() % 2 == 1 };
             let mut buf = BytesMut::new();
             encode_frame(&frame, &mut buf).unwrap();
             prop_assert_eq!(FrameDecoder.decode::<Control>(&mut buf).unwrap(), Some(frame));

@@ -21,6 +21,9 @@ pub mod listener;
 pub mod preface;
 
 pub use chunk::{ChunkDecoder, ChunkError, ChunkEvent, MAX_CHUNK_LEN};
-pub use frame::{Control, FrameDecoder, FrameError, MAX_FRAME_LEN, Open, OpenReply, Role, encode_frame};
+pub use frame::{
+    Control, FrameDecoder, FrameError, LISTENERS_PER_FRAME, MAX_FRAME_LEN, MAX_OPENING_LEN, Open, OpenReply,
+    Role, SnapshotParts, encode_frame, listener_chunks,
+};
 pub use listener::{Listener, ListenerSet, Proto};
 pub use preface::{PREFACE_LEN, Preface, PrefaceError, VERSION};

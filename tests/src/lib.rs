@@ -852,9 +852,29 @@ fn udp_bind(addr: SocketAddr) -> std::net::UdpSocket {
     std::net::UdpSocket::from(s)
 }
 
-/// Whether something on this machine holds UDP `addr` (hostnet's mirror, once forwarded).
+/// Whether something on this machine holds UDP `addr` (hostnet's mirror, once forwarded):
+/// a socket bound to it, or to the wildcard of its family, on its port. Read from
+/// `/proc/net/udp{,6}`, not by binding the port to see: a probe that binds is a desktop program
+/// holding the port for a moment, and hostnet leaves a port the desktop held to the desktop.
 pub fn udp_port_taken(addr: SocketAddr) -> bool {
-    matches!(std::net::UdpSocket::bind(addr), Err(e) if e.kind() == std::io::ErrorKind::AddrInUse)
+    let (file, hex) = match addr.ip() {
+        std::net::IpAddr::V4(ip) => ("/proc/net/udp", format!("{:08X}", u32::from_le_bytes(ip.octets()))),
+        std::net::IpAddr::V6(ip) => {
+            let o = ip.octets();
+            let words: String = o
+                .chunks(4)
+                .map(|w| format!("{:08X}", u32::from_le_bytes([w[0], w[1], w[2], w[3]])))
+                .collect();
+            ("/proc/net/udp6", words)
+        }
+    };
+    let wildcard = "0".repeat(hex.len());
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    text.lines().skip(1).filter_map(|l| l.split_whitespace().nth(1)).any(|local| {
+        local.split_once(':').is_some_and(|(a, p)| {
+            u16::from_str_radix(p, 16).ok() == Some(addr.port()) && (a == hex || a == wildcard)
+        })
+    })
 }
 
 /// A UDP client on the host, connected to `addr`, that waits for each answer.

@@ -142,6 +142,40 @@ fn hostile_control_frames_never_crash_the_proxy_or_widen_its_binds() {
     }
 }
 
+#[test]
+fn endless_added_frames_end_the_link_instead_of_growing_the_proxy() {
+    let (mut proxy, agent) = Proxy::start("added");
+    let mut s = accept_control(&agent);
+    s.set_write_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(&frame(r#"{"type":"snapshot","listeners":[]}"#)).unwrap();
+    let started = Instant::now();
+    // 600 000 distinct guest listeners (loopback addresses × 4 ports), 8 192 a frame: more
+    // than any snapshot may hold (524 288).
+    let ports = [free_port(), free_port(), free_port(), free_port()];
+    let mut n = 0u32;
+    for _ in 0..74 {
+        let listeners: Vec<String> = (0..8192)
+            .map(|_| {
+                n += 1;
+                let [_, a, b, c] = n.to_be_bytes();
+                let port = ports[(n % 4) as usize];
+                format!(r#"{{"proto":"tcp","addr":"127.{a}.{b}.{c}","port":{port}}}"#)
+            })
+            .collect();
+        let added = format!(r#"{{"type":"added","listeners":[{}]}}"#, listeners.join(","));
+        if s.write_all(&frame(&added)).is_err() {
+            break; // the proxy dropped the link (or stopped reading for 20 s)
+        }
+    }
+    eprintln!("added frames sent or refused in {:?}", started.elapsed());
+    // Answer heartbeats from now on: only the listener limit may end this link.
+    keep_alive(s);
+    // The proxy drops the link and opens a new control stream (nothing else connects here).
+    agent.set_nonblocking(true).unwrap();
+    wait_until("the proxy drops the link and reconnects", || agent.accept().is_ok());
+    assert!(proxy.alive_and_answering(), "the proxy is alive and its admin API answers");
+}
+
 /// Answers the proxy's heartbeats on `control` so the link stays up, until it closes.
 fn keep_alive(control: UnixStream) {
     std::thread::spawn(move || {

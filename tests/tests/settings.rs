@@ -105,12 +105,16 @@ fn editing_the_file_toggles_and_a_bad_edit_keeps_forwarding() {
 }
 
 #[test]
-fn a_conflict_is_reported_with_its_holder_and_heals() {
+fn a_conflict_is_reported_with_its_holder_and_heals_when_the_settings_say_so() {
     let demo = Demo::start();
     let (port, held) = hold_port();
     let _srv = GuestServer::serve(demo.listen(addr("0.0.0.0", port), false), echo);
-    wait_until("status shows the conflict", || {
-        forward(&demo, "tcp", port).is_some_and(|f| f["state"] == "conflict")
+    // The holder is named a moment later, off the accept path.
+    wait_until("status shows the conflict and its holder", || {
+        forward(&demo, "tcp", port).is_some_and(|f| {
+            f["state"] == "conflict"
+                && f["reason"].as_str().is_some_and(|r| r.contains(&format!("pid {}", std::process::id())))
+        })
     });
     let reason = forward(&demo, "tcp", port).unwrap()["reason"].as_str().unwrap().to_owned();
     assert!(
@@ -119,6 +123,9 @@ fn a_conflict_is_reported_with_its_holder_and_heals() {
     );
     let human = String::from_utf8_lossy(&demo.cli(&["status"]).stdout).into_owned();
     assert!(human.contains("conflict") && human.contains("already in use"), "{human}");
+    assert!(reason.contains("take_freed_ports"), "status says what would take the port: {reason}");
+    write_settings(&demo, "take_freed_ports = true\n");
+    wait_until("the setting applies", || demo.log_text().contains("settings changed"));
     drop(held);
     connect_when_forwarded(loopback(false, port));
     assert_eq!(forward(&demo, "tcp", port).unwrap()["state"], "forwarding");

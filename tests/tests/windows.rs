@@ -125,10 +125,25 @@ fn status_and_the_toggle_over_the_named_pipe() {
 fn a_guest_process_reaches_a_desktop_server_through_the_windows_listener_source() {
     let demo = Demo::start_windows(windows_proxy(), &[]);
     let port = free_port();
+    // Wine cannot tell a socket's owner: the policy must be told to offer unknown owners' —
+    // and, until it is, offers nothing (checked first: the policy holds on Windows too).
+    let _srv = GuestServer::serve(TcpListener::bind(loopback(false, port)).unwrap(), echo);
+    wait_until("status lists the desktop listener as not offered", || {
+        demo.status()["forwards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["direction"] == "to_host" && f["guest_port"] == port && f["state"] == "not_offered")
+    });
+    let target = addr("127.0.0.1", port);
+    assert!(
+        demo.in_netns(move || TcpStream::connect_timeout(&target, std::time::Duration::from_secs(2)))
+            .is_err(),
+        "a listener of an unknown owner was reachable from the guest"
+    );
+    write_settings(&demo, "[guest_to_host_policy]\nother_users = true\n");
     // A desktop server (a Linux socket, which Wine's GetExtendedTcpTable lists as Windows'
     // would): the guest reaches it as localhost:PORT.
-    let _srv = GuestServer::serve(TcpListener::bind(loopback(false, port)).unwrap(), echo);
-    let target = addr("127.0.0.1", port);
     let data = pattern(1 << 20, 9);
     let mut got = None;
     wait_until("a guest process reaches the desktop server", || {

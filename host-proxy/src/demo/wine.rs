@@ -161,9 +161,11 @@ pub async fn run(
             .spawn(bridge(from_agent, shutdown.clone(), tracker.clone(), move || TcpStream::connect(listen)));
         args.extend(["--listen".to_owned(), format!("tcp:{listen}")]);
     }
-    if let Some(config) = &opts.config {
-        args.extend(["--config".to_owned(), windows_path(config)]);
-    }
+    let config = match &opts.config {
+        Some(config) => config.clone(),
+        None => demo_settings(&opts.prefix)?,
+    };
+    args.extend(["--config".to_owned(), windows_path(&config)]);
     if let Some(admin) = &opts.admin {
         args.extend(["--admin-socket".to_owned(), admin.clone()]);
     }
@@ -201,6 +203,30 @@ pub async fn run(
         let _ = std::fs::remove_file(host_socket);
     }
     result
+}
+
+/// What the Windows demo's own settings file (kept in its Wine prefix) starts as.
+const DEMO_SETTINGS: &str = "\
+# Settings of `hostnet-proxy demo --windows` (the Windows proxy under Wine).
+# Wine cannot tell which program owns a socket (every owner is unknown), so the guest→host
+# policy, which offers only the desktop user's own listeners, would offer the guest nothing:
+# this demo also offers listeners of unknown owners. A real Windows desktop does not need it.
+[guest_to_host_policy]
+other_users = true
+";
+
+/// The Windows demo's settings file when no `--config` was given: in the Wine prefix, made on
+/// first use (and then left as the user edits it).
+fn demo_settings(prefix: &Path) -> anyhow::Result<PathBuf> {
+    let path = prefix.join("hostnet-demo-settings.toml");
+    if !path.exists() {
+        std::fs::write(&path, DEMO_SETTINGS).with_context(|| format!("cannot write {}", path.display()))?;
+        info!(
+            path = %path.display(),
+            "the Windows demo's settings offer the guest desktop listeners of unknown owners (Wine cannot tell owners)"
+        );
+    }
+    Ok(path)
 }
 
 /// A port on [`BRIDGE_ADDR`] free right now, for the Windows proxy's `--listen`.
