@@ -72,6 +72,10 @@ enum Cmd {
         /// The hostnet-agent binary (default: next to this program, else on $PATH).
         #[arg(long, value_name = "PATH")]
         agent: Option<PathBuf>,
+        /// The unprivileged user the agent becomes once started: a user name of this machine or
+        /// UID:GID.
+        #[arg(long, value_name = "USER", default_value = demo::DEFAULT_AGENT_USER)]
+        agent_user: String,
         /// Milliseconds between the agent's reads of the listener table.
         #[arg(long, value_name = "MS")]
         poll_interval_ms: Option<u64>,
@@ -171,6 +175,7 @@ async fn main() -> ExitCode {
             netns,
             reuse,
             agent,
+            agent_user,
             poll_interval_ms,
             no_guest_to_host,
             windows,
@@ -205,6 +210,7 @@ async fn main() -> ExitCode {
                 reuse,
                 agent,
                 agent_args,
+                agent_user,
                 guest_to_host,
                 settings_path,
                 admin_socket: Some(admin_socket),
