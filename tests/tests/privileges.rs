@@ -206,14 +206,15 @@ fn the_demo_agent_user_can_be_chosen_and_an_unknown_one_is_refused() {
     assert_eq!(ids(&status["Gid"]), [4243; 4], "{status:?}");
     drop(demo);
 
-    let refused =
-        Demo::start_named(&format!("hn-pu{}", std::process::id()), &["--agent-user", "no-such-hostnet-user"])
-            .err()
-            .expect("the demo refuses a user that does not exist");
+    let pid = std::process::id();
+    let Err(refused) = Demo::start_named(&format!("hn-pu{pid}"), &["--agent-user", "no-such-hostnet-user"])
+    else {
+        panic!("the demo refuses a user that does not exist");
+    };
     assert!(refused.contains("no such user"), "{refused}");
-    let refused = Demo::start_named(&format!("hn-pr{}", std::process::id()), &["--agent-user", "root"])
-        .err()
-        .expect("the demo refuses to run the agent as root");
+    let Err(refused) = Demo::start_named(&format!("hn-pr{pid}"), &["--agent-user", "root"]) else {
+        panic!("the demo refuses to run the agent as root");
+    };
     assert!(refused.contains("is root"), "{refused}");
 }
 
