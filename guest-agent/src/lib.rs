@@ -15,6 +15,7 @@ pub mod intercept;
 mod intercept_udp;
 pub mod privileges;
 mod session;
+pub mod user;
 
 pub use hostnet_net::watcher::DEFAULT_POLL_INTERVAL;
 

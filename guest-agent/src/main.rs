@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use guest_agent::user::{self, UserSpec};
 use guest_agent::{AgentConfig, Discovery, privileges, run_with};
 use hostnet_net::{TransportSpec, cli};
 
@@ -19,7 +20,7 @@ use hostnet_net::{TransportSpec, cli};
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Examples:\n  hostnet-agent --transport vsock:any:1024     # in a real VM\n  hostnet-agent --transport unix:/run/hostnet/agent.sock\n\nLogging: RUST_LOG=debug hostnet-agent …"
+    after_help = "Examples:\n  hostnet-agent --transport vsock:any:1024 --user hostnet    # in a real VM, started as root\n  hostnet-agent --transport unix:/run/hostnet/agent.sock\n\nLogging: RUST_LOG=debug hostnet-agent …"
 )]
 struct Args {
     /// Where to wait for the proxy: vsock:any:PORT (a VM), unix:PATH (the netns stand-in) or
@@ -46,6 +47,13 @@ struct Args {
     /// Guest port never to advertise; repeat for more.
     #[arg(long = "ignore-port", value_name = "PORT")]
     ignore_ports: Vec<u16>,
+
+    /// The unprivileged user to become once started: NAME (from /etc/passwd, with its primary
+    /// group) or UID:GID. Start the agent as root: it loads its listener-events programs
+    /// first, then switches (no supplementary groups) keeping only the capabilities it needs
+    /// (CAP_NET_ADMIN for guest→host). Without it the agent stays the user it was started as.
+    #[arg(long, env = "HOSTNET_AGENT_USER", value_name = "NAME|UID:GID")]
+    user: Option<UserSpec>,
 }
 
 fn main() -> ExitCode {
@@ -61,9 +69,18 @@ fn main() -> ExitCode {
     config.listener_events = !args.no_listener_events;
     config.ignore_ports = args.ignore_ports.into_iter().collect::<BTreeSet<_>>();
     config.host_transport = args.host_transport;
+    // An unknown user is an error before anything starts.
+    let account = match args.user.as_ref().map(user::lookup).transpose() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
 
-    // Start-up that needs more than the agent keeps (loading BPF), then the drop, both while
-    // this is the only thread: capabilities are per thread and the runtime's threads copy them.
+    // Start-up that needs more than the agent keeps (loading BPF), then the switch to its own
+    // user and the drop, all while this is the only thread: credentials and capabilities are
+    // per thread and the runtime's threads copy them.
     let discovery = match Discovery::open(&config) {
         Ok(d) => d,
         Err(e) => {
@@ -71,9 +88,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(Err(e)) = account.as_ref().map(user::become_user) {
+        tracing::error!("{e}");
+        return ExitCode::FAILURE;
+    }
     let keep = privileges::needed(config.host_transport.is_some(), &config.transport);
     match privileges::drop_all_but(&keep) {
-        Ok(dropped) => tracing::info!("privileges: {dropped}"),
+        Ok(dropped) => {
+            tracing::info!("privileges: {dropped}");
+            if let Some(account) = &account {
+                tracing::info!("running as {account} with {}", dropped.kept_names());
+            }
+        }
         Err(e) => {
             tracing::error!("cannot drop the privileges the agent does not need: {e}");
             return ExitCode::FAILURE;
@@ -104,5 +130,32 @@ fn main() -> ExitCode {
             tracing::error!("the agent's main task failed: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        let base = ["hostnet-agent", "--transport", "vsock:any:1024"];
+        Args::try_parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn user_takes_a_name_or_uid_gid() {
+        assert_eq!(parse(&[]).unwrap().user, None, "without --user the agent stays who it is");
+        assert_eq!(parse(&["--user", "hostnet"]).unwrap().user, Some(UserSpec::Name("hostnet".into())));
+        assert_eq!(parse(&["--user", "999:999"]).unwrap().user, Some(UserSpec::Ids { uid: 999, gid: 999 }));
+    }
+
+    #[test]
+    fn user_refuses_root_and_lone_numbers_at_parse_time() {
+        for bad in ["root", "0:0", "999", "a:b", ""] {
+            let err = parse(&["--user", bad]).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{bad}: {err}");
+        }
+        let err = parse(&["--user", "0:0"]).unwrap_err().to_string();
+        assert!(err.contains("must not run as root"), "{err}");
     }
 }

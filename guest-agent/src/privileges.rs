@@ -18,6 +18,11 @@
 //! The kept capabilities are also made ambient: `nft`, the one program the agent runs, gets
 //! them even when the agent is not root (as root it gets its bounding set anyway).
 //!
+//! With `--user`, the agent first becomes its own unprivileged user ([`crate::user`]), keeping
+//! its capabilities across the change, and the drop then leaves that user with only the kept
+//! ones: the agent no longer owns root's files, and `nft` runs as that user with the ambient
+//! `CAP_NET_ADMIN`.
+//!
 //! Capabilities belong to each thread, and new threads copy them from the thread that starts
 //! them: the drop must happen while the process has one thread, before the async runtime starts.
 
@@ -57,16 +62,22 @@ pub struct Dropped {
     pub ambient: bool,
 }
 
+impl Dropped {
+    /// The kept capabilities as a list for people: "CAP_NET_ADMIN", or "no capabilities".
+    pub fn kept_names(&self) -> String {
+        if self.kept.is_empty() {
+            return "no capabilities".to_owned();
+        }
+        self.kept.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    }
+}
+
 impl fmt::Display for Dropped {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.dropped == 0 && self.kept.is_empty() {
             return f.write_str("no capabilities to drop (not privileged); no_new_privs set");
         }
-        let kept = if self.kept.is_empty() {
-            "none".to_owned()
-        } else {
-            self.kept.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-        };
+        let kept = if self.kept.is_empty() { "none".to_owned() } else { self.kept_names() };
         write!(f, "dropped {} capabilities, kept: {kept}; no_new_privs set", self.dropped)?;
         if !self.bounding {
             f.write_str("; bounding set unchanged (no CAP_SETPCAP)")?;
@@ -172,7 +183,7 @@ fn last_cap() -> u32 {
 }
 
 /// Threads of this process (1 when `/proc` cannot say otherwise).
-fn thread_count() -> usize {
+pub(crate) fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(1)
 }
 

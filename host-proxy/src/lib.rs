@@ -131,6 +131,19 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
             tracing::warn!("the admin API is off: {e}");
         }
     }
+    // Before the link: the agent connects to it once the first desktop ports are advertised.
+    #[cfg(target_os = "linux")]
+    if let Some(TransportSpec::Unix(path)) = &config.guest_listen {
+        match hand_socket_to_directory_owner(path) {
+            Ok(Some((uid, gid))) => tracing::debug!("{} handed to uid {uid}, gid {gid}", path.display()),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                "the agent may not be able to open guest→host streams on {}: cannot hand it to its \
+                 directory's owner: {e}",
+                path.display()
+            ),
+        }
+    }
     // On a worker thread: a future driven by the caller's `block_on` is woken across threads
     // for every control frame (the I/O driver lives on the workers).
     let link = tokio::spawn(link::maintain(config.connector, forwards, host, state, shutdown.clone()));
@@ -140,5 +153,90 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
     tracker.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
         tracing::warn!("some connections did not close within {DRAIN_TIMEOUT:?}");
+    }
+}
+
+/// Hands the Unix socket at `path`, which this proxy created for the agent, to the owner of its
+/// directory when that is not root: the stand-in's run directory belongs to the agent's
+/// unprivileged user, who must be able to connect to the socket the proxy (root) made there.
+/// Only as root, and never through a symbolic link (the directory's owner can rename things in
+/// it): the socket is opened with `O_PATH | O_NOFOLLOW`, checked to be a socket, and changed
+/// through that descriptor. Returns the new owner, if it changed; a socket that is not there
+/// (its bind failed, and said so) is nothing to do.
+#[cfg(target_os = "linux")]
+pub fn hand_socket_to_directory_owner(path: &std::path::Path) -> std::io::Result<Option<(u32, u32)>> {
+    use nix::fcntl::{AtFlags, OFlag};
+    use nix::sys::stat::{Mode, SFlag};
+    use std::os::unix::fs::MetadataExt;
+
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let owner = std::fs::metadata(dir)?;
+    if owner.uid() == 0 {
+        return Ok(None);
+    }
+    let fd = match nix::fcntl::open(path, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+    {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let stat = nix::sys::stat::fstat(&fd)?;
+    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        return Err(std::io::Error::other(format!("{} is not a socket", path.display())));
+    }
+    let (uid, gid) = (owner.uid(), owner.gid());
+    nix::unistd::fchownat(
+        &fd,
+        "",
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+        AtFlags::AT_EMPTY_PATH,
+    )?;
+    Ok(Some((uid, gid)))
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// Needs root (it creates files of another user); skipped, and says so, without it.
+    #[test]
+    fn the_agents_socket_goes_to_its_directory_owner_but_never_through_a_link() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (chown)");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("run");
+        std::fs::create_dir(&dir).unwrap();
+        let socket = dir.join("host.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        // A root-owned directory: nothing changes.
+        assert_eq!(hand_socket_to_directory_owner(&socket).unwrap(), None);
+        assert_eq!(std::fs::metadata(&socket).unwrap().uid(), 0);
+
+        std::os::unix::fs::chown(&dir, Some(4242), Some(4243)).unwrap();
+        assert_eq!(hand_socket_to_directory_owner(&socket).unwrap(), Some((4242, 4243)));
+        let meta = std::fs::symlink_metadata(&socket).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (4242, 4243));
+
+        // The directory's owner swapped the socket for a link to a file of root's.
+        let precious = tmp.path().join("precious");
+        std::fs::write(&precious, "root's").unwrap();
+        std::fs::remove_file(&socket).unwrap();
+        std::os::unix::fs::symlink(&precious, &socket).unwrap();
+        let err = hand_socket_to_directory_owner(&socket).unwrap_err();
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+        assert_eq!(std::fs::metadata(&precious).unwrap().uid(), 0, "the link was not followed");
+        // Gone (its bind failed): nothing to do.
+        std::fs::remove_file(&socket).unwrap();
+        assert_eq!(hand_socket_to_directory_owner(&socket).unwrap(), None);
     }
 }

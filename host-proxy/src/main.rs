@@ -80,6 +80,10 @@ enum Cmd {
         /// The hostnet-agent binary (default: next to this program, else on $PATH).
         #[arg(long, value_name = "PATH")]
         agent: Option<PathBuf>,
+        /// The unprivileged user the agent becomes once started: a user name of this machine or
+        /// UID:GID.
+        #[arg(long, value_name = "USER", default_value = demo::DEFAULT_AGENT_USER)]
+        agent_user: String,
         /// Milliseconds between the agent's reads of the listener table.
         #[arg(long, value_name = "MS")]
         poll_interval_ms: Option<u64>,
@@ -222,6 +226,7 @@ async fn main() -> ExitCode {
             netns,
             reuse,
             agent,
+            agent_user,
             poll_interval_ms,
             no_guest_to_host,
             windows,
@@ -256,6 +261,7 @@ async fn main() -> ExitCode {
                 reuse,
                 agent,
                 agent_args,
+                agent_user,
                 guest_to_host,
                 settings_path,
                 admin_socket,

@@ -1,7 +1,9 @@
 //! The agent drops the privileges it does not need once it has started: only `CAP_NET_ADMIN`
 //! (guest→host) is left, in every thread, `no_new_privs` is set, and forwarding and guest→host
-//! (whose rules `nft` installs after the drop) still work. Without root it starts all the same,
-//! and as a non-root user given `CAP_NET_ADMIN` its `nft` still gets it.
+//! (whose rules `nft` installs after the drop) still work. Started as root with `--user` (as
+//! the demo, the VM image and the service files start it) it becomes that unprivileged user,
+//! with no supplementary groups. Without root it starts all the same, and as a non-root user
+//! given `CAP_NET_ADMIN` its `nft` still gets it.
 //!
 //! Needs root (network namespaces, `setpriv` to become another user).
 
@@ -115,6 +117,119 @@ fn the_demo_agent_keeps_only_net_admin_and_still_forwards_both_ways() {
     let log = demo.log_text();
     assert!(!log.contains("updating guest→host ports failed"), "{log}");
     assert!(!demo.panicked(), "{log}");
+}
+
+/// The fields of `/proc/<pid>/status` (the main thread), as text.
+fn status_fields(pid: i32) -> BTreeMap<String, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// Real, effective, saved and filesystem ids of a `Uid:` or `Gid:` line.
+fn ids(field: &str) -> Vec<u32> {
+    field.split_whitespace().map(|id| id.parse().unwrap()).collect()
+}
+
+/// `nobody`'s uid and gid on this machine: the demo's agent user by default.
+fn nobody() -> (u32, u32) {
+    let user = nix::unistd::User::from_name("nobody").unwrap().expect("this machine has a user `nobody`");
+    (user.uid.as_raw(), user.gid.as_raw())
+}
+
+fn owner(path: &std::path::Path) -> (u32, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
+#[test]
+fn the_demo_agent_runs_as_an_unprivileged_user_with_only_net_admin_and_reaches_the_desktop() {
+    let demo = Demo::start();
+    let agent = demo.agent_pid();
+    let (uid, gid) = nobody();
+    assert!(uid != 0 && gid != 0);
+    wait_until("the agent has switched to its user", || {
+        ids(&status_fields(agent)["Uid"]) != [0, 0, 0, 0] && demo.log_text().contains("running as")
+    });
+    let status = status_fields(agent);
+    assert_eq!(ids(&status["Uid"]), [uid; 4], "real, effective, saved, fs uid: {status:?}");
+    assert_eq!(ids(&status["Gid"]), [gid; 4], "real, effective, saved, fs gid: {status:?}");
+    assert_eq!(status["Groups"], "", "no supplementary groups");
+    for (tid, caps) in thread_caps(agent) {
+        for set in ["CapEff", "CapPrm", "CapBnd", "CapAmb"] {
+            assert_eq!(caps[set], bit(CAP_NET_ADMIN), "thread {tid}: {set} is {:#x}", caps[set]);
+        }
+        assert_eq!(caps["NoNewPrivs"], 1, "thread {tid}");
+    }
+    let log = demo.log_text();
+    assert!(log.contains(&format!("running as nobody (uid {uid}, gid {gid}) with CAP_NET_ADMIN")), "{log}");
+    // Its run directory is its own and private; both sockets in it are its to use.
+    let run_dir = std::path::Path::new("/run/hostnet").join(&demo.netns);
+    assert_eq!(owner(&run_dir), (uid, gid, 0o700), "{}", run_dir.display());
+    assert_eq!(owner(&run_dir.join("agent.sock")).0, uid, "the agent made its socket as itself");
+    assert_eq!(owner(&run_dir.join("host.sock")).0, uid, "the proxy's socket was handed to the agent");
+
+    // Host → guest forwarding works.
+    let port = free_port();
+    let _srv = GuestServer::serve(demo.listen(loopback(false, port), false), echo);
+    let (c, _) = connect_when_forwarded(loopback(false, port));
+    assert_eq!(echo_round_trip(c, b"as nobody"), b"as nobody");
+    // Guest → host: `nft` run by the unprivileged agent installs the rules, and the agent, not
+    // root, opens the stream on the proxy's socket.
+    let desktop = std::net::TcpListener::bind(loopback(false, 0)).unwrap();
+    let desktop_port = desktop.local_addr().unwrap().port();
+    let _desktop = GuestServer::serve(desktop, echo);
+    wait_until("the desktop port is intercepted in the guest", || {
+        demo.nft_set("tcp_ports").contains(&desktop_port.to_string())
+    });
+    let echoed = demo.in_netns(|| {
+        echo_round_trip(TcpStream::connect(loopback(false, desktop_port)).unwrap(), b"to the desktop")
+    });
+    assert_eq!(echoed, b"to the desktop");
+    let log = demo.log_text();
+    assert!(!log.contains("updating guest→host ports failed"), "{log}");
+    assert!(!log.contains("Permission denied"), "{log}");
+    assert!(!demo.panicked(), "{log}");
+}
+
+#[test]
+fn the_demo_agent_user_can_be_chosen_and_an_unknown_one_is_refused() {
+    let demo = Demo::start_with(&["--agent-user", "4242:4243"]);
+    let agent = demo.agent_pid();
+    wait_until("the agent logs who it became", || demo.log_text().contains("running as uid 4242, gid 4243"));
+    let status = status_fields(agent);
+    assert_eq!(ids(&status["Uid"]), [4242; 4], "{status:?}");
+    assert_eq!(ids(&status["Gid"]), [4243; 4], "{status:?}");
+    drop(demo);
+
+    let pid = std::process::id();
+    let Err(refused) = Demo::start_named(&format!("hn-pu{pid}"), &["--agent-user", "no-such-hostnet-user"])
+    else {
+        panic!("the demo refuses a user that does not exist");
+    };
+    assert!(refused.contains("no such user"), "{refused}");
+    let Err(refused) = Demo::start_named(&format!("hn-pr{pid}"), &["--agent-user", "root"]) else {
+        panic!("the demo refuses to run the agent as root");
+    };
+    assert!(refused.contains("is root"), "{refused}");
+}
+
+#[test]
+fn the_agent_refuses_a_user_that_does_not_exist_before_it_starts() {
+    let out = Command::new(bin("hostnet-agent"))
+        .args(["--transport", "tcp:127.0.0.1:0", "--no-listener-events", "--user", "no-such-hostnet-user"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("user \"no-such-hostnet-user\" does not exist in /etc/passwd"), "{stderr}");
+    assert!(!stderr.contains("listening for the proxy"), "it stopped before serving: {stderr}");
 }
 
 /// A directory of this test run's own.

@@ -3,7 +3,9 @@
 //! - the guest's systemd unit and the desktop's systemd user unit with `systemd-analyze verify`
 //!   (which exits 0 on values it ignores, so anything it prints fails the check too);
 //! - the launchd plist with Python's `plistlib`, and the keys launchd needs;
-//! - the OpenRC script with `sh -n`.
+//! - the OpenRC script with `sh -n`;
+//! - the agent's sysusers.d entry with `systemd-sysusers` in a scratch root: it creates the
+//!   unprivileged user that every way of starting the agent in a guest passes to `--user`.
 //!
 //! Each check is first shown a broken copy and must reject it, so a check that cannot fail
 //! fails here. Needs `systemd` (for `systemd-analyze`) and `python3`, which `./dev.sh setup`
@@ -186,5 +188,68 @@ fn openrc_script_is_valid_shell() {
     }
     for var in ["command=", "command_args=", "pidfile="] {
         assert!(text.contains(var), "the OpenRC script sets no {var}");
+    }
+}
+
+/// The `/etc/passwd` that `systemd-sysusers` writes for `entry` in a scratch root.
+fn sysusers_passwd(entry: &str) -> Result<String, String> {
+    let root = Scratch::new("sysusers");
+    root.write("etc/.keep", "");
+    let mut child = Command::new("systemd-sysusers")
+        .arg(format!("--root={}", root.0.display()))
+        .arg("--replace=/etc/sysusers.d/hostnet-agent.conf")
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), entry.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || stderr.contains("ignoring") || stderr.contains("Failed") {
+        return Err(format!("{}: {stderr}", out.status));
+    }
+    std::fs::read_to_string(root.0.join("etc/passwd")).map_err(|e| format!("no /etc/passwd: {e}; {stderr}"))
+}
+
+#[test]
+fn every_way_of_starting_the_agent_makes_it_the_unprivileged_hostnet_user() {
+    require_tool("systemd-sysusers", "systemd");
+    let entry = std::fs::read_to_string(installer("guest/hostnet-agent.sysusers")).unwrap();
+    let broken = entry.replace("u hostnet", "u host:net");
+    assert_ne!(broken, entry, "the sysusers entry no longer creates hostnet: update this test");
+    assert!(sysusers_passwd(&broken).is_err(), "systemd-sysusers accepted a user name with ':'");
+
+    let passwd =
+        sysusers_passwd(&entry).unwrap_or_else(|e| panic!("installer/guest/hostnet-agent.sysusers: {e}"));
+    let fields: Vec<&str> =
+        passwd.lines().find(|l| l.starts_with("hostnet:")).expect("hostnet created").split(':').collect();
+    assert!(fields[2] != "0" && fields[3] != "0", "hostnet is not root: {passwd}");
+
+    let image = std::fs::read_to_string(installer("build-guest-image")).unwrap();
+    assert!(image.contains("\nhostnet:x:999:999:"), "the VM image has a hostnet user");
+    for (file, text) in [
+        (
+            "guest/hostnet-agent.service",
+            std::fs::read_to_string(installer("guest/hostnet-agent.service")).unwrap(),
+        ),
+        (
+            "guest/hostnet-agent.openrc",
+            std::fs::read_to_string(installer("guest/hostnet-agent.openrc")).unwrap(),
+        ),
+        ("build-guest-image", image),
+    ] {
+        let starts = text.lines().filter(|l| {
+            l.contains("hostnet-agent --transport")
+                || l.starts_with("command_args=")
+                || l.starts_with("ExecStart=")
+        });
+        let mut n = 0;
+        for line in starts.filter(|l| !l.starts_with('#')) {
+            n += 1;
+            assert!(line.contains("--user hostnet"), "{file}: {line}");
+        }
+        assert!(n > 0, "{file} starts no agent");
     }
 }

@@ -260,6 +260,23 @@ fn hostnet_across_a_real_virtio_vsock_link() {
     });
     let _ = server.kill();
     let _ = server.wait();
+    // It did so through an agent that runs as the image's unprivileged hostnet user (uid 999),
+    // with no supplementary groups and only CAP_NET_ADMIN.
+    let (code, status) =
+        vm.guest("grep -E '^(Uid|Gid|Groups|CapEff|CapPrm|CapAmb):' /proc/$(pidof hostnet-agent)/status");
+    assert_eq!(code, 0, "{status}");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+    };
+    assert_eq!(field("Uid:").as_deref(), Some("999 999 999 999"), "{status}");
+    assert_eq!(field("Gid:").as_deref(), Some("999 999 999 999"), "{status}");
+    assert_eq!(field("Groups:").as_deref(), Some(""), "{status}");
+    for set in ["CapEff:", "CapPrm:", "CapAmb:"] {
+        assert_eq!(field(set).as_deref(), Some("0000000000001000"), "{set} only CAP_NET_ADMIN: {status}");
+    }
 
     // Throughput the other way round: a program in the guest connects to a desktop server,
     // through hostnet (`127.0.0.1:P` in the guest: nftables TPROXY → agent → vsock port 1025 →

@@ -1,6 +1,11 @@
 //! The netns stand-in for a VM: a network namespace with its own loopback plays the guest,
 //! the agent runs inside it, and the proxy reaches it over a Unix socket (path-based Unix
 //! sockets cross namespaces). Everything it creates is removed when it stops.
+//!
+//! The agent runs as it would in a VM: started as root, it becomes an unprivileged user
+//! (`hostnet-agent --user`; `nobody` unless `--agent-user` names another) with only the
+//! capabilities it needs. The run directory belongs to that user (mode 0700): the agent creates
+//! its socket there and connects to the proxy's; the proxy, root, reaches both.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -25,6 +30,9 @@ pub const DEFAULT_NETNS: &str = "hostnet-demo";
 const NETNS_DIR: &str = "/run/netns";
 /// Where the demo keeps its agent socket: `<RUN_DIR>/<netns>/agent.sock`.
 const RUN_DIR: &str = "/run/hostnet";
+/// The user the stand-in's agent becomes: present on every Linux system, owns nothing. (The
+/// demo adds no user to the developer's machine; a VM image brings its own `hostnet` user.)
+pub const DEFAULT_AGENT_USER: &str = "nobody";
 /// An agent that ran at least this long before dying is restarted at once.
 const AGENT_HEALTHY_AFTER: Duration = Duration::from_secs(10);
 const AGENT_RESTART_MAX: Duration = Duration::from_secs(5);
@@ -39,6 +47,8 @@ pub struct DemoOptions {
     pub agent: Option<PathBuf>,
     /// Extra arguments for the agent.
     pub agent_args: Vec<String>,
+    /// The unprivileged user the agent becomes: a user name of this machine or `UID:GID`.
+    pub agent_user: String,
     /// Let processes in the namespace reach this machine's servers as localhost:PORT.
     pub guest_to_host: bool,
     /// The settings file.
@@ -59,13 +69,16 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     preflight(&opts)?;
     let agent = agent_path(opts.agent.as_deref())?;
-    let stand_in = StandIn::create(&opts).await?;
+    let agent_user = agent_user(&opts.agent_user)?;
+    let stand_in = StandIn::create(&opts, agent_user).await?;
     info!(netns = %opts.netns, "network namespace ready; starting the agent inside it");
 
     let spec = TransportSpec::Unix(stand_in.socket.clone());
     let host_spec = TransportSpec::Unix(stand_in.run_dir.join("host.sock"));
     let mut agent_cmd = vec![agent.into_os_string().into_string().unwrap_or_default()];
     agent_cmd.extend(["--transport".to_owned(), spec.to_string()]);
+    // By number: the agent reads /etc/passwd only, this machine's user may come from elsewhere.
+    agent_cmd.extend(["--user".to_owned(), format!("{}:{}", agent_user.0, agent_user.1)]);
     if opts.guest_to_host {
         agent_cmd.extend(["--host-transport".to_owned(), host_spec.to_string()]);
     }
@@ -143,16 +156,45 @@ fn agent_path(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     on_path.context("hostnet-agent not found next to hostnet-proxy or on $PATH; build it (cargo build) or pass --agent PATH")
 }
 
+/// `--agent-user`: a user name of this machine (with its primary group) or `UID:GID`, never
+/// root. Returns uid and gid.
+fn agent_user(given: &str) -> anyhow::Result<(u32, u32)> {
+    let (uid, gid) = match given.split_once(':') {
+        Some((uid, gid)) => match (uid.parse::<u32>(), gid.parse::<u32>()) {
+            (Ok(uid), Ok(gid)) => (uid, gid),
+            _ => {
+                bail!("--agent-user {given:?}: give a user name (e.g. nobody) or UID:GID (e.g. 65534:65534)")
+            }
+        },
+        None => match nix::unistd::User::from_name(given) {
+            Ok(Some(user)) => (user.uid.as_raw(), user.gid.as_raw()),
+            Ok(None) => bail!(
+                "--agent-user {given:?}: no such user on this machine; name an existing unprivileged user \
+                 (the default, {DEFAULT_AGENT_USER}, exists everywhere) or give UID:GID"
+            ),
+            Err(e) => bail!("--agent-user {given:?}: cannot look the user up: {e}"),
+        },
+    };
+    if uid == 0 || gid == 0 {
+        bail!(
+            "--agent-user {given:?} is root (uid {uid}, gid {gid}): the agent runs as an unprivileged user"
+        );
+    }
+    Ok((uid, gid))
+}
+
 /// The namespace and run directory the demo made, and whether it owns the namespace.
 struct StandIn {
     netns: String,
     created_netns: bool,
     run_dir: PathBuf,
     socket: PathBuf,
+    /// Owner of the run directory: the agent's uid and gid.
+    agent_user: (u32, u32),
 }
 
 impl StandIn {
-    async fn create(opts: &DemoOptions) -> anyhow::Result<Self> {
+    async fn create(opts: &DemoOptions, agent_user: (u32, u32)) -> anyhow::Result<Self> {
         let exists = Path::new(NETNS_DIR).join(&opts.netns).exists();
         if exists && !opts.reuse {
             bail!(
@@ -170,6 +212,7 @@ impl StandIn {
             created_netns: !exists,
             run_dir: Path::new(RUN_DIR).join(&opts.netns),
             socket: PathBuf::new(),
+            agent_user,
         };
         if let Err(e) = stand_in.finish_setup().await {
             stand_in.remove().await;
@@ -184,6 +227,11 @@ impl StandIn {
         tokio::fs::create_dir_all(&self.run_dir)
             .await
             .with_context(|| format!("cannot create {}", self.run_dir.display()))?;
+        // Private to the agent's user (and root): the agent makes its socket here, the proxy
+        // hands it the one it makes ([`crate::hand_socket_to_directory_owner`]).
+        let (uid, gid) = self.agent_user;
+        std::os::unix::fs::lchown(&self.run_dir, Some(uid), Some(gid))
+            .with_context(|| format!("cannot hand {} to the agent's user", self.run_dir.display()))?;
         tokio::fs::set_permissions(&self.run_dir, std::fs::Permissions::from_mode(0o700)).await?;
         self.socket = self.run_dir.join("agent.sock");
         Ok(())
@@ -255,4 +303,26 @@ pub(crate) async fn stop_child(child: &mut tokio::process::Child) {
         }
     }
     let _ = child.kill().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_user_is_a_name_or_uid_gid_never_root() {
+        assert_eq!(agent_user("4242:4243").unwrap(), (4242, 4243));
+        let nobody = agent_user(DEFAULT_AGENT_USER).unwrap();
+        assert!(nobody.0 != 0 && nobody.1 != 0, "{nobody:?}");
+        for root in ["root", "0:0", "0:5", "5:0"] {
+            let err = agent_user(root).unwrap_err().to_string();
+            assert!(err.contains("is root"), "{root}: {err}");
+        }
+        for bad in ["a:b", "1:", ":1", "-1:1"] {
+            let err = agent_user(bad).unwrap_err().to_string();
+            assert!(err.contains("UID:GID"), "{bad}: {err}");
+        }
+        let err = agent_user("no-such-hostnet-user").unwrap_err().to_string();
+        assert!(err.contains("no such user"), "{err}");
+    }
 }

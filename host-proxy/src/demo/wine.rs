@@ -157,6 +157,9 @@ pub async fn run(
         let _ = std::fs::remove_file(host_socket);
         let from_agent = UnixListener::bind(host_socket)
             .with_context(|| format!("cannot listen on {}", host_socket.display()))?;
+        // The agent, not root, connects to it.
+        crate::hand_socket_to_directory_owner(host_socket)
+            .with_context(|| format!("cannot hand {} to the agent's user", host_socket.display()))?;
         tracker
             .spawn(bridge(from_agent, shutdown.clone(), tracker.clone(), move || TcpStream::connect(listen)));
         args.extend(["--listen".to_owned(), format!("tcp:{listen}")]);
