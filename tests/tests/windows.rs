@@ -161,7 +161,8 @@ fn a_guest_process_reaches_a_desktop_server_through_the_windows_listener_source(
 fn bad_input_gets_the_same_clear_errors_on_windows() {
     let demo = Demo::start_windows(windows_proxy(), &[]);
 
-    // A desktop port already held by another program: a conflict, said so, healing by itself.
+    // A desktop port already held by another program: a conflict, said so; the desktop keeps
+    // it, and the guest port takes it once freed only when the settings say so.
     let (port, held) = hold_port();
     let _srv = GuestServer::serve(demo.listen(addr("0.0.0.0", port), false), echo);
     wait_until("status shows the conflict", || {
@@ -169,6 +170,7 @@ fn bad_input_gets_the_same_clear_errors_on_windows() {
     });
     let reason = forward(&demo, "tcp", port).unwrap()["reason"].as_str().unwrap().to_owned();
     assert!(reason.contains("already in use"), "{reason}");
+    write_settings(&demo, "take_freed_ports = true\n");
     drop(held);
     connect_when_forwarded(loopback(false, port));
 
