@@ -74,10 +74,9 @@ impl Admin {
             ));
         }
         let foreign = self.to_host.foreign_refused.load(std::sync::atomic::Ordering::Relaxed);
-        if let (true, Some(cid)) = (foreign > 0, self.to_host.guest_cid) {
-            limits.push(format!(
-                "{foreign} guest→host stream(s) refused from vsock peers other than the VM (CID {cid})"
-            ));
+        if let (true, Some(vm)) = (foreign > 0, self.to_host.guest_vm) {
+            limits
+                .push(format!("{foreign} guest→host stream(s) refused from peers other than the VM ({vm})"));
         }
         let refused = self.to_host.streams_refused.load(std::sync::atomic::Ordering::Relaxed);
         if refused > 0 {

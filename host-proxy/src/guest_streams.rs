@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use hostnet_net::connect::connect_tcp;
 use hostnet_net::handshake::{self, FrameReader};
+use hostnet_net::hyperv::{self, Guid};
 use hostnet_net::relay;
 use hostnet_net::udp;
 use hostnet_net::{TransportSpec, TransportStream, watcher};
@@ -44,10 +45,10 @@ pub struct ToHost {
     pub withheld: watch::Receiver<Arc<BTreeMap<Listener, Withheld>>>,
     /// Streams closed at once because [`MAX_GUEST_STREAMS`] (or the configured limit) were open.
     pub streams_refused: Arc<AtomicU64>,
-    /// Streams refused because they came from a vsock peer other than the VM.
+    /// Streams refused because they came from a peer other than the VM.
     pub foreign_refused: Arc<AtomicU64>,
-    /// The VM's vsock CID, when the transport tells peers apart.
-    pub guest_cid: Option<u32>,
+    /// The VM, when the transport tells peers apart.
+    pub guest_vm: Option<VmIdentity>,
     /// The limit in force.
     pub max_streams: usize,
 }
@@ -60,19 +61,63 @@ impl ToHost {
             withheld: watch::channel(Arc::default()).1,
             streams_refused: Arc::default(),
             foreign_refused: Arc::default(),
-            guest_cid: None,
+            guest_vm: None,
             max_streams: 0,
         }
     }
 }
 
-/// Whether a stream from `peer` (as the transport names it) may be the VM's: over vsock, only
-/// from the VM's CID (`vsock:any:PORT` listens for every VM and the host's own processes);
-/// other transports do not tell peers apart.
-fn from_the_vm(peer: &str, guest_cid: Option<u32>) -> bool {
-    match (peer.strip_prefix("vsock:"), guest_cid) {
-        (Some(rest), Some(cid)) => rest.split(':').next().and_then(|c| c.parse::<u32>().ok()) == Some(cid),
-        _ => true,
+/// The VM the proxy serves, as a transport that tells peers apart names it: where the agent is
+/// reached (`--transport`) says which VM guest→host streams (`--listen`) may come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmIdentity {
+    /// `vsock:CID:PORT`: the VM's context id.
+    VsockCid(u32),
+    /// `hyperv:VMID:PORT`: the VM's Hyper-V id.
+    HyperV(Guid),
+}
+
+impl VmIdentity {
+    /// The VM `agent` (the `--transport` spec) names, if it names one.
+    pub fn of(agent: &TransportSpec) -> Option<VmIdentity> {
+        match agent {
+            TransportSpec::Vsock { cid, .. } if *cid != hostnet_net::transport::VSOCK_CID_ANY => {
+                Some(VmIdentity::VsockCid(*cid))
+            }
+            TransportSpec::HyperV { vm_id, .. } if *vm_id != hyperv::WILDCARD => {
+                Some(VmIdentity::HyperV(*vm_id))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for VmIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmIdentity::VsockCid(cid) => write!(f, "vsock CID {cid}"),
+            VmIdentity::HyperV(id) => write!(f, "Hyper-V VM {id}"),
+        }
+    }
+}
+
+/// Whether a stream from `peer` (as the transport names it: `vsock:CID:PORT`,
+/// `hyperv:VMID:PORT`) may be the VM's: only from the VM's CID or VM id (`vsock:any:PORT` and
+/// `hyperv:any:PORT` listen for every VM, and vsock for the host's own processes too); other
+/// transports do not tell peers apart.
+fn from_the_vm(peer: &str, vm: Option<VmIdentity>) -> bool {
+    let first = |rest: &str| rest.split(':').next().map(str::to_owned);
+    match vm {
+        Some(VmIdentity::VsockCid(cid)) => match peer.strip_prefix("vsock:") {
+            Some(rest) => first(rest).and_then(|c| c.parse::<u32>().ok()) == Some(cid),
+            None => !peer.starts_with("hyperv:"),
+        },
+        Some(VmIdentity::HyperV(id)) => match peer.strip_prefix("hyperv:") {
+            // A GUID has no ':' in it.
+            Some(rest) => first(rest).and_then(|g| g.parse::<Guid>().ok()) == Some(id),
+            None => !peer.starts_with("vsock:"),
+        },
+        None => true,
     }
 }
 
@@ -97,7 +142,7 @@ pub async fn start(
     settings: watch::Receiver<Arc<Settings>>,
     stats: ToHostStats,
     max_streams: usize,
-    guest_cid: Option<u32>,
+    guest_vm: Option<VmIdentity>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> ToHost {
@@ -124,7 +169,7 @@ pub async fn start(
         withheld,
         streams_refused: Arc::default(),
         foreign_refused: Arc::default(),
-        guest_cid,
+        guest_vm,
         max_streams: max_streams.max(1),
     };
     let streams = Arc::new(Semaphore::new(to_host.max_streams));
@@ -143,10 +188,10 @@ pub async fn start(
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    if !from_the_vm(&peer, guest_cid) {
+                    if !from_the_vm(&peer, guest_vm) {
                         let n = foreign.fetch_add(1, Ordering::Relaxed) + 1;
                         if n.is_power_of_two() {
-                            warn!(%peer, "refused a guest→host stream from a vsock peer that is not the VM ({n} so far)");
+                            warn!(%peer, "refused a guest→host stream from a peer that is not the VM ({n} so far)");
                         }
                         continue;
                     }
@@ -339,12 +384,32 @@ mod tests {
 
     #[test]
     fn over_vsock_only_the_vms_cid_opens_guest_to_host_streams() {
-        assert!(from_the_vm("vsock:3:51234", Some(3)));
+        let vm = Some(VmIdentity::VsockCid(3));
+        assert!(from_the_vm("vsock:3:51234", vm));
         for peer in ["vsock:4:51234", "vsock:1:1", "vsock:2:7", "vsock:?"] {
-            assert!(!from_the_vm(peer, Some(3)), "{peer}");
+            assert!(!from_the_vm(peer, vm), "{peer}");
         }
-        assert!(from_the_vm("unix peer", Some(3)), "a Unix socket does not tell");
+        assert!(from_the_vm("unix peer", vm), "a Unix socket does not tell");
         assert!(from_the_vm("vsock:4:1", None), "no CID known (hybrid vsock): not checked");
+    }
+
+    #[test]
+    fn over_hyper_v_only_the_vms_id_opens_guest_to_host_streams() {
+        let id: Guid = "5B7C2E1A-9D44-4E0B-8F3A-61C2D8E4A917".parse().unwrap();
+        let vm = Some(VmIdentity::HyperV(id));
+        assert!(from_the_vm("hyperv:5B7C2E1A-9D44-4E0B-8F3A-61C2D8E4A917:1025", vm));
+        for peer in [
+            "hyperv:A42E7CDA-D03F-480C-9CC2-A4DE20ABB878:1025",
+            "hyperv:00000000-0000-0000-0000-000000000000:1025",
+            "hyperv:not-a-guid:1025",
+            "vsock:3:1025",
+        ] {
+            assert!(!from_the_vm(peer, vm), "{peer}");
+        }
+        assert_eq!(VmIdentity::of(&"hyperv:5b7c2e1a-9d44-4e0b-8f3a-61c2d8e4a917:1024".parse().unwrap()), vm);
+        assert_eq!(VmIdentity::of(&"hyperv:any:1024".parse().unwrap()), None);
+        assert_eq!(VmIdentity::of(&"vsock:3:1024".parse().unwrap()), Some(VmIdentity::VsockCid(3)));
+        assert_eq!(VmIdentity::of(&"unix:/run/agent.sock".parse().unwrap()), None);
     }
 
     #[cfg(unix)]

@@ -45,9 +45,9 @@ pub struct ProxyConfig {
     pub admin_socket: Option<admin::Endpoint>,
     /// Connections and UDP flows served at once.
     pub limits: forward::Limits,
-    /// The VM's vsock CID when the agent is reached over vsock: guest→host streams from any
-    /// other vsock peer are refused (and counted).
-    pub guest_cid: Option<u32>,
+    /// The VM, when the agent's transport names it (a vsock CID, a Hyper-V VM id): guest→host
+    /// streams from any other peer are refused (and counted).
+    pub guest_vm: Option<guest_streams::VmIdentity>,
 }
 
 impl ProxyConfig {
@@ -61,10 +61,7 @@ impl ProxyConfig {
                 .map_err(|e| tracing::warn!("the admin API is off: {e}"))
                 .ok(),
             limits: forward::Limits::default(),
-            guest_cid: match agent {
-                TransportSpec::Vsock { cid, .. } => Some(*cid),
-                _ => None,
-            },
+            guest_vm: guest_streams::VmIdentity::of(agent),
         }
     }
 }
@@ -109,7 +106,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
                 settings.subscribe(),
                 to_host_stats.clone(),
                 config.limits.guest_streams,
-                config.guest_cid,
+                config.guest_vm,
                 &tracker,
                 &shutdown,
             )
