@@ -350,6 +350,23 @@ impl Demo {
         })
     }
 
+    /// Speaks the protocol to the proxy's guest→host endpoint as any process in the VM could
+    /// (not the agent): one data stream opening TCP `addr:port`; returns the proxy's reply
+    /// bytes, as text, once it closes the stream.
+    pub fn raw_guest_to_host_open(&self, addr: &str, port: u16) -> String {
+        let sock = Path::new("/run/hostnet").join(&self.netns).join("host.sock");
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let body = format!(r#"{{"type":"tcp","addr":"{addr}","port":{port},"peer":null}}"#);
+        let mut wire = b"HNET\x00\x01".to_vec();
+        wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        wire.extend_from_slice(body.as_bytes());
+        s.write_all(&wire).unwrap();
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        String::from_utf8_lossy(&reply).into_owned()
+    }
+
     /// PIDs of processes in the demo's namespace (the agent).
     pub fn netns_pids(&self) -> Vec<i32> {
         let out = Command::new("ip").args(["netns", "pids", &self.netns]).output().unwrap();

@@ -74,22 +74,6 @@ fn to_host(demo: &Demo, port: u16) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Speaks the protocol to the proxy's guest→host endpoint directly, as any guest process could
-/// (vsock is not namespaced), asking for TCP `port`; returns the proxy's reply bytes.
-fn raw_open(demo: &Demo, port: u16) -> String {
-    let sock = PathBuf::from("/run/hostnet").join(&demo.netns).join("host.sock");
-    let mut s = UnixStream::connect(&sock).unwrap();
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    let body = format!(r#"{{"type":"tcp","addr":"127.0.0.1","port":{port},"peer":null}}"#);
-    let mut wire = b"HNET\x00\x01".to_vec();
-    wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    wire.extend_from_slice(body.as_bytes());
-    s.write_all(&wire).unwrap();
-    let mut reply = Vec::new();
-    let _ = s.read_to_end(&mut reply);
-    String::from_utf8_lossy(&reply).into_owned()
-}
-
 fn write_settings(demo: &Demo, text: &str) {
     std::fs::create_dir_all(demo.config.parent().unwrap()).unwrap();
     let tmp = demo.config.with_extension("edit");
@@ -132,7 +116,7 @@ fn a_desktop_listener_of_another_user_is_not_reachable_from_the_guest() {
     assert_eq!(guest_curl(&demo, &format!("http://localhost:{theirs}/")), None, "curl in the guest");
     assert_eq!(guest_curl(&demo, &format!("http://127.0.0.1:{theirs}/")), None, "curl in the guest");
     // Whoever speaks the protocol, the proxy serves only what the policy offers.
-    let reply = raw_open(&demo, theirs);
+    let reply = demo.raw_guest_to_host_open("127.0.0.1", theirs);
     assert!(reply.contains("refused") && reply.contains("not advertised"), "{reply}");
     // And status says why.
     let entries = to_host(&demo, theirs);
@@ -174,7 +158,7 @@ fn system_ports_and_the_rest_of_127_8_are_not_offered_and_the_lists_apply_live()
     };
     assert!(reason(low_port).contains("below 1024"), "{}", reason(low_port));
     assert!(reason(stub_port).contains("127.0.0.53"), "{}", reason(stub_port));
-    assert!(raw_open(&demo, low_port).contains("not advertised"));
+    assert!(demo.raw_guest_to_host_open("127.0.0.1", low_port).contains("not advertised"));
 
     // allow_ports offers the system port, deny_ports withdraws this user's port: live.
     write_settings(
@@ -190,7 +174,10 @@ fn system_ports_and_the_rest_of_127_8_are_not_offered_and_the_lists_apply_live()
         echo_round_trip(c, b"allowed")
     });
     assert_eq!(echoed, b"allowed");
-    assert!(raw_open(&demo, mine).contains("not advertised"), "a denied port is not served either");
+    assert!(
+        demo.raw_guest_to_host_open("127.0.0.1", mine).contains("not advertised"),
+        "a denied port is not served either"
+    );
     assert!(reason(mine).contains("deny_ports"), "{}", reason(mine));
     // And 127.0.0.53 stays out whatever the lists say.
     write_settings(
@@ -358,7 +345,7 @@ fn a_guest_to_host_endpoint_beyond_loopback_is_refused_unless_asked_for() {
     let run = |extra: &[&str]| {
         Command::new(bin("hostnet-proxy"))
             .arg("--admin-socket")
-            .arg(dir.join("admin.sock"))
+            .arg(dir.join("admin").join("admin.sock"))
             .arg("--config")
             .arg(dir.join("settings.toml"))
             .args(["run", "--transport", "unix:/nonexistent/agent.sock", "--listen", "tcp:0.0.0.0:0"])
@@ -373,7 +360,7 @@ fn a_guest_to_host_endpoint_beyond_loopback_is_refused_unless_asked_for() {
     assert!(!out.status.success() && err.contains("--listen-beyond-loopback"), "{err}");
     // With the flag it starts (and keeps waiting for its agent until stopped).
     let mut child = run(&["--listen-beyond-loopback"]);
-    wait_until("the proxy serves its admin API", || dir.join("admin.sock").exists());
+    wait_until("the proxy serves its admin API", || dir.join("admin").join("admin.sock").exists());
     assert!(child.try_wait().unwrap().is_none(), "runs when asked for");
     let _ = child.kill();
     let _ = child.wait();

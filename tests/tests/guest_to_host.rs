@@ -5,7 +5,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::path::Path;
 use std::process::Command;
 
 use hostnet_tests::*;
@@ -153,17 +152,7 @@ fn the_guest_cannot_steer_the_proxy_to_unadvertised_ports() {
     // which a running proxy may see — and advertise until it sees it close.
     let unadvertised = free_port();
     let demo = Demo::start();
-    let sock = Path::new("/run/hostnet").join(&demo.netns).join("host.sock");
-    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    let body = format!(r#"{{"type":"tcp","addr":"10.9.8.7","port":{unadvertised},"peer":null}}"#);
-    let mut wire = b"HNET\x00\x01".to_vec();
-    wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    wire.extend_from_slice(body.as_bytes());
-    s.write_all(&wire).unwrap();
-    let mut reply = Vec::new();
-    let _ = s.read_to_end(&mut reply);
-    let reply = String::from_utf8_lossy(&reply);
+    let reply = demo.raw_guest_to_host_open("10.9.8.7", unadvertised);
     assert!(reply.contains("refused") && reply.contains("not advertised"), "{reply}");
 }
 
