@@ -37,6 +37,8 @@ pub struct StatusView {
     pub banner: Option<String>,
     pub errors: Vec<String>,
     pub forwards: Vec<ForwardRow>,
+    /// Limits the guest reached, each a sentence naming the setting that changes it.
+    pub limits: Vec<String>,
     pub settings_path: String,
 }
 
@@ -80,6 +82,7 @@ pub fn view(status: &Status) -> StatusView {
         banner,
         errors: status.errors.clone(),
         forwards,
+        limits: status.limits.clone(),
         settings_path: status.settings_path.display().to_string(),
     }
 }

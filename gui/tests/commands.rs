@@ -13,7 +13,9 @@ use tauri::webview::InvokeRequest;
 
 const STATUS: &str = r#"{"enabled":true,"agent":"connected","settings_path":"/x/settings.toml","errors":[],"forwards":[
   {"proto":"tcp","direction":"to_guest","guest_port":8000,"host_port":8000,"state":"forwarding","host_addresses":["127.0.0.1"],"connections_active":1,"connections_total":3,"bytes_to_guest":1,"bytes_from_guest":2},
-  {"proto":"udp","direction":"to_host","guest_port":53,"host_port":53,"state":"conflict","reason":"in use by dnsmasq (pid 9)","host_addresses":[],"connections_active":0,"connections_total":0,"bytes_to_guest":0,"bytes_from_guest":0}]}"#;
+  {"proto":"udp","direction":"to_host","guest_port":53,"host_port":53,"state":"conflict","reason":"in use by dnsmasq (pid 9)","host_addresses":[],"connections_active":0,"connections_total":0,"bytes_to_guest":0,"bytes_from_guest":0},
+  {"proto":"tcp","direction":"to_host","guest_port":5432,"host_port":5432,"state":"not_offered","reason":"127.0.0.1:5432: owned by another user","host_addresses":[],"connections_active":0,"connections_total":0,"bytes_to_guest":0,"bytes_from_guest":0}],
+  "limits":["3 guest port(s) not forwarded over the limits on host ports"]}"#;
 
 /// A fake admin API on a temp socket: answers every request with `status` and logs requests.
 fn fake_admin() -> (tempfile::TempDir, Arc<Mutex<Vec<String>>>) {
@@ -75,6 +77,36 @@ fn status_is_mapped_for_the_window() {
     assert_eq!(view["forwards"][0]["connections"], "1 open, 3 total");
     assert_eq!(view["forwards"][1]["direction"], "VM → desktop");
     assert_eq!(view["forwards"][1]["reason"], "in use by dnsmasq (pid 9)");
+    // What the guest may not reach on this desktop, and why; limits the guest reached.
+    assert_eq!(view["forwards"][2]["state"], "not_offered");
+    assert_eq!(view["forwards"][2]["reason"], "127.0.0.1:5432: owned by another user");
+    assert_eq!(
+        view["limits"],
+        serde_json::json!(["3 guest port(s) not forwarded over the limits on host ports"])
+    );
+}
+
+#[test]
+fn the_guest_to_host_policy_is_validated_and_sent_whole() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (_dir, seen) = fake_admin();
+    let mut s = serde_json::json!({"enabled":true,"bind":"loopback","udp":true,"guest_to_host":true,"ignore_ports":[],"remap":{},
+        "take_freed_ports":true,"guest_to_host_policy":{"allow_ports":[],"deny_ports":["9222"],"only_allowed":true,"other_users":false}});
+    // Only the allowed ports, and none allowed: caught in the window, next to the policy.
+    let err = invoke("update_settings", serde_json::json!({ "settings": s.clone() })).unwrap_err();
+    assert_eq!(err["field"], "guest_to_host_policy", "{err}");
+    assert!(seen.lock().unwrap().iter().all(|l| !l.contains("update_settings")));
+    s["guest_to_host_policy"]["allow_ports"] = serde_json::json!(["80", "8000-8100"]);
+    invoke("update_settings", serde_json::json!({ "settings": s })).unwrap();
+    let sent = seen.lock().unwrap().iter().find(|l| l.contains("update_settings")).cloned().unwrap();
+    for part in [
+        r#""allow_ports":["80","8000-8100"]"#,
+        r#""deny_ports":["9222"]"#,
+        r#""only_allowed":true"#,
+        r#""take_freed_ports":true"#,
+    ] {
+        assert!(sent.contains(part), "{part} in {sent}");
+    }
 }
 
 #[test]

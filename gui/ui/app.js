@@ -36,6 +36,9 @@ function render(view) {
   });
   const body = $("forwards");
   body.replaceChildren(...rows);
+  const limits = view.limits || [];
+  $("limits").hidden = !limits.length;
+  $("limits").replaceChildren(...limits.map((l) => { const li = document.createElement("li"); li.textContent = l; return li; }));
   if (!rows.length) body.innerHTML = '<tr><td colspan="5" class="muted">No forwards: nothing listens in the VM yet.</td></tr>';
 }
 
@@ -62,6 +65,7 @@ $("enabled").addEventListener("change", async (ev) => {
 });
 
 $("bind").addEventListener("change", () => { $("bind-warning").hidden = $("bind").value !== "all"; });
+$("other_users").addEventListener("change", () => { $("other-users-warning").hidden = !$("other_users").checked; });
 
 function parseList(text) { return text.split(/[\s,]+/).filter(Boolean); }
 
@@ -72,6 +76,12 @@ async function loadSettings() {
     $("udp").checked = s.udp; $("guest_to_host").checked = s.guest_to_host;
     $("ignore_ports").value = s.ignore_ports.join(", ");
     $("remap").value = Object.entries(s.remap).map(([g, h]) => `${g}=${h}`).join(", ");
+    const policy = s.guest_to_host_policy || {};
+    $("allow_ports").value = (policy.allow_ports || []).join(", ");
+    $("deny_ports").value = (policy.deny_ports || []).join(", ");
+    $("only_allowed").checked = !!policy.only_allowed;
+    $("other_users").checked = !!policy.other_users; $("other-users-warning").hidden = !policy.other_users;
+    $("take_freed_ports").checked = !!s.take_freed_ports;
     window.currentSettings = s;
   } catch (e) { showError(e); }
 }
@@ -87,13 +97,24 @@ $("settings").addEventListener("submit", async (ev) => {
     if (!g || !Number.isInteger(host)) { showError({ field: "remap", message: `"${pair}" is not guest=host` }); return; }
     remap[g.trim()] = host;
   }
-  // Keys the form does not show (the guest→host policy, limits, …) keep their values.
+  // Keys the form does not show (the limits, …) keep their values.
+  const current = window.currentSettings || {};
   const settings = {
-    ...(window.currentSettings || {}),
+    ...current,
     enabled: $("enabled").checked, bind: $("bind").value, udp: $("udp").checked,
     guest_to_host: $("guest_to_host").checked, ignore_ports: parseList($("ignore_ports").value), remap,
+    take_freed_ports: $("take_freed_ports").checked,
+    guest_to_host_policy: {
+      ...(current.guest_to_host_policy || {}),
+      allow_ports: parseList($("allow_ports").value), deny_ports: parseList($("deny_ports").value),
+      only_allowed: $("only_allowed").checked, other_users: $("other_users").checked,
+    },
   };
-  try { render(await invoke("update_settings", { settings })); $("saved").textContent = "Saved."; } catch (e) { showError(e); }
+  try {
+    render(await invoke("update_settings", { settings }));
+    window.currentSettings = settings;
+    $("saved").textContent = "Saved.";
+  } catch (e) { showError(e); }
 });
 
 loadSettings();
