@@ -177,6 +177,9 @@ async fn watch(forwards: Forwards, port: u16, stop: CancellationToken, note: Arc
             l.close();
             note.set(None);
         }
+        if stop.is_cancelled() {
+            break;
+        }
         if let (None, Some(route)) = (&live, want) {
             // A failed bind (the address taken, no IPv6 here) is tried again next time, quietly.
             if let Ok(l) = listen(route.at) {
