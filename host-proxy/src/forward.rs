@@ -129,6 +129,8 @@ struct PortForward {
     /// Addresses of the scope another program holds, and why (only while binding: a port
     /// held on any address is not forwarded at all).
     missing: Vec<(IpAddr, String)>,
+    /// A TCP conflict's bridge ([`crate::bridge`]): the desktop server's other loopback family.
+    bridge: Option<Arc<crate::bridge::Note>>,
 }
 
 /// What the settings want for one guest port.
@@ -224,7 +226,7 @@ pub struct Forwards {
     pub(crate) connector: Arc<dyn Connector>,
     pub(crate) tracker: TaskTracker,
     pub(crate) shutdown: CancellationToken,
-    connections: Arc<Semaphore>,
+    pub(crate) connections: Arc<Semaphore>,
     pub(crate) udp_flows: Arc<Semaphore>,
     pub(crate) limits: Limits,
     /// Everything refused over the limits, and agent streams that could not be opened: logs
@@ -301,6 +303,10 @@ impl Forwards {
             .map(|(&(proto, guest_port), f)| {
                 let (state, reason) = f.state.label();
                 let reason = reason.or_else(|| f.missing_reason());
+                let reason = match (reason, f.bridge.as_ref().and_then(|b| b.describe())) {
+                    (Some(r), Some(b)) => Some(format!("{r}; {b}")),
+                    (r, b) => r.or(b),
+                };
                 let host_addresses =
                     if f.state == PortState::Forwarding { f.bound.clone() } else { Vec::new() };
                 ForwardStatus {
@@ -379,24 +385,26 @@ impl Forwards {
         if !t.settings.take_freed_ports {
             return;
         }
+        // A bridge listening means the desktop server still holds the port: nothing to retry.
         let conflicted: Vec<_> = t
             .ports
             .iter()
-            .filter_map(|(k, p)| match &p.state {
-                PortState::Conflict(reason) => {
-                    Some((*k, p.host_port, p.bind, reason.clone(), p.stats.clone()))
-                }
-                _ => None,
+            .filter(|(_, p)| {
+                matches!(p.state, PortState::Conflict(_))
+                    && p.bridge.as_ref().is_none_or(|b| b.route().is_none())
             })
+            .map(|(k, p)| (*k, p.host_port, p.bind, p.stats.clone()))
             .collect();
-        for ((proto, guest_port), host_port, bind, old_reason, stats) in conflicted {
-            // Quietly: the reason found the first time stands while the port stays taken.
-            let mut fwd = self.start_port(proto, guest_port, host_port, bind, stats, true);
-            match &fwd.state {
-                PortState::Forwarding => info!(port = host_port, "host port {host_port} is free now"),
-                _ => fwd.state = PortState::Conflict(old_reason),
+        for ((proto, guest_port), host_port, bind, stats) in conflicted {
+            // Quietly: the reason found the first time stands while the port stays taken (the
+            // old forward, with its bridge's watch, stays).
+            let fwd = self.start_port(proto, guest_port, host_port, bind, stats, true);
+            if fwd.state == PortState::Forwarding {
+                info!(port = host_port, "host port {host_port} is free now");
+                if let Some(old) = t.ports.insert((proto, guest_port), fwd) {
+                    old.stop.cancel();
+                }
             }
-            t.ports.insert((proto, guest_port), fwd);
         }
     }
 
@@ -440,7 +448,11 @@ impl Forwards {
             let take_freed = t.settings.take_freed_ports;
             let fwd = match want {
                 Wanted::Forward { host_port, bind } => {
-                    let fwd = self.start_port(proto, guest_port, host_port, bind, stats, take_freed);
+                    let mut fwd = self.start_port(proto, guest_port, host_port, bind, stats, take_freed);
+                    if proto == Proto::Tcp && matches!(fwd.state, PortState::Conflict(_)) {
+                        fwd.bridge =
+                            Some(crate::bridge::spawn(self, host_port, fwd.stop.clone(), &fwd.tasks));
+                    }
                     if let PortState::Conflict(reason) = &fwd.state {
                         if reason.contains(ANOTHER_PROGRAM) {
                             to_name.push((key, host_port));
@@ -553,6 +565,7 @@ impl Forwards {
             stats,
             bound: bound.iter().map(|(ip, _)| *ip).collect(),
             missing,
+            bridge: None,
         };
         if bound.is_empty() || !fwd.missing.is_empty() {
             // Sockets bound on the other family close here (dropped unserved).
@@ -753,6 +766,7 @@ impl PortForward {
             stats,
             bound: Vec::new(),
             missing: Vec::new(),
+            bridge: None,
         }
     }
 

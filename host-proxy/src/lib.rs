@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub mod admin;
+pub mod bridge;
 #[cfg(target_os = "linux")]
 pub mod demo;
 pub mod forward;

@@ -124,7 +124,7 @@ fn with_bound<T>(f: impl FnOnce(&mut Bound) -> T) -> T {
 
 /// Whether `found` is one of this process's sockets: by its owning pid when the table gives
 /// one (macOS, Windows), else by inode (Linux) or by bound address (Wine).
-pub(crate) fn is_own_found(found: &Found) -> bool {
+pub fn is_own_found(found: &Found) -> bool {
     is_own_by(found, std::process::id(), is_own, |proto, addr| with_bound(|b| b.contains(proto, addr)))
 }
 

@@ -188,48 +188,84 @@ fn system_ports_and_the_rest_of_127_8_are_not_offered_and_the_lists_apply_live()
     assert!(!offered(&demo).contains(&stub_port));
 }
 
+/// Whether the conflict of `port` says a bridge listens.
+fn bridged(demo: &Demo, port: u16) -> bool {
+    demo.forward_status("tcp", port).is_some_and(|f| {
+        f["reason"].as_str().is_some_and(|r| r.contains("is bridged to the desktop's server"))
+    })
+}
+
 #[test]
-fn a_port_the_desktop_holds_on_one_family_stays_the_desktops() {
+fn a_port_the_desktop_holds_on_one_family_is_the_desktops_on_both_families() {
     let demo = Demo::start();
     let port = free_port();
+    // The README's `python3 -m http.server PORT --bind 127.0.0.1`.
     let desktop = desktop_web_server(port);
     let mut desktop = KillOnDrop(desktop);
     let page = format!("http://127.0.0.1:{port}/Cargo.toml");
     wait_until("the desktop server listens", || desktop_curl(&page).is_some());
-    let _guest = GuestServer::serve(demo.listen(addr("0.0.0.0", port), false), |mut c| {
+    let guest = GuestServer::serve(demo.listen(addr("0.0.0.0", port), false), |mut c| {
         let _ = c.write_all(b"HTTP/1.0 200 OK\r\n\r\nthe guest");
     });
     wait_until("status shows the conflict", || {
         demo.forward_status("tcp", port).is_some_and(|f| f["state"] == "conflict")
     });
+    let v6 = has_ipv6();
+    if v6 {
+        wait_until("status shows the bridge", || bridged(&demo, port));
+    }
     let f = demo.forward_status("tcp", port).unwrap();
     let reason = f["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("127.0.0.1") && reason.contains("not forwarded on any address"), "{f}");
-    assert!(f["host_addresses"].as_array().unwrap().is_empty(), "nothing bound: {f}");
-    for url in [format!("http://localhost:{port}/Cargo.toml"), page.clone()] {
-        let body = desktop_curl(&url).unwrap_or_default();
+    if v6 {
+        assert!(
+            reason.contains(&format!("[::1]:{port} is bridged to the desktop's server on 127.0.0.1:{port}")),
+            "status says why [::1] answers: {f}"
+        );
+    }
+    assert!(f["host_addresses"].as_array().unwrap().is_empty(), "nothing of the guest's is bound: {f}");
+    let mut urls = vec![format!("http://localhost:{port}/Cargo.toml"), page.clone()];
+    if v6 {
+        urls.push(format!("http://[::1]:{port}/Cargo.toml"));
+    }
+    for url in &urls {
+        let body = desktop_curl(url).unwrap_or_default();
         assert!(body.contains("hostnet-tests"), "{url} reaches the desktop server: {body:?}");
     }
-    // [::1] is not the guest's: nothing listens there (the desktop server did not ask for it).
-    if has_ipv6() {
-        let body = desktop_curl(&format!("http://[::1]:{port}/"));
-        assert!(body.as_deref().is_none_or(|b| !b.contains("the guest")), "{body:?}");
-        assert!(refused(loopback(true, port)), "no mirror on ::1");
-    }
+    assert_eq!(demo.forward_count("tcp", port, "connections_total"), 0, "nothing went to the guest");
 
-    // The desktop server restarts: the proxy's retry does not take its port meanwhile.
+    // The desktop server stops: the bridge goes with it, and the retry does not take the freed
+    // port meanwhile (a restarting desktop server gets it back, on both families).
     let _ = desktop.0.kill();
     let _ = desktop.0.wait();
+    let stopped = Instant::now();
+    if v6 {
+        wait_until("the bridge is gone", || refused(loopback(true, port)) && !bridged(&demo, port));
+        eprintln!("bridge gone {:?} after the desktop server stopped", stopped.elapsed());
+    }
     let retries_passed = Instant::now() + 3 * Duration::from_secs(2); // three heartbeat retries
     while Instant::now() < retries_passed {
         assert!(
             refused(loopback(false, port)),
             "the freed port was taken while the desktop server restarted"
         );
+        assert!(!v6 || refused(loopback(true, port)), "[::1] was taken while the desktop server restarted");
         std::thread::sleep(Duration::from_millis(100));
     }
     let _desktop = KillOnDrop(desktop_web_server(port));
     wait_until("the restarted desktop server has its port back", || desktop_curl(&page).is_some());
+    if v6 {
+        let ipv6_page = format!("http://[::1]:{port}/Cargo.toml");
+        wait_until("[::1] is bridged to the restarted server", || {
+            desktop_curl(&ipv6_page).is_some_and(|b| b.contains("hostnet-tests"))
+        });
+    }
+    // The guest's listener goes: so does the bridge.
+    guest.close();
+    wait_until("the bridge goes with the guest's port", || {
+        demo.forward_status("tcp", port).is_none() && (!v6 || refused(loopback(true, port)))
+    });
+    assert!(desktop_curl(&page).is_some(), "the desktop server keeps 127.0.0.1");
 }
 
 #[test]

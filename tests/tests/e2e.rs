@@ -301,6 +301,22 @@ fn a_host_address_held_by_another_program_keeps_the_whole_port_off_the_guest() {
         status["reason"].as_str().is_some_and(|r| r.contains("already in use") && r.contains("127.0.0.1")),
         "status says which address is taken: {status}"
     );
-    assert!(refused(loopback(true, port)), "no mirror on ::1");
-    drop(v4);
+    // ::1 is bridged to the program's 127.0.0.1 (the desktop's on both families), not the guest.
+    wait_until("::1 is bridged to the program on 127.0.0.1", || {
+        status_of(&demo, port).contains("is bridged to the desktop's server on 127.0.0.1")
+    });
+    let mut c = TcpStream::connect(loopback(true, port)).expect("the bridge on ::1 accepts");
+    v4.set_nonblocking(false).unwrap();
+    let (mut held_side, _) = v4.accept().expect("the program on 127.0.0.1 gets the connection");
+    c.write_all(b"to the desktop").unwrap();
+    let mut got = [0u8; 14];
+    held_side.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"to the desktop");
+    assert_eq!(demo.forward_count("tcp", port, "connections_total"), 0, "nothing went to the guest");
+    drop((c, held_side, v4));
+    wait_until("the bridge goes with the program", || refused(loopback(true, port)));
+}
+
+fn status_of(demo: &Demo, port: u16) -> String {
+    demo.forward_status("tcp", port).map(|f| f["reason"].to_string()).unwrap_or_default()
 }
