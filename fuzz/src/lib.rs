@@ -13,15 +13,17 @@ use std::path::Path;
 use bytes::BytesMut;
 use hostnet_protocol::datagram::{MAX_DATAGRAM_LEN, decode_datagram};
 use hostnet_protocol::{
-    ChunkDecoder, ChunkError, ChunkEvent, Control, FrameDecoder, FrameError, Open, OpenReply, PREFACE_LEN,
-    Preface, encode_frame,
+    AgentFrame, ChunkDecoder, ChunkError, ChunkEvent, FrameDecoder, FrameError, Open, OpenReply, PREFACE_LEN,
+    Preface, ProxyFrame, encode_frame,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-/// Control and opening frames, back to back, as the control stream and data streams carry them.
+/// Control frames (either direction's) and opening frames, back to back, as the control stream
+/// and data streams carry them.
 pub fn frames(data: &[u8]) {
-    decode_all::<Control>(data);
+    decode_all::<AgentFrame>(data);
+    decode_all::<ProxyFrame>(data);
     decode_all::<Open>(data);
     decode_all::<OpenReply>(data);
 }
