@@ -150,7 +150,7 @@ impl ProxyFrame {
 pub struct SnapshotParts(Vec<Listener>);
 
 /// A split snapshot grew past [`MAX_SNAPSHOT_LISTENERS`].
-#[derive(Debug, Error)]
+#[derive(Debug, Error, PartialEq, Eq)]
 #[error("the peer's snapshot has more than {MAX_SNAPSHOT_LISTENERS} listeners")]
 pub struct SnapshotTooLarge;
 

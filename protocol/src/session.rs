@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::frame::MAX_SNAPSHOT_LISTENERS;
-use crate::frame::{AgentFrame, ProxyFrame, Role, SnapshotParts, SnapshotTooLarge, listener_chunks};
+use crate::frame::{
+    AgentFrame, MAX_SNAPSHOT_LISTENERS, ProxyFrame, Role, SnapshotParts, SnapshotTooLarge, listener_chunks,
+};
 use crate::listener::{Listener, ListenerSet};
 
 /// How often the proxy sends a heartbeat (and retries conflicting ports).
@@ -73,16 +74,10 @@ pub enum ProxySessionError {
     Silent(Duration),
     #[error("the agent sent no complete snapshot within {0:?}")]
     SnapshotTimedOut(Duration),
-    #[error("{0}")]
-    SnapshotTooLarge(String),
+    #[error(transparent)]
+    SnapshotTooLarge(#[from] SnapshotTooLarge),
     #[error("the agent reports more than {0} listeners")]
     TooManyListeners(usize),
-}
-
-impl From<SnapshotTooLarge> for ProxySessionError {
-    fn from(e: SnapshotTooLarge) -> Self {
-        ProxySessionError::SnapshotTooLarge(e.to_string())
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,8 +346,8 @@ pub enum AgentAction {
 pub enum AgentSessionError {
     #[error("the peer sent nothing for {0:?}")]
     Silent(Duration),
-    #[error("{0}")]
-    HostSnapshotTooLarge(String),
+    #[error(transparent)]
+    HostSnapshotTooLarge(#[from] SnapshotTooLarge),
     #[error("the proxy sent its hello as role `{0:?}`; is the transport pointing at another agent?")]
     WrongRole(Role),
 }
@@ -416,11 +411,7 @@ impl AgentSession {
             }
             ProxyFrame::Hello { role, .. } => return Err(AgentSessionError::WrongRole(role)),
             ProxyFrame::HostSnapshot { listeners, more } => {
-                let whole = self
-                    .host_parts
-                    .push(listeners, more)
-                    .map_err(|e| AgentSessionError::HostSnapshotTooLarge(e.to_string()))?;
-                if let Some(all) = whole {
+                if let Some(all) = self.host_parts.push(listeners, more)? {
                     self.host = forwardable(all);
                     self.actions.push_back(AgentAction::SetHost(self.host.clone()));
                 }
@@ -804,6 +795,36 @@ mod tests {
         a.handle_timeout(later + Duration::from_secs(14)).unwrap();
         let err = a.handle_timeout(later + CONTROL_IDLE_TIMEOUT).unwrap_err();
         assert_eq!(err.to_string(), "the peer sent nothing for 15s");
+    }
+
+    #[test]
+    fn endless_snapshot_parts_close_either_side_with_a_sentence() {
+        let t = Instant::now();
+        let part: Vec<Listener> = (1..=LISTENERS_PER_FRAME as u16).map(tcp).collect();
+        let mut proxy = ProxySession::new("p".into());
+        proxy.connected(ListenerSet::new());
+        proxy.handle_frame(hello(), t).unwrap();
+        let err = loop {
+            if let Err(e) =
+                proxy.handle_frame(AgentFrame::Snapshot { listeners: part.clone(), more: true }, t)
+            {
+                break e;
+            }
+        };
+        assert_eq!(err, ProxySessionError::SnapshotTooLarge(SnapshotTooLarge));
+        assert!(err.to_string().contains("snapshot has more than"), "{err}");
+        assert!(actions(&mut proxy).iter().all(|a| !matches!(a, ProxyAction::ReplaceAll(_))));
+
+        let mut agent = AgentSession::new("a".into(), ListenerSet::new(), t);
+        let err = loop {
+            if let Err(e) =
+                agent.handle_frame(ProxyFrame::HostSnapshot { listeners: part.clone(), more: true }, t)
+            {
+                break e;
+            }
+        };
+        assert_eq!(err, AgentSessionError::HostSnapshotTooLarge(SnapshotTooLarge));
+        assert!(agent_actions(&mut agent).iter().all(|a| !matches!(a, AgentAction::SetHost(_))));
     }
 
     /// Both machines talking through encoded frames, as over a stream: the proxy ends up
