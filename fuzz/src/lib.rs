@@ -13,17 +13,53 @@ use std::path::Path;
 use bytes::BytesMut;
 use hostnet_protocol::datagram::{MAX_DATAGRAM_LEN, decode_datagram};
 use hostnet_protocol::{
-    ChunkDecoder, ChunkError, ChunkEvent, Control, FrameDecoder, FrameError, Open, OpenReply, PREFACE_LEN,
-    Preface, encode_frame,
+    AgentFrame, ChunkDecoder, ChunkError, ChunkEvent, FrameDecoder, FrameError, Open, OpenReply, PREFACE_LEN,
+    Preface, ProxyFrame, encode_frame,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-/// Control and opening frames, back to back, as the control stream and data streams carry them.
+/// Control frames (either direction's) and opening frames, back to back, as the control stream
+/// and data streams carry them.
 pub fn frames(data: &[u8]) {
-    decode_all::<Control>(data);
+    decode_all::<AgentFrame>(data);
+    decode_all::<ProxyFrame>(data);
     decode_all::<Open>(data);
     decode_all::<OpenReply>(data);
+    sessions(data);
+}
+
+/// The frames that decode, fed to both sides' control sessions as if each arrived a second
+/// after the last: neither machine panics, and each stays bounded.
+fn sessions(data: &[u8]) {
+    use hostnet_protocol::ListenerSet;
+    use hostnet_protocol::frame::MAX_SNAPSHOT_LISTENERS;
+    use hostnet_protocol::session::{AgentSession, ProxySession};
+    use std::time::{Duration, Instant};
+
+    let t = Instant::now();
+    let mut proxy = ProxySession::new("fuzz".into());
+    proxy.connected(ListenerSet::new());
+    let mut buf = BytesMut::from(data);
+    let mut now = t;
+    while let Ok(Some(frame)) = FrameDecoder.decode::<AgentFrame>(&mut buf) {
+        now += Duration::from_secs(1);
+        let _ = proxy.handle_timeout(now);
+        if proxy.handle_frame(frame, now).is_err() {
+            proxy.disconnected(now);
+            proxy.connected(ListenerSet::new());
+        }
+        while proxy.poll_action().is_some() {}
+        assert!(proxy.agent_listeners() <= MAX_SNAPSHOT_LISTENERS);
+    }
+    let mut agent = AgentSession::new("fuzz".into(), ListenerSet::new(), t);
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some(frame)) = FrameDecoder.decode::<ProxyFrame>(&mut buf) {
+        if agent.handle_frame(frame, t).is_err() {
+            agent = AgentSession::new("fuzz".into(), ListenerSet::new(), t);
+        }
+        while agent.poll_action().is_some() {}
+    }
 }
 
 fn decode_all<T: Serialize + DeserializeOwned + PartialEq + Debug>(data: &[u8]) {

@@ -2,7 +2,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use crate::intercept::{AGENT_MARK, Interceptor};
 use hostnet_net::TransportStream;
@@ -10,13 +9,26 @@ use hostnet_net::connect::connect_tcp;
 use hostnet_net::handshake::{self, FrameReader, HandshakeError};
 use hostnet_net::relay::{self, RelayCounters};
 use hostnet_net::udp;
-use hostnet_protocol::{Control, ListenerSet, Open, PrefaceError, Role, SnapshotParts, listener_chunks};
+use hostnet_protocol::session::{AgentAction, AgentSession, AgentSessionError};
+use hostnet_protocol::{AgentFrame, ListenerSet, Open, PrefaceError, ProxyFrame};
+use thiserror::Error;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-/// A control stream silent this long (the proxy heartbeats every couple of seconds) is dead.
-const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Why a control stream ended.
+#[derive(Debug, Error)]
+enum ControlError {
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error(transparent)]
+    Session(#[from] AgentSessionError),
+}
+
+/// The time handed to the control session (tokio's clock, so paused-time tests hold).
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
 
 /// State shared by every stream the agent serves.
 #[derive(Debug, Clone)]
@@ -63,7 +75,7 @@ impl Sessions {
             Err(e) => {
                 if let HandshakeError::Preface(PrefaceError::VersionMismatch { .. }) = e {
                     // Tell the proxy in words too; it also sees our version in our preface.
-                    let msg = Control::Error { message: format!("hostnet-agent: {e}") };
+                    let msg = AgentFrame::Error { message: format!("hostnet-agent: {e}") };
                     let _ = handshake::send_preface_and(&stream, &msg).await;
                 }
                 warn!(%peer, "rejected a stream: {e}");
@@ -74,7 +86,7 @@ impl Sessions {
             Open::Control {} if !control_peer_allowed(&peer) => {
                 // Any process in the VM can open AF_VSOCK to the agent's port: only the host
                 // may take the control stream (and with it the session of the real proxy).
-                let msg = Control::Error {
+                let msg = AgentFrame::Error {
                     message: "hostnet-agent: control streams are taken only from the host".to_owned(),
                 };
                 let _ = handshake::send_preface_and(&stream, &msg).await;
@@ -124,16 +136,14 @@ impl Sessions {
         stream: &TransportStream,
         reader: &mut FrameReader,
         token: &CancellationToken,
-    ) -> Result<(), HandshakeError> {
-        let hello = Control::Hello { role: Role::Agent, software: software() };
-        handshake::send_preface_and(stream, &hello).await?;
+    ) -> Result<(), ControlError> {
         let mut listeners = self.listeners.clone();
-        let mut sent = (**listeners.borrow_and_update()).clone();
-        for frame in Control::snapshot_frames(sent.iter().copied().collect()) {
-            handshake::send_frame(stream, &frame).await?;
-        }
-        debug!(listeners = sent.len(), "snapshot sent");
-        let mut host_parts = SnapshotParts::default();
+        let initial = (**listeners.borrow_and_update()).clone();
+        let count = initial.len();
+        let mut session = AgentSession::new(software(), initial, now());
+        // Our preface goes out with the hello, in one write.
+        self.apply(&mut session, stream, true).await?;
+        debug!(listeners = count, "snapshot sent");
         loop {
             tokio::select! {
                 _ = token.cancelled() => return Ok(()),
@@ -141,48 +151,48 @@ impl Sessions {
                     if changed.is_err() {
                         return Ok(()); // discovery stopped: shutting down
                     }
-                    let now = (**listeners.borrow_and_update()).clone();
-                    let (added, removed) = sent.diff(&now);
-                    if !removed.is_empty() {
-                        debug!(?removed, "listeners removed");
-                        for listeners in listener_chunks(removed) {
-                            handshake::send_frame(stream, &Control::Removed { listeners }).await?;
-                        }
-                    }
-                    if !added.is_empty() {
-                        debug!(?added, "listeners added");
-                        for listeners in listener_chunks(added) {
-                            handshake::send_frame(stream, &Control::Added { listeners }).await?;
-                        }
-                    }
-                    sent = now;
+                    session.listeners_changed((**listeners.borrow_and_update()).clone());
                 }
-                frame = tokio::time::timeout(CONTROL_IDLE_TIMEOUT, reader.read_frame::<_, Control>(stream)) => {
-                    match frame.map_err(|_| HandshakeError::TimedOut(CONTROL_IDLE_TIMEOUT))?? {
-                        Control::Heartbeat { seq } => {
-                            handshake::send_frame(stream, &Control::HeartbeatAck { seq }).await?;
-                        }
-                        Control::Hello { software, .. } => info!(%software, "proxy said hello"),
-                        Control::HostSnapshot { listeners, more } => {
-                            let whole = host_parts.push(listeners, more).map_err(|e| {
-                                HandshakeError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-                            })?;
-                            if let Some(listeners) = whole {
-                                self.update_host(|s| *s = listeners.into_iter().filter(|l| l.is_forwardable()).collect());
-                            }
-                        }
-                        Control::HostAdded { listeners } => {
-                            self.update_host(|s| s.extend(listeners.into_iter().filter(|l| l.is_forwardable())));
-                        }
-                        Control::HostRemoved { listeners } => {
-                            self.update_host(|s| listeners.iter().for_each(|l| { s.remove(l); }));
-                        }
-                        Control::Error { message } => warn!("proxy reported: {message}"),
-                        other => debug!(?other, "ignoring a frame the agent does not act on"),
-                    }
+                () = tokio::time::sleep_until(tokio::time::Instant::from_std(session.poll_timeout())) => {
+                    session.handle_timeout(now())?;
+                }
+                frame = reader.read_frame::<_, ProxyFrame>(stream) => {
+                    session.handle_frame(frame?, now())?;
                 }
             }
+            self.apply(&mut session, stream, false).await?;
         }
+    }
+
+    /// Carries out what the control session asked for, in order.
+    async fn apply(
+        &self,
+        session: &mut AgentSession,
+        stream: &TransportStream,
+        mut preface: bool,
+    ) -> Result<(), HandshakeError> {
+        while let Some(action) = session.poll_action() {
+            match action {
+                AgentAction::Send(frame) => {
+                    match &frame {
+                        AgentFrame::Removed { listeners } => {
+                            debug!(removed = ?listeners, "listeners removed")
+                        }
+                        AgentFrame::Added { listeners } => debug!(added = ?listeners, "listeners added"),
+                        _ => {}
+                    }
+                    if std::mem::take(&mut preface) {
+                        handshake::send_preface_and(stream, &frame).await?;
+                    } else {
+                        handshake::send_frame(stream, &frame).await?;
+                    }
+                }
+                AgentAction::ProxyHello { software } => info!(%software, "proxy said hello"),
+                AgentAction::SetHost(listeners) => self.update_host(|s| *s = listeners),
+                AgentAction::ProxyReported(message) => warn!("proxy reported: {message}"),
+            }
+        }
+        Ok(())
     }
 
     async fn tcp(&self, stream: TransportStream, reader: FrameReader, addr: IpAddr, port: u16) {

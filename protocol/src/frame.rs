@@ -1,6 +1,6 @@
 //! Length-prefixed JSON frames: a big-endian `u32` body length, then that many bytes of JSON.
 //!
-//! The control stream is a sequence of [`Control`] frames. A data stream starts with one
+//! The control stream is a sequence of [`ProxyFrame`]s one way and [`AgentFrame`]s the other. A data stream starts with one
 //! [`Open`] frame from the side that opened it and one [`OpenReply`] frame back.
 
 use std::net::{IpAddr, SocketAddr};
@@ -32,43 +32,60 @@ pub enum Role {
     Agent,
 }
 
-/// Frames of the long-lived control stream.
+/// Frames the agent sends on the long-lived control stream. The proxy decodes only these: a
+/// frame meant for the other direction (`host_snapshot` from the agent) is a protocol error,
+/// not something to ignore. The JSON is the same as when one enum carried both directions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Control {
-    /// First frame from each side.
+pub enum AgentFrame {
+    /// First frame of the agent's side.
     Hello { role: Role, software: String },
-    /// Agent → proxy: the complete set of guest listeners. Sent once after `Hello`; replaces
-    /// whatever the proxy believed before (the resync after a reconnect). A set of more than
+    /// The complete set of guest listeners. Sent once after `Hello`; replaces whatever the
+    /// proxy believed before (the resync after a reconnect). A set of more than
     /// [`LISTENERS_PER_FRAME`] goes as several frames, each but the last with `more: true`
-    /// (see [`Control::snapshot_frames`]); `more` is left out when false, so a snapshot that
+    /// (see [`AgentFrame::snapshot_frames`]); `more` is left out when false, so a snapshot that
     /// fits one frame is byte for byte what it was before `more` existed.
     Snapshot {
         listeners: Vec<Listener>,
         #[serde(default, skip_serializing_if = "is_false")]
         more: bool,
     },
-    /// Agent → proxy: listeners that appeared since the last snapshot or delta.
+    /// Listeners that appeared since the last snapshot or delta.
     Added { listeners: Vec<Listener> },
-    /// Agent → proxy: listeners that went away.
+    /// Listeners that went away.
     Removed { listeners: Vec<Listener> },
-    /// Proxy → agent: the complete set of the desktop's own listeners (never its mirrors of
-    /// guest ports) that guest processes may reach as `localhost:PORT`. Sent after the agent's
-    /// snapshot; replaces the agent's previous view. Split like `Snapshot`.
+    /// Liveness probe. The receiver answers with `HeartbeatAck` carrying `seq`.
+    Heartbeat { seq: u64 },
+    /// Answer to the proxy's `Heartbeat`.
+    HeartbeatAck { seq: u64 },
+    /// A fatal problem the proxy should log before the stream closes.
+    Error { message: String },
+}
+
+/// Frames the proxy sends on the long-lived control stream (see [`AgentFrame`] for the other
+/// direction).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ProxyFrame {
+    /// First frame of the proxy's control stream, after its `Open::Control`.
+    Hello { role: Role, software: String },
+    /// The complete set of the desktop's own listeners (never its mirrors of guest ports) that
+    /// guest processes may reach as `localhost:PORT`. Sent after the agent's snapshot; replaces
+    /// the agent's previous view. Split like [`AgentFrame::Snapshot`].
     HostSnapshot {
         listeners: Vec<Listener>,
         #[serde(default, skip_serializing_if = "is_false")]
         more: bool,
     },
-    /// Proxy → agent: desktop listeners that appeared.
+    /// Desktop listeners that appeared.
     HostAdded { listeners: Vec<Listener> },
-    /// Proxy → agent: desktop listeners that went away.
+    /// Desktop listeners that went away.
     HostRemoved { listeners: Vec<Listener> },
-    /// Either side: liveness probe. The receiver answers with `HeartbeatAck` carrying `seq`.
+    /// Liveness probe. The receiver answers with `HeartbeatAck` carrying `seq`.
     Heartbeat { seq: u64 },
-    /// Answer to `Heartbeat`.
+    /// Answer to the agent's `Heartbeat`.
     HeartbeatAck { seq: u64 },
-    /// Either side: a fatal problem the peer should log before the stream closes.
+    /// A fatal problem the agent should log.
     Error { message: String },
 }
 
@@ -93,27 +110,38 @@ pub fn listener_chunks(listeners: Vec<Listener>) -> Vec<Vec<Listener>> {
     listeners.chunks(LISTENERS_PER_FRAME).map(<[Listener]>::to_vec).collect()
 }
 
-impl Control {
+/// `listeners` as frames of a split snapshot: every part but the last says `more`.
+fn split_snapshot<F>(listeners: Vec<Listener>, frame: impl Fn(Vec<Listener>, bool) -> F) -> Vec<F> {
+    let parts = listener_chunks(listeners);
+    let last = parts.len().saturating_sub(1);
+    parts.into_iter().enumerate().map(|(i, listeners)| frame(listeners, i < last)).collect()
+}
+
+impl AgentFrame {
     /// A snapshot as frames: every part but the last says `more`.
-    pub fn snapshot_frames(listeners: Vec<Listener>) -> Vec<Control> {
-        let parts = listener_chunks(listeners);
-        let last = parts.len().saturating_sub(1);
-        parts
-            .into_iter()
-            .enumerate()
-            .map(|(i, listeners)| Control::Snapshot { listeners, more: i < last })
-            .collect()
+    pub fn snapshot_frames(listeners: Vec<Listener>) -> Vec<AgentFrame> {
+        split_snapshot(listeners, |listeners, more| AgentFrame::Snapshot { listeners, more })
     }
 
-    /// The desktop's listeners as `host_snapshot` frames, split like [`Self::snapshot_frames`].
-    pub fn host_snapshot_frames(listeners: Vec<Listener>) -> Vec<Control> {
-        let parts = listener_chunks(listeners);
-        let last = parts.len().saturating_sub(1);
-        parts
-            .into_iter()
-            .enumerate()
-            .map(|(i, listeners)| Control::HostSnapshot { listeners, more: i < last })
-            .collect()
+    /// The frame's `type` on the wire, for sentences about it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentFrame::Hello { .. } => "hello",
+            AgentFrame::Snapshot { .. } => "snapshot",
+            AgentFrame::Added { .. } => "added",
+            AgentFrame::Removed { .. } => "removed",
+            AgentFrame::Heartbeat { .. } => "heartbeat",
+            AgentFrame::HeartbeatAck { .. } => "heartbeat_ack",
+            AgentFrame::Error { .. } => "error",
+        }
+    }
+}
+
+impl ProxyFrame {
+    /// The desktop's listeners as `host_snapshot` frames, split like
+    /// [`AgentFrame::snapshot_frames`].
+    pub fn host_snapshot_frames(listeners: Vec<Listener>) -> Vec<ProxyFrame> {
+        split_snapshot(listeners, |listeners, more| ProxyFrame::HostSnapshot { listeners, more })
     }
 }
 
@@ -122,7 +150,7 @@ impl Control {
 pub struct SnapshotParts(Vec<Listener>);
 
 /// A split snapshot grew past [`MAX_SNAPSHOT_LISTENERS`].
-#[derive(Debug, Error)]
+#[derive(Debug, Error, PartialEq, Eq)]
 #[error("the peer's snapshot has more than {MAX_SNAPSHOT_LISTENERS} listeners")]
 pub struct SnapshotTooLarge;
 
@@ -250,21 +278,62 @@ mod tests {
     use proptest::prelude::*;
     use std::net::Ipv6Addr;
 
-    fn frames() -> Vec<Control> {
+    fn frames() -> Vec<AgentFrame> {
         let l = Listener { proto: Proto::Tcp, addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED), port: 8000 };
         vec![
-            Control::Hello { role: Role::Agent, software: "hostnet-agent 0.1.0".into() },
-            Control::Snapshot { listeners: vec![l], more: false },
-            Control::Snapshot { listeners: vec![l], more: true },
-            Control::Added { listeners: vec![] },
-            Control::Removed { listeners: vec![l] },
-            Control::HostSnapshot { listeners: vec![l], more: false },
-            Control::HostAdded { listeners: vec![l] },
-            Control::HostRemoved { listeners: vec![] },
-            Control::Heartbeat { seq: 7 },
-            Control::HeartbeatAck { seq: 7 },
-            Control::Error { message: "bye".into() },
+            AgentFrame::Hello { role: Role::Agent, software: "hostnet-agent 0.1.0".into() },
+            AgentFrame::Snapshot { listeners: vec![l], more: false },
+            AgentFrame::Snapshot { listeners: vec![l], more: true },
+            AgentFrame::Added { listeners: vec![] },
+            AgentFrame::Removed { listeners: vec![l] },
+            AgentFrame::Heartbeat { seq: 7 },
+            AgentFrame::HeartbeatAck { seq: 7 },
+            AgentFrame::Error { message: "bye".into() },
         ]
+    }
+
+    fn proxy_frames() -> Vec<ProxyFrame> {
+        let l = Listener { proto: Proto::Tcp, addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED), port: 8000 };
+        vec![
+            ProxyFrame::Hello { role: Role::Proxy, software: "hostnet-proxy 0.1.0".into() },
+            ProxyFrame::HostSnapshot { listeners: vec![l], more: false },
+            ProxyFrame::HostSnapshot { listeners: vec![l], more: true },
+            ProxyFrame::HostAdded { listeners: vec![l] },
+            ProxyFrame::HostRemoved { listeners: vec![] },
+            ProxyFrame::Heartbeat { seq: 7 },
+            ProxyFrame::HeartbeatAck { seq: 7 },
+            ProxyFrame::Error { message: "bye".into() },
+        ]
+    }
+
+    fn body<T: Serialize>(frame: &T) -> String {
+        serde_json::to_string(frame).unwrap()
+    }
+
+    /// The two directions' frames are the JSON the single `Control` enum used to write, and a
+    /// frame of one direction does not decode as the other's.
+    #[test]
+    fn each_direction_keeps_its_json_and_refuses_the_others() {
+        let l = Listener { proto: Proto::Udp, addr: "127.0.0.1".parse().unwrap(), port: 53 };
+        assert_eq!(
+            body(&ProxyFrame::HostSnapshot { listeners: vec![l], more: true }),
+            r#"{"type":"host_snapshot","listeners":[{"proto":"udp","addr":"127.0.0.1","port":53}],"more":true}"#
+        );
+        assert_eq!(
+            body(&ProxyFrame::HostRemoved { listeners: vec![] }),
+            r#"{"type":"host_removed","listeners":[]}"#
+        );
+        assert_eq!(body(&AgentFrame::Added { listeners: vec![] }), r#"{"type":"added","listeners":[]}"#);
+        assert_eq!(body(&AgentFrame::HeartbeatAck { seq: 3 }), r#"{"type":"heartbeat_ack","seq":3}"#);
+        assert_eq!(body(&ProxyFrame::Error { message: "x".into() }), r#"{"type":"error","message":"x"}"#);
+        for frame in [r#"{"type":"host_added","listeners":[]}"#, r#"{"type":"host_snapshot","listeners":[]}"#]
+        {
+            let err = serde_json::from_str::<AgentFrame>(frame).unwrap_err().to_string();
+            assert!(err.contains("unknown variant"), "{err}");
+        }
+        for frame in [r#"{"type":"added","listeners":[]}"#, r#"{"type":"snapshot","listeners":[]}"#] {
+            assert!(serde_json::from_str::<ProxyFrame>(frame).is_err(), "{frame}");
+        }
     }
 
     #[test]
@@ -277,18 +346,27 @@ mod tests {
         let mut got = Vec::new();
         for byte in wire {
             buf.put_u8(byte);
-            while let Some(f) = FrameDecoder.decode::<Control>(&mut buf).unwrap() {
+            while let Some(f) = FrameDecoder.decode::<AgentFrame>(&mut buf).unwrap() {
                 got.push(f);
             }
         }
         assert_eq!(got, frames());
         assert!(buf.is_empty());
+        let mut wire = BytesMut::new();
+        for f in proxy_frames() {
+            encode_frame(&f, &mut wire).unwrap();
+        }
+        let mut got = Vec::new();
+        while let Some(f) = FrameDecoder.decode::<ProxyFrame>(&mut wire).unwrap() {
+            got.push(f);
+        }
+        assert_eq!(got, proxy_frames());
     }
 
     #[test]
     fn wire_shape_is_documented_json() {
         let mut wire = BytesMut::new();
-        encode_frame(&Control::Heartbeat { seq: 1 }, &mut wire).unwrap();
+        encode_frame(&AgentFrame::Heartbeat { seq: 1 }, &mut wire).unwrap();
         assert_eq!(&wire[..], b"\0\0\0\x1c{\"type\":\"heartbeat\",\"seq\":1}");
         let mut wire = BytesMut::new();
         let open = Open::Tcp { addr: "127.0.0.1".parse().unwrap(), port: 80, peer: None };
@@ -302,12 +380,12 @@ mod tests {
         let mut wire = BytesMut::new();
         wire.extend_from_slice(&crate::Preface::OURS.to_bytes());
         encode_frame(
-            &Control::Hello { role: Role::Agent, software: "hostnet-agent 0.1.0".into() },
+            &AgentFrame::Hello { role: Role::Agent, software: "hostnet-agent 0.1.0".into() },
             &mut wire,
         )
         .unwrap();
         let l = Listener { proto: Proto::Tcp, addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED), port: 8000 };
-        encode_frame(&Control::Snapshot { listeners: vec![l], more: false }, &mut wire).unwrap();
+        encode_frame(&AgentFrame::Snapshot { listeners: vec![l], more: false }, &mut wire).unwrap();
         let mut want = b"HNET\x00\x01\x00\x00\x00\x40".to_vec();
         want.extend_from_slice(br#"{"type":"hello","role":"agent","software":"hostnet-agent 0.1.0"}"#);
         want.extend_from_slice(b"\x00\x00\x00\x49");
@@ -333,10 +411,10 @@ mod tests {
             .collect();
         // One frame of all of them would exceed the limit: the link used to fail on it.
         assert!(
-            encode_frame(&Control::Snapshot { listeners: all.clone(), more: false }, &mut BytesMut::new())
+            encode_frame(&AgentFrame::Snapshot { listeners: all.clone(), more: false }, &mut BytesMut::new())
                 .is_err()
         );
-        let frames = Control::snapshot_frames(all.clone());
+        let frames = AgentFrame::snapshot_frames(all.clone());
         assert!(frames.len() > 1);
         let mut wire = BytesMut::new();
         for f in &frames {
@@ -344,8 +422,8 @@ mod tests {
         }
         let mut parts = SnapshotParts::default();
         let mut whole = None;
-        while let Some(frame) = FrameDecoder.decode::<Control>(&mut wire).unwrap() {
-            let Control::Snapshot { listeners, more } = frame else { panic!("{frame:?}") };
+        while let Some(frame) = FrameDecoder.decode::<AgentFrame>(&mut wire).unwrap() {
+            let AgentFrame::Snapshot { listeners, more } = frame else { panic!("{frame:?}") };
             assert!(whole.is_none(), "nothing after the last part");
             whole = parts.push(listeners, more).unwrap();
         }
@@ -355,15 +433,15 @@ mod tests {
     #[test]
     fn a_snapshot_that_fits_one_frame_is_what_older_peers_sent() {
         let l = Listener { proto: Proto::Tcp, addr: "::".parse().unwrap(), port: 8000 };
-        let frames = Control::snapshot_frames(vec![l]);
-        assert_eq!(frames, vec![Control::Snapshot { listeners: vec![l], more: false }]);
+        let frames = AgentFrame::snapshot_frames(vec![l]);
+        assert_eq!(frames, vec![AgentFrame::Snapshot { listeners: vec![l], more: false }]);
         assert_eq!(
             serde_json::to_string(&frames[0]).unwrap(),
             r#"{"type":"snapshot","listeners":[{"proto":"tcp","addr":"::","port":8000}]}"#
         );
         assert_eq!(
-            Control::host_snapshot_frames(vec![]),
-            vec![Control::HostSnapshot { listeners: vec![], more: false }]
+            ProxyFrame::host_snapshot_frames(vec![]),
+            vec![ProxyFrame::HostSnapshot { listeners: vec![], more: false }]
         );
     }
 
@@ -402,7 +480,7 @@ mod tests {
     #[test]
     fn oversized_length_is_refused_before_buffering() {
         let mut buf = BytesMut::from(&u32::MAX.to_be_bytes()[..]);
-        let err = FrameDecoder.decode::<Control>(&mut buf).unwrap_err();
+        let err = FrameDecoder.decode::<AgentFrame>(&mut buf).unwrap_err();
         assert!(matches!(err, FrameError::TooLong { .. }));
         assert!(buf.capacity() < 1024, "no allocation for a hostile length");
     }
@@ -413,7 +491,7 @@ mod tests {
             let mut buf = BytesMut::new();
             buf.put_u32(body.len() as u32);
             buf.put_slice(body);
-            assert!(matches!(FrameDecoder.decode::<Control>(&mut buf), Err(FrameError::Malformed(_))));
+            assert!(matches!(FrameDecoder.decode::<AgentFrame>(&mut buf), Err(FrameError::Malformed(_))));
         }
     }
 
@@ -442,7 +520,7 @@ mod tests {
 
     #[test]
     fn encoder_refuses_what_decoder_would_refuse() {
-        let big = Control::Error { message: "x".repeat(MAX_FRAME_LEN) };
+        let big = AgentFrame::Error { message: "x".repeat(MAX_FRAME_LEN) };
         assert!(matches!(encode_frame(&big, &mut BytesMut::new()), Err(FrameError::TooLong { .. })));
     }
 
@@ -450,7 +528,9 @@ mod tests {
         #[test]
         fn hostile_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let mut buf = BytesMut::from(&bytes[..]);
-            while let Ok(Some(_)) = FrameDecoder.decode::<Control>(&mut buf) {}
+            while let Ok(Some(_)) = FrameDecoder.decode::<AgentFrame>(&mut buf) {}
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = FrameDecoder.decode::<ProxyFrame>(&mut buf) {}
             let mut buf = BytesMut::from(&bytes[..]);
             let _ = FrameDecoder.decode::<Open>(&mut buf);
             let mut buf = BytesMut::from(&bytes[..]);
@@ -462,7 +542,7 @@ mod tests {
             let mut buf = BytesMut::new();
             buf.put_u32(len);
             buf.put_slice(&body);
-            match FrameDecoder.decode::<Control>(&mut buf) {
+            match FrameDecoder.decode::<AgentFrame>(&mut buf) {
                 Ok(None) => prop_assert!(body.len() < len as usize),
                 Ok(Some(_)) | Err(FrameError::Malformed(_)) => prop_assert!(body.len() >= len as usize),
                 Err(FrameError::TooLong { .. }) => prop_assert!(false, "len {} is under the limit", len),
@@ -476,10 +556,10 @@ mod tests {
                 addr: if v6 { IpAddr::from(raw) } else { IpAddr::from([raw[0], raw[1], raw[2], raw[3]]) },
                 port,
             }).collect();
-            let frame = Control::Snapshot { listeners, more: ports.len() % 2 == 1 };
-            let mut buf = BytesMut::new();
+            let frame = AgentFrame::Snapshot { listeners, more: ports.len() % 2 == 1 };
+                    let mut buf = BytesMut::new();
             encode_frame(&frame, &mut buf).unwrap();
-            prop_assert_eq!(FrameDecoder.decode::<Control>(&mut buf).unwrap(), Some(frame));
+            prop_assert_eq!(FrameDecoder.decode::<AgentFrame>(&mut buf).unwrap(), Some(frame));
         }
     }
 }

@@ -19,11 +19,12 @@ pub mod datagram;
 pub mod frame;
 pub mod listener;
 pub mod preface;
+pub mod session;
 
 pub use chunk::{ChunkDecoder, ChunkError, ChunkEvent, MAX_CHUNK_LEN};
 pub use frame::{
-    Control, FrameDecoder, FrameError, LISTENERS_PER_FRAME, MAX_FRAME_LEN, MAX_OPENING_LEN, Open, OpenReply,
-    Role, SnapshotParts, encode_frame, listener_chunks,
+    AgentFrame, FrameDecoder, FrameError, LISTENERS_PER_FRAME, MAX_FRAME_LEN, MAX_OPENING_LEN, Open,
+    OpenReply, ProxyFrame, Role, SnapshotParts, encode_frame, listener_chunks,
 };
 pub use listener::{Listener, ListenerSet, Proto};
 pub use preface::{PREFACE_LEN, Preface, PrefaceError, VERSION};
