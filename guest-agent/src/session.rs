@@ -55,7 +55,12 @@ impl Sessions {
             interceptor,
             mark,
             shutdown,
-            control: Arc::new(Mutex::new(CancellationToken::new())),
+            // No live control stream yet: the slot holds a stream that has ended.
+            control: Arc::new(Mutex::new({
+                let none = CancellationToken::new();
+                none.cancel();
+                none
+            })),
         }
     }
 
@@ -125,6 +130,8 @@ impl Sessions {
             // No proxy any more: guest connections to desktop ports would only fail.
             self.update_host(|s| *s = ListenerSet::new());
         }
+        // Ended: the next control stream replaces nothing live.
+        token.cancel();
         match result {
             Ok(()) => info!("control stream closed"),
             Err(e) => warn!("control stream ended: {e}"),

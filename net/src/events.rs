@@ -19,6 +19,8 @@ use crate::watcher::Tables;
 pub enum EventsError {
     #[error("this build has no BPF program (clang was missing when it was built)")]
     NotBuilt,
+    #[error("listener events are Linux's (eBPF); this system's listeners are read on a tick")]
+    NotLinux,
     #[error("loading the BPF program failed: {0}")]
     Load(String),
 }
@@ -90,7 +92,7 @@ impl ListenerEvents {
     /// Loads and attaches the programs.
     #[cfg(not(hostnet_bpf))]
     pub fn load() -> Result<Self, EventsError> {
-        Err(EventsError::NotBuilt)
+        if cfg!(target_os = "linux") { Err(EventsError::NotBuilt) } else { Err(EventsError::NotLinux) }
     }
 
     /// Waits up to `timeout` for events and drains every one already there. Returns the
