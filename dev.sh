@@ -73,7 +73,7 @@ export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_LINKER=x86_64-w64-mingw32-gcc
 export CC_aarch64_apple_darwin=clang CC_x86_64_apple_darwin=clang
 
 setup_windows() {
-    apt_install gcc-mingw-w64-x86-64 wine64 imagemagick
+    apt_install gcc-mingw-w64-x86-64 wine64
     find_cargo
     local installed
     installed="$(rustup target list --installed 2>/dev/null || true)"
