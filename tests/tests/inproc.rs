@@ -72,8 +72,14 @@ struct Pair {
 }
 
 impl Pair {
-    /// Starts both with `settings` already in the proxy's settings file.
+    /// Starts both, then applies `settings` through the admin API.
     async fn start(settings: Settings) -> Pair {
+        Pair::start_with(settings, false).await
+    }
+
+    /// Like [`Pair::start`]; with `to_host`, the proxy also watches this machine's listeners
+    /// (sock_diag: no privilege needed) and serves guest→host streams on a Unix socket.
+    async fn start_with(settings: Settings, to_host: bool) -> Pair {
         // Logs with RUST_LOG (e.g. `RUST_LOG=debug cargo test --test inproc -- --nocapture`).
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -99,6 +105,7 @@ impl Pair {
         config.settings_path = settings_path;
         config.admin_socket = Some(admin.clone());
         config.guest_vm = None;
+        config.guest_listen = to_host.then(|| hostnet_net::TransportSpec::Unix(run.join("host.sock")));
         let proxy_stop = CancellationToken::new();
         let (state, _) = tokio::sync::watch::channel(host_proxy::LinkState::Connecting);
         let proxy = tokio::spawn(host_proxy::run(config, proxy_stop.clone(), state));
@@ -175,6 +182,10 @@ impl Pair {
             tokio::time::timeout(DEADLINE, agent).await.expect("the agent stops").unwrap().unwrap();
         }
     }
+}
+
+fn offered(s: &Status, proto: Proto, port: u16) -> bool {
+    s.forwards.iter().any(|f| f.direction == Direction::ToHost && f.proto == proto && f.host_port == port)
 }
 
 fn forward(s: &Status, proto: Proto, port: u16) -> Option<&ForwardStatus> {
@@ -414,5 +425,26 @@ async fn when_the_agent_is_lost_its_ports_stay_a_while_then_close() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(lost.elapsed() >= hostnet_protocol::session::STALE_AFTER, "closed before STALE_AFTER");
+    pair.stop().await;
+}
+
+/// Never mirror a mirror: the proxy's watch of this machine offers the guest the desktop's
+/// servers, never the proxy's own mirror of a guest port — its registry of own sockets holds
+/// every mirror. (The agent in the same process has a registry of its own.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_offers_the_guest_desktop_servers_but_never_its_own_mirrors() {
+    let guest = tcp_echo().await;
+    let host = free_port(Proto::Tcp);
+    let settings = Settings { guest_to_host: true, ..remapped(&[(guest, host)]) };
+    let pair = Pair::start_with(settings, true).await;
+    pair.guest.listen(Proto::Tcp, guest);
+    pair.wait_forward(Proto::Tcp, guest, ForwardState::Forwarding).await;
+    // A desktop server that comes after the mirror: once it is offered, the watch has read the
+    // tables with the mirror in them.
+    let desktop = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let desktop = desktop.local_addr().unwrap().port();
+    let s = pair.wait_for("the desktop server offered", |s| offered(s, Proto::Tcp, desktop)).await;
+    assert!(!offered(&s, Proto::Tcp, host), "the mirror on {host} was offered back to the guest: {s:#?}");
+    tcp_round_trip(host, b"still forwarding").await;
     pair.stop().await;
 }
