@@ -94,7 +94,8 @@ build_windows() {
 }
 
 # Everything: the demo's, the tests' (systemd units, the guest image, the benchmark's peer,
-# the settings window under Xvfb, capsh for the unprivileged run of the in-process tests) and the other desktops' (targets, MinGW, Wine).
+# the settings window under Xvfb, capsh for the unprivileged run of the in-process tests) and
+# the other desktops' (targets, MinGW, Wine).
 setup() {
     setup_demo
     apt_install systemd xz-utils kmod binutils socat libcap2-bin \
