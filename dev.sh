@@ -94,10 +94,11 @@ build_windows() {
 }
 
 # Everything: the demo's, the tests' (systemd units, the guest image, the benchmark's peer,
-# the settings window under Xvfb) and the other desktops' (targets, MinGW, Wine).
+# the settings window under Xvfb, capsh for the unprivileged run of the in-process tests) and
+# the other desktops' (targets, MinGW, Wine).
 setup() {
     setup_demo
-    apt_install systemd xz-utils kmod binutils socat \
+    apt_install systemd xz-utils kmod binutils socat libcap2-bin \
         libwebkit2gtk-4.1-dev libayatana-appindicator3-dev pkg-config xvfb xauth imagemagick xdotool
     setup_windows "${DESKTOP_TARGETS[@]}"
 }
@@ -169,6 +170,9 @@ case "$cmd" in
         ./installer/build-guest-image
         say "testing (unit, property, in-process and end-to-end)"
         cargo test --workspace --locked
+        say "the in-process tests again without network or admin privileges (they must need none)"
+        capsh --drop=cap_net_admin,cap_sys_admin,cap_bpf -- -c \
+            'exec cargo test --locked -q -p hostnet-tests --test inproc'
         say "replaying the fuzz targets' seeds and saved crashes (fuzzing itself: fuzz/run)"
         (cd fuzz && CARGO_TARGET_DIR=../target cargo test --locked -q)
         if [ "$soak" = 1 ]; then

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use hostnet_net::Connector;
 use hostnet_net::handshake::{self, OpenError};
+use hostnet_net::own::OwnSockets;
 use hostnet_net::relay::{self, RelayCounters};
 use hostnet_protocol::{ListenerSet, Open, Proto};
 use socket2::Type;
@@ -68,6 +69,7 @@ impl Interceptor {
 /// table is removed.
 pub async fn start(
     to_host: Arc<dyn Connector>,
+    own: &OwnSockets,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<Interceptor, InterceptError> {
@@ -76,7 +78,7 @@ pub async fn start(
     let mut targets = Targets::default();
     let mut tcp_listeners = Vec::new();
     for addr in [v4, v6] {
-        match transparent_listener(addr) {
+        match transparent_listener(addr, own) {
             Ok(l) => {
                 targets.0.push((Proto::Tcp, addr.ip(), l.local_addr().map(|a| a.port()).unwrap_or(0)));
                 tcp_listeners.push(l);
@@ -87,7 +89,7 @@ pub async fn start(
     }
     let mut udp_sockets = Vec::new();
     for addr in [v4, v6] {
-        match crate::intercept_udp::catch_all(addr) {
+        match crate::intercept_udp::catch_all(addr, own) {
             Ok(s) => {
                 targets.0.push((Proto::Udp, addr.ip(), s.local_addr().map(|a| a.port()).unwrap_or(0)));
                 udp_sockets.push(s);
@@ -150,7 +152,7 @@ pub async fn start(
     });
     for socket in udp_sockets {
         let (to_host, stop, tracker2) = (to_host.clone(), shutdown.clone(), tracker.clone());
-        tracker.spawn(crate::intercept_udp::serve(socket, to_host, tracker2, stop));
+        tracker.spawn(crate::intercept_udp::serve(socket, to_host, own.clone(), tracker2, stop));
     }
     for listener in tcp_listeners {
         let (to_host, stop, tracker2) = (to_host.clone(), shutdown.clone(), tracker.clone());
@@ -208,9 +210,9 @@ async fn relay_to_host(
     .await
 }
 
-fn transparent_listener(addr: SocketAddr) -> Result<TcpListener, InterceptError> {
+fn transparent_listener(addr: SocketAddr, own: &OwnSockets) -> Result<TcpListener, InterceptError> {
     let make = || -> std::io::Result<TcpListener> {
-        let s = hostnet_net::own::socket(addr, Type::STREAM)?;
+        let s = own.socket(addr, Type::STREAM)?;
         if addr.is_ipv6() {
             s.set_only_v6(true)?;
             s.set_ip_transparent_v6(true)?;

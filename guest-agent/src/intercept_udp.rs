@@ -19,6 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hostnet_net::Connector;
 use hostnet_net::handshake::{self, OpenError};
+use hostnet_net::own::OwnSockets;
 use hostnet_net::udp::{Activity, DatagramBatch, UDP_SOCKET_BUFFER};
 use hostnet_protocol::Open;
 use hostnet_protocol::datagram::MAX_DATAGRAM_LEN;
@@ -42,8 +43,8 @@ pub const MAX_FLOWS: usize = 1024;
 const FLOW_QUEUE_LEN: usize = 256;
 
 /// The transparent socket TPROXY sends new flows to.
-pub fn catch_all(addr: SocketAddr) -> std::io::Result<UdpSocket> {
-    let s = transparent_udp(addr)?;
+pub fn catch_all(addr: SocketAddr, own: &OwnSockets) -> std::io::Result<UdpSocket> {
+    let s = transparent_udp(addr, own)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
         setsockopt(&s, sockopt::Ipv6OrigDstAddr, &true)?;
@@ -54,8 +55,8 @@ pub fn catch_all(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(s.into())
 }
 
-fn transparent_udp(addr: SocketAddr) -> std::io::Result<Socket> {
-    let s = hostnet_net::own::socket(addr, Type::DGRAM)?;
+fn transparent_udp(addr: SocketAddr, own: &OwnSockets) -> std::io::Result<Socket> {
+    let s = own.socket(addr, Type::DGRAM)?;
     if addr.is_ipv6() {
         s.set_ip_transparent_v6(true)?;
     } else {
@@ -68,8 +69,8 @@ fn transparent_udp(addr: SocketAddr) -> std::io::Result<Socket> {
 }
 
 /// A flow's own socket: bound to the address the client sent to, connected to the client.
-fn flow_socket(original: SocketAddr, client: SocketAddr) -> std::io::Result<UdpSocket> {
-    let s = transparent_udp(original)?;
+fn flow_socket(original: SocketAddr, client: SocketAddr, own: &OwnSockets) -> std::io::Result<UdpSocket> {
+    let s = transparent_udp(original, own)?;
     if original.is_ipv6() {
         s.set_only_v6(true)?;
     }
@@ -117,6 +118,7 @@ fn recv_with_original(
 pub async fn serve(
     socket: UdpSocket,
     to_host: Arc<dyn Connector>,
+    own: OwnSockets,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
@@ -154,7 +156,7 @@ pub async fn serve(
             }
             continue;
         }
-        let own = match flow_socket(original, client) {
+        let socket = match flow_socket(original, client, &own) {
             Ok(s) => s,
             Err(e) => {
                 warn!(%client, %original, "cannot open the flow's socket: {e}");
@@ -165,7 +167,7 @@ pub async fn serve(
         let _ = tx.try_send(datagram);
         flows.insert(key, tx);
         let span = info_span!("guest→host udp", port = original.port(), %client);
-        tracker.spawn(flow(own, rx, original, client, to_host.clone(), shutdown.clone()).instrument(span));
+        tracker.spawn(flow(socket, rx, original, client, to_host.clone(), shutdown.clone()).instrument(span));
     }
 }
 

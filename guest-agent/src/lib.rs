@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use hostnet_net::own::OwnSockets;
 use hostnet_net::{TransportSpec, watcher};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
@@ -78,6 +79,12 @@ impl Discovery {
         };
         Ok(Discovery { source, trigger })
     }
+
+    /// Discovery over a source of listening sockets of the caller's choosing (a scripted one in
+    /// the in-process tests), woken by `trigger`.
+    pub fn new(source: Box<dyn watcher::ListenerSource>, trigger: watcher::Trigger) -> Self {
+        Discovery { source, trigger }
+    }
 }
 
 /// Runs until `shutdown` fires. Returns an error only if it cannot start.
@@ -92,15 +99,40 @@ pub async fn run_with(
     discovery: Discovery,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    let Discovery { source, trigger } = discovery;
-    let listeners = watcher::spawn(source, trigger, config.ignore_ports.clone(), shutdown.clone())
-        .map_err(AgentError::Discovery)?;
-    let acceptor = config.transport.bind().await?;
+    let own = OwnSockets::new();
+    let acceptor = config.transport.bind(&own).await?;
     info!(transport = %config.transport, "hostnet-agent listening for the proxy");
+    serve_on(config, discovery, acceptor, own, shutdown).await
+}
+
+/// [`run_with`] on streams from `acceptor` instead of `config.transport` (then only a name):
+/// how the in-process tests give the agent one end of a socket pair. The agent's own sockets
+/// are its alone, so a proxy in the same process is not taken for part of it, nor the other
+/// way round.
+pub async fn serve(
+    config: AgentConfig,
+    discovery: Discovery,
+    acceptor: Box<dyn hostnet_net::Acceptor>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    serve_on(config, discovery, acceptor, OwnSockets::new(), shutdown).await
+}
+
+async fn serve_on(
+    config: AgentConfig,
+    discovery: Discovery,
+    acceptor: Box<dyn hostnet_net::Acceptor>,
+    own: OwnSockets,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let Discovery { source, trigger } = discovery;
+    let listeners =
+        watcher::spawn(source, trigger, config.ignore_ports.clone(), own.clone(), shutdown.clone())
+            .map_err(AgentError::Discovery)?;
 
     let tracker = TaskTracker::new();
     let interceptor = match &config.host_transport {
-        Some(spec) => match intercept::start(spec.connector(), &tracker, &shutdown).await {
+        Some(spec) => match intercept::start(spec.connector(), &own, &tracker, &shutdown).await {
             Ok(i) => Some(i),
             Err(e) => {
                 warn!("guest→host is off: {e}");
@@ -109,7 +141,7 @@ pub async fn run_with(
         },
         None => None,
     };
-    let sessions = session::Sessions::new(listeners, interceptor, shutdown.clone());
+    let sessions = session::Sessions::new(listeners, interceptor, own, shutdown.clone());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -7,6 +7,7 @@ use crate::intercept::{AGENT_MARK, Interceptor};
 use hostnet_net::TransportStream;
 use hostnet_net::connect::connect_tcp;
 use hostnet_net::handshake::{self, FrameReader, HandshakeError};
+use hostnet_net::own::OwnSockets;
 use hostnet_net::relay::{self, RelayCounters};
 use hostnet_net::udp;
 use hostnet_protocol::session::{AgentAction, AgentSession, AgentSessionError};
@@ -38,6 +39,8 @@ pub struct Sessions {
     interceptor: Option<Interceptor>,
     /// `SO_MARK` for the agent's own connections while interception is on.
     mark: Option<u32>,
+    /// The agent's own sockets (its UDP flow sockets are registered here).
+    own: OwnSockets,
     shutdown: CancellationToken,
     /// The live control session; a new one replaces it (the proxy restarted or reconnected).
     control: Arc<Mutex<CancellationToken>>,
@@ -47,6 +50,7 @@ impl Sessions {
     pub fn new(
         listeners: watch::Receiver<Arc<ListenerSet>>,
         interceptor: Option<Interceptor>,
+        own: OwnSockets,
         shutdown: CancellationToken,
     ) -> Self {
         let mark = interceptor.as_ref().map(|_| AGENT_MARK);
@@ -54,6 +58,7 @@ impl Sessions {
             listeners,
             interceptor,
             mark,
+            own,
             shutdown,
             // No live control stream yet: the slot holds a stream that has ended.
             control: Arc::new(Mutex::new({
@@ -227,7 +232,7 @@ impl Sessions {
         let socket = if !addr.is_loopback() {
             Err(format!("{addr} is not a guest loopback address"))
         } else {
-            udp::connected_socket(target, self.mark)
+            udp::connected_socket(target, self.mark, &self.own)
                 .await
                 .map_err(|e| format!("opening a UDP socket to {target} in the guest failed: {e}"))
         };

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hostnet_net::RawStream;
+use hostnet_net::own::OwnSockets;
 use hostnet_net::watcher::{self, Found, ListenerSource, Table};
 use hostnet_protocol::Proto;
 use socket2::Type;
@@ -161,7 +162,9 @@ async fn watch(forwards: Forwards, port: u16, stop: CancellationToken, note: Arc
             None => vec![false, true],
         };
         let Some(src) = source.take() else { break };
-        let Ok((src, read)) = tokio::task::spawn_blocking(move || holders(src, port, &families)).await else {
+        let own = forwards.own.clone();
+        let Ok((src, read)) = tokio::task::spawn_blocking(move || holders(src, port, &families, &own)).await
+        else {
             break;
         };
         source = Some(src);
@@ -182,7 +185,7 @@ async fn watch(forwards: Forwards, port: u16, stop: CancellationToken, note: Arc
         }
         if let (None, Some(route)) = (&live, want) {
             // A failed bind (the address taken, no IPv6 here) is tried again next time, quietly.
-            if let Ok(l) = listen(route.at) {
+            if let Ok(l) = listen(route.at, &forwards.own) {
                 info!("{} bridged to the desktop's server on {}", route.at, route.to);
                 let l = Arc::new(l);
                 let loop_stop = stop.child_token();
@@ -209,25 +212,22 @@ type Read = (Box<dyn ListenerSource>, std::io::Result<Vec<Holder>>);
 
 /// The desktop's TCP listeners on `port` in the given families (`true`: IPv6), the proxy's own
 /// left out.
-fn holders(mut source: Box<dyn ListenerSource>, port: u16, families: &[bool]) -> Read {
+fn holders(mut source: Box<dyn ListenerSource>, port: u16, families: &[bool], own: &OwnSockets) -> Read {
     let mut found = Vec::new();
     for &v6 in families {
         if let Err(e) = source.read(Table { proto: Proto::Tcp, v6 }, &mut found) {
             return (source, Err(e));
         }
     }
-    let held = found
-        .iter()
-        .filter(|f| f.listener.port == port && !hostnet_net::own::is_own_found(f))
-        .map(Holder::of)
-        .collect();
+    let held =
+        found.iter().filter(|f| f.listener.port == port && !own.is_own_found(f)).map(Holder::of).collect();
     (source, Ok(held))
 }
 
 /// The bridge's listening socket: one of the proxy's own (never advertised to the guest),
 /// IPv6-only on `::1`.
-fn listen(at: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = hostnet_net::own::socket(at, Type::STREAM)?;
+fn listen(at: SocketAddr, own: &OwnSockets) -> std::io::Result<TcpListener> {
+    let socket = own.socket(at, Type::STREAM)?;
     if at.is_ipv6() {
         socket.set_only_v6(true)?;
     }

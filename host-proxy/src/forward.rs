@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use hostnet_admin::{Direction, ForwardState};
 use hostnet_net::handshake::{self, FrameReader, OpenError};
+use hostnet_net::own::OwnSockets;
 use hostnet_net::relay::{self, Outcome, RelayCounters};
 use hostnet_net::{Connector, RawStream};
 use hostnet_protocol::{Listener, ListenerSet, Open, Proto};
@@ -229,6 +230,9 @@ pub struct Forwards {
     pub(crate) connections: Arc<Semaphore>,
     pub(crate) udp_flows: Arc<Semaphore>,
     pub(crate) limits: Limits,
+    /// The proxy's own sockets: every mirror and bridge is registered here, so its watch of the
+    /// desktop never offers one to the guest (never mirror a mirror).
+    pub(crate) own: OwnSockets,
     /// Everything refused over the limits, and agent streams that could not be opened: logs
     /// about them are rate-limited on these counts.
     refused: Arc<AtomicU64>,
@@ -247,6 +251,7 @@ impl Forwards {
         tracker: TaskTracker,
         shutdown: CancellationToken,
         limits: Limits,
+        own: OwnSockets,
     ) -> Self {
         Forwards {
             table: Arc::default(),
@@ -260,6 +265,7 @@ impl Forwards {
             connections: Arc::new(Semaphore::new(limits.connections)),
             udp_flows: Arc::new(Semaphore::new(limits.udp_flows)),
             limits,
+            own,
             refused: Arc::default(),
             open_failures: Arc::default(),
         }
@@ -546,7 +552,7 @@ impl Forwards {
         let mut bound = Vec::new();
         let mut missing = Vec::new();
         for ip in bind_addrs(bind_scope) {
-            match bind(proto, SocketAddr::new(ip, host_port)) {
+            match bind(proto, SocketAddr::new(ip, host_port), &self.own) {
                 Ok(l) => bound.push((ip, l)),
                 Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => {
                     debug!(port = host_port, "no IPv6 on this host; forwarding on IPv4 only");
@@ -915,12 +921,12 @@ enum Bound {
 /// prepared as this platform's servers are (`SO_REUSEADDR` on Unix so TIME_WAIT does not block
 /// a rebind, `SO_EXCLUSIVEADDRUSE` on Windows so no program can take the port over); UDP with
 /// a large receive buffer.
-fn bind(proto: Proto, addr: SocketAddr) -> io::Result<Bound> {
+fn bind(proto: Proto, addr: SocketAddr, own: &OwnSockets) -> io::Result<Bound> {
     let ty = match proto {
         Proto::Tcp => Type::STREAM,
         Proto::Udp => Type::DGRAM,
     };
-    let socket = hostnet_net::own::socket(addr, ty)?;
+    let socket = own.socket(addr, ty)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }

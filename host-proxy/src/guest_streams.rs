@@ -8,7 +8,7 @@
 //! itself (vsock is not namespaced in the VM) reaches nothing more than the agent would.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,6 +16,7 @@ use std::time::Duration;
 use hostnet_net::connect::connect_tcp;
 use hostnet_net::handshake::{self, FrameReader};
 use hostnet_net::hyperv::{self, Guid};
+use hostnet_net::own::OwnSockets;
 use hostnet_net::relay;
 use hostnet_net::udp;
 use hostnet_net::{TransportSpec, TransportStream, watcher};
@@ -136,18 +137,21 @@ pub fn check_listen(spec: &TransportSpec, beyond_loopback: bool) -> Result<(), S
 
 /// Starts watching the desktop's listeners and serving the agent's guest→host streams.
 /// Advertises the desktop's listeners the policy allows while the settings allow guest→host,
-/// else nothing (and nothing if either part cannot start).
+/// else nothing (and nothing if either part cannot start). `own` is the proxy's registry of its
+/// own sockets (the mirrors): the watch of the desktop leaves them out.
+#[expect(clippy::too_many_arguments, reason = "each is a separate part of the proxy this joins")]
 pub async fn start(
     listen: &TransportSpec,
     settings: watch::Receiver<Arc<Settings>>,
     stats: ToHostStats,
     max_streams: usize,
     guest_vm: Option<VmIdentity>,
+    own: &OwnSockets,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> ToHost {
     let raw = match watcher::platform_source().and_then(|src| {
-        watcher::spawn_found(src, watcher::Trigger::best(HOST_POLL_INTERVAL), shutdown.clone())
+        watcher::spawn_found(src, watcher::Trigger::best(HOST_POLL_INTERVAL), own.clone(), shutdown.clone())
     }) {
         Ok(rx) => rx,
         Err(e) => {
@@ -155,7 +159,7 @@ pub async fn start(
             return ToHost::off();
         }
     };
-    let acceptor = match listen.bind().await {
+    let acceptor = match listen.bind(own).await {
         Ok(a) => a,
         Err(e) => {
             warn!("guest→host is off: {e}");
@@ -173,12 +177,13 @@ pub async fn start(
         max_streams: max_streams.max(1),
     };
     let streams = Arc::new(Semaphore::new(to_host.max_streams));
-    let (host2, shutdown2, tracker2, refused, foreign) = (
+    let (host2, shutdown2, tracker2, refused, foreign, own) = (
         to_host.advertised.clone(),
         shutdown.clone(),
         tracker.clone(),
         to_host.streams_refused.clone(),
         to_host.foreign_refused.clone(),
+        own.clone(),
     );
     tracker.spawn(async move {
         loop {
@@ -205,9 +210,9 @@ pub async fn start(
                         }
                         continue;
                     };
-                    let (host, shutdown, stats) = (host2.clone(), shutdown2.clone(), stats.clone());
+                    let (host, shutdown, stats, own) = (host2.clone(), shutdown2.clone(), stats.clone(), own.clone());
                     tracker2.spawn(async move {
-                        serve(stream, host, stats, shutdown).await;
+                        serve(stream, host, stats, own, shutdown).await;
                         drop(permit);
                     });
                 }
@@ -295,6 +300,7 @@ async fn serve(
     stream: TransportStream,
     host: watch::Receiver<Arc<ListenerSet>>,
     stats: ToHostStats,
+    own: OwnSockets,
     shutdown: CancellationToken,
 ) {
     let mut reader = FrameReader::new();
@@ -308,9 +314,9 @@ async fn serve(
             let span =
                 info_span!("guest→host udp", port, client = %peer.map(|p| p.to_string()).unwrap_or_default());
             let stats = stats_for(&stats, Proto::Udp, port);
-            return serve_udp(stream, reader, host, addr.is_ipv6(), port, stats, shutdown)
-                .instrument(span)
-                .await;
+            // Only a port the desktop advertises, as for TCP below.
+            let target = host.borrow().target_for(Proto::Udp, port, addr.is_ipv6());
+            return serve_udp(stream, reader, target, port, stats, &own, shutdown).instrument(span).await;
         }
         Open::Control {} => return warn!("rejected a control stream on the guest→host socket"),
     };
@@ -336,21 +342,20 @@ async fn serve(
     .await
 }
 
-/// One guest UDP flow: a socket of its own on the desktop's loopback, connected to the
-/// advertised desktop port.
+/// One guest UDP flow: a socket of its own on the desktop's loopback, connected to `port` on
+/// `target`, the address the desktop advertises it on (`None`: not advertised, refused).
 async fn serve_udp(
     stream: TransportStream,
     mut reader: FrameReader,
-    host: watch::Receiver<Arc<ListenerSet>>,
-    prefer_v6: bool,
+    target: Option<IpAddr>,
     port: u16,
     stats: Arc<ForwardStats>,
+    own: &OwnSockets,
     shutdown: CancellationToken,
 ) {
-    let target = host.borrow().target_for(Proto::Udp, port, prefer_v6);
     let socket = match target {
         None => Err(format!("host UDP port {port} is not advertised to the guest")),
-        Some(ip) => udp::connected_socket(SocketAddr::new(ip, port), None)
+        Some(ip) => udp::connected_socket(SocketAddr::new(ip, port), None, own)
             .await
             .map_err(|e| format!("opening a UDP socket to {ip}:{port} on the host failed: {e}")),
     };

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use std::path::PathBuf;
 
+use hostnet_net::own::OwnSockets;
 use hostnet_net::{Connector, TransportSpec};
 use settings::SettingsHandle;
 use tokio::sync::watch;
@@ -83,8 +84,15 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
     let tracker = TaskTracker::new();
     let settings = SettingsHandle::load(config.settings_path.clone());
     settings.watch(&tracker, &shutdown);
-    let forwards =
-        forward::Forwards::new(config.connector.clone(), tracker.clone(), shutdown.clone(), config.limits);
+    // The proxy's own sockets: its mirrors, bridges and flow sockets, never offered to the guest.
+    let own = OwnSockets::new();
+    let forwards = forward::Forwards::new(
+        config.connector.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+        config.limits,
+        own.clone(),
+    );
     forwards.apply_settings(settings.current()).await;
     {
         let (forwards, mut changes, stop) = (forwards.clone(), settings.subscribe(), shutdown.clone());
@@ -108,6 +116,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
                 to_host_stats.clone(),
                 config.limits.guest_streams,
                 config.guest_vm,
+                &own,
                 &tracker,
                 &shutdown,
             )

@@ -1,20 +1,22 @@
-//! This process's own IP sockets that can show up in a listener table — listeners and bound
-//! UDP sockets — registered where hostnet creates them, so the listener watcher never
-//! advertises them: the agent its `tcp:` transport listener and interception sockets, the
-//! proxy its mirrors of guest ports (never mirror a mirror) and its UDP flow sockets.
+//! A program's own IP sockets that can show up in a listener table — listeners and bound UDP
+//! sockets — registered where hostnet creates them, so the listener watcher never advertises
+//! them: the agent its `tcp:` transport listener and interception sockets, the proxy its
+//! mirrors of guest ports (never mirror a mirror) and its UDP flow sockets.
 //!
-//! Each is registered right after it is created, before `bind`, so no read of the table can
-//! see it unregistered. Learning them instead from `/proc/self/fd` costs one `fstat` per open
-//! descriptor for every new listener anywhere — 50 ms per new guest listener for an agent
-//! relaying 10 000 connections. Builds with debug assertions (the tests') still make that pass
-//! and stop at any socket of ours that was not registered.
+//! The registry is a handle, [`OwnSockets`], that each side makes once and passes to its
+//! watcher and to every place that creates such a socket: the proxy and the agent can then run
+//! in one process (the in-process tests) without either taking the other's sockets for its
+//! own. Each socket is registered right after it is created, before `bind`, so no read of the
+//! table can see it unregistered. Learning them instead from `/proc/self/fd` costs one `fstat`
+//! per open descriptor for every new listener anywhere — 50 ms per new guest listener for an
+//! agent relaying 10 000 connections.
 //!
 //! Entries go when the watcher's full read no longer shows their socket, some time after it was
 //! registered (a socket is registered before it is bound, so a fresh one may not show yet).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hostnet_protocol::Proto;
@@ -24,41 +26,124 @@ use crate::watcher::Found;
 /// How long a registered socket may stay out of the table before its entry goes.
 const GRACE: Duration = Duration::from_secs(10);
 
-/// Inode → when it was registered.
-static OWN: Mutex<Option<HashMap<u32, Instant>>> = Mutex::new(None);
+/// One side's own sockets (see the module). Clones share the registry: make one per proxy or
+/// agent and hand clones to everything of that side that creates sockets or reads the tables.
+#[derive(Debug, Clone, Default)]
+pub struct OwnSockets(Arc<Registry>);
 
-fn with<T>(f: impl FnOnce(&mut HashMap<u32, Instant>) -> T) -> T {
-    let mut own = OWN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    f(own.get_or_insert_with(HashMap::new))
+#[derive(Debug, Default)]
+struct Registry {
+    /// Inode → when it was registered.
+    inodes: Mutex<HashMap<u32, Instant>>,
+    /// Where the tables give neither inode nor pid (Wine): by protocol and bound address.
+    bound: Mutex<Bound>,
 }
 
-/// A non-blocking, close-on-exec socket of `ty` for `addr`'s family, registered as this
-/// process's own before anything can bind it: how hostnet makes every IP socket it binds.
-pub fn socket(addr: std::net::SocketAddr, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
-    let s = crate::sys::new_socket(socket2::Domain::for_address(addr), ty)?;
-    register(&s);
-    register_address(addr, ty);
-    Ok(s)
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Registers `socket` as this process's own: call it right after creating an IP socket that
-/// will be bound (before `bind`).
-#[cfg(target_os = "linux")]
-pub fn register<S: std::os::fd::AsRawFd>(socket: &S) {
-    if let Some(inode) = socket_inode(socket.as_raw_fd()) {
-        with(|own| own.insert(inode, Instant::now()));
+impl OwnSockets {
+    /// An empty registry.
+    pub fn new() -> Self {
+        OwnSockets::default()
+    }
+
+    /// A non-blocking, close-on-exec socket of `ty` for `addr`'s family, registered as this
+    /// side's own before anything can bind it: how hostnet makes every IP socket it binds.
+    pub fn socket(&self, addr: SocketAddr, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
+        let s = crate::sys::new_socket(socket2::Domain::for_address(addr), ty)?;
+        self.register(&s);
+        self.register_address(addr, ty);
+        Ok(s)
+    }
+
+    /// Registers `socket` as this side's own: call it right after creating an IP socket that
+    /// will be bound (before `bind`).
+    #[cfg(target_os = "linux")]
+    pub fn register<S: std::os::fd::AsRawFd>(&self, socket: &S) {
+        if let Some(inode) = socket_inode(socket.as_raw_fd()) {
+            lock(&self.0.inodes).insert(inode, Instant::now());
+        }
+    }
+
+    /// Registers `socket` as this side's own. Listener tables by inode are Linux's; elsewhere
+    /// there is nothing to register.
+    #[cfg(not(target_os = "linux"))]
+    pub fn register<S>(&self, _socket: &S) {}
+
+    /// Whether `inode` is a registered socket of this side.
+    pub(crate) fn is_own(&self, inode: u32) -> bool {
+        lock(&self.0.inodes).contains_key(&inode)
+    }
+
+    /// Forgets the sockets a full read of the tables did not show (`shown` false) and that were
+    /// registered more than [`GRACE`] ago: closed ones.
+    pub(crate) fn forget_unshown(&self, shown: impl Fn(u32) -> bool) {
+        let now = Instant::now();
+        lock(&self.0.inodes).retain(|inode, at| shown(*inode) || now.duration_since(*at) < GRACE);
+    }
+
+    /// Where the listener tables give no inode (macOS, Windows), a socket of ours is known by
+    /// its owning pid; where they give no pid either (Windows under Wine, which reports pid 0
+    /// for every socket), by its protocol and the address it is bound to, registered here by
+    /// [`OwnSockets::socket`] before the bind (or by [`OwnSockets::register_local`] after it,
+    /// for port 0).
+    #[cfg(not(target_os = "linux"))]
+    fn register_address(&self, addr: SocketAddr, ty: socket2::Type) {
+        if addr.port() != 0 {
+            lock(&self.0.bound).insert(proto_of(ty), addr, Instant::now());
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn register_address(&self, _addr: SocketAddr, _ty: socket2::Type) {}
+
+    /// Registers a socket that was bound to port 0 by the address it got (see
+    /// `register_address`); call it right after the bind. Nothing to do on Linux (the inode,
+    /// registered by [`OwnSockets::socket`], tells).
+    #[cfg(not(target_os = "linux"))]
+    pub fn register_local(&self, socket: &socket2::Socket) {
+        if let (Some(addr), Ok(ty)) = (socket.local_addr().ok().and_then(|a| a.as_socket()), socket.r#type())
+        {
+            self.register_address(addr, ty);
+        }
+    }
+
+    /// Registers a socket that was bound to port 0; nothing to do on Linux (the inode tells).
+    #[cfg(target_os = "linux")]
+    pub fn register_local(&self, _socket: &socket2::Socket) {}
+
+    /// Whether `found` is one of this side's sockets: by its owning pid when the table gives
+    /// one (macOS, Windows), else by inode (Linux) or by bound address (Wine).
+    pub fn is_own_found(&self, found: &Found) -> bool {
+        is_own_by(
+            found,
+            std::process::id(),
+            |inode| self.is_own(inode),
+            |proto, addr| lock(&self.0.bound).contains(proto, addr),
+        )
+    }
+
+    /// After a full read of the tables (`shown`: every socket in them): forgets the registered
+    /// addresses gone from them.
+    pub(crate) fn forget_unshown_addresses(&self, shown: &[Found]) {
+        let mut bound = lock(&self.0.bound);
+        if bound.0.is_empty() {
+            return;
+        }
+        let shown: std::collections::HashSet<(Proto, SocketAddr)> = shown
+            .iter()
+            .map(|f| (f.listener.proto, SocketAddr::new(f.listener.addr, f.listener.port)))
+            .collect();
+        bound.forget_unshown(|proto, addr| shown.contains(&(proto, addr)), Instant::now());
     }
 }
-
-/// Registers `socket` as this process's own. Listener tables by inode are Linux's; elsewhere
-/// there is nothing to register.
-#[cfg(not(target_os = "linux"))]
-pub fn register<S>(_socket: &S) {}
 
 /// The inode of a socket descriptor, the one `sock_diag` reports for it; `None` for anything
 /// else, or a descriptor not open.
 #[cfg(target_os = "linux")]
-pub(crate) fn socket_inode(fd: std::os::fd::RawFd) -> Option<u32> {
+fn socket_inode(fd: std::os::fd::RawFd) -> Option<u32> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: `fstat` writes a whole `stat` on success and only reads the descriptor's number:
     // one that is not open fails with EBADF.
@@ -70,62 +155,9 @@ pub(crate) fn socket_inode(fd: std::os::fd::RawFd) -> Option<u32> {
     (st.st_mode & libc::S_IFMT == libc::S_IFSOCK).then(|| u32::try_from(st.st_ino).ok())?
 }
 
-/// Whether `inode` is a registered socket of this process.
-pub(crate) fn is_own(inode: u32) -> bool {
-    with(|own| own.contains_key(&inode))
-}
-
-/// Forgets the sockets a full read of the tables did not show (`shown` false) and that were
-/// registered more than [`GRACE`] ago: closed ones.
-pub(crate) fn forget_unshown(shown: impl Fn(u32) -> bool) {
-    let now = Instant::now();
-    with(|own| own.retain(|inode, at| shown(*inode) || now.duration_since(*at) < GRACE));
-}
-
-/// Where the listener tables give no inode (macOS, Windows), a socket of ours is known by its
-/// owning pid; where they give no pid either (Windows under Wine, which reports pid 0 for
-/// every socket), by its protocol and the address it is bound to, registered here by
-/// [`socket`] before the bind (or by [`register_local`] after it, for port 0).
-#[cfg(not(target_os = "linux"))]
-fn register_address(addr: SocketAddr, ty: socket2::Type) {
-    if addr.port() != 0 {
-        with_bound(|bound| bound.insert(proto_of(ty), addr, Instant::now()));
-    }
-}
-
-#[cfg(target_os = "linux")]
-fn register_address(_addr: SocketAddr, _ty: socket2::Type) {}
-
-/// Registers a socket that was bound to port 0 by the address it got (see
-/// [`register_address`]); call it right after the bind. Nothing to do on Linux (the inode,
-/// registered by [`socket`], tells).
-#[cfg(not(target_os = "linux"))]
-pub fn register_local(socket: &socket2::Socket) {
-    if let (Some(addr), Ok(ty)) = (socket.local_addr().ok().and_then(|a| a.as_socket()), socket.r#type()) {
-        register_address(addr, ty);
-    }
-}
-
-/// Registers a socket that was bound to port 0; nothing to do on Linux (the inode tells).
-#[cfg(target_os = "linux")]
-pub fn register_local(_socket: &socket2::Socket) {}
-
 #[cfg(not(target_os = "linux"))]
 fn proto_of(ty: socket2::Type) -> Proto {
     if ty == socket2::Type::DGRAM { Proto::Udp } else { Proto::Tcp }
-}
-
-static BOUND: Mutex<Option<Bound>> = Mutex::new(None);
-
-fn with_bound<T>(f: impl FnOnce(&mut Bound) -> T) -> T {
-    let mut bound = BOUND.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    f(bound.get_or_insert_with(Bound::default))
-}
-
-/// Whether `found` is one of this process's sockets: by its owning pid when the table gives
-/// one (macOS, Windows), else by inode (Linux) or by bound address (Wine).
-pub fn is_own_found(found: &Found) -> bool {
-    is_own_by(found, std::process::id(), is_own, |proto, addr| with_bound(|b| b.contains(proto, addr)))
 }
 
 fn is_own_by(
@@ -143,18 +175,7 @@ fn is_own_by(
     }
 }
 
-/// After a full read of the tables (`shown`: every socket in them): forgets the registered
-/// addresses gone from them.
-pub(crate) fn forget_unshown_addresses(shown: &[Found]) {
-    if with_bound(|b| b.0.is_empty()) {
-        return;
-    }
-    let shown: std::collections::HashSet<(Proto, SocketAddr)> =
-        shown.iter().map(|f| (f.listener.proto, SocketAddr::new(f.listener.addr, f.listener.port))).collect();
-    with_bound(|b| b.forget_unshown(|proto, addr| shown.contains(&(proto, addr)), Instant::now()));
-}
-
-/// This process's sockets by (protocol, bound address): when each was registered and whether
+/// A side's sockets by (protocol, bound address): when each was registered and whether
 /// a read of the tables has shown it since.
 #[derive(Debug, Default)]
 struct Bound(HashMap<(Proto, SocketAddr), (Instant, bool)>);
@@ -241,17 +262,19 @@ mod tests {
     #[test]
     #[cfg(target_os = "linux")]
     fn a_registered_socket_is_own_until_it_is_gone_from_the_tables_past_the_grace() {
+        let own = OwnSockets::new();
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let inode = socket_inode(std::os::fd::AsRawFd::as_raw_fd(&socket)).unwrap();
-        assert!(!is_own(inode));
-        register(&socket);
-        assert!(is_own(inode));
-        forget_unshown(|_| false);
-        assert!(is_own(inode), "within the grace a socket that does not show yet stays");
-        with(|own| own.insert(inode, Instant::now() - GRACE));
-        forget_unshown(|i| i == inode);
-        assert!(is_own(inode), "a socket the tables show stays");
-        forget_unshown(|_| false);
-        assert!(!is_own(inode), "gone from the tables past the grace: forgotten");
+        assert!(!own.is_own(inode));
+        own.register(&socket);
+        assert!(own.is_own(inode));
+        assert!(!OwnSockets::new().is_own(inode), "another side's registry does not have it");
+        own.forget_unshown(|_| false);
+        assert!(own.is_own(inode), "within the grace a socket that does not show yet stays");
+        lock(&own.0.inodes).insert(inode, Instant::now() - GRACE);
+        own.forget_unshown(|i| i == inode);
+        assert!(own.is_own(inode), "a socket the tables show stays");
+        own.forget_unshown(|_| false);
+        assert!(!own.is_own(inode), "gone from the tables past the grace: forgotten");
     }
 }

@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::hyperv::{self, Guid};
+use crate::own::OwnSockets;
 #[cfg(unix)]
 use crate::stream;
 use crate::stream::TransportStream;
@@ -148,8 +149,9 @@ impl TransportSpec {
         Arc::new(SpecConnector(self.clone()))
     }
 
-    /// Starts listening (agent side).
-    pub async fn bind(&self) -> Result<Box<dyn Acceptor>, TransportError> {
+    /// Starts listening (agent side). A `tcp:` listener is registered in `own`, so the side's
+    /// watcher never advertises it.
+    pub async fn bind(&self, own: &OwnSockets) -> Result<Box<dyn Acceptor>, TransportError> {
         let bind_err = |source| TransportError::Bind { target: self.to_string(), source };
         match self {
             #[cfg(unix)]
@@ -159,7 +161,7 @@ impl TransportSpec {
                 Ok(Box::new(UnixAcceptor(l)))
             }
             TransportSpec::Tcp(addr) => {
-                let l = tcp_listener(*addr).map_err(bind_err)?;
+                let l = tcp_listener(*addr, own).map_err(bind_err)?;
                 Ok(Box::new(TcpAcceptor(l)))
             }
             #[cfg(target_os = "linux")]
@@ -179,6 +181,64 @@ impl TransportSpec {
             }),
             _ => Err(TransportError::Unsupported { target: format!("listening on {self}") }),
         }
+    }
+}
+
+/// A transport inside this process: each `connect` makes a connected pair of Unix sockets and
+/// hands one end to the acceptor. The in-process tests run the proxy and the agent over it; it
+/// needs no file, no port and no privilege. Once the acceptor is gone, `connect` fails as a
+/// transport to a stopped agent does.
+#[cfg(unix)]
+pub fn in_process(name: &str) -> (Arc<dyn Connector>, Box<dyn Acceptor>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    (
+        Arc::new(PairConnector { name: name.to_owned(), tx }),
+        Box::new(PairAcceptor { rx: tokio::sync::Mutex::new(rx) }),
+    )
+}
+
+#[cfg(unix)]
+#[derive(Debug)]
+struct PairConnector {
+    name: String,
+    tx: tokio::sync::mpsc::UnboundedSender<UnixStream>,
+}
+
+#[cfg(unix)]
+impl fmt::Display for PairConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "in-process:{}", self.name)
+    }
+}
+
+#[cfg(unix)]
+impl Connector for PairConnector {
+    fn connect(&self) -> BoxFuture<'_, Result<TransportStream, TransportError>> {
+        Box::pin(async move {
+            let connect_err = |source| TransportError::Connect { target: self.to_string(), source };
+            let (ours, theirs) = UnixStream::pair().map_err(connect_err)?;
+            self.tx.send(theirs).map_err(|_| connect_err(io::ErrorKind::ConnectionRefused.into()))?;
+            Ok(TransportStream::Unix(ours))
+        })
+    }
+}
+
+#[cfg(unix)]
+#[derive(Debug)]
+struct PairAcceptor {
+    rx: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<UnixStream>>,
+}
+
+#[cfg(unix)]
+impl Acceptor for PairAcceptor {
+    fn accept(&self) -> BoxFuture<'_, io::Result<(TransportStream, String)>> {
+        Box::pin(async move {
+            match self.rx.lock().await.recv().await {
+                Some(s) => Ok((TransportStream::Unix(s), "in-process peer".to_owned())),
+                // Every connector is gone: nothing will ever come.
+                None => std::future::pending().await,
+            }
+        })
     }
 }
 
@@ -356,10 +416,10 @@ impl Acceptor for VsockAcceptor {
     }
 }
 
-/// A TCP listener as `TcpListener::bind` makes one (`SO_REUSEADDR`), registered as this
-/// process's own before it is bound, so the listener watcher never forwards it.
-fn tcp_listener(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
-    let s = crate::own::socket(addr, socket2::Type::STREAM)?;
+/// A TCP listener as `TcpListener::bind` makes one (`SO_REUSEADDR`), registered in `own`
+/// before it is bound, so the side's listener watcher never forwards it.
+fn tcp_listener(addr: std::net::SocketAddr, own: &OwnSockets) -> io::Result<TcpListener> {
+    let s = own.socket(addr, socket2::Type::STREAM)?;
     crate::sys::prepare_listener(&s)?;
     s.bind(&addr.into())?;
     s.listen(1024)?;
@@ -419,7 +479,7 @@ mod tests {
         assert!(matches!(err, TransportError::Unsupported { .. }), "{err}");
         assert!(err.to_string().contains("Windows only"), "{err}");
         let listen: TransportSpec = "hyperv:any:1025".parse().unwrap();
-        let err = listen.bind().await.unwrap_err();
+        let err = listen.bind(&OwnSockets::new()).await.unwrap_err();
         assert!(matches!(err, TransportError::Unsupported { .. }), "{err}");
         assert_eq!(
             err.to_string(),

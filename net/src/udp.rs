@@ -201,12 +201,16 @@ pub async fn relay_connected<S: RawStream>(
 }
 
 /// A UDP socket on the loopback of `target`'s family, `connect`ed to `target` (so it hears only
-/// `target`), with a large receive buffer and, when given, an `SO_MARK`.
-pub async fn connected_socket(target: std::net::SocketAddr, mark: Option<u32>) -> std::io::Result<UdpSocket> {
+/// `target`), with a large receive buffer and, when given, an `SO_MARK`; registered in `own`.
+pub async fn connected_socket(
+    target: std::net::SocketAddr,
+    mark: Option<u32>,
+    own: &crate::own::OwnSockets,
+) -> std::io::Result<UdpSocket> {
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
     let local: SocketAddr =
         if target.is_ipv6() { (Ipv6Addr::LOCALHOST, 0).into() } else { (Ipv4Addr::LOCALHOST, 0).into() };
-    let s = crate::own::socket(local, socket2::Type::DGRAM)?;
+    let s = own.socket(local, socket2::Type::DGRAM)?;
     #[cfg(target_os = "linux")]
     if let Some(mark) = mark {
         s.set_mark(mark)?;
@@ -215,7 +219,7 @@ pub async fn connected_socket(target: std::net::SocketAddr, mark: Option<u32>) -
     let _ = mark;
     let _ = s.set_recv_buffer_size(UDP_SOCKET_BUFFER);
     s.bind(&local.into())?;
-    crate::own::register_local(&s);
+    own.register_local(&s);
     let socket = UdpSocket::from_std(s.into())?;
     socket.connect(target).await?;
     Ok(socket)

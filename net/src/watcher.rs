@@ -6,8 +6,8 @@
 //! (`proc_pidfdinfo(PROC_PIDFDSOCKETINFO)`); on Windows `GetExtendedTcpTable` /
 //! `GetExtendedUdpTable` (IPv4 and IPv6, with owning pids).
 //!
-//! This process's own sockets are never published ([`crate::own`]): known by inode on Linux,
-//! by owning pid where the OS gives one, by bound address where it gives neither (Wine).
+//! The side's own sockets are never published ([`crate::own`]): known by inode on Linux, by
+//! owning pid where the OS gives one, by bound address where it gives neither (Wine).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -18,6 +18,8 @@ use hostnet_protocol::{Listener, ListenerSet, Proto};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+use crate::own::OwnSockets;
 
 /// One socket a [`ListenerSource`] reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,15 +206,17 @@ impl Trigger {
     }
 }
 
-/// Starts a watcher on `source`, woken by `trigger`. The first read happens before this
-/// returns, so the first snapshot a peer gets is already the truth.
+/// Starts a watcher on `source`, woken by `trigger`, that leaves out the sockets `own` has. The
+/// first read happens before this returns, so the first snapshot a peer gets is already the
+/// truth.
 pub fn spawn(
     diag: Box<dyn ListenerSource>,
     trigger: Trigger,
     ignore_ports: BTreeSet<u16>,
+    own: OwnSockets,
     shutdown: CancellationToken,
 ) -> io::Result<watch::Receiver<Arc<ListenerSet>>> {
-    spawn_publishing(diag, trigger, ignore_ports, shutdown, |set, _| set)
+    spawn_publishing(diag, trigger, ignore_ports, own, shutdown, |set, _| set)
 }
 
 /// Like [`spawn`], but publishes each forwardable socket as the source reported it, owner
@@ -220,19 +224,21 @@ pub fn spawn(
 pub fn spawn_found(
     diag: Box<dyn ListenerSource>,
     trigger: Trigger,
+    own: OwnSockets,
     shutdown: CancellationToken,
 ) -> io::Result<watch::Receiver<Arc<Vec<Found>>>> {
-    spawn_publishing(diag, trigger, BTreeSet::new(), shutdown, |_, found| found.to_vec())
+    spawn_publishing(diag, trigger, BTreeSet::new(), own, shutdown, |_, found| found.to_vec())
 }
 
 fn spawn_publishing<T: PartialEq + Send + Sync + 'static>(
     diag: Box<dyn ListenerSource>,
     mut trigger: Trigger,
     ignore_ports: BTreeSet<u16>,
+    own: OwnSockets,
     shutdown: CancellationToken,
     publish: fn(ListenerSet, &[Found]) -> T,
 ) -> io::Result<watch::Receiver<Arc<T>>> {
-    let mut reader = Reader::new(diag, ignore_ports);
+    let mut reader = Reader::new(diag, ignore_ports, own);
     let (first, _) = reader.read(Tables::ALL)?;
     let first = publish(first, &reader.forwardable);
     let (tx, rx) = watch::channel(Arc::new(first));
@@ -303,13 +309,11 @@ struct Reader {
     forwardable: Vec<Found>,
     ignore_ports: BTreeSet<u16>,
     servers: ServersConnected,
-    /// Debug builds: whether every socket of this process in the tables was registered.
-    #[cfg(debug_assertions)]
-    unregistered: UnregisteredCheck,
+    own: OwnSockets,
 }
 
 impl Reader {
-    fn new(diag: Box<dyn ListenerSource>, ignore_ports: BTreeSet<u16>) -> Self {
+    fn new(diag: Box<dyn ListenerSource>, ignore_ports: BTreeSet<u16>, own: OwnSockets) -> Self {
         Reader {
             diag,
             tables: Default::default(),
@@ -319,8 +323,7 @@ impl Reader {
             forwardable: Vec::new(),
             ignore_ports,
             servers: ServersConnected::default(),
-            #[cfg(debug_assertions)]
-            unregistered: UnregisteredCheck::default(),
+            own,
         }
     }
 
@@ -348,17 +351,15 @@ impl Reader {
         let found = &mut self.found;
         if tables == Tables::ALL {
             let shown: BTreeSet<u32> = found.iter().map(|f| f.inode).collect();
-            crate::own::forget_unshown(|inode| shown.contains(&inode));
-            crate::own::forget_unshown_addresses(found);
+            self.own.forget_unshown(|inode| shown.contains(&inode));
+            self.own.forget_unshown_addresses(found);
         }
         self.servers.forget_gone(found);
         // Connected UDP sockets never listed as servers are clients' (a desktop has hundreds:
         // QUIC): out before anything else looks at them.
         found.retain(|f| !f.connected || self.servers.was_listed(f.inode));
-        #[cfg(debug_assertions)]
-        self.unregistered.check(found);
         self.forwardable.clear();
-        for f in found.iter().filter(|f| !crate::own::is_own_found(f)) {
+        for f in found.iter().filter(|f| !self.own.is_own_found(f)) {
             match self.servers.keep(f) {
                 Some(listener)
                     if listener.is_forwardable() && !self.ignore_ports.contains(&listener.port) =>
@@ -406,54 +407,10 @@ impl ServersConnected {
     }
 }
 
-/// Debug builds: stops at a socket of this process in the tables that was never registered
-/// with [`crate::own::register`] (through [`crate::own::socket`]) — it would be advertised (a mirror mirrored, the agent's own
-/// interception socket forwarded). Learns this process's sockets from one pass over
-/// `/proc/self/fd` whenever a read brings inodes not checked before.
-#[cfg(debug_assertions)]
-#[derive(Debug, Default)]
-struct UnregisteredCheck(std::collections::HashSet<u32>);
-
-#[cfg(debug_assertions)]
-impl UnregisteredCheck {
-    fn check(&mut self, found: &[Found]) {
-        if found.iter().all(|f| self.0.contains(&f.inode)) {
-            return;
-        }
-        let mine = own_socket_inodes();
-        for f in found {
-            assert!(
-                !mine.contains(&f.inode) || crate::own::is_own(f.inode),
-                "a socket of this process was not registered with own::register: {:?}",
-                f.listener
-            );
-        }
-        self.0 = found.iter().map(|f| f.inode).collect();
-    }
-}
-
 /// Drops the entries of sockets `found` no longer shows.
 fn keep_only_seen<V>(by_inode: &mut HashMap<u32, V>, found: &[Found]) {
     let seen: BTreeSet<u32> = found.iter().map(|f| f.inode).collect();
     by_inode.retain(|inode, _| seen.contains(inode));
-}
-
-/// Inodes of every socket this process holds open: each descriptor listed in `/proc/self/fd`,
-/// asked with `fstat`.
-#[cfg(all(debug_assertions, target_os = "linux"))]
-fn own_socket_inodes() -> BTreeSet<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return BTreeSet::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<std::os::fd::RawFd>().ok())
-        .filter_map(crate::own::socket_inode)
-        .collect()
-}
-
-#[cfg(all(debug_assertions, not(target_os = "linux")))]
-fn own_socket_inodes() -> BTreeSet<u32> {
-    BTreeSet::new()
 }
 
 #[cfg(test)]
@@ -520,7 +477,7 @@ mod tests {
             .then(UDP4, Some(vec![udp("127.0.0.1", 5353, server, true)]))
             // The server closed; a client socket (connected from the start) is not a server.
             .then(UDP4, Some(vec![udp("127.0.0.1", 40_000, client, true)]));
-        let mut reader = Reader::new(Box::new(script), BTreeSet::new());
+        let mut reader = Reader::new(Box::new(script), BTreeSet::new(), OwnSockets::new());
         let server = vec![(Proto::Udp, 5353)];
         assert_eq!(listed(&mut reader, Tables::ALL), server, "the server, unconnected");
         assert_eq!(
@@ -541,7 +498,7 @@ mod tests {
             .then(UDP4, None)
             .then(UDP4, Some(vec![]));
         let reads = script.reads.clone();
-        let mut reader = Reader::new(Box::new(script), BTreeSet::new());
+        let mut reader = Reader::new(Box::new(script), BTreeSet::new(), OwnSockets::new());
         assert_eq!(listed(&mut reader, Tables::ALL), vec![(Proto::Tcp, 80), (Proto::Udp, 53)]);
         // A UDP event: the TCP table is not read again, and its listener stays.
         assert!(reader.read(Tables::of(Some(Proto::Udp), true, false)).is_err(), "the scripted failure");
@@ -560,7 +517,7 @@ mod tests {
             .then(TCP4, Some(vec![]))
             .then(TCP4, not_forwardable())
             .then(TCP4, not_forwardable());
-        let mut reader = Reader::new(Box::new(script), BTreeSet::new());
+        let mut reader = Reader::new(Box::new(script), BTreeSet::new(), OwnSockets::new());
         let tcp4 = Tables::of(Some(Proto::Tcp), true, false);
         assert!(!reader.read(tcp4).unwrap().1, "empty, as before");
         let (set, changed) = reader.read(tcp4).unwrap();
@@ -589,7 +546,7 @@ mod tests {
         let me = std::process::id();
         let script =
             Script::default().then(TCP4, Some(vec![with_pid(8000, me), with_pid(8001, me.wrapping_add(1))]));
-        let mut reader = Reader::new(Box::new(script), BTreeSet::new());
+        let mut reader = Reader::new(Box::new(script), BTreeSet::new(), OwnSockets::new());
         assert_eq!(listed(&mut reader, Tables::ALL), vec![(Proto::Tcp, 8001)], "only the other process's");
     }
 
@@ -599,7 +556,8 @@ mod tests {
     #[cfg(not(target_os = "linux"))]
     fn without_pids_our_sockets_are_known_by_the_address_they_were_bound_to() {
         let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let ours = crate::own::socket(free, socket2::Type::STREAM).unwrap();
+        let own = OwnSockets::new();
+        let ours = own.socket(free, socket2::Type::STREAM).unwrap();
         ours.bind(&free.into()).unwrap();
         ours.listen(8).unwrap();
         let other = free.port().wrapping_add(1).max(1024);
@@ -610,23 +568,7 @@ mod tests {
                 found(Proto::Tcp, "127.0.0.1", other, 0, false),
             ]),
         );
-        let mut reader = Reader::new(Box::new(script), BTreeSet::new());
+        let mut reader = Reader::new(Box::new(script), BTreeSet::new(), own);
         assert_eq!(listed(&mut reader, Tables::ALL), vec![(Proto::Tcp, other)], "ours left out");
-    }
-
-    #[test]
-    #[cfg(all(debug_assertions, target_os = "linux"))]
-    fn own_sockets_are_recognised_by_inode() {
-        use std::os::fd::AsRawFd;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", listener.as_raw_fd())).unwrap();
-        let inode: u32 =
-            link.to_str().unwrap().strip_prefix("socket:[").unwrap().trim_end_matches(']').parse().unwrap();
-        let file = std::fs::File::open("/proc/self/status").unwrap();
-        let own = own_socket_inodes();
-        assert!(own.contains(&inode), "{inode} not in {own:?}");
-        drop(file);
-        drop(listener);
-        assert!(!own_socket_inodes().contains(&inode), "a closed socket is no longer ours");
     }
 }
