@@ -169,7 +169,7 @@ case "$cmd" in
         ./installer/vm-tools
         ./installer/build-guest-image
         say "testing (unit, property, in-process and end-to-end)"
-        cargo test --workspace --locked
+        cargo test --workspace --locked --no-fail-fast   # every failure shown, not only the first
         say "the in-process tests again without network or admin privileges (they must need none)"
         capsh --drop=cap_net_admin,cap_sys_admin,cap_bpf -- -c \
             'exec cargo test --locked -q -p hostnet-tests --test inproc'

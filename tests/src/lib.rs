@@ -338,15 +338,21 @@ impl Demo {
 
     /// A listening socket inside the "VM" at `addr` (`v6only` for IPv6-only binds).
     pub fn listen(&self, addr: SocketAddr, v6only: bool) -> TcpListener {
+        self.try_listen(addr, v6only).unwrap_or_else(|e| panic!("listening on {addr} in the VM: {e}"))
+    }
+
+    /// [`Demo::listen`], or why not (a port something in the "VM" holds already: the agent's
+    /// catch-all interception listeners take an ephemeral port each).
+    pub fn try_listen(&self, addr: SocketAddr, v6only: bool) -> std::io::Result<TcpListener> {
         self.in_netns(|| {
-            let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
             if addr.is_ipv6() {
-                s.set_only_v6(v6only).unwrap();
+                s.set_only_v6(v6only)?;
             }
-            s.set_reuse_address(true).unwrap();
-            s.bind(&addr.into()).unwrap();
-            s.listen(4096).unwrap();
-            s.into()
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())?;
+            s.listen(4096)?;
+            Ok(s.into())
         })
     }
 
