@@ -10,9 +10,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
 
 use hostnet_net::Connector;
+use hostnet_net::accept::next_accepted;
 use hostnet_net::handshake::{self, OpenError};
 use hostnet_net::own::OwnSockets;
 use hostnet_net::relay::{self, RelayCounters};
@@ -157,21 +157,11 @@ pub async fn start(
     for listener in tcp_listeners {
         let (to_host, stop, tracker2) = (to_host.clone(), shutdown.clone(), tracker.clone());
         tracker.spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    a = listener.accept() => a,
-                };
-                match accepted {
-                    Ok((conn, peer)) => {
-                        let (to_host, stop) = (to_host.clone(), stop.clone());
-                        tracker2.spawn(relay_to_host(conn, peer, to_host, stop));
-                    }
-                    Err(e) => {
-                        warn!("accepting an intercepted connection failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
+            while let Some((conn, peer)) =
+                next_accepted(|| listener.accept(), &stop, "an intercepted connection").await
+            {
+                let (to_host, stop) = (to_host.clone(), stop.clone());
+                tracker2.spawn(relay_to_host(conn, peer, to_host, stop));
             }
         });
     }

@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use hostnet_net::accept::next_accepted;
 use hostnet_net::own::OwnSockets;
 use hostnet_net::{TransportSpec, watcher};
 use thiserror::Error;
@@ -142,21 +143,9 @@ async fn serve_on(
         None => None,
     };
     let sessions = session::Sessions::new(listeners, interceptor, own, shutdown.clone());
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = acceptor.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let sessions = sessions.clone();
-                    tracker.spawn(async move { sessions.handle(stream, peer).await });
-                }
-                Err(e) => {
-                    // Out of fds and the like: back off a little instead of spinning.
-                    warn!("accepting a stream failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-        }
+    while let Some((stream, peer)) = next_accepted(|| acceptor.accept(), &shutdown, "a stream").await {
+        let sessions = sessions.clone();
+        tracker.spawn(async move { sessions.handle(stream, peer).await });
     }
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hostnet_net::RawStream;
+use hostnet_net::accept::next_accepted;
 use hostnet_net::own::OwnSockets;
 use hostnet_net::watcher::{self, Found, ListenerSource, Table};
 use hostnet_protocol::Proto;
@@ -240,20 +241,8 @@ fn listen(at: SocketAddr, own: &OwnSockets) -> std::io::Result<TcpListener> {
 /// Accepts on the bridge until `stop`, relaying each connection to the desktop server. No lock
 /// is taken here: the route is fixed for the bridge's life.
 async fn accept(forwards: Forwards, listener: Arc<TcpListener>, route: Route, stop: CancellationToken) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (client, peer) = match accepted {
-            Ok(c) => c,
-            Err(_) if stop.is_cancelled() => return,
-            Err(e) => {
-                debug!("accept failed on the bridge: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((client, peer)) = next_accepted(|| listener.accept(), &stop, "a bridged connection").await
+    {
         // Bridged connections count against the proxy's connection limit as relayed ones do.
         let Ok(permit) = forwards.connections.clone().try_acquire_owned() else {
             let _ = client.set_reset_on_close();

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hostnet_admin::{Direction, ForwardState};
+use hostnet_net::accept::next_accepted;
 use hostnet_net::handshake::{self, FrameReader, OpenError};
 use hostnet_net::own::OwnSockets;
 use hostnet_net::relay::{self, Outcome, RelayCounters};
@@ -634,22 +635,9 @@ impl Forwards {
         stop: CancellationToken,
         stats: Arc<ForwardStats>,
     ) {
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            let (client, peer) = match accepted {
-                Ok(c) => c,
-                // The port closed (its listener was shut down): done.
-                Err(_) if stop.is_cancelled() => return,
-                Err(e) => {
-                    // fd exhaustion and the like: pause instead of spinning.
-                    warn!(port, "accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+        let what = format!("a connection on port {port}");
+        // Until the port closes (its listener shut down, its stop fired).
+        while let Some((client, peer)) = next_accepted(|| listener.accept(), &stop, &what).await {
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
                 // Reset at once (the drop closes it), counted; logged at 1, 2, 4, 8… so a
                 // storm cannot flood the log.

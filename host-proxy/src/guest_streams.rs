@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
+use hostnet_net::accept::next_accepted;
 use hostnet_net::connect::connect_tcp;
 use hostnet_net::handshake::{self, FrameReader};
 use hostnet_net::hyperv::{self, Guid};
@@ -186,41 +186,29 @@ pub async fn start(
         own.clone(),
     );
     tracker.spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown2.cancelled() => return,
-                a = acceptor.accept() => a,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    if !from_the_vm(&peer, guest_vm) {
-                        let n = foreign.fetch_add(1, Ordering::Relaxed) + 1;
-                        if n.is_power_of_two() {
-                            warn!(%peer, "refused a guest→host stream from a peer that is not the VM ({n} so far)");
-                        }
-                        continue;
-                    }
-                    let Ok(permit) = streams.clone().try_acquire_owned() else {
-                        // Closed at once (the drop), counted; logged at 1, 2, 4, 8…
-                        let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
-                        if n.is_power_of_two() {
-                            warn!(
-                                "{max_streams} guest→host streams open, the limit: closing new ones ({n} so far)"
-                            );
-                        }
-                        continue;
-                    };
-                    let (host, shutdown, stats, own) = (host2.clone(), shutdown2.clone(), stats.clone(), own.clone());
-                    tracker2.spawn(async move {
-                        serve(stream, host, stats, own, shutdown).await;
-                        drop(permit);
-                    });
+        while let Some((stream, peer)) =
+            next_accepted(|| acceptor.accept(), &shutdown2, "a guest→host stream").await
+        {
+            if !from_the_vm(&peer, guest_vm) {
+                let n = foreign.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    warn!(%peer, "refused a guest→host stream from a peer that is not the VM ({n} so far)");
                 }
-                Err(e) => {
-                    warn!("accepting a guest→host stream failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                continue;
             }
+            let Ok(permit) = streams.clone().try_acquire_owned() else {
+                // Closed at once (the drop), counted; logged at 1, 2, 4, 8…
+                let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    warn!("{max_streams} guest→host streams open, the limit: closing new ones ({n} so far)");
+                }
+                continue;
+            };
+            let (host, shutdown, stats, own) = (host2.clone(), shutdown2.clone(), stats.clone(), own.clone());
+            tracker2.spawn(async move {
+                serve(stream, host, stats, own, shutdown).await;
+                drop(permit);
+            });
         }
     });
     to_host

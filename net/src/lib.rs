@@ -13,6 +13,7 @@
 //! - [`platform`]: each OS's listener source (sock_diag, macOS `proc_pidfdinfo`, Windows IP
 //!   Helper tables), socket owners, port holders and bind errors explained.
 
+pub mod accept;
 pub mod cli;
 pub mod connect;
 #[cfg(target_os = "linux")]

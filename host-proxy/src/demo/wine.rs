@@ -29,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use hostnet_net::accept::next_accepted;
+
 use crate::LinkState;
 
 /// Where the bridges listen: loopback, but not the address guest→host offers.
@@ -270,19 +272,7 @@ where
     F: std::future::Future<Output = std::io::Result<S>> + Send + 'static,
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let mut inbound = match accepted {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("bridge: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some(mut inbound) = next_accepted(|| listener.accept(), &shutdown, "a bridged stream").await {
         let (far, stop) = (connect(), shutdown.clone());
         tracker.spawn(async move {
             let mut outbound = match far.await {
