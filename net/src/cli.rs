@@ -10,37 +10,49 @@ pub fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn termination_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-/// A token cancelled on Ctrl-C or SIGTERM: the shutdown of a `main`.
+/// A token cancelled on Ctrl-C or SIGTERM: the shutdown of a `main`. Call it inside the
+/// runtime, before the program says it is ready: the handlers are installed here, at once, not
+/// when a task first runs — a SIGTERM that comes right after the `ready` line must stop the
+/// program cleanly, not kill it with the signal's default action.
 pub fn cancel_on_termination() -> CancellationToken {
     let token = CancellationToken::new();
     let cancel = token.clone();
-    tokio::spawn(async move {
-        termination_signal().await;
-        cancel.cancel();
-    });
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let registered =
+            signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
+        tokio::spawn(async move {
+            match registered {
+                Ok((mut term, mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+            cancel.cancel();
+        });
+    }
+    #[cfg(not(unix))]
+    {
+        // Windows: the console control handler (Ctrl-C, Ctrl-Break, closing the console).
+        let ctrl_c = tokio::signal::windows::ctrl_c();
+        tokio::spawn(async move {
+            match ctrl_c {
+                Ok(mut c) => {
+                    let _ = c.recv().await;
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+            cancel.cancel();
+        });
+    }
     token
 }
 
