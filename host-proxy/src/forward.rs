@@ -404,8 +404,9 @@ impl Forwards {
             .collect();
         for ((proto, guest_port), host_port, bind, stats) in conflicted {
             // Quietly: the reason found the first time stands while the port stays taken (the
-            // old forward, with its bridge's watch, stays).
-            let fwd = self.start_port(proto, guest_port, host_port, bind, stats, true);
+            // old forward, with its bridge's watch, stays) — so it is not worked out again
+            // (on Windows that would run `netsh` under the table's lock at every retry).
+            let fwd = self.start_port(proto, guest_port, host_port, bind, stats, Reason::Quiet);
             if fwd.state == PortState::Forwarding {
                 info!(port = host_port, "host port {host_port} is free now");
                 if let Some(old) = t.ports.insert((proto, guest_port), fwd) {
@@ -455,7 +456,14 @@ impl Forwards {
             let take_freed = t.settings.take_freed_ports;
             let fwd = match want {
                 Wanted::Forward { host_port, bind } => {
-                    let mut fwd = self.start_port(proto, guest_port, host_port, bind, stats, take_freed);
+                    let mut fwd = self.start_port(
+                        proto,
+                        guest_port,
+                        host_port,
+                        bind,
+                        stats,
+                        Reason::Full { take_freed },
+                    );
                     if proto == Proto::Tcp && matches!(fwd.state, PortState::Conflict(_)) {
                         fwd.bridge =
                             Some(crate::bridge::spawn(self, host_port, fwd.stop.clone(), &fwd.tasks));
@@ -547,7 +555,7 @@ impl Forwards {
         host_port: u16,
         bind_scope: BindScope,
         stats: Arc<ForwardStats>,
-        take_freed: bool,
+        reason: Reason,
     ) -> PortForward {
         let stop = self.shutdown.child_token();
         let mut bound = Vec::new();
@@ -558,7 +566,10 @@ impl Forwards {
                 Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => {
                     debug!(port = host_port, "no IPv6 on this host; forwarding on IPv4 only");
                 }
-                Err(e) => missing.push((ip, describe_bind_error(proto, ip, host_port, &e))),
+                Err(e) => missing.push((
+                    ip,
+                    describe_bind_error(proto, ip, host_port, &e, matches!(reason, Reason::Full { .. })),
+                )),
             }
         }
         let tasks = TaskTracker::new();
@@ -578,7 +589,7 @@ impl Forwards {
             // Sockets bound on the other family close here (dropped unserved).
             drop(bound);
             fwd.bound.clear();
-            let then = if take_freed {
+            let then = if matches!(reason, Reason::Full { take_freed: true }) {
                 "the forward will start when it frees up"
             } else {
                 "the port stays this desktop's, so the guest's port is not forwarded on any address \
@@ -934,11 +945,22 @@ fn bind(proto: Proto, addr: SocketAddr, own: &OwnSockets) -> io::Result<Bound> {
     }
 }
 
-fn describe_bind_error(proto: Proto, ip: IpAddr, port: u16, e: &io::Error) -> String {
+/// How much a forward that fails to bind works out about why, for `status`.
+#[derive(Debug, Clone, Copy)]
+enum Reason {
+    /// All of it: this OS's explanation of a refusal, and what happens next
+    /// (`take_freed_ports`).
+    Full { take_freed: bool },
+    /// Nothing beyond the bind's error: a retry, whose reason is not shown (the first stands).
+    Quiet,
+}
+
+/// Why binding `ip:port` failed, as `status` shows it. With `explain`, what this OS says about
+/// the cause of a refusal (Windows: an excluded port range, read from `netsh`; low ports).
+fn describe_bind_error(proto: Proto, ip: IpAddr, port: u16, e: &io::Error, explain: bool) -> String {
     let at = SocketAddr::new(ip, port);
-    // What this OS says about the cause (Windows: an excluded port range, read from `netsh`;
-    // low ports): only for refusals (access errors), so a plain conflict costs nothing here.
-    if e.kind() != io::ErrorKind::AddrInUse {
+    // Only for refusals (access errors), so a plain conflict costs nothing here.
+    if explain && e.kind() != io::ErrorKind::AddrInUse {
         if let Some(why) = hostnet_net::platform::explain_bind_error(proto, at, e) {
             return why;
         }
