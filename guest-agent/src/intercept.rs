@@ -5,7 +5,7 @@
 //! a `socket` lookup lets an existing guest listener on P win by itself; otherwise TPROXY hands
 //! the connection to the agent's transparent listener, whose accepted socket's local address is
 //! the original destination. Only the set of ports changes at run time. The agent's own sockets
-//! carry [`AGENT_MARK`] and are never caught. The table is removed when the agent stops.
+//! carry [`AGENT_MARK`] (see [`crate::transparent`]) and are never caught. The table is removed when the agent stops.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Stdio;
@@ -13,22 +13,21 @@ use std::sync::Arc;
 
 use hostnet_net::Connector;
 use hostnet_net::accept::next_accepted;
-use hostnet_net::handshake::{self, OpenError};
-use hostnet_net::own::OwnSockets;
-use hostnet_net::relay::{self, RelayCounters};
+use hostnet_net::discovery::own::OwnSockets;
+use hostnet_net::relay::tcp::{self, RelayCounters};
+use hostnet_net::transport::handshake::{self, OpenError};
 use hostnet_protocol::{ListenerSet, Open, Proto};
-use socket2::Type;
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::process::Command;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-/// `SO_MARK` on every socket the agent opens itself, so its own traffic is never intercepted.
-pub const AGENT_MARK: u32 = 0x686e_6574; // "hnet"
+use crate::transparent::AGENT_MARK;
+
 /// The nftables table the agent owns (family `inet`).
 pub const TABLE: &str = "hostnet";
 
@@ -78,7 +77,7 @@ pub async fn start(
     let mut targets = Targets::default();
     let mut tcp_listeners = Vec::new();
     for addr in [v4, v6] {
-        match transparent_listener(addr, own) {
+        match crate::transparent::tcp_listener(addr, own).map_err(|e| InterceptError::Listener(addr, e)) {
             Ok(l) => {
                 targets.0.push((Proto::Tcp, addr.ip(), l.local_addr().map(|a| a.port()).unwrap_or(0)));
                 tcp_listeners.push(l);
@@ -89,7 +88,7 @@ pub async fn start(
     }
     let mut udp_sockets = Vec::new();
     for addr in [v4, v6] {
-        match crate::intercept_udp::catch_all(addr, own) {
+        match crate::transparent::udp_catch_all(addr, own) {
             Ok(s) => {
                 targets.0.push((Proto::Udp, addr.ip(), s.local_addr().map(|a| a.port()).unwrap_or(0)));
                 udp_sockets.push(s);
@@ -193,32 +192,11 @@ async fn relay_to_host(
             }
         };
         let counters = RelayCounters::default();
-        let outcome = relay::relay(&conn, &stream, reader.into_leftover(), &counters, &shutdown).await;
+        let outcome = tcp::relay(&conn, &stream, reader.into_leftover(), &counters, &shutdown).await;
         debug!(?outcome, ?counters, "guest→host connection finished");
     }
     .instrument(span)
     .await
-}
-
-fn transparent_listener(addr: SocketAddr, own: &OwnSockets) -> Result<TcpListener, InterceptError> {
-    let make = || -> std::io::Result<TcpListener> {
-        let s = own.socket(addr, Type::STREAM)?;
-        if addr.is_ipv6() {
-            s.set_only_v6(true)?;
-            s.set_ip_transparent_v6(true)?;
-        } else {
-            s.set_ip_transparent_v4(true)?;
-        }
-        s.set_mark(AGENT_MARK)?;
-        // Accepted sockets inherit it: their local address is the original destination
-        // (127.0.0.1:P), and without SO_REUSEADDR they, or their TIME_WAIT, would stop a guest
-        // server from binding P later.
-        s.set_reuse_address(true)?;
-        s.bind(&addr.into())?;
-        s.listen(1024)?;
-        TcpListener::from_std(s.into())
-    };
-    make().map_err(|e| InterceptError::Listener(addr, e))
 }
 
 /// The agent's transparent sockets the rules point at: (protocol, address) → port.

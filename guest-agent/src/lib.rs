@@ -5,9 +5,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use hostnet_net::TransportSpec;
 use hostnet_net::accept::next_accepted;
-use hostnet_net::own::OwnSockets;
-use hostnet_net::{TransportSpec, watcher};
+use hostnet_net::discovery::own::OwnSockets;
+use hostnet_net::discovery::{source, watcher};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -15,11 +16,13 @@ use tracing::{info, warn};
 
 pub mod intercept;
 mod intercept_udp;
+pub mod limits;
 pub mod privileges;
 mod session;
+mod transparent;
 pub mod user;
 
-pub use hostnet_net::watcher::DEFAULT_POLL_INTERVAL;
+pub use hostnet_net::discovery::watcher::DEFAULT_POLL_INTERVAL;
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -60,7 +63,7 @@ pub enum AgentError {
 /// and, where allowed, the kernel's listener events (loading BPF needs `CAP_BPF` +
 /// `CAP_PERFMON`). Opening it starts no thread.
 pub struct Discovery {
-    source: Box<dyn watcher::ListenerSource>,
+    source: Box<dyn source::ListenerSource>,
     trigger: watcher::Trigger,
 }
 
@@ -83,7 +86,7 @@ impl Discovery {
 
     /// Discovery over a source of listening sockets of the caller's choosing (a scripted one in
     /// the in-process tests), woken by `trigger`.
-    pub fn new(source: Box<dyn watcher::ListenerSource>, trigger: watcher::Trigger) -> Self {
+    pub fn new(source: Box<dyn source::ListenerSource>, trigger: watcher::Trigger) -> Self {
         Discovery { source, trigger }
     }
 }
@@ -127,11 +130,10 @@ async fn serve_on(
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let Discovery { source, trigger } = discovery;
-    let listeners =
-        watcher::spawn(source, trigger, config.ignore_ports.clone(), own.clone(), shutdown.clone())
-            .map_err(AgentError::Discovery)?;
-
     let tracker = TaskTracker::new();
+    let listeners =
+        watcher::spawn(source, trigger, config.ignore_ports.clone(), own.clone(), &tracker, shutdown.clone())
+            .map_err(AgentError::Discovery)?;
     let interceptor = match &config.host_transport {
         Some(spec) => match intercept::start(spec.connector(), &own, &tracker, &shutdown).await {
             Ok(i) => Some(i),
@@ -147,8 +149,7 @@ async fn serve_on(
         let sessions = sessions.clone();
         tracker.spawn(async move { sessions.handle(stream, peer).await });
     }
-    tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    hostnet_net::tasks::drain(&tracker, "hostnet-agent").await;
     info!("hostnet-agent stopped");
     Ok(())
 }

@@ -57,12 +57,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    cli::init_logging();
-    cli::tune_allocator();
-    match cli::raise_fd_limit() {
-        Ok(n) => tracing::debug!("open-file limit: {n}"),
-        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
-    }
+    cli::init_process();
     let args = Args::parse();
     let mut config = AgentConfig::new(args.transport);
     config.poll_interval = Duration::from_millis(args.poll_interval_ms);

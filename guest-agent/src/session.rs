@@ -3,13 +3,14 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-use crate::intercept::{AGENT_MARK, Interceptor};
+use crate::intercept::Interceptor;
+use crate::transparent::AGENT_MARK;
 use hostnet_net::TransportStream;
 use hostnet_net::connect::connect_tcp;
-use hostnet_net::handshake::{self, FrameReader, HandshakeError};
-use hostnet_net::own::OwnSockets;
-use hostnet_net::relay::{self, RelayCounters};
-use hostnet_net::udp;
+use hostnet_net::discovery::own::OwnSockets;
+use hostnet_net::relay::tcp::{self, RelayCounters};
+use hostnet_net::relay::udp;
+use hostnet_net::transport::handshake::{self, FrameReader, HandshakeError};
 use hostnet_protocol::session::{AgentAction, AgentSession, AgentSessionError};
 use hostnet_protocol::{AgentFrame, ListenerSet, Open, PrefaceError, ProxyFrame};
 use thiserror::Error;
@@ -219,7 +220,7 @@ impl Sessions {
         }
         let Ok(server) = server else { return };
         let counters = RelayCounters::default();
-        let outcome = relay::relay(&server, &stream, reader.into_leftover(), &counters, &self.shutdown).await;
+        let outcome = tcp::relay(&server, &stream, reader.into_leftover(), &counters, &self.shutdown).await;
         debug!(?outcome, ?counters, "relay finished");
     }
 }

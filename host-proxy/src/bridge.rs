@@ -21,8 +21,9 @@ use std::time::Duration;
 
 use hostnet_net::RawStream;
 use hostnet_net::accept::next_accepted;
-use hostnet_net::own::OwnSockets;
-use hostnet_net::watcher::{self, Found, ListenerSource, Table};
+use hostnet_net::discovery::own::OwnSockets;
+use hostnet_net::discovery::source::{Found, ListenerSource, Table};
+use hostnet_net::discovery::watcher;
 use hostnet_protocol::Proto;
 use socket2::Type;
 use tokio::net::{TcpListener, TcpStream};

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use hostnet_admin::{Direction, ForwardState};
 use hostnet_net::accept::next_accepted;
-use hostnet_net::handshake::{self, FrameReader, OpenError};
-use hostnet_net::own::OwnSockets;
-use hostnet_net::relay::{self, Outcome, RelayCounters};
+use hostnet_net::discovery::own::OwnSockets;
+use hostnet_net::relay::tcp::{self, Outcome, RelayCounters};
+use hostnet_net::transport::handshake::{self, FrameReader, OpenError};
 use hostnet_net::{Connector, RawStream};
 use hostnet_protocol::{Listener, ListenerSet, Open, Proto};
 use socket2::Type;
@@ -24,32 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::limits::Limits;
 use crate::settings::{BindScope, Settings};
 
-/// Most relayed connections open at once (all ports together), unless `--max-connections`
-/// says otherwise; past it new ones are reset at once, counted in `status` and logged.
-pub const MAX_CONNECTIONS: usize = 16_384;
-
-/// How many connections and flows the proxy serves at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Relayed TCP connections open at once.
-    pub connections: usize,
-    /// UDP flows open at once.
-    pub udp_flows: usize,
-    /// Guest→host streams (connections, flows, openings) served at once.
-    pub guest_streams: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            connections: MAX_CONNECTIONS,
-            udp_flows: crate::udp::MAX_UDP_FLOWS,
-            guest_streams: crate::guest_streams::MAX_GUEST_STREAMS,
-        }
-    }
-}
 /// Backlog of each mirrored listening socket.
 const LISTEN_BACKLOG: i32 = 1024;
 
@@ -524,11 +501,12 @@ impl Forwards {
                 if !in_conflict(&this.lock()) {
                     continue;
                 }
-                let holder =
-                    tokio::task::spawn_blocking(move || hostnet_net::platform::port_holder(proto, host_port))
-                        .await
-                        .ok()
-                        .flatten();
+                let holder = tokio::task::spawn_blocking(move || {
+                    hostnet_net::discovery::platform::port_holder(proto, host_port)
+                })
+                .await
+                .ok()
+                .flatten();
                 let mut t = this.lock();
                 if !in_conflict(&t) {
                     continue;
@@ -731,7 +709,7 @@ impl Forwards {
                 }
             }
         };
-        let outcome = relay::relay_after(&client, &stream, answer, &stats.bytes, token).await;
+        let outcome = tcp::relay_after(&client, &stream, answer, &stats.bytes, token).await;
         match outcome {
             Outcome::ProtocolError => warn!("agent broke the stream protocol; connection reset"),
             _ => debug!(?outcome, "connection finished"),
@@ -937,7 +915,7 @@ fn bind(proto: Proto, addr: SocketAddr, own: &OwnSockets) -> io::Result<Bound> {
             Ok(Bound::Tcp(TcpListener::from_std(socket.into())?))
         }
         Proto::Udp => {
-            let _ = socket.set_recv_buffer_size(hostnet_net::udp::UDP_SOCKET_BUFFER);
+            let _ = socket.set_recv_buffer_size(hostnet_net::relay::udp::UDP_SOCKET_BUFFER);
             hostnet_net::sys::prepare_udp_server(&socket)?;
             socket.bind(&addr.into())?;
             Ok(Bound::Udp(UdpSocket::from_std(socket.into())?))
@@ -961,7 +939,7 @@ fn describe_bind_error(proto: Proto, ip: IpAddr, port: u16, e: &io::Error, expla
     let at = SocketAddr::new(ip, port);
     // Only for refusals (access errors), so a plain conflict costs nothing here.
     if explain && e.kind() != io::ErrorKind::AddrInUse {
-        if let Some(why) = hostnet_net::platform::explain_bind_error(proto, at, e) {
+        if let Some(why) = hostnet_net::discovery::platform::explain_bind_error(proto, at, e) {
             return why;
         }
     }

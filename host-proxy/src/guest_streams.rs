@@ -14,12 +14,13 @@ use std::sync::{Arc, Mutex};
 
 use hostnet_net::accept::next_accepted;
 use hostnet_net::connect::connect_tcp;
-use hostnet_net::handshake::{self, FrameReader};
-use hostnet_net::hyperv::{self, Guid};
-use hostnet_net::own::OwnSockets;
-use hostnet_net::relay;
-use hostnet_net::udp;
-use hostnet_net::{TransportSpec, TransportStream, watcher};
+use hostnet_net::discovery::own::OwnSockets;
+use hostnet_net::discovery::{source, watcher};
+use hostnet_net::relay::tcp;
+use hostnet_net::relay::udp;
+use hostnet_net::transport::handshake::{self, FrameReader};
+use hostnet_net::transport::hyperv::{self, Guid};
+use hostnet_net::{TransportSpec, TransportStream};
 use hostnet_protocol::{Listener, ListenerSet, Open, Proto};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
@@ -31,12 +32,6 @@ use crate::forward::ForwardStats;
 use crate::policy::{self, Decision, Withheld};
 use crate::settings::Settings;
 
-/// Most guest→host streams served at once — TCP connections, UDP flows and openings not yet
-/// complete, together — unless `--max-guest-streams` says otherwise. Past it a new stream is
-/// closed at once and counted in `status`: the guest cannot spend the proxy's descriptors
-/// (the admin API, and so `hostnet-proxy disable`, keeps working).
-pub const MAX_GUEST_STREAMS: usize = 4096;
-
 /// What the guest→host side shares with `status`.
 #[derive(Debug, Clone)]
 pub struct ToHost {
@@ -44,7 +39,7 @@ pub struct ToHost {
     pub advertised: watch::Receiver<Arc<ListenerSet>>,
     /// The desktop listeners it may not, each with why.
     pub withheld: watch::Receiver<Arc<BTreeMap<Listener, Withheld>>>,
-    /// Streams closed at once because [`MAX_GUEST_STREAMS`] (or the configured limit) were open.
+    /// Streams closed at once because [`crate::limits::MAX_GUEST_STREAMS`] (or the configured limit) were open.
     pub streams_refused: Arc<AtomicU64>,
     /// Streams refused because they came from a peer other than the VM.
     pub foreign_refused: Arc<AtomicU64>,
@@ -151,7 +146,13 @@ pub async fn start(
     shutdown: &CancellationToken,
 ) -> ToHost {
     let raw = match watcher::platform_source().and_then(|src| {
-        watcher::spawn_found(src, watcher::Trigger::best(HOST_POLL_INTERVAL), own.clone(), shutdown.clone())
+        watcher::spawn_found(
+            src,
+            watcher::Trigger::best(HOST_POLL_INTERVAL),
+            own.clone(),
+            tracker,
+            shutdown.clone(),
+        )
     }) {
         Ok(rx) => rx,
         Err(e) => {
@@ -223,7 +224,7 @@ fn stats_for(stats: &ToHostStats, proto: Proto, port: u16) -> Arc<ForwardStats> 
 
 /// The policy applied to the desktop's listeners: what the guest may reach, and the rest with
 /// why. Nothing at all while host networking or guest→host is off.
-pub fn offer(found: &[watcher::Found], settings: &Settings) -> (ListenerSet, BTreeMap<Listener, Withheld>) {
+pub fn offer(found: &[source::Found], settings: &Settings) -> (ListenerSet, BTreeMap<Listener, Withheld>) {
     let mut offered = BTreeSet::new();
     let mut withheld = BTreeMap::new();
     if !(settings.enabled && settings.guest_to_host) {
@@ -247,7 +248,7 @@ pub fn offer(found: &[watcher::Found], settings: &Settings) -> (ListenerSet, BTr
 /// The desktop's listeners as far as the settings let the guest reach them, and the others.
 #[allow(clippy::type_complexity)]
 fn advertised(
-    mut raw: watch::Receiver<Arc<Vec<watcher::Found>>>,
+    mut raw: watch::Receiver<Arc<Vec<source::Found>>>,
     mut settings: watch::Receiver<Arc<Settings>>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
@@ -323,7 +324,7 @@ async fn serve(
         let Ok(server) = server else { return };
         let stats = stats_for(&stats, Proto::Tcp, port);
         let _active = stats.open();
-        let outcome = relay::relay(&server, &stream, reader.into_leftover(), &stats.bytes, &shutdown).await;
+        let outcome = tcp::relay(&server, &stream, reader.into_leftover(), &stats.bytes, &shutdown).await;
         debug!(?outcome, "guest→host connection finished");
     }
     .instrument(span)
@@ -352,8 +353,7 @@ async fn serve_udp(
     }
     let Ok(socket) = socket else { return };
     let _active = stats.open();
-    // The agent closes idle flows; twice its timeout here bounds a flow whose agent went quiet.
-    let idle = Some(crate::udp::UDP_IDLE_TIMEOUT * 2);
+    let idle = Some(crate::limits::GUEST_FLOW_IDLE_BACKSTOP);
     let stats = udp::relay_connected(&stream, &mut reader, &socket, idle, &shutdown).await;
     debug!(?stats, "guest→host udp flow finished");
 }
@@ -406,8 +406,8 @@ mod tests {
     }
 
     #[cfg(unix)]
-    fn found(addr: &str, port: u16, uid: u32) -> watcher::Found {
-        watcher::Found {
+    fn found(addr: &str, port: u16, uid: u32) -> source::Found {
+        source::Found {
             listener: Listener { proto: Proto::Tcp, addr: addr.parse().unwrap(), port },
             inode: 1,
             uid: Some(uid),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use std::path::PathBuf;
 
-use hostnet_net::own::OwnSockets;
+use hostnet_net::discovery::own::OwnSockets;
 use hostnet_net::{Connector, TransportSpec};
 use settings::SettingsHandle;
 use tokio::sync::watch;
@@ -22,13 +22,11 @@ pub mod bridge;
 pub mod demo;
 pub mod forward;
 pub mod guest_streams;
+pub mod limits;
 mod link;
 pub mod policy;
 pub mod settings;
 pub mod udp;
-
-/// How long shutdown waits for connections to finish closing.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often the desktop's own listeners are read for guest→host.
 pub const HOST_POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -46,7 +44,7 @@ pub struct ProxyConfig {
     /// admin API).
     pub admin_socket: Option<admin::Endpoint>,
     /// Connections and UDP flows served at once.
-    pub limits: forward::Limits,
+    pub limits: limits::Limits,
     /// The VM, when the agent's transport names it (a vsock CID, a Hyper-V VM id): guest→host
     /// streams from any other peer are refused (and counted).
     pub guest_vm: Option<guest_streams::VmIdentity>,
@@ -62,7 +60,7 @@ impl ProxyConfig {
             admin_socket: admin::default_endpoint()
                 .map_err(|e| tracing::warn!("the admin API is off: {e}"))
                 .ok(),
-            limits: forward::Limits::default(),
+            limits: limits::Limits::default(),
             guest_vm: guest_streams::VmIdentity::of(agent),
         }
     }
@@ -157,10 +155,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
     if let Err(e) = link.await {
         tracing::error!("the link to the agent failed: {e}");
     }
-    tracker.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
-        tracing::warn!("some connections did not close within {DRAIN_TIMEOUT:?}");
-    }
+    hostnet_net::tasks::drain(&tracker, "hostnet-proxy").await;
 }
 
 /// Hands the Unix socket at `path`, which this proxy created for the agent, to the owner of its

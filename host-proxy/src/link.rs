@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use hostnet_net::handshake::{self, FrameReader, HandshakeError};
+use hostnet_net::transport::handshake::{self, FrameReader, HandshakeError};
 use hostnet_net::{Connector, TransportError, TransportStream};
 use hostnet_protocol::session::{ProxyAction, ProxySession, ProxySessionError};
 use hostnet_protocol::{AgentFrame, ListenerSet, Open};

@@ -10,7 +10,6 @@ use clap::{Parser, Subcommand};
 use host_proxy::admin::{self, Endpoint};
 #[cfg(target_os = "linux")]
 use host_proxy::demo::{self, DemoOptions};
-use host_proxy::forward;
 use host_proxy::settings::{self, Settings, SettingsFile};
 use host_proxy::{LinkState, ProxyConfig};
 use hostnet_admin::{ClientError, Request, Response, Status};
@@ -123,19 +122,19 @@ enum Cmd {
 #[derive(Debug, clap::Args)]
 struct LimitArgs {
     /// Relayed TCP connections open at once (all ports together); more are reset at once.
-    #[arg(long, value_name = "N", default_value_t = forward::MAX_CONNECTIONS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(long, value_name = "N", default_value_t = host_proxy::limits::MAX_CONNECTIONS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections: u32,
     /// UDP flows (desktop client addresses) open at once; datagrams of more are dropped.
-    #[arg(long, value_name = "N", default_value_t = host_proxy::udp::MAX_UDP_FLOWS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(long, value_name = "N", default_value_t = host_proxy::limits::MAX_UDP_FLOWS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_udp_flows: u32,
     /// Guest→host streams (connections, UDP flows, openings) served at once; more are closed.
-    #[arg(long, value_name = "N", default_value_t = host_proxy::guest_streams::MAX_GUEST_STREAMS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(long, value_name = "N", default_value_t = host_proxy::limits::MAX_GUEST_STREAMS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_guest_streams: u32,
 }
 
 impl LimitArgs {
-    fn limits(&self) -> forward::Limits {
-        forward::Limits {
+    fn limits(&self) -> host_proxy::limits::Limits {
+        host_proxy::limits::Limits {
             connections: self.max_connections as usize,
             udp_flows: self.max_udp_flows as usize,
             guest_streams: self.max_guest_streams as usize,
@@ -145,12 +144,7 @@ impl LimitArgs {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    cli::init_logging();
-    cli::tune_allocator();
-    match cli::raise_fd_limit() {
-        Ok(n) => tracing::debug!("open-file limit: {n}"),
-        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
-    }
+    cli::init_process();
     let args = Args::parse();
     if matches!(args.command, Cmd::Status { .. } | Cmd::Enable | Cmd::Disable) {
         // A one-shot command piped into `head` ends quietly when the reader goes away, as

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hostnet_net::handshake::{self, OpenError};
-use hostnet_net::mmsg::{self, MMSG_BATCH};
-use hostnet_net::udp::{Activity, DatagramBatch};
+use hostnet_net::relay::mmsg::{self, MMSG_BATCH};
+use hostnet_net::relay::udp::{Activity, DatagramBatch};
+use hostnet_net::transport::handshake::{self, OpenError};
 use hostnet_protocol::{Open, Proto};
 use tokio::net::UdpSocket;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
@@ -18,16 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::forward::{ForwardStats, Forwards};
+use crate::limits::{FLOW_QUEUE_BYTES, FLOW_QUEUE_LEN, UDP_IDLE_TIMEOUT};
 
-/// Most UDP flows open at once (all ports together), unless `--max-udp-flows` says otherwise;
-/// datagrams from new clients beyond it are dropped, counted in `status` and logged.
-pub const MAX_UDP_FLOWS: usize = 4096;
-/// A flow with no datagram either way for this long is closed and its guest socket freed.
-pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Datagrams queued per flow while its stream is busy; beyond either bound they are dropped
-/// and counted. The count bounds tiny datagrams, the bytes large ones.
-pub const FLOW_QUEUE_LEN: usize = 8192;
-pub const FLOW_QUEUE_BYTES: usize = 4 << 20;
 /// How often finished flows are swept from a port's table.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 

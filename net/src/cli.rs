@@ -1,14 +1,8 @@
-//! Small pieces both binaries' `main` use.
+//! Small pieces both binaries' `main` use. What sets process-wide state — the log subscriber
+//! and the allocator's parameters — is behind the `main` feature, which only the binaries'
+//! packages turn on: a program that embeds the libraries keeps its own.
 
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
-
-/// Logs to stderr; `RUST_LOG` overrides the default level (`info`).
-pub fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
-}
 
 /// A token cancelled on Ctrl-C or SIGTERM: the shutdown of a `main`. Call it inside the
 /// runtime, before the program says it is ready: the handlers are installed here, at once, not
@@ -83,6 +77,23 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
     Ok(u64::MAX)
 }
 
+/// The start of a hostnet binary's `main`: logs to stderr (`RUST_LOG` overrides the default
+/// level, `info`), the allocator tuned ([`tune_allocator`]), the open-file limit raised
+/// ([`raise_fd_limit`]).
+#[cfg(feature = "main")]
+pub fn init_process() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    tune_allocator();
+    match raise_fd_limit() {
+        Ok(n) => tracing::debug!("open-file limit: {n}"),
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
+}
+
+#[cfg(feature = "main")]
 /// Makes the allocator give large buffers back to the system as soon as they are freed.
 ///
 /// The relay takes a 256 KiB buffer per direction while a connection is busy and frees it when
@@ -93,7 +104,7 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
 /// with the threshold fixed at 128 KiB: 40 MiB at the peak, 23 MiB idle. Fixing the threshold
 /// also turns off glibc's dynamic adjustment. Other allocators (musl) already map large
 /// blocks.
-pub fn tune_allocator() {
+fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         const THRESHOLD: libc::c_int = 128 * 1024;

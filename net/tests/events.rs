@@ -7,8 +7,8 @@
 use std::net::{TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
-use hostnet_net::events::ListenerEvents;
-use hostnet_net::watcher::{Table, Tables};
+use hostnet_net::discovery::events::ListenerEvents;
+use hostnet_net::discovery::source::{Table, Tables};
 use hostnet_protocol::Proto;
 
 const DEADLINE: Duration = Duration::from_secs(10);

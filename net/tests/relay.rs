@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use hostnet_net::relay::{Outcome, RelayCounters, relay};
+use hostnet_net::relay::tcp::{Outcome, RelayCounters, relay};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::task::JoinHandle;
@@ -208,7 +208,7 @@ async fn slow_readers_and_many_connections_keep_every_byte_in_place() {
 /// resets the client.
 #[tokio::test]
 async fn bytes_flow_before_the_answer_and_a_refusal_resets_the_client() {
-    use hostnet_net::relay::relay_after;
+    use hostnet_net::relay::tcp::relay_after;
     let (mut client, host_local) = tcp_pair().await;
     let (t1, mut t2) = UnixStream::pair().unwrap();
     let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<Result<BytesMut, Outcome>>();
@@ -235,7 +235,7 @@ async fn bytes_flow_before_the_answer_and_a_refusal_resets_the_client() {
 /// then flows back and the connection ends cleanly.
 #[tokio::test]
 async fn a_client_that_spoke_and_half_closed_before_the_relay_began_is_relayed_whole() {
-    use hostnet_net::relay::relay_after;
+    use hostnet_net::relay::tcp::relay_after;
     let (mut client, host_local) = tcp_pair().await;
     client.write_all(b"GET /").await.unwrap();
     client.shutdown().await.unwrap();

@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use hostnet_admin::settings::{PortRange, Settings};
 use hostnet_admin::{AgentLink, Direction, Endpoint, ForwardState, ForwardStatus, Request, Response, Status};
-use hostnet_net::watcher::{Found, ListenerSource, Table, Trigger};
+use hostnet_net::discovery::source::{Found, ListenerSource, Table};
+use hostnet_net::discovery::watcher::Trigger;
 use hostnet_protocol::{Listener, Proto};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};

@@ -56,7 +56,7 @@ pub struct DemoOptions {
     /// The admin endpoint (`None`: no admin API).
     pub admin_socket: Option<crate::admin::Endpoint>,
     /// Connections and UDP flows served at once.
-    pub limits: crate::forward::Limits,
+    pub limits: crate::limits::Limits,
     /// Run the Windows build of the proxy under Wine instead of this one (`--windows`).
     pub windows: Option<wine::WineOptions>,
 }

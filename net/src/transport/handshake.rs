@@ -17,7 +17,7 @@ use hostnet_protocol::{
 use serde::{Serialize, de::DeserializeOwned};
 use thiserror::Error;
 
-use crate::stream::{self, RawStream};
+use crate::transport::raw::{self, RawStream};
 
 /// How long a peer may take to send its preface and first frame.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,7 +44,7 @@ pub async fn send_preface_and<S: RawStream, T: Serialize>(s: &S, msg: &T) -> Res
     let mut out = BytesMut::with_capacity(256);
     out.extend_from_slice(&Preface::OURS.to_bytes());
     hostnet_protocol::encode_frame(msg, &mut out)?;
-    stream::write_all(s, &out).await?;
+    raw::write_all(s, &out).await?;
     Ok(())
 }
 
@@ -52,7 +52,7 @@ pub async fn send_preface_and<S: RawStream, T: Serialize>(s: &S, msg: &T) -> Res
 pub async fn send_frame<S: RawStream, T: Serialize>(s: &S, msg: &T) -> Result<(), HandshakeError> {
     let mut out = BytesMut::with_capacity(256);
     hostnet_protocol::encode_frame(msg, &mut out)?;
-    stream::write_all(s, &out).await?;
+    raw::write_all(s, &out).await?;
     Ok(())
 }
 
@@ -128,7 +128,7 @@ impl FrameReader {
 
     /// Buffers what the stream holds already, without waiting.
     fn take_arrived<S: RawStream>(&mut self, s: &S) -> Result<(), HandshakeError> {
-        match self.read_kept(READ_CHUNK, |into| stream::read_arrived(s, into)) {
+        match self.read_kept(READ_CHUNK, |into| raw::read_arrived(s, into)) {
             // EOF: the reads that follow see it too, and say so.
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
@@ -181,7 +181,7 @@ impl FrameReader {
 
     async fn fill_up_to<S: RawStream>(&mut self, s: &S, max: usize) -> Result<(), HandshakeError> {
         loop {
-            stream::readable(s).await?;
+            raw::readable(s).await?;
             match self.read_kept(max, |into| s.try_read(into)) {
                 Ok(0) => return Err(HandshakeError::Closed),
                 Ok(_) => return Ok(()),
@@ -200,7 +200,7 @@ impl FrameReader {
         max: usize,
         read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
     ) -> io::Result<usize> {
-        stream::with_scratch(max, |into| {
+        crate::scratch::with_scratch(max, |into| {
             let n = read(into)?;
             self.buf.extend_from_slice(into.get(..n).unwrap_or_default());
             Ok(n)
@@ -223,9 +223,9 @@ pub enum OpenError {
 /// Opens a data stream: connects, sends our preface and `open`, waits for the reply. On
 /// success returns the stream and the reader holding any bytes read past the reply.
 pub async fn open_stream(
-    connector: &dyn crate::Connector,
+    connector: &dyn crate::transport::Connector,
     open: &hostnet_protocol::Open,
-) -> Result<(crate::TransportStream, FrameReader), OpenError> {
+) -> Result<(crate::transport::stream::TransportStream, FrameReader), OpenError> {
     let stream = send_open(connector, open).await?;
     let mut reader = FrameReader::new();
     read_answer(&stream, &mut reader).await?;
@@ -235,9 +235,9 @@ pub async fn open_stream(
 /// The first half of [`open_stream`]: connects and sends our preface and `open`, without
 /// waiting for the answer (the caller may send data behind it, then [`read_answer`]).
 pub async fn send_open(
-    connector: &dyn crate::Connector,
+    connector: &dyn crate::transport::Connector,
     open: &hostnet_protocol::Open,
-) -> Result<crate::TransportStream, OpenError> {
+) -> Result<crate::transport::stream::TransportStream, OpenError> {
     let stream = connector.connect().await.map_err(|e| OpenError::Failed(e.to_string()))?;
     send_preface_and(&stream, open).await.map_err(|e| OpenError::Failed(e.to_string()))?;
     Ok(stream)

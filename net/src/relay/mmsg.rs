@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use tokio::net::UdpSocket;
 
 /// Most datagrams one system call moves. 32 × 64 KiB receive slots, in the thread's scratch
-/// buffer (`stream::with_scratch`), resident only as far as datagrams touch them (a burst of
+/// buffer (`crate::scratch::with_scratch`), resident only as far as datagrams touch them (a burst of
 /// 64-byte datagrams touches one page a slot).
 pub const MMSG_BATCH: usize = 32;
 
@@ -50,7 +50,7 @@ pub fn try_recv_batch(
     mut each: impl FnMut(&[u8], Option<SocketAddr>),
 ) -> io::Result<Received> {
     let max = max.clamp(1, MMSG_BATCH);
-    crate::stream::with_scratch(MMSG_BATCH * SLOT_LEN, |slots| recv_into(socket, slots, max, &mut each))
+    crate::scratch::with_scratch(MMSG_BATCH * SLOT_LEN, |slots| recv_into(socket, slots, max, &mut each))
 }
 
 /// Like [`try_recv_batch`], but waits until at least one datagram (or an error) arrives.

@@ -11,7 +11,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::stream::RawStream;
+use crate::transport::raw::RawStream;
 
 /// Registers a socket with the reactor.
 fn register(socket: Socket) -> io::Result<AsyncFd<Socket>> {

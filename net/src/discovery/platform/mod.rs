@@ -1,5 +1,5 @@
 //! What each desktop OS says about its sockets and ports, behind one set of functions: where
-//! the listening sockets come from ([`source`]), whose a socket is ([`is_this_users`]), which
+//! the listening sockets come from ([`source`]), whose a socket is ([`Found::is_this_users`]), which
 //! program holds a port ([`port_holder`]), and why a bind was refused
 //! ([`explain_bind_error`]). One module per OS (`linux.rs`, `macos.rs`, `windows.rs`) holds
 //! the calls into it; the OS structures are read by pure parsers compiled and tested on every
@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 
 use hostnet_protocol::Proto;
 
-use crate::watcher::{Found, ListenerSource, Table};
+use crate::discovery::source::{Found, ListenerSource, Table};
 
 /// This machine's source of listening sockets: `sock_diag` on Linux, the processes' socket
 /// descriptors (`proc_pidfdinfo`) on macOS, `GetExtendedTcpTable`/`GetExtendedUdpTable` on
@@ -36,11 +36,14 @@ pub fn source() -> io::Result<Box<dyn ListenerSource>> {
     os::source()
 }
 
-/// Whether `found` belongs to the user this process runs as: its owner uid against our
-/// effective uid (Linux, macOS), its owning process's user SID against ours (Windows). `None`
-/// when the OS does not say (unknown owner, a process that cannot be opened).
-pub fn is_this_users(found: &Found) -> Option<bool> {
-    os::is_this_users(found)
+impl Found {
+    /// Whether this socket belongs to the user this process runs as: its owner uid against our
+    /// effective uid (Linux, macOS), its owning process's user SID against ours (Windows).
+    /// `None` when the OS does not say (no owner given, pid unknown or 0, a process that cannot
+    /// be opened).
+    pub fn is_this_users(&self) -> Option<bool> {
+        os::is_this_users(self)
+    }
 }
 
 /// Which program holds `port` for `proto` on this machine, as `"name (pid N)"`, when the OS

@@ -20,7 +20,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hostnet_protocol::{Listener, Proto};
 
-use crate::watcher::{Found, Table};
+use crate::discovery::source::{Found, Table};
 
 /// `MIB_TCP_STATE_LISTEN`.
 pub const MIB_TCP_STATE_LISTEN: u32 = 2;

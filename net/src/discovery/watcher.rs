@@ -1,12 +1,12 @@
 //! The listener watcher, used by both sides: a thread that reads this machine's listening
 //! sockets (TCP listeners and bound UDP sockets) on a tick and publishes the forwardable set
 //! whenever it changes. Where the sockets come from is a [`ListenerSource`], one per OS
-//! ([`crate::platform`]): netlink `sock_diag` on Linux (the agent always; a Linux desktop for
+//! ([`crate::discovery::platform`]): netlink `sock_diag` on Linux (the agent always; a Linux desktop for
 //! guest→host); on macOS the socket descriptors of the user's processes
 //! (`proc_pidfdinfo(PROC_PIDFDSOCKETINFO)`); on Windows `GetExtendedTcpTable` /
 //! `GetExtendedUdpTable` (IPv4 and IPv6, with owning pids).
 //!
-//! The side's own sockets are never published ([`crate::own`]): known by inode on Linux, by
+//! The side's own sockets are never published ([`crate::discovery::own`]): known by inode on Linux, by
 //! owning pid where the OS gives one, by bound address where it gives neither (Wine).
 
 use std::collections::{BTreeSet, HashMap};
@@ -17,114 +17,15 @@ use std::time::Duration;
 use hostnet_protocol::{Listener, ListenerSet, Proto};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::own::OwnSockets;
+use crate::discovery::own::OwnSockets;
+use crate::discovery::source::{Found, ListenerSource, Table, Tables};
 
-/// One socket a [`ListenerSource`] reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Found {
-    pub listener: Listener,
-    /// The socket's identity where the OS gives one (Linux: its inode; macOS: its kernel
-    /// handle folded to 32 bits); 0 where it does not (Windows).
-    pub inode: u32,
-    /// The owner's uid, where the OS says (Linux: the socket's; macOS: its process's).
-    pub uid: Option<u32>,
-    /// The owning process, where the OS says (macOS, Windows; not Wine, which says 0).
-    pub pid: Option<u32>,
-    /// A UDP socket with a peer (`connect`ed): a client's, unless it was listed as a server
-    /// before it connected (see [`ServersConnected`]).
-    pub connected: bool,
-}
-
-impl Found {
-    /// Whether this socket belongs to the user this process runs as: uid against our effective
-    /// uid (Linux, macOS), the owning process's user SID against ours (Windows). `None` when
-    /// the OS does not say (no owner given, pid unknown or 0, a process that cannot be opened).
-    pub fn is_this_users(&self) -> Option<bool> {
-        crate::platform::is_this_users(self)
-    }
-}
-
-/// One table of sockets a [`ListenerSource`] reads: a protocol in one address family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Table {
-    pub proto: Proto,
-    pub v6: bool,
-}
-
-impl Table {
-    /// Every table, in reading order.
-    pub const ALL: [Table; 4] = [
-        Table { proto: Proto::Tcp, v6: false },
-        Table { proto: Proto::Tcp, v6: true },
-        Table { proto: Proto::Udp, v6: false },
-        Table { proto: Proto::Udp, v6: true },
-    ];
-
-    fn bit(self) -> u8 {
-        1 << (u8::from(self.proto == Proto::Udp) * 2 + u8::from(self.v6))
-    }
-}
-
-/// A set of [`Table`]s: the ones an event says may have changed. A TCP `listen()` changes
-/// only its family's TCP table, so the watcher reads that one instead of all four (a
-/// desktop's UDP table, full of QUIC clients, costs a TCP listener nothing).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Tables(u8);
-
-impl Tables {
-    pub const NONE: Tables = Tables(0);
-    pub const ALL: Tables = Tables(0b1111);
-
-    /// The tables of `proto` (both when `None`) in the IPv4 and/or IPv6 family.
-    pub fn of(proto: Option<Proto>, v4: bool, v6: bool) -> Tables {
-        let bits = Table::ALL
-            .iter()
-            .filter(|t| proto.is_none_or(|p| p == t.proto) && if t.v6 { v6 } else { v4 })
-            .fold(0, |bits, t| bits | t.bit());
-        Tables(bits)
-    }
-
-    pub fn contains(self, table: Table) -> bool {
-        self.0 & table.bit() != 0
-    }
-
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-}
-
-impl std::ops::BitOr for Tables {
-    type Output = Tables;
-    fn bitor(self, other: Tables) -> Tables {
-        Tables(self.0 | other.0)
-    }
-}
-
-impl std::ops::BitOrAssign for Tables {
-    fn bitor_assign(&mut self, other: Tables) {
-        self.0 |= other.0;
-    }
-}
-
-/// Where this machine's listening sockets come from.
-pub trait ListenerSource: Send + 'static {
-    /// Appends the sockets of `table`: TCP sockets in LISTEN state, or every bound UDP socket
-    /// (connected ones marked so).
-    fn read(&mut self, table: Table, out: &mut Vec<Found>) -> io::Result<()>;
-}
-
-#[cfg(target_os = "linux")]
-impl ListenerSource for crate::discovery::SockDiag {
-    fn read(&mut self, table: Table, out: &mut Vec<Found>) -> io::Result<()> {
-        self.table(table, out)
-    }
-}
-
-/// This platform's source of listening sockets (see [`crate::platform::source`]).
+/// This platform's source of listening sockets (see [`crate::discovery::platform::source`]).
 pub fn platform_source() -> io::Result<Box<dyn ListenerSource>> {
-    crate::platform::source()
+    crate::discovery::platform::source()
 }
 
 /// Default period between two reads of the listener table when polling (no kernel events): a
@@ -164,14 +65,14 @@ pub enum Trigger {
     /// Read it every so often.
     Poll(Duration),
     /// Read it when the kernel reports a listener change, and every `resync` regardless.
-    Events { events: Box<crate::events::ListenerEvents>, resync: Duration },
+    Events { events: Box<crate::discovery::events::ListenerEvents>, resync: Duration },
 }
 
 impl Trigger {
     /// Kernel events where this build and the kernel allow them, else polling every `poll`.
     /// Says which it chose, and why not events.
     pub fn best(poll: Duration) -> Trigger {
-        match crate::events::ListenerEvents::load() {
+        match crate::discovery::events::ListenerEvents::load() {
             Ok(events) => {
                 info!("listener discovery: kernel events (eBPF), full read every {EVENT_RESYNC:?}");
                 Trigger::Events { events: Box::new(events), resync: EVENT_RESYNC }
@@ -208,15 +109,17 @@ impl Trigger {
 
 /// Starts a watcher on `source`, woken by `trigger`, that leaves out the sockets `own` has. The
 /// first read happens before this returns, so the first snapshot a peer gets is already the
-/// truth.
+/// truth. The thread counts as one of `tasks` until it ends: within one wait of `shutdown`
+/// (at most [`EVENT_RESYNC`], or the poll interval), or when every receiver is gone.
 pub fn spawn(
     diag: Box<dyn ListenerSource>,
     trigger: Trigger,
     ignore_ports: BTreeSet<u16>,
     own: OwnSockets,
+    tasks: &TaskTracker,
     shutdown: CancellationToken,
 ) -> io::Result<watch::Receiver<Arc<ListenerSet>>> {
-    spawn_publishing(diag, trigger, ignore_ports, own, shutdown, |set, _| set)
+    spawn_publishing(diag, trigger, ignore_ports, own, tasks, shutdown, |set, _| set)
 }
 
 /// Like [`spawn`], but publishes each forwardable socket as the source reported it, owner
@@ -225,9 +128,10 @@ pub fn spawn_found(
     diag: Box<dyn ListenerSource>,
     trigger: Trigger,
     own: OwnSockets,
+    tasks: &TaskTracker,
     shutdown: CancellationToken,
 ) -> io::Result<watch::Receiver<Arc<Vec<Found>>>> {
-    spawn_publishing(diag, trigger, BTreeSet::new(), own, shutdown, |_, found| found.to_vec())
+    spawn_publishing(diag, trigger, BTreeSet::new(), own, tasks, shutdown, |_, found| found.to_vec())
 }
 
 fn spawn_publishing<T: PartialEq + Send + Sync + 'static>(
@@ -235,6 +139,7 @@ fn spawn_publishing<T: PartialEq + Send + Sync + 'static>(
     mut trigger: Trigger,
     ignore_ports: BTreeSet<u16>,
     own: OwnSockets,
+    tasks: &TaskTracker,
     shutdown: CancellationToken,
     publish: fn(ListenerSet, &[Found]) -> T,
 ) -> io::Result<watch::Receiver<Arc<T>>> {
@@ -242,7 +147,10 @@ fn spawn_publishing<T: PartialEq + Send + Sync + 'static>(
     let (first, _) = reader.read(Tables::ALL)?;
     let first = publish(first, &reader.forwardable);
     let (tx, rx) = watch::channel(Arc::new(first));
+    let running = tasks.token();
     std::thread::Builder::new().name("hostnet-listeners".into()).spawn(move || {
+        // The owner's drain waits for this thread until it returns.
+        let _running = running;
         // SAFETY: sets this thread's timer slack; no pointers.
         #[cfg(target_os = "linux")]
         unsafe {

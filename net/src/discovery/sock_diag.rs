@@ -8,7 +8,7 @@ use std::io;
 
 use hostnet_protocol::{Listener, Proto};
 
-pub use crate::watcher::{Found, Table};
+use crate::discovery::source::{Found, ListenerSource, Table};
 use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
@@ -156,6 +156,12 @@ pub fn port_holder(proto: Proto, port: u16) -> Option<String> {
         }
     }
     None
+}
+
+impl ListenerSource for SockDiag {
+    fn read(&mut self, table: Table, out: &mut Vec<Found>) -> io::Result<()> {
+        self.table(table, out)
+    }
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use hostnet_protocol::Proto;
 
-use crate::watcher::Found;
+use crate::discovery::source::Found;
 
 /// How long a registered socket may stay out of the table before its entry goes.
 const GRACE: Duration = Duration::from_secs(10);

@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use hostnet_protocol::Proto;
 
 use super::bind_errors;
-use crate::watcher::{Found, ListenerSource};
+use crate::discovery::source::{Found, ListenerSource};
 
 pub(super) fn source() -> io::Result<Box<dyn ListenerSource>> {
-    Ok(Box::new(crate::discovery::SockDiag::open()?))
+    Ok(Box::new(crate::discovery::sock_diag::SockDiag::open()?))
 }
 
 pub(super) fn is_this_users(found: &Found) -> Option<bool> {
@@ -20,7 +20,7 @@ pub(super) fn is_this_users(found: &Found) -> Option<bool> {
 }
 
 pub(super) fn port_holder(proto: Proto, port: u16) -> Option<String> {
-    crate::discovery::port_holder(proto, port)
+    crate::discovery::sock_diag::port_holder(proto, port)
 }
 
 pub(super) fn explain_bind_error(_proto: Proto, addr: SocketAddr, e: &io::Error) -> Option<String> {

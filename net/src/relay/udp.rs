@@ -5,10 +5,10 @@ use hostnet_protocol::datagram::datagram_header;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
-use crate::handshake::FrameReader;
-use crate::mmsg::{self, MMSG_BATCH};
+use crate::relay::mmsg::{self, MMSG_BATCH};
+use crate::transport::handshake::FrameReader;
 
-use crate::stream::{self, RawStream};
+use crate::transport::raw::{self, RawStream};
 
 /// Socket receive buffer asked for on relay sockets: a burst of small datagrams must fit while
 /// the relay task is busy. The kernel caps it at `net.core.rmem_max`.
@@ -53,7 +53,7 @@ impl DatagramBatch {
 
     /// Writes the batch to `s` and empties it.
     pub async fn flush<S: RawStream>(&mut self, s: &S) -> std::io::Result<()> {
-        let r = stream::write_all(s, &self.out).await;
+        let r = raw::write_all(s, &self.out).await;
         self.out.clear();
         self.count = 0;
         r
@@ -205,7 +205,7 @@ pub async fn relay_connected<S: RawStream>(
 pub async fn connected_socket(
     target: std::net::SocketAddr,
     mark: Option<u32>,
-    own: &crate::own::OwnSockets,
+    own: &crate::discovery::own::OwnSockets,
 ) -> std::io::Result<UdpSocket> {
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
     let local: SocketAddr =

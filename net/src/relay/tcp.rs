@@ -18,8 +18,8 @@ use bytes::BytesMut;
 use hostnet_protocol::chunk::{self, CHUNK_HEADER_LEN, ChunkDecoder, ChunkEvent, FIN, RST};
 use tokio_util::sync::CancellationToken;
 
-use crate::splice::Pipe;
-use crate::stream::{self, RawStream};
+use crate::relay::splice::Pipe;
+use crate::transport::raw::{self, RawStream};
 use tokio::io::Interest;
 
 /// Bytes moved per read. Large, so a bulk transfer takes few system calls.
@@ -143,7 +143,7 @@ async fn relay_both<L: RawStream, P: RawStream>(
     if outcome == Outcome::LocalReset && !mid_chunk.load(Ordering::Relaxed) {
         // A failed write to the local socket (seen by the down direction) still owes the peer
         // its RST. Skipped mid-chunk: the peer then sees a cut stream, which it resets too.
-        let _ = stream::write_all(peer, &RST).await;
+        let _ = raw::write_all(peer, &RST).await;
     }
     if !matches!(outcome, Outcome::Closed | Outcome::Cancelled) {
         let _ = local.set_reset_on_close();
@@ -157,7 +157,7 @@ fn new_buffer() -> Box<[u8]> {
 
 /// Runs `f` with the thread's scratch buffer, a chunk header and [`RELAY_BUF_LEN`] long.
 fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
-    stream::with_scratch(CHUNK_HEADER_LEN + RELAY_BUF_LEN, f)
+    crate::scratch::with_scratch(CHUNK_HEADER_LEN + RELAY_BUF_LEN, f)
 }
 
 /// Writes as much of `buf` as `s` takes right now; `Ok(written)`.
@@ -178,12 +178,12 @@ fn write_now<S: RawStream>(s: &S, mut buf: &[u8]) -> io::Result<usize> {
 /// the buffer back and waiting on without one.
 async fn wait_readable<S: RawStream, T>(s: &S, held: &mut Option<T>) -> io::Result<()> {
     if held.is_some() {
-        match tokio::time::timeout(IDLE_BUFFER_RELEASE, stream::readable(s)).await {
+        match tokio::time::timeout(IDLE_BUFFER_RELEASE, raw::readable(s)).await {
             Ok(r) => return r,
             Err(_) => *held = None,
         }
     }
-    stream::readable(s).await
+    raw::readable(s).await
 }
 
 /// What a direction holds while a bulk transfer goes on: a pipe where both sockets can
@@ -220,7 +220,7 @@ async fn splice_up<L: RawStream, P: RawStream>(
         _ => return Step::LocalFailed,
     };
     mid_chunk.store(true, Ordering::Relaxed);
-    if stream::write_all(peer, &chunk::data_header(n)).await.is_err() {
+    if raw::write_all(peer, &chunk::data_header(n)).await.is_err() {
         return Step::PeerFailed;
     }
     if drain_pipe(pipe, peer).await.is_err() {
@@ -315,7 +315,7 @@ async fn pump_up<L: RawStream, P: RawStream>(
     loop {
         let arrived = std::mem::take(&mut first);
         if !arrived && wait_readable(local, &mut own).await.is_err() {
-            let _ = stream::write_all(peer, &RST).await;
+            let _ = raw::write_all(peer, &RST).await;
             return Outcome::LocalReset;
         }
         let step = match own.as_mut() {
@@ -325,9 +325,7 @@ async fn pump_up<L: RawStream, P: RawStream>(
                 Ok(0) => Step::Eof,
                 Ok(n) => {
                     mid_chunk.store(true, Ordering::Relaxed);
-                    if stream::write_all(peer, b.get(..CHUNK_HEADER_LEN + n).unwrap_or_default())
-                        .await
-                        .is_err()
+                    if raw::write_all(peer, b.get(..CHUNK_HEADER_LEN + n).unwrap_or_default()).await.is_err()
                     {
                         return Outcome::PeerVanished;
                     }
@@ -336,9 +334,7 @@ async fn pump_up<L: RawStream, P: RawStream>(
                 }
                 Err(step) => step,
             },
-            None if arrived => {
-                with_scratch(|b| forward_now(|body| stream::read_arrived(local, body), peer, b))
-            }
+            None if arrived => with_scratch(|b| forward_now(|body| raw::read_arrived(local, body), peer, b)),
             None => with_scratch(|b| forward_now(|body| local.try_read(body), peer, b)),
         };
         match step {
@@ -350,7 +346,7 @@ async fn pump_up<L: RawStream, P: RawStream>(
             }
             Step::Blocked(n, rest) => {
                 mid_chunk.store(true, Ordering::Relaxed);
-                if stream::write_all(peer, &rest).await.is_err() {
+                if raw::write_all(peer, &rest).await.is_err() {
                     return Outcome::PeerVanished;
                 }
                 mid_chunk.store(false, Ordering::Relaxed);
@@ -361,13 +357,13 @@ async fn pump_up<L: RawStream, P: RawStream>(
             Step::NoSplice => own = Some(Bulk::Buffer(new_buffer())),
             Step::Again => {}
             Step::Eof => {
-                return match stream::write_all(peer, &FIN).await {
+                return match raw::write_all(peer, &FIN).await {
                     Ok(()) => Outcome::Closed,
                     Err(_) => Outcome::PeerVanished,
                 };
             }
             Step::LocalFailed => {
-                let _ = stream::write_all(peer, &RST).await;
+                let _ = raw::write_all(peer, &RST).await;
                 return Outcome::LocalReset;
             }
             Step::PeerFailed => return Outcome::PeerVanished,
@@ -436,7 +432,7 @@ async fn pump_down<P: RawStream, L: RawStream>(
             tokio::select! {
                 biased;
                 _ = up_done.cancelled() => return Outcome::Closed,
-                r = stream::readable(peer) => if r.is_err() { return Outcome::PeerVanished },
+                r = raw::readable(peer) => if r.is_err() { return Outcome::PeerVanished },
             }
         } else if wait_readable(peer, &mut own).await.is_err() {
             return Outcome::PeerVanished;
@@ -482,7 +478,7 @@ async fn pump_down<P: RawStream, L: RawStream>(
                 }
             }
             Ok(Some(Leftover { data, raw })) => {
-                if stream::write_all(local, &data).await.is_err() {
+                if raw::write_all(local, &data).await.is_err() {
                     return Outcome::LocalReset;
                 }
                 counters.from_peer.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -547,7 +543,7 @@ async fn deliver<L: RawStream>(
         bytes = bytes.get(used..).unwrap_or_default();
         match event {
             Some(ChunkEvent::Data(d)) => {
-                stream::write_all(local, d).await.map_err(|_| Outcome::LocalReset)?;
+                raw::write_all(local, d).await.map_err(|_| Outcome::LocalReset)?;
                 counters.from_peer.fetch_add(d.len() as u64, Ordering::Relaxed);
             }
             Some(ChunkEvent::Fin) => {

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use hostnet_protocol::Proto;
 
 use super::{OneScanPerRound, bind_errors, proc_info};
-use crate::watcher::{Found, ListenerSource, Table};
+use crate::discovery::source::{Found, ListenerSource, Table};
 
 /// Processes to expect beyond what `proc_listallpids` counted (some start in between).
 const PID_SLACK: usize = 64;

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use hostnet_protocol::Proto;
 
-use crate::watcher::{Found, ListenerSource};
+use crate::discovery::source::{Found, ListenerSource};
 
 pub(super) fn source() -> io::Result<Box<dyn ListenerSource>> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "listener discovery is not implemented on this platform"))

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use hostnet_protocol::Proto;
 
-use crate::watcher::Tables;
+use crate::discovery::source::Tables;
 
 /// Why events are not available here; the watcher then polls.
 #[derive(Debug, thiserror::Error)]
@@ -230,7 +230,7 @@ fn mount_and_open(dir: &std::path::Path) -> io::Result<std::fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::watcher::Table;
+    use crate::discovery::source::Table;
 
     fn only(tables: Tables) -> Vec<Table> {
         Table::ALL.into_iter().filter(|t| tables.contains(*t)).collect()

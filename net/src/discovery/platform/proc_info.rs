@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hostnet_protocol::{Listener, Proto};
 
-use crate::watcher::{Found, Table};
+use crate::discovery::source::{Found, Table};
 
 /// `PROC_PIDFDSOCKETINFO_SIZE`: `sizeof(struct socket_fdinfo)`.
 pub const SOCKET_FDINFO_LEN: usize = 792;

@@ -4,17 +4,15 @@
 
 use std::future::poll_fn;
 use std::io;
-use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use socket2::SockRef;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 #[cfg(unix)]
 use tokio::net::UnixStream;
 
-use crate::sys::{AsSock, BorrowedSock};
+use crate::sys::AsSock;
 
 /// A connected, non-blocking stream socket.
 pub trait RawStream: AsSock + Send + Sync {
@@ -81,30 +79,6 @@ pub fn poll_write<S: RawStream + ?Sized>(s: &S, cx: &mut Context<'_>, buf: &[u8]
     }
 }
 
-thread_local! {
-    /// This thread's scratch buffer, for the synchronous reads of the relay, the frame reader
-    /// and the UDP batches: borrowed only inside one synchronous step (never across an
-    /// `.await`), so tasks sharing a thread never see each other's bytes. It only grows, to the
-    /// largest length asked for on this thread, and is allocated zeroed rather than filled, so
-    /// its pages become resident only as reads touch them.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with `len` bytes of this thread's scratch buffer (what they hold is unspecified).
-pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-    SCRATCH.with(|b| match b.try_borrow_mut() {
-        Ok(mut b) => {
-            if b.len() < len {
-                // What it held does not matter: a fresh zeroed allocation, not a fill.
-                *b = vec![0u8; len];
-            }
-            f(b.get_mut(..len).unwrap_or_default())
-        }
-        // Not reachable (no step runs inside another), but never worth a panic.
-        Err(_) => f(&mut vec![0u8; len]),
-    })
-}
-
 /// Reads what has already arrived, straight from the socket: the reactor may not have reported
 /// it yet (a stream accepted a moment ago usually holds its peer's first bytes already).
 /// `WouldBlock` when nothing is there; the reactor's readiness is left as it was.
@@ -167,82 +141,3 @@ macro_rules! tokio_raw_stream {
 tokio_raw_stream!(TcpStream);
 #[cfg(unix)]
 tokio_raw_stream!(UnixStream);
-
-/// The stream every transport yields. An enum, not a trait object: the relay stays
-/// monomorphic and each variant keeps its raw fd for `splice(2)`.
-#[derive(Debug)]
-pub enum TransportStream {
-    #[cfg(unix)]
-    Unix(UnixStream),
-    Tcp(TcpStream),
-    #[cfg(target_os = "linux")]
-    Vsock(crate::vsock::VsockStream),
-}
-
-macro_rules! each_variant {
-    ($self:expr, $s:ident => $e:expr) => {
-        match $self {
-            #[cfg(unix)]
-            TransportStream::Unix($s) => $e,
-            TransportStream::Tcp($s) => $e,
-            #[cfg(target_os = "linux")]
-            TransportStream::Vsock($s) => $e,
-        }
-    };
-}
-
-#[cfg(unix)]
-impl std::os::fd::AsFd for TransportStream {
-    fn as_fd(&self) -> BorrowedSock<'_> {
-        each_variant!(self, s => s.as_sock())
-    }
-}
-
-#[cfg(windows)]
-impl std::os::windows::io::AsSocket for TransportStream {
-    fn as_socket(&self) -> BorrowedSock<'_> {
-        each_variant!(self, s => s.as_sock())
-    }
-}
-
-impl RawStream for TransportStream {
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each_variant!(self, s => RawStream::poll_read_ready(s, cx))
-    }
-    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each_variant!(self, s => RawStream::poll_write_ready(s, cx))
-    }
-    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        each_variant!(self, s => RawStream::try_read(s, buf))
-    }
-    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        each_variant!(self, s => RawStream::try_write(s, buf))
-    }
-    fn try_io_raw(
-        &self,
-        interest: tokio::io::Interest,
-        f: &mut dyn FnMut() -> io::Result<usize>,
-    ) -> Option<io::Result<usize>> {
-        each_variant!(self, s => RawStream::try_io_raw(s, interest, f))
-    }
-}
-
-impl AsyncRead for TransportStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let n = ready!(poll_read(&*self, cx, buf.initialize_unfilled()))?;
-        buf.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for TransportStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        poll_write(&*self, cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.shutdown_write())
-    }
-}

@@ -3,6 +3,17 @@
 //! Everything above this module is transport-blind: it asks a [`Connector`] for a new stream
 //! (one per TCP connection, plus the control stream) or an [`Acceptor`] for the next one, and
 //! gets a [`TransportStream`] either way.
+//!
+//! One-way, bottom up: [`raw`] (the readiness-based stream trait) ← `vsock`, [`hyperv`] (the
+//! sockets Linux and Windows give) ← [`stream`] (the one stream type) ← this module (specs,
+//! connectors, acceptors) ← [`handshake`] (the frames at a stream's start).
+
+pub mod handshake;
+pub mod hyperv;
+pub mod raw;
+pub mod stream;
+#[cfg(target_os = "linux")]
+mod vsock;
 
 use std::fmt;
 use std::future::Future;
@@ -20,11 +31,9 @@ use tokio::net::{TcpListener, TcpStream};
 #[cfg(unix)]
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::hyperv::{self, Guid};
-use crate::own::OwnSockets;
-#[cfg(unix)]
-use crate::stream;
-use crate::stream::TransportStream;
+use crate::discovery::own::OwnSockets;
+use crate::transport::hyperv::Guid;
+use crate::transport::stream::TransportStream;
 
 /// A boxed, sendable future, as the transport traits return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -85,7 +94,7 @@ pub enum TransportSpec {
     /// (Firecracker, Cloud Hypervisor, vhost-device-vsock).
     Hybrid { path: PathBuf, port: u32 },
     /// `hyperv:VMID:PORT` — a Hyper-V socket to the VM `VMID` (a GUID) and the service id of
-    /// vsock port `PORT` (see [`crate::hyperv`]); Windows hosts only. Listening, `VMID` may be
+    /// vsock port `PORT` (see [`crate::transport::hyperv`]); Windows hosts only. Listening, `VMID` may be
     /// `any` (`HV_GUID_WILDCARD`: every VM).
     HyperV { vm_id: Guid, port: u32 },
 }
@@ -166,7 +175,7 @@ impl TransportSpec {
             }
             #[cfg(target_os = "linux")]
             TransportSpec::Vsock { cid, port } => {
-                let l = crate::vsock::VsockListener::bind(*cid, *port).map_err(bind_err)?;
+                let l = crate::transport::vsock::VsockListener::bind(*cid, *port).map_err(bind_err)?;
                 Ok(Box::new(VsockAcceptor(l)))
             }
             #[cfg(windows)]
@@ -275,10 +284,12 @@ impl Connector for SpecConnector {
                     Ok(TransportStream::Tcp(s))
                 }
                 #[cfg(target_os = "linux")]
-                TransportSpec::Vsock { cid, port } => crate::vsock::VsockStream::connect(*cid, *port)
-                    .await
-                    .map(TransportStream::Vsock)
-                    .map_err(connect_err),
+                TransportSpec::Vsock { cid, port } => {
+                    crate::transport::vsock::VsockStream::connect(*cid, *port)
+                        .await
+                        .map(TransportStream::Vsock)
+                        .map_err(connect_err)
+                }
                 #[cfg(not(target_os = "linux"))]
                 TransportSpec::Vsock { .. } => {
                     Err(TransportError::Unsupported { target: self.0.to_string() })
@@ -335,12 +346,12 @@ async fn hybrid_connect(
         }
         _ => io_err(e),
     };
-    stream::write_all(&s, format!("CONNECT {port}\n").as_bytes()).await.map_err(hung_up)?;
+    raw::write_all(&s, format!("CONNECT {port}\n").as_bytes()).await.map_err(hung_up)?;
     // Byte by byte: whatever follows the newline already belongs to the agent.
     let mut line = Vec::with_capacity(16);
     let mut byte = [0u8; 1];
     loop {
-        let n = stream::read(&s, &mut byte).await.map_err(hung_up)?;
+        let n = raw::read(&s, &mut byte).await.map_err(hung_up)?;
         if n == 0 || line.len() >= MAX_HYBRID_LINE {
             let answer = String::from_utf8_lossy(&line).into_owned();
             return Err(TransportError::HybridRefused {
@@ -404,7 +415,7 @@ impl Acceptor for HyperVAcceptor {
 
 #[cfg(target_os = "linux")]
 #[derive(Debug)]
-struct VsockAcceptor(crate::vsock::VsockListener);
+struct VsockAcceptor(crate::transport::vsock::VsockListener);
 
 #[cfg(target_os = "linux")]
 impl Acceptor for VsockAcceptor {
@@ -430,7 +441,7 @@ fn tcp_listener(addr: std::net::SocketAddr, own: &OwnSockets) -> io::Result<TcpL
 mod tests {
     use super::*;
     #[cfg(unix)]
-    use crate::stream::RawStream;
+    use crate::transport::raw::RawStream;
 
     #[test]
     fn specs_parse_and_print_back() {
@@ -519,17 +530,17 @@ mod tests {
             let mut got = [0u8; 13];
             let mut filled = 0;
             while filled < got.len() {
-                filled += stream::read(&s, &mut got[filled..]).await.unwrap();
+                filled += raw::read(&s, &mut got[filled..]).await.unwrap();
             }
             assert_eq!(&got, b"CONNECT 1024\n");
-            stream::write_all(&s, answer).await.unwrap();
+            raw::write_all(&s, answer).await.unwrap();
             let mut buf = [0u8; 64];
             loop {
-                let n = stream::read(&s, &mut buf).await.unwrap();
+                let n = raw::read(&s, &mut buf).await.unwrap();
                 if n == 0 {
                     break;
                 }
-                stream::write_all(&s, &buf[..n]).await.unwrap();
+                raw::write_all(&s, &buf[..n]).await.unwrap();
             }
         });
         (dir, path)
@@ -545,11 +556,11 @@ mod tests {
         let mut buf = [0u8; 4];
         let mut filled = 0;
         while filled < 4 {
-            filled += stream::read(&s, &mut buf[filled..]).await.unwrap();
+            filled += raw::read(&s, &mut buf[filled..]).await.unwrap();
         }
         assert_eq!(&buf, b"HNET");
-        stream::write_all(&s, b"ping").await.unwrap();
-        let n = stream::read(&s, &mut buf).await.unwrap();
+        raw::write_all(&s, b"ping").await.unwrap();
+        let n = raw::read(&s, &mut buf).await.unwrap();
         assert_eq!(&buf[..n], &b"ping"[..n]);
         s.shutdown_write().unwrap();
     }

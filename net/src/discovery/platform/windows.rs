@@ -23,7 +23,7 @@ use windows_sys::Win32::System::Threading::{
 };
 
 use super::{bind_errors, win_tables};
-use crate::watcher::{Found, ListenerSource, Table};
+use crate::discovery::source::{Found, ListenerSource, Table};
 
 /// Tries at growing the table buffer before giving up (the table may grow between calls).
 const SIZE_TRIES: usize = 8;

@@ -1,0 +1,92 @@
+//! The one stream type every transport yields.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+#[cfg(unix)]
+use tokio::net::UnixStream;
+
+use crate::sys::{AsSock, BorrowedSock};
+use crate::transport::raw::{RawStream, poll_read, poll_write};
+
+/// The stream every transport yields. An enum, not a trait object: the relay stays
+/// monomorphic and each variant keeps its raw fd for `splice(2)`.
+#[derive(Debug)]
+pub enum TransportStream {
+    #[cfg(unix)]
+    Unix(UnixStream),
+    Tcp(TcpStream),
+    #[cfg(target_os = "linux")]
+    Vsock(crate::transport::vsock::VsockStream),
+}
+
+macro_rules! each_variant {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self {
+            #[cfg(unix)]
+            TransportStream::Unix($s) => $e,
+            TransportStream::Tcp($s) => $e,
+            #[cfg(target_os = "linux")]
+            TransportStream::Vsock($s) => $e,
+        }
+    };
+}
+
+#[cfg(unix)]
+impl std::os::fd::AsFd for TransportStream {
+    fn as_fd(&self) -> BorrowedSock<'_> {
+        each_variant!(self, s => s.as_sock())
+    }
+}
+
+#[cfg(windows)]
+impl std::os::windows::io::AsSocket for TransportStream {
+    fn as_socket(&self) -> BorrowedSock<'_> {
+        each_variant!(self, s => s.as_sock())
+    }
+}
+
+impl RawStream for TransportStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_variant!(self, s => RawStream::poll_read_ready(s, cx))
+    }
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_variant!(self, s => RawStream::poll_write_ready(s, cx))
+    }
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        each_variant!(self, s => RawStream::try_read(s, buf))
+    }
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        each_variant!(self, s => RawStream::try_write(s, buf))
+    }
+    fn try_io_raw(
+        &self,
+        interest: tokio::io::Interest,
+        f: &mut dyn FnMut() -> io::Result<usize>,
+    ) -> Option<io::Result<usize>> {
+        each_variant!(self, s => RawStream::try_io_raw(s, interest, f))
+    }
+}
+
+impl AsyncRead for TransportStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let n = ready!(poll_read(&*self, cx, buf.initialize_unfilled()))?;
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for TransportStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        poll_write(&*self, cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.shutdown_write())
+    }
+}
