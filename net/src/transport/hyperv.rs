@@ -21,66 +21,48 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-/// A GUID in Windows' layout (the first three fields are integers, stored little-endian in
-/// `SOCKADDR_HV`; the text form prints them as numbers).
+/// A GUID (the `uuid` crate's), printed in upper case as Windows' registry and PowerShell
+/// show service ids, and laid out in `SOCKADDR_HV` as Windows keeps it in memory: the first
+/// three fields little-endian ([`Guid::to_bytes`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Guid {
-    pub data1: u32,
-    pub data2: u16,
-    pub data3: u16,
-    pub data4: [u8; 8],
-}
+pub struct Guid(pub uuid::Uuid);
 
 /// `HV_GUID_VSOCK_TEMPLATE`: the service id of vsock port 0.
 pub const VSOCK_TEMPLATE: Guid =
-    Guid { data1: 0, data2: 0xFACB, data3: 0x11E6, data4: [0xBD, 0x58, 0x64, 0x00, 0x6A, 0x79, 0x86, 0xD3] };
+    Guid(uuid::Uuid::from_fields(0, 0xFACB, 0x11E6, &[0xBD, 0x58, 0x64, 0x00, 0x6A, 0x79, 0x86, 0xD3]));
 
 /// `HV_GUID_WILDCARD` (all zeros): as a listener's VM id, connections from every partition.
-pub const WILDCARD: Guid = Guid { data1: 0, data2: 0, data3: 0, data4: [0; 8] };
+pub const WILDCARD: Guid = Guid(uuid::Uuid::nil());
 
 /// The Hyper-V service id of AF_VSOCK port `port`: the template with `port` as its first field.
 pub fn vsock_service_id(port: u32) -> Guid {
-    Guid { data1: port, ..VSOCK_TEMPLATE }
+    let (_, d2, d3, d4) = VSOCK_TEMPLATE.0.as_fields();
+    Guid(uuid::Uuid::from_fields(port, d2, d3, d4))
 }
 
 /// The AF_VSOCK port a service id stands for, if it follows the vsock template.
 pub fn vsock_port(service: &Guid) -> Option<u32> {
-    (Guid { data1: 0, ..*service } == VSOCK_TEMPLATE).then_some(service.data1)
+    let (port, ..) = service.0.as_fields();
+    (vsock_service_id(port) == *service).then_some(port)
 }
 
 impl Guid {
     /// The GUID as Windows keeps it in memory (and in `SOCKADDR_HV`): the first three fields
-    /// little-endian, then `data4` as is.
+    /// little-endian, then the last eight bytes as they are.
     pub fn to_bytes(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
-        b[..4].copy_from_slice(&self.data1.to_le_bytes());
-        b[4..6].copy_from_slice(&self.data2.to_le_bytes());
-        b[6..8].copy_from_slice(&self.data3.to_le_bytes());
-        b[8..].copy_from_slice(&self.data4);
-        b
+        self.0.to_bytes_le()
     }
 
     /// The inverse of [`Guid::to_bytes`].
     pub fn from_bytes(b: [u8; 16]) -> Guid {
-        let [a0, a1, a2, a3, b0, b1, c0, c1, d @ ..] = b;
-        Guid {
-            data1: u32::from_le_bytes([a0, a1, a2, a3]),
-            data2: u16::from_le_bytes([b0, b1]),
-            data3: u16::from_le_bytes([c0, c1]),
-            data4: d,
-        }
+        Guid(uuid::Uuid::from_bytes_le(b))
     }
 }
 
 impl fmt::Display for Guid {
     /// Upper-case `XXXXXXXX-XXXX-XXXX-XXXX-XXXXXXXXXXXX`, as the registry shows service ids.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let d = &self.data4;
-        write!(
-            f,
-            "{:08X}-{:04X}-{:04X}-{:02X}{:02X}-{:02X}{:02X}{:02X}{:02X}{:02X}{:02X}",
-            self.data1, self.data2, self.data3, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]
-        )
+        write!(f, "{:X}", self.0)
     }
 }
 
@@ -100,26 +82,10 @@ impl FromStr for Guid {
     type Err = BadGuid;
 
     /// `XXXXXXXX-XXXX-XXXX-XXXX-XXXXXXXXXXXX`, either case, optionally in braces (as
-    /// PowerShell's `(Get-VM name).Id` and the registry print it).
+    /// PowerShell's `(Get-VM name).Id` and the registry print it); the `uuid` crate's other
+    /// spellings (32 digits alone, `urn:uuid:`) are taken too.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || BadGuid(s.to_owned());
-        let inner = match s.strip_prefix('{') {
-            Some(rest) => rest.strip_suffix('}').ok_or_else(bad)?,
-            None => s,
-        };
-        let groups: Vec<&str> = inner.split('-').collect();
-        let [a, b, c, d, e] = groups.as_slice() else { return Err(bad()) };
-        let lens = [a.len(), b.len(), c.len(), d.len(), e.len()];
-        if lens != [8, 4, 4, 4, 12] || !inner.chars().all(|ch| ch == '-' || ch.is_ascii_hexdigit()) {
-            return Err(bad());
-        }
-        let tail = u64::from_str_radix(&format!("{d}{e}"), 16).map_err(|_| bad())?;
-        Ok(Guid {
-            data1: u32::from_str_radix(a, 16).map_err(|_| bad())?,
-            data2: u16::from_str_radix(b, 16).map_err(|_| bad())?,
-            data3: u16::from_str_radix(c, 16).map_err(|_| bad())?,
-            data4: tail.to_be_bytes(),
-        })
+        uuid::Uuid::parse_str(s).map(Guid).map_err(|_| BadGuid(s.to_owned()))
     }
 }
 
@@ -391,17 +357,19 @@ mod tests {
         }
         let other: Guid = "00000400-FACB-11E6-BD58-64006A7986D4".parse().unwrap();
         assert_eq!(vsock_port(&other), None, "not the vsock template");
+        let other: Guid = "00000400-FACB-11E7-BD58-64006A7986D3".parse().unwrap();
+        assert_eq!(vsock_port(&other), None, "not the vsock template");
     }
 
     #[test]
     fn guids_parse_in_every_usual_spelling_and_print_back() {
         let g: Guid = "{a42e7cda-d03f-480c-9cc2-a4de20abb878}".parse().unwrap();
-        assert_eq!(g.data1, 0xa42e_7cda);
-        assert_eq!(g.data2, 0xd03f);
-        assert_eq!(g.data3, 0x480c);
-        assert_eq!(g.data4, [0x9c, 0xc2, 0xa4, 0xde, 0x20, 0xab, 0xb8, 0x78]);
+        let (d1, d2, d3, d4) = g.0.as_fields();
+        assert_eq!((d1, d2, d3), (0xa42e_7cda, 0xd03f, 0x480c));
+        assert_eq!(d4, &[0x9c, 0xc2, 0xa4, 0xde, 0x20, 0xab, 0xb8, 0x78]);
         assert_eq!(g.to_string(), "A42E7CDA-D03F-480C-9CC2-A4DE20ABB878");
         assert_eq!("A42E7CDA-D03F-480C-9CC2-A4DE20ABB878".parse::<Guid>(), Ok(g));
+        assert_eq!("a42e7cdad03f480c9cc2a4de20abb878".parse::<Guid>(), Ok(g));
     }
 
     /// The example of Microsoft's docs and Linux's `hv_sock`: the vsock template is stored as
@@ -475,7 +443,6 @@ mod tests {
             "a42e7cda-d03f-480c-9cc2",
             "a42e7cda-d03f-480c-9cc2-a4de20abb87",
             "a42e7cda-d03f-480c-9cc2-a4de20abb8788",
-            "a42e7cdad03f480c9cc2a4de20abb878",
             "{a42e7cda-d03f-480c-9cc2-a4de20abb878",
             "g42e7cda-d03f-480c-9cc2-a4de20abb878",
             "+42e7cda-d03f-480c-9cc2-a4de20abb878",
