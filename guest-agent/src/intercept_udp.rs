@@ -17,6 +17,7 @@ use bytes::Bytes;
 use hostnet_net::Connector;
 use hostnet_net::discovery::own::OwnSockets;
 use hostnet_net::relay::udp::{Activity, DatagramBatch};
+use hostnet_net::tally::Tally;
 use hostnet_net::transport::handshake::{self, OpenError};
 use hostnet_protocol::Open;
 use hostnet_protocol::datagram::MAX_DATAGRAM_LEN;
@@ -40,7 +41,7 @@ pub async fn serve(
 ) {
     let mut flows: HashMap<(SocketAddr, SocketAddr), mpsc::Sender<Bytes>> = HashMap::new();
     let mut buf = vec![0u8; MAX_DATAGRAM_LEN];
-    let mut dropped = 0u64;
+    let dropped = Tally::default();
     loop {
         let received = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -57,8 +58,7 @@ pub async fn serve(
         let key = (client, original);
         if let Some(tx) = flows.get(&key).filter(|tx| !tx.is_closed()) {
             if tx.try_send(datagram).is_err() {
-                dropped += 1;
-                if dropped.is_power_of_two() {
+                if let Some(dropped) = dropped.one_more() {
                     warn!(%client, %original, dropped, "guest→host udp queue full: dropping");
                 }
             }
@@ -66,8 +66,7 @@ pub async fn serve(
         }
         flows.retain(|_, tx| !tx.is_closed());
         if flows.len() >= MAX_FLOWS {
-            dropped += 1;
-            if dropped.is_power_of_two() {
+            if let Some(dropped) = dropped.one_more() {
                 warn!(dropped, "over {MAX_FLOWS} guest→host UDP flows: dropping datagrams of new flows");
             }
             continue;

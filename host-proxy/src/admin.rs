@@ -73,12 +73,12 @@ impl Admin {
                 limited.len()
             ));
         }
-        let foreign = self.to_host.foreign_refused.load(std::sync::atomic::Ordering::Relaxed);
+        let foreign = self.to_host.foreign_refused.get();
         if let (true, Some(vm)) = (foreign > 0, self.to_host.guest_vm) {
             limits
                 .push(format!("{foreign} guest→host stream(s) refused from peers other than the VM ({vm})"));
         }
-        let refused = self.to_host.streams_refused.load(std::sync::atomic::Ordering::Relaxed);
+        let refused = self.to_host.streams_refused.get();
         if refused > 0 {
             limits.push(format!(
                 "{refused} guest→host stream(s) closed at once: {} were open, the limit (--max-guest-streams)",

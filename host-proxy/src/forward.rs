@@ -14,6 +14,7 @@ use hostnet_admin::{Direction, ForwardState};
 use hostnet_net::accept::next_accepted;
 use hostnet_net::discovery::own::OwnSockets;
 use hostnet_net::relay::tcp::{self, Outcome, RelayCounters};
+use hostnet_net::tally::Tally;
 use hostnet_net::transport::handshake::{self, FrameReader, OpenError};
 use hostnet_net::{Connector, RawStream};
 use hostnet_protocol::{Listener, ListenerSet, Open, Proto};
@@ -213,8 +214,8 @@ pub struct Forwards {
     pub(crate) own: OwnSockets,
     /// Everything refused over the limits, and agent streams that could not be opened: logs
     /// about them are rate-limited on these counts.
-    refused: Arc<AtomicU64>,
-    open_failures: Arc<AtomicU64>,
+    refused: Arc<Tally>,
+    open_failures: Arc<Tally>,
 }
 
 impl std::fmt::Debug for Forwards {
@@ -269,9 +270,10 @@ impl Forwards {
         self.reconcile().await;
     }
 
-    /// Counts one more thing refused over a limit; returns the count so far (all ports).
-    pub(crate) fn count_refused(&self) -> u64 {
-        self.refused.fetch_add(1, Ordering::Relaxed) + 1
+    /// Counts one more thing refused over a limit (all ports); `Some(count so far)` when it
+    /// should be logged.
+    pub(crate) fn count_refused(&self) -> Option<u64> {
+        self.refused.one_more()
     }
 
     /// The token connections opened now are closed by.
@@ -632,8 +634,7 @@ impl Forwards {
                 // storm cannot flood the log.
                 let _ = client.set_reset_on_close();
                 stats.refused.fetch_add(1, Ordering::Relaxed);
-                let refused = self.count_refused();
-                if refused.is_power_of_two() {
+                if let Some(refused) = self.count_refused() {
                     warn!(
                         port,
                         %peer,
@@ -659,8 +660,7 @@ impl Forwards {
     /// While the agent restarts every client fails the same way: say it at 1, 2, 4, 8…
     /// failures rather than once per client.
     fn open_failed(&self, e: &dyn std::fmt::Display) {
-        let failures = self.open_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures.is_power_of_two() {
+        if let Some(failures) = self.open_failures.one_more() {
             warn!("cannot open a stream to the agent: {e} ({failures} so far)");
         } else {
             debug!("cannot open a stream to the agent: {e}");

@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hostnet_net::accept::next_accepted;
@@ -18,6 +17,7 @@ use hostnet_net::discovery::own::OwnSockets;
 use hostnet_net::discovery::{source, watcher};
 use hostnet_net::relay::tcp;
 use hostnet_net::relay::udp;
+use hostnet_net::tally::Tally;
 use hostnet_net::transport::handshake::{self, FrameReader};
 use hostnet_net::transport::hyperv::{self, Guid};
 use hostnet_net::{TransportSpec, TransportStream};
@@ -40,9 +40,9 @@ pub struct ToHost {
     /// The desktop listeners it may not, each with why.
     pub withheld: watch::Receiver<Arc<BTreeMap<Listener, Withheld>>>,
     /// Streams closed at once because [`crate::limits::MAX_GUEST_STREAMS`] (or the configured limit) were open.
-    pub streams_refused: Arc<AtomicU64>,
+    pub streams_refused: Arc<Tally>,
     /// Streams refused because they came from a peer other than the VM.
-    pub foreign_refused: Arc<AtomicU64>,
+    pub foreign_refused: Arc<Tally>,
     /// The VM, when the transport tells peers apart.
     pub guest_vm: Option<VmIdentity>,
     /// The limit in force.
@@ -191,16 +191,14 @@ pub async fn start(
             next_accepted(|| acceptor.accept(), &shutdown2, "a guest→host stream").await
         {
             if !from_the_vm(&peer, guest_vm) {
-                let n = foreign.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
+                if let Some(n) = foreign.one_more() {
                     warn!(%peer, "refused a guest→host stream from a peer that is not the VM ({n} so far)");
                 }
                 continue;
             }
             let Ok(permit) = streams.clone().try_acquire_owned() else {
                 // Closed at once (the drop), counted; logged at 1, 2, 4, 8…
-                let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
+                if let Some(n) = refused.one_more() {
                     warn!("{max_streams} guest→host streams open, the limit: closing new ones ({n} so far)");
                 }
                 continue;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hostnet_net::relay::mmsg::{self, MMSG_BATCH};
 use hostnet_net::relay::udp::{Activity, DatagramBatch};
+use hostnet_net::tally::Tally;
 use hostnet_net::transport::handshake::{self, OpenError};
 use hostnet_protocol::{Open, Proto};
 use tokio::net::UdpSocket;
@@ -33,7 +34,7 @@ struct FlowHandle {
 #[derive(Debug, Default)]
 struct QueueStats {
     bytes: AtomicUsize,
-    dropped: AtomicU64,
+    dropped: Tally,
 }
 
 /// Serves one bound host UDP socket until `stop`.
@@ -97,8 +98,7 @@ impl PortFlows {
                 flow.queue.bytes.fetch_add(n, Ordering::Relaxed);
             } else {
                 // Queue full: UDP may drop, but never silently.
-                let dropped = flow.queue.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if dropped.is_power_of_two() {
+                if let Some(dropped) = flow.queue.dropped.one_more() {
                     warn!(port, %peer, dropped, "udp flow queue full ({FLOW_QUEUE_LEN} datagrams or {FLOW_QUEUE_BYTES} bytes): dropping");
                 }
             }
@@ -106,8 +106,7 @@ impl PortFlows {
         }
         let Ok(permit) = self.forwards.udp_flows.clone().try_acquire_owned() else {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
-            let refused = self.forwards.count_refused();
-            if refused.is_power_of_two() {
+            if let Some(refused) = self.forwards.count_refused() {
                 let limit = self.forwards.limits.udp_flows;
                 warn!(port, %peer, "{limit} UDP flows open, the limit: dropping datagrams from new clients ({refused} refused so far)");
             }
@@ -213,7 +212,7 @@ impl Flow {
             end = down => end,
         };
         let (to_guest, from_guest) = (to_guest.into_inner(), from_guest.into_inner());
-        let dropped = self.queue.dropped.load(Ordering::Relaxed);
+        let dropped = self.queue.dropped.get();
         if dropped > 0 {
             warn!(
                 to_guest,
