@@ -177,8 +177,22 @@ fn recv_into(
 ) -> io::Result<Received> {
     use std::os::fd::AsRawFd;
     let mut got = [sys::Meta::default(); MMSG_BATCH];
-    let n = socket
-        .try_io(tokio::io::Interest::READABLE, || sys::recvmmsg(socket.as_raw_fd(), slots, max, &mut got))?;
+    // Fewer than `max` means the queue ran dry (or an error stopped the batch, which arrived
+    // after the readiness this call acts on, so it brings an event of its own): the socket's
+    // readiness is cleared now, as a `WouldBlock` clears it — not by one more call that finds
+    // nothing, a system call per wake-up saved.
+    let mut short = 0;
+    let n = match socket.try_io(tokio::io::Interest::READABLE, || {
+        let n = sys::recvmmsg(socket.as_raw_fd(), slots, max, &mut got)?;
+        if n < max {
+            short = n;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    }) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => short,
+        r => r?,
+    };
     let mut received = Received::default();
     for (meta, slot) in got.iter().take(n).zip(slots.chunks(SLOT_LEN)) {
         match slot.get(..meta.len).filter(|_| !meta.truncated) {
