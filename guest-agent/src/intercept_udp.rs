@@ -20,7 +20,7 @@ use bytes::Bytes;
 use hostnet_net::Connector;
 use hostnet_net::handshake::{self, OpenError};
 use hostnet_net::own::OwnSockets;
-use hostnet_net::udp::{Activity, DatagramBatch, UDP_SOCKET_BUFFER};
+use hostnet_net::udp::{Activity, DatagramBatch};
 use hostnet_protocol::Open;
 use hostnet_protocol::datagram::MAX_DATAGRAM_LEN;
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt};
@@ -64,7 +64,7 @@ fn transparent_udp(addr: SocketAddr, own: &OwnSockets) -> std::io::Result<Socket
     }
     s.set_mark(AGENT_MARK)?;
     s.set_reuse_address(true)?;
-    let _ = s.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    hostnet_net::udp::size_receive_buffer(socket2::SockRef::from(&s));
     Ok(s)
 }
 
