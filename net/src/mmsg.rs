@@ -105,13 +105,15 @@ pub fn gso_run<D: AsRef<[u8]>>(datagrams: &[D]) -> usize {
 /// Whether this kernel cuts GSO messages for UDP (`UDP_SEGMENT`, Linux 4.18 and later). Asked
 /// once, the way quinn-udp asks, by setting the option on a spare socket: a kernel without it
 /// would ignore the control message and send the whole run as one datagram.
+#[cfg(target_os = "linux")]
 pub fn gso_supported() -> bool {
-    #[cfg(target_os = "linux")]
-    {
-        static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *SUPPORTED.get_or_init(sys::probe_gso)
-    }
-    #[cfg(not(target_os = "linux"))]
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(sys::probe_gso)
+}
+
+/// GSO is Linux's: elsewhere every datagram is a message of its own.
+#[cfg(not(target_os = "linux"))]
+pub fn gso_supported() -> bool {
     false
 }
 
