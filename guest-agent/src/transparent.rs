@@ -7,7 +7,6 @@ use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 
 use hostnet_net::discovery::own::OwnSockets;
-use hostnet_net::relay::udp::UDP_SOCKET_BUFFER;
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt};
 use socket2::{Socket, Type};
 use tokio::net::{TcpListener, UdpSocket};
@@ -56,7 +55,7 @@ fn udp_socket(addr: SocketAddr, own: &OwnSockets) -> io::Result<Socket> {
     }
     s.set_mark(AGENT_MARK)?;
     s.set_reuse_address(true)?;
-    let _ = s.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    hostnet_net::relay::udp::size_receive_buffer(socket2::SockRef::from(&s));
     Ok(s)
 }
 

@@ -915,7 +915,7 @@ fn bind(proto: Proto, addr: SocketAddr, own: &OwnSockets) -> io::Result<Bound> {
             Ok(Bound::Tcp(TcpListener::from_std(socket.into())?))
         }
         Proto::Udp => {
-            let _ = socket.set_recv_buffer_size(hostnet_net::relay::udp::UDP_SOCKET_BUFFER);
+            hostnet_net::relay::udp::size_receive_buffer(socket2::SockRef::from(&socket));
             hostnet_net::sys::prepare_udp_server(&socket)?;
             socket.bind(&addr.into())?;
             Ok(Bound::Udp(UdpSocket::from_std(socket.into())?))

@@ -1,5 +1,9 @@
 //! Many datagrams per system call: `recvmmsg(2)` and `sendmmsg(2)` on Linux, one datagram per
-//! call elsewhere. Each datagram keeps its boundaries: one receive slot, one send message each.
+//! call elsewhere. Each datagram keeps its boundaries: one receive slot each, and on the way out
+//! either a message each or, for a run of datagrams of one size, one GSO message (`UDP_SEGMENT`:
+//! the kernel builds one packet for the run, takes it through the IP stack once and cuts it into
+//! the same datagrams again before any receiver sees it — the per-datagram send path was most of
+//! the relay's CPU time in a datagram burst).
 //!
 //! Not nix's `recvmmsg`/`sendmmsg`: its `MultiHeaders` holds raw pointers (so it cannot live in
 //! a task across an `.await`), and the only way to learn how many datagrams `sendmmsg` took is
@@ -68,10 +72,56 @@ pub async fn recv_batch(
     }
 }
 
+/// Most datagrams in one GSO message: the kernel's `UDP_MAX_SEGMENTS` before Linux 6.9 (128
+/// since).
+pub const GSO_MAX_SEGMENTS: usize = 64;
+/// Most payload bytes in one GSO message: what one IPv4 UDP datagram may carry.
+const GSO_MAX_BYTES: usize = 65_507;
+
+/// How many datagrams at the head of `datagrams` can leave as one GSO message: a run of one
+/// non-zero size, ended early by one shorter datagram (the kernel's rule: every segment the
+/// same size but the last, which may be shorter), within the kernel's bounds. 1 where the head
+/// goes alone; 0 for no datagrams.
+pub fn gso_run<D: AsRef<[u8]>>(datagrams: &[D]) -> usize {
+    let mut lens = datagrams.iter().map(|d| d.as_ref().len());
+    let Some(size) = lens.next() else { return 0 };
+    if size == 0 {
+        return 1;
+    }
+    let (mut n, mut total) = (1, size);
+    for len in lens {
+        if n == GSO_MAX_SEGMENTS || len == 0 || len > size || total + len > GSO_MAX_BYTES {
+            break;
+        }
+        n += 1;
+        total += len;
+        if len < size {
+            break;
+        }
+    }
+    n
+}
+
+/// Whether this kernel cuts GSO messages for UDP (`UDP_SEGMENT`, Linux 4.18 and later). Asked
+/// once, the way quinn-udp asks, by setting the option on a spare socket: a kernel without it
+/// would ignore the control message and send the whole run as one datagram.
+#[cfg(target_os = "linux")]
+pub fn gso_supported() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(sys::probe_gso)
+}
+
+/// GSO is Linux's: elsewhere every datagram is a message of its own.
+#[cfg(not(target_os = "linux"))]
+pub fn gso_supported() -> bool {
+    false
+}
+
 /// Sends `datagrams` in order from `socket`, to `to` or (with `None`) to its connected peer,
-/// as many per system call as the kernel takes; waits while the socket's buffer is full. A
-/// datagram the kernel refuses goes to `refused(error)`: `true` drops that one datagram and
-/// carries on with the next, `false` stops with the error. Returns how many were sent.
+/// as many per system call as the kernel takes, runs of one size as GSO messages; waits while
+/// the socket's buffer is full. A datagram the kernel refuses goes to `refused(error)`: `true`
+/// drops that one datagram and carries on with the next, `false` stops with the error. Returns
+/// how many were sent.
 pub async fn send_batch<D: AsRef<[u8]>>(
     socket: &UdpSocket,
     datagrams: &[D],
@@ -79,20 +129,45 @@ pub async fn send_batch<D: AsRef<[u8]>>(
     mut refused: impl FnMut(&io::Error) -> bool,
 ) -> io::Result<usize> {
     let (mut done, mut sent) = (0, 0);
+    // Datagrams before this index leave one per message: their GSO message was refused.
+    let mut plain_until = 0;
     while let Some(rest) = datagrams.get(done..).filter(|r| !r.is_empty()) {
         socket.writable().await?;
-        match send_some(socket, rest, to) {
+        let gso = done >= plain_until && gso_supported();
+        match send_some(socket, rest, to, gso) {
             Ok(n) => {
                 done += n;
                 sent += n;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            // The head of `rest` is the datagram the kernel refused.
+            // A refusal of GSO itself (a route whose MTU is below the datagram size, a device
+            // without checksum offload, a run the kernel finds too long): the same datagrams
+            // again one by one, each accepted or refused on its own.
+            Err(e) if gso && gso_run(rest) > 1 && refuses_gso(&e) => plain_until = done + gso_run(rest),
+            // The head of `rest` is the datagram the kernel refused (for a GSO message, an
+            // error of the socket's, such as an earlier ICMP error: as without GSO, it costs
+            // the first datagram only).
             Err(e) if refused(&e) => done += 1,
             Err(e) => return Err(e),
         }
     }
     Ok(sent)
+}
+
+/// Errors with which the kernel refuses a GSO message for what GSO asks, not for the socket.
+fn refuses_gso(e: &io::Error) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EINVAL | libc::EIO | libc::EMSGSIZE | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+        )
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = e;
+        false
+    }
 }
 
 #[cfg(target_os = "linux")]
@@ -104,8 +179,22 @@ fn recv_into(
 ) -> io::Result<Received> {
     use std::os::fd::AsRawFd;
     let mut got = [sys::Meta::default(); MMSG_BATCH];
-    let n = socket
-        .try_io(tokio::io::Interest::READABLE, || sys::recvmmsg(socket.as_raw_fd(), slots, max, &mut got))?;
+    // Fewer than `max` means the queue ran dry (or an error stopped the batch, which arrived
+    // after the readiness this call acts on, so it brings an event of its own): the socket's
+    // readiness is cleared now, as a `WouldBlock` clears it — not by one more call that finds
+    // nothing, a system call per wake-up saved.
+    let mut short = 0;
+    let n = match socket.try_io(tokio::io::Interest::READABLE, || {
+        let n = sys::recvmmsg(socket.as_raw_fd(), slots, max, &mut got)?;
+        if n < max {
+            short = n;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    }) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => short,
+        r => r?,
+    };
     let mut received = Received::default();
     for (meta, slot) in got.iter().take(n).zip(slots.chunks(SLOT_LEN)) {
         match slot.get(..meta.len).filter(|_| !meta.truncated) {
@@ -142,16 +231,20 @@ fn recv_into(
     Ok(received)
 }
 
-/// Sends the first datagrams of `datagrams` (at least one, unless it fails).
+/// Sends the first datagrams of `datagrams` (at least one, unless it fails), runs of one size
+/// as GSO messages if `gso`.
 #[cfg(target_os = "linux")]
 fn send_some<D: AsRef<[u8]>>(
     socket: &UdpSocket,
     datagrams: &[D],
     to: Option<SocketAddr>,
+    gso: bool,
 ) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
     let to = to.map(socket2::SockAddr::from);
-    socket.try_io(tokio::io::Interest::WRITABLE, || sys::sendmmsg(socket.as_raw_fd(), datagrams, to.as_ref()))
+    socket.try_io(tokio::io::Interest::WRITABLE, || {
+        sys::sendmmsg(socket.as_raw_fd(), datagrams, to.as_ref(), gso)
+    })
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -159,6 +252,7 @@ fn send_some<D: AsRef<[u8]>>(
     socket: &UdpSocket,
     datagrams: &[D],
     to: Option<SocketAddr>,
+    _gso: bool,
 ) -> io::Result<usize> {
     let Some(d) = datagrams.first() else { return Ok(0) };
     match to {
@@ -233,37 +327,100 @@ mod sys {
         Ok(n)
     }
 
+    /// Room for one `UDP_SEGMENT` control message (a `u16`), aligned as a `cmsghdr` must be.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(8))]
+    struct GsoControl([u8; 32]);
+
     /// `sendmmsg(2)` of up to [`MMSG_BATCH`] of `datagrams`, to `to` or the connected peer,
-    /// without waiting; returns how many the kernel took (it stops at the first it refuses,
-    /// and fails only if that is the first).
+    /// without waiting; with `gso`, each run of one size (see [`super::gso_run`]) is one
+    /// message the kernel cuts into its datagrams. Returns how many datagrams the kernel took
+    /// (it stops at the first message it refuses, and fails only if that is the first).
     pub(super) fn sendmmsg<D: AsRef<[u8]>>(
         fd: RawFd,
         datagrams: &[D],
         to: Option<&SockAddr>,
+        gso: bool,
     ) -> io::Result<usize> {
+        let datagrams = datagrams.get(..MMSG_BATCH).unwrap_or(datagrams);
         let mut iovs = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MMSG_BATCH];
-        let mut headers: [libc::mmsghdr; MMSG_BATCH] = std::array::from_fn(|_| empty_header());
-        let mut count = 0;
-        for ((d, iov), header) in datagrams.iter().zip(&mut iovs).zip(&mut headers) {
+        for (d, iov) in datagrams.iter().zip(&mut iovs) {
             let d = d.as_ref();
             // The kernel only reads through a send's iovec; the cast is what the C type asks.
             *iov = libc::iovec { iov_base: d.as_ptr().cast_mut().cast(), iov_len: d.len() };
-            if let Some(to) = to {
-                header.msg_hdr.msg_name = to.as_ptr().cast_mut().cast();
-                header.msg_hdr.msg_namelen = to.len();
+        }
+        // Messages: (first datagram, datagrams in it, each one's size when more than one).
+        let mut messages = [(0usize, 0usize, 0u16); MMSG_BATCH];
+        let (mut count, mut used) = (0, 0);
+        while let Some(rest) = datagrams.get(used..).filter(|r| !r.is_empty()) {
+            let run = if gso { super::gso_run(rest) } else { 1 };
+            let size = rest.first().map_or(0, |d| d.as_ref().len());
+            if let Some(m) = messages.get_mut(count) {
+                *m = (used, run, u16::try_from(size).unwrap_or(u16::MAX));
             }
-            header.msg_hdr.msg_iov = iov;
-            header.msg_hdr.msg_iovlen = 1;
             count += 1;
+            used += run;
         }
         if count == 0 {
             return Ok(0);
         }
-        // SAFETY: the first `count` headers each point at one iovec over a datagram borrowed
-        // for the whole call and, when given, at `to`'s address of its stated length; the
-        // kernel only reads them (and writes each header's `msg_len`).
+        let mut controls = [GsoControl([0; 32]); MMSG_BATCH];
+        let mut headers: [libc::mmsghdr; MMSG_BATCH] = std::array::from_fn(|_| empty_header());
+        // One base pointer for each array, taken after the last write through the arrays
+        // themselves: the headers point into them by offset.
+        let (iov_base, control_base) = (iovs.as_mut_ptr(), controls.as_mut_ptr());
+        for (i, (header, &(first, run, size))) in headers.iter_mut().zip(&messages).take(count).enumerate() {
+            if let Some(to) = to {
+                header.msg_hdr.msg_name = to.as_ptr().cast_mut().cast();
+                header.msg_hdr.msg_namelen = to.len();
+            }
+            // SAFETY: `first + run <= datagrams.len() <= MMSG_BATCH`: inside `iovs`.
+            header.msg_hdr.msg_iov = unsafe { iov_base.add(first) };
+            header.msg_hdr.msg_iovlen = run as _;
+            if run > 1 {
+                // SAFETY: `i < count <= MMSG_BATCH`: inside `controls`; each message has its
+                // own, 8-byte aligned and larger than `CMSG_SPACE(2)` (24 bytes on 64-bit,
+                // checked below). `CMSG_FIRSTHDR` of a header whose control buffer is that
+                // space is its start, and `CMSG_DATA` lies within it.
+                unsafe {
+                    let space = libc::CMSG_SPACE(std::mem::size_of::<u16>() as _) as usize;
+                    debug_assert!(space <= std::mem::size_of::<GsoControl>());
+                    header.msg_hdr.msg_control = control_base.add(i).cast();
+                    header.msg_hdr.msg_controllen = space as _;
+                    let cmsg = libc::CMSG_FIRSTHDR(&header.msg_hdr);
+                    (*cmsg).cmsg_level = libc::SOL_UDP;
+                    (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+                    (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as _) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), size);
+                }
+            }
+        }
+        // SAFETY: the first `count` headers each point at `run` iovecs over datagrams borrowed
+        // for the whole call, at their own control buffer when GSO cuts them, and when given at
+        // `to`'s address of its stated length; `iovs`, `controls` and `to` outlive the call, and
+        // the kernel only reads them (and writes each header's `msg_len`).
         let n = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), count as libc::c_uint, 0) };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        Ok(messages.iter().take(n).map(|&(_, run, _)| run).sum())
+    }
+
+    /// Whether the kernel knows `UDP_SEGMENT` (setting it on a spare socket works).
+    pub(super) fn probe_gso() -> bool {
+        let Ok(s) = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None) else {
+            return false;
+        };
+        let size: libc::c_int = 1200;
+        // SAFETY: a valid socket, and an option value of the size given, read by the kernel.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_UDP,
+                libc::UDP_SEGMENT,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        r == 0
     }
 }
 
@@ -360,6 +517,65 @@ mod tests {
         let (got, _) = recv_all(&b, n).await;
         let got: Vec<Vec<u8>> = got.into_iter().map(|(d, _)| d).collect();
         assert_eq!(got, sent);
+    }
+
+    #[test]
+    fn gso_runs_are_one_size_with_at_most_one_shorter_last() {
+        let lens = |v: &[usize]| v.iter().map(|&n| vec![0u8; n]).collect::<Vec<_>>();
+        assert_eq!(gso_run::<Vec<u8>>(&[]), 0);
+        assert_eq!(gso_run(&lens(&[64, 64, 64])), 3);
+        assert_eq!(gso_run(&lens(&[64, 64, 10, 64])), 3, "a shorter one ends the run");
+        assert_eq!(gso_run(&lens(&[64, 100, 64])), 1, "a longer one cannot follow");
+        assert_eq!(gso_run(&lens(&[0, 0])), 1, "empty datagrams go alone");
+        assert_eq!(gso_run(&lens(&[64, 0])), 1);
+        assert_eq!(gso_run(&lens(&[1; 100])), GSO_MAX_SEGMENTS);
+        assert_eq!(gso_run(&lens(&[30_000, 30_000, 30_000])), 2, "within one datagram's bytes");
+        assert_eq!(gso_run(&lens(&[65_507, 65_507])), 1);
+    }
+
+    /// Runs of one size (GSO messages where the kernel has them), runs ended by a shorter
+    /// datagram, empty ones and single ones, in one batch: every datagram arrives whole, alone
+    /// and in order.
+    #[tokio::test]
+    async fn runs_of_one_size_arrive_as_the_datagrams_sent() {
+        let (a, b) = pair().await;
+        let mut lens = vec![1400; 20];
+        lens.extend([1400, 700, 64, 64, 64, 0, 0, 64, 3, 3, 3, 3, 1]);
+        lens.extend([1; 70]);
+        lens.extend([20_000; 4]);
+        let sent: Vec<Vec<u8>> = lens.iter().enumerate().map(|(i, &len)| datagram(i, len)).collect();
+        let count = send_batch(&a, &sent, None, |e| panic!("refused: {e}")).await.unwrap();
+        assert_eq!(count, sent.len());
+        let (got, _) = recv_all(&b, sent.len()).await;
+        let got: Vec<Vec<u8>> = got.into_iter().map(|(d, _)| d).collect();
+        assert_eq!(got, sent);
+    }
+
+    /// A GSO message the kernel refuses for GSO's sake (here: a socket sending without UDP
+    /// checksums, which GSO needs; elsewhere a route whose MTU is below the datagrams) goes
+    /// again one datagram at a time, and nothing is reported refused.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_run_gso_refuses_goes_one_by_one() {
+        use std::os::fd::AsRawFd;
+        let (a, b) = pair().await;
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket and an option value of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                a.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NO_CHECK,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "SO_NO_CHECK: {}", io::Error::last_os_error());
+        let sent: Vec<Vec<u8>> = (0..40).map(|i| datagram(i, 100)).collect();
+        let count = send_batch(&a, &sent, None, |e| panic!("refused: {e}")).await.unwrap();
+        assert_eq!(count, sent.len());
+        let (got, _) = recv_all(&b, sent.len()).await;
+        assert_eq!(got.into_iter().map(|(d, _)| d).collect::<Vec<_>>(), sent);
     }
 
     #[tokio::test]

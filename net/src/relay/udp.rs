@@ -11,8 +11,47 @@ use crate::transport::handshake::FrameReader;
 use crate::transport::raw::{self, RawStream};
 
 /// Socket receive buffer asked for on relay sockets: a burst of small datagrams must fit while
-/// the relay task is busy. The kernel caps it at `net.core.rmem_max`.
+/// the relay task is busy. The kernel caps it at `net.core.rmem_max` unless the process may
+/// go beyond (see [`size_receive_buffer`]).
 pub const UDP_SOCKET_BUFFER: usize = 4 << 20;
+
+/// Gives a relay socket a receive buffer of [`UDP_SOCKET_BUFFER`]. On Linux the kernel caps
+/// what a process asks for at `net.core.rmem_max` — 208 KiB on most distributions, where a
+/// 64-byte datagram takes ~1 KiB of buffer, so a few hundred datagrams — unless the process
+/// has `CAP_NET_ADMIN` (`SO_RCVBUFFORCE`): the agent when it intercepts guest→host traffic, or
+/// anything run as root. When the buffer is capped below what was asked, it says so once per
+/// process (a burst beyond it is dropped by the kernel, counted in `/proc/net/udp`).
+pub fn size_receive_buffer(s: socket2::SockRef<'_>) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let want = libc::c_int::try_from(UDP_SOCKET_BUFFER).unwrap_or(libc::c_int::MAX);
+        // SAFETY: a valid socket and an option value of the size given, read by the kernel.
+        let forced = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&want as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        } == 0;
+        if forced {
+            return;
+        }
+    }
+    let _ = s.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    // Linux reports twice what it grants (the other half is its bookkeeping).
+    let granted = s.recv_buffer_size().unwrap_or(0) / if cfg!(target_os = "linux") { 2 } else { 1 };
+    static TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if granted < UDP_SOCKET_BUFFER && !TOLD.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::info!(
+            "UDP receive buffers are capped at {granted} bytes (asked for {UDP_SOCKET_BUFFER}): a burst of \
+             datagrams beyond that is dropped by the kernel; on Linux, raise net.core.rmem_max for bursty \
+             UDP traffic"
+        );
+    }
+}
 
 /// Bytes of datagrams gathered into one write to the stream.
 pub const BATCH_BYTES: usize = 256 * 1024;
@@ -217,7 +256,7 @@ pub async fn connected_socket(
     }
     #[cfg(not(target_os = "linux"))]
     let _ = mark;
-    let _ = s.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    size_receive_buffer(socket2::SockRef::from(&s));
     s.bind(&local.into())?;
     own.register_local(&s);
     let socket = UdpSocket::from_std(s.into())?;

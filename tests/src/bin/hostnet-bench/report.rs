@@ -23,6 +23,8 @@ impl Goal {
     fn text(self, unit: &str) -> String {
         match self {
             Goal::None => String::new(),
+            // No socat figure to compare with (UDP): the direct ratio alone.
+            Goal::Ratios { direct, socat: 0.0 } => format!("≥ {direct}× direct"),
             Goal::Ratios { direct, socat } => format!("≥ {direct}× direct, ≥ {socat}× socat"),
             Goal::AddedAtMost(v) => format!("≤ +{} {unit}", plain(v)),
             Goal::AtLeast(v) => format!("≥ {} {unit}", plain(v)),

@@ -7,13 +7,87 @@ use std::time::{Duration, Instant};
 
 use hostnet_tests::DEADLINE;
 
-/// Paced rates tried in order; the result is the last one with every echo back.
-pub const LADDER: [f64; 9] =
-    [10_000.0, 25_000.0, 50_000.0, 75_000.0, 100_000.0, 150_000.0, 200_000.0, 300_000.0, 400_000.0];
+/// Paced rates tried in order; the result is the last one with every echo back. Above 100 000
+/// no two neighbours are further apart than 0.8× (the target's ratio), so one step of noise
+/// cannot by itself decide it.
+pub const LADDER: [f64; 13] = [
+    10_000.0, 25_000.0, 50_000.0, 75_000.0, 100_000.0, 125_000.0, 150_000.0, 175_000.0, 200_000.0, 250_000.0,
+    300_000.0, 350_000.0, 400_000.0,
+];
 
-/// The highest rate (of [`LADDER`]) at which every datagram of a paced run comes back.
-pub fn lossless_rate(target: SocketAddr, size: usize, seconds: f64) -> f64 {
+/// Where the datagrams of the first step that lost some were dropped.
+#[derive(Debug, Clone, Default)]
+pub struct Losses {
+    /// The step's rate.
+    pub rate: f64,
+    /// Datagrams sent and echoes received.
+    pub sent: u64,
+    pub got: u64,
+    /// Datagrams each socket's receive buffer dropped during the step (the `drops` column of
+    /// `/proc/net/udp`), by the socket's role on the path; zero counts are left out.
+    pub by: Vec<(&'static str, u64)>,
+}
+
+impl Losses {
+    /// "at 75 000 /s, 120 of 22 500 lost: echo server 100, agent's flow socket 20".
+    pub fn text(&self) -> String {
+        let lost = self.sent - self.got;
+        let counted: u64 = self.by.iter().map(|(_, n)| n).sum();
+        let mut parts: Vec<String> = self.by.iter().map(|(who, n)| format!("{who} {n}")).collect();
+        if lost > counted {
+            // Not at a socket: a flow's queue in the proxy (its log says so), or in flight.
+            parts.push(format!("no socket {}", lost - counted));
+        }
+        format!(
+            "at {} /s, {} of {} lost: {}",
+            crate::report::num(self.rate),
+            lost,
+            self.sent,
+            if parts.is_empty() { "none counted".into() } else { parts.join(", ") }
+        )
+    }
+}
+
+/// Drop counters of the path's sockets, by role, given the client socket's port.
+pub type DropProbe<'a> = &'a dyn Fn(u16) -> Vec<(&'static str, u64)>;
+
+/// One UDP socket as `/proc/net/udp{,6}` lists it: its ports and the datagrams its receive
+/// buffer had no room for.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketDrops {
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub drops: u64,
+}
+
+/// Every UDP socket of the calling thread's network namespace.
+pub fn socket_drops() -> Vec<SocketDrops> {
+    let mut out = Vec::new();
+    for table in ["/proc/thread-self/net/udp", "/proc/thread-self/net/udp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let port = |a: &str| a.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            if let (Some(local_port), Some(remote_port), Some(drops)) =
+                (port(f[1]), port(f[2]), f.get(12).and_then(|d| d.parse().ok()))
+            {
+                out.push(SocketDrops { local_port, remote_port, drops });
+            }
+        }
+    }
+    out
+}
+
+/// The highest rate (of [`LADDER`]) at which every datagram of a paced run comes back, and
+/// where the first step that lost datagrams lost them (`None` if none did).
+pub fn lossless_rate(
+    target: SocketAddr,
+    size: usize,
+    seconds: f64,
+    probe: DropProbe,
+) -> (f64, Option<Losses>) {
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let client_port = c.local_addr().unwrap().port();
     let _ = socket2::SockRef::from(&c).set_recv_buffer_size(8 << 20);
     c.connect(target).unwrap();
     c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
@@ -25,13 +99,20 @@ pub fn lossless_rate(target: SocketAddr, size: usize, seconds: f64) -> f64 {
     }
     let mut best = 0.0;
     for rate in LADDER {
+        let before = probe(client_port);
         let (sent, got) = paced_run(&c, size, rate, seconds);
         if got < sent {
-            break;
+            let after = probe(client_port);
+            let by = after
+                .into_iter()
+                .map(|(who, n)| (who, n - before.iter().find(|(w, _)| *w == who).map_or(0, |(_, b)| *b)))
+                .filter(|(_, n)| *n > 0)
+                .collect();
+            return (best, Some(Losses { rate, sent, got, by }));
         }
         best = rate;
     }
-    best
+    (best, None)
 }
 
 /// Rate of the CPU workload: below every path's lossless rate, so the work done is the same.
