@@ -32,6 +32,16 @@ pub const BULK_READ: usize = 32 * 1024;
 
 const _: () = assert!(RELAY_BUF_LEN <= chunk::MAX_CHUNK_LEN);
 
+/// Whether bulk transfers may use the splice gear (on by default where it exists).
+static SPLICE: AtomicBool = AtomicBool::new(true);
+
+/// Turns the splice gear on or off for this process: off, every bulk byte takes the buffer
+/// gear, as it does over vsock and on macOS and Windows (`--no-splice`, to measure that path
+/// on Linux).
+pub fn set_splice(on: bool) {
+    SPLICE.store(on, Ordering::Relaxed);
+}
+
 /// How a relayed connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -195,7 +205,7 @@ enum Bulk {
 
 fn bulk_for<L: RawStream, P: RawStream>(local: &L, peer: &P) -> Bulk {
     let can_splice = |s: &dyn RawStream| s.try_io_raw(Interest::READABLE, &mut || Ok(0)).is_some();
-    if can_splice(local) && can_splice(peer) {
+    if SPLICE.load(Ordering::Relaxed) && can_splice(local) && can_splice(peer) {
         if let Ok(pipe) = Pipe::new(RELAY_BUF_LEN) {
             return Bulk::Pipe(pipe);
         }
