@@ -74,6 +74,9 @@ enum Workload {
     Connect,
     /// Memory per idle connection.
     Memory,
+    /// The real VM (QEMU TCG, virtio-vsock): hostnet against the raw vsock link, both ways.
+    /// Needs the guest image and the vsock backend (skipped, and said so, without them).
+    Vm,
 }
 
 /// Sizes of one run.
@@ -363,6 +366,13 @@ fn main() {
         });
     }
 
+    if run(Workload::Vm) {
+        guard("vm", &mut rows, &mut failed, |rows| {
+            step("the real VM (QEMU TCG): hostnet vs the raw vsock link");
+            real_vm(rows);
+        });
+    }
+
     report::print_table(&rows);
     let total = started.elapsed();
     let stolen = procs::steal_seconds() - steal_at_start;
@@ -520,6 +530,47 @@ fn stop_buffer_gear_demo(demo: Option<Demo>) {
     if let Some(d) = demo {
         d.stop();
     }
+}
+
+/// Rounds of each real-VM transfer (the median is reported).
+const VM_ROUNDS: usize = 3;
+
+/// The real VM's rows: bulk transfers through hostnet and over the raw vsock link hostnet runs
+/// on (in the "direct" column), both directions, from a desktop client and from a guest program.
+fn real_vm(rows: &mut Vec<Row>) {
+    if let Some(why) = hostnet_tests::vm::missing() {
+        println!("skipping the real VM: {why}");
+        rows.push(Row::new("real VM: not measured", "").note(why));
+        return;
+    }
+    let (vm, boot) = hostnet_tests::vm::Vm::start();
+    rows.push(
+        Row::new("real VM: start → first port forwarded", "s")
+            .hostnet(boot.as_secs_f64())
+            .note("installer/run-vm: vsock backend, QEMU TCG boot, agent, proxy"),
+    );
+    let mb = hostnet_tests::vm::BULK_BYTES >> 20;
+    let desktop = vm.desktop_client_transfers(VM_ROUNDS, |_, _| {});
+    let targets = vm.serve_desktop_bulk();
+    let guest = vm.guest_client_transfers(&targets, VM_ROUNDS, |_, _| {});
+    for (who, t, clock) in [
+        ("desktop client", &desktop, "the desktop's clock"),
+        ("guest client", &guest, "the guest's clock"),
+    ] {
+        let [raw_in, net_in, raw_out, net_out] = t.medians();
+        for (dir, raw, net) in [("host → guest", raw_in, net_in), ("guest → host", raw_out, net_out)] {
+            rows.push(
+                Row::new(format!("real VM ({who}), {dir}"), "MiB/s")
+                    .direct(raw)
+                    .hostnet(net)
+                    .goal(Goal::VsDirect(0.8))
+                    .note(format!(
+                        "direct: the raw vsock link hostnet runs on; median of {VM_ROUNDS} × {mb} MiB, {clock}; QEMU TCG (no KVM), compare the ratio"
+                    )),
+            );
+        }
+    }
+    drop(vm);
 }
 
 /// Memory per idle connection in KiB: opens `n` connections to a guest server that holds them,
