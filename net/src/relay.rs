@@ -203,9 +203,10 @@ enum Bulk {
     Pipe(Pipe),
 }
 
-fn bulk_for<L: RawStream, P: RawStream>(local: &L, peer: &P) -> Bulk {
-    let can_splice = |s: &dyn RawStream| s.try_io_raw(Interest::READABLE, &mut || Ok(0)).is_some();
-    if SPLICE.load(Ordering::Relaxed) && can_splice(local) && can_splice(peer) {
+/// The bulk gear for bytes moving `from` → `to`.
+fn bulk_for<F: RawStream, T: RawStream>(from: &F, to: &T) -> Bulk {
+    let can = |s: &dyn RawStream, interest| s.try_io_raw(interest, &mut || Ok(0)).is_some();
+    if SPLICE.load(Ordering::Relaxed) && can(from, Interest::READABLE) && can(to, Interest::WRITABLE) {
         if let Ok(pipe) = Pipe::new(RELAY_BUF_LEN) {
             return Bulk::Pipe(pipe);
         }
@@ -255,35 +256,37 @@ async fn drain_pipe<S: RawStream>(pipe: &mut Pipe, to: &S) -> io::Result<()> {
 }
 
 /// One bulk step the other way without user-space copies: the chunk headers are read (4
-/// bytes at a time at most), the data between them goes peer → pipe → local.
+/// bytes at a time at most), the data between them goes peer → pipe → local. `Ok(false)`:
+/// `splice(2)` is refused here (nothing was moved), use a buffer.
 async fn splice_down<P: RawStream, L: RawStream>(
     peer: &P,
     local: &L,
     pipe: &mut Pipe,
     decoder: &mut ChunkDecoder,
     counters: &RelayCounters,
-) -> Result<(), Outcome> {
+) -> Result<bool, Outcome> {
     let remaining = decoder.data_remaining();
     if remaining == 0 {
         let mut header = [0u8; CHUNK_HEADER_LEN];
         let need = decoder.header_needed().min(CHUNK_HEADER_LEN);
         return match peer.try_read(header.get_mut(..need).unwrap_or_default()) {
             Ok(0) => Err(Outcome::PeerVanished),
-            Ok(k) => deliver(decoder, header.get(..k).unwrap_or_default(), local, counters).await,
-            Err(e) if !is_reset_like(&e) => Ok(()),
+            Ok(k) => deliver(decoder, header.get(..k).unwrap_or_default(), local, counters).await.map(|()| true),
+            Err(e) if !is_reset_like(&e) => Ok(true),
             Err(_) => Err(Outcome::PeerVanished),
         };
     }
     let n = match peer.try_io_raw(Interest::READABLE, &mut || pipe.fill_from(peer.as_sock(), remaining)) {
         Some(Ok(0)) => return Err(Outcome::PeerVanished),
         Some(Ok(n)) => n,
-        Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+        Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+        Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
         _ => return Err(Outcome::PeerVanished),
     };
     decoder.skip_data(n);
     drain_pipe(pipe, local).await.map_err(|_| Outcome::LocalReset)?;
     counters.from_peer.fetch_add(n as u64, Ordering::Relaxed);
-    Ok(())
+    Ok(true)
 }
 
 fn is_reset_like(e: &io::Error) -> bool {
@@ -453,8 +456,11 @@ async fn pump_down<P: RawStream, L: RawStream>(
         }
         match own.as_mut() {
             Some(Bulk::Pipe(pipe)) if !decoder.is_finished() => {
-                if let Err(end) = splice_down(peer, local, pipe, &mut decoder, counters).await {
-                    return end;
+                match splice_down(peer, local, pipe, &mut decoder, counters).await {
+                    Ok(true) => {}
+                    // This kernel or socket does not splice: copy instead.
+                    Ok(false) => own = Some(Bulk::Buffer(new_buffer())),
+                    Err(end) => return end,
                 }
                 continue;
             }
@@ -488,7 +494,7 @@ async fn pump_down<P: RawStream, L: RawStream>(
         match step {
             Ok(None) => {
                 if read >= BULK_READ {
-                    own.get_or_insert_with(|| bulk_for(local, peer));
+                    own.get_or_insert_with(|| bulk_for(peer, local));
                 }
             }
             Ok(Some(Leftover { data, raw })) => {
@@ -500,7 +506,7 @@ async fn pump_down<P: RawStream, L: RawStream>(
                     return end;
                 }
                 // The local side is slower than the peer: a bulk transfer.
-                own.get_or_insert_with(|| bulk_for(local, peer));
+                own.get_or_insert_with(|| bulk_for(peer, local));
             }
             Err(end) => return end,
         }
