@@ -109,6 +109,27 @@ impl Vm {
         self.child.as_ref().map(Child::id)
     }
 
+    /// CPU-seconds QEMU has used so far: the emulated guest's whole work (TCG), which a
+    /// transfer's share of shows what it costs the guest, less bent by this machine's load
+    /// than its rate.
+    pub fn guest_cpu_seconds(&self) -> f64 {
+        let Some(qemu) = self.pid().and_then(|p| {
+            descendants(p).into_iter().find(|&c| {
+                std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.starts_with("qemu-system"))
+            })
+        }) else {
+            return 0.0;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{qemu}/stat")).unwrap_or_default();
+        // After the `(comm)`: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest.split_whitespace().skip(1).map(|v| v.parse().unwrap_or(0)).collect();
+        let ticks = f.get(14 - 4).copied().unwrap_or(0) + f.get(15 - 4).copied().unwrap_or(0);
+        // SAFETY: sysconf reads a constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+        ticks as f64 / hz as f64
+    }
+
     /// A raw hybrid-vsock connection to guest vsock port `port`: `CONNECT`, then `OK …`.
     pub fn vsock(&self, port: u32) -> UnixStream {
         let mut s = UnixStream::connect(self.run.join("vm.vsock")).unwrap();
@@ -171,10 +192,15 @@ impl Vm {
         let raw = || self.vsock(GUEST_BULK_VSOCK_PORT);
         let mut t = Transfers::default();
         for round in 1..=rounds {
-            t.raw_in.push(timed_transfer("raw vsock, host → guest", raw, true));
-            t.hostnet_in.push(timed_transfer("hostnet, host → guest", through_hostnet, true));
-            t.raw_out.push(timed_transfer("raw vsock, guest → host", raw, false));
-            t.hostnet_out.push(timed_transfer("hostnet, guest → host", through_hostnet, false));
+            t.raw_in.push(self.costed(&mut t.guest_cpu[0], || timed_transfer("raw vsock, host → guest", raw, true)));
+            t.hostnet_in.push(self.costed(&mut t.guest_cpu[1], || {
+                timed_transfer("hostnet, host → guest", through_hostnet, true)
+            }));
+            t.raw_out
+                .push(self.costed(&mut t.guest_cpu[2], || timed_transfer("raw vsock, guest → host", raw, false)));
+            t.hostnet_out.push(self.costed(&mut t.guest_cpu[3], || {
+                timed_transfer("hostnet, guest → host", through_hostnet, false)
+            }));
             each(round, &t);
         }
         t
@@ -208,14 +234,40 @@ impl Vm {
         });
         let mut t = Transfers::default();
         for round in 1..=rounds {
-            t.raw_in.push(self.guest_transfer(raw, false));
-            t.hostnet_in.push(self.guest_transfer(through_hostnet, false));
-            t.raw_out.push(self.guest_transfer(raw, true));
-            t.hostnet_out.push(self.guest_transfer(through_hostnet, true));
+            t.raw_in.push(self.costed(&mut t.guest_cpu[0], || self.guest_transfer(raw, false)));
+            t.hostnet_in.push(self.costed(&mut t.guest_cpu[1], || self.guest_transfer(through_hostnet, false)));
+            t.raw_out.push(self.costed(&mut t.guest_cpu[2], || self.guest_transfer(raw, true)));
+            t.hostnet_out.push(self.costed(&mut t.guest_cpu[3], || self.guest_transfer(through_hostnet, true)));
             each(round, &t);
         }
         t
     }
+}
+
+impl Vm {
+    /// Runs `f`, adding the guest CPU-seconds it took to `cpu`.
+    fn costed<T>(&self, cpu: &mut f64, f: impl FnOnce() -> T) -> T {
+        let before = self.guest_cpu_seconds();
+        let out = f();
+        *cpu += self.guest_cpu_seconds() - before;
+        out
+    }
+}
+
+/// Every process below `pid` (through every thread's `children` list).
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        for t in std::fs::read_dir(format!("/proc/{p}/task")).into_iter().flatten().flatten() {
+            let text = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for c in text.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+                out.push(c);
+                todo.push(c);
+            }
+        }
+    }
+    out
 }
 
 impl Drop for Vm {
@@ -246,12 +298,22 @@ pub struct Transfers {
     pub hostnet_in: Vec<Duration>,
     pub raw_out: Vec<Duration>,
     pub hostnet_out: Vec<Duration>,
+    /// QEMU's CPU-seconds during all the transfers of each path, in the order of
+    /// [`Transfers::medians`].
+    pub guest_cpu: [f64; 4],
 }
 
 impl Transfers {
     /// MiB/s of the median transfer: `[raw in, hostnet in, raw out, hostnet out]`.
     pub fn medians(&self) -> [f64; 4] {
         [&self.raw_in, &self.hostnet_in, &self.raw_out, &self.hostnet_out].map(|t| mib_per_s(median(t)))
+    }
+
+    /// The guest's CPU (QEMU's) per MiB moved, in milliseconds, in the same order.
+    pub fn guest_cpu_ms_per_mib(&self) -> [f64; 4] {
+        let rounds = self.raw_in.len().max(1) as f64;
+        let mib = rounds * BULK_BYTES as f64 / f64::from(1u32 << 20);
+        self.guest_cpu.map(|c| c * 1000.0 / mib)
     }
 
     /// MiB/s of the latest round, in the same order.

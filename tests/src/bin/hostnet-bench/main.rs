@@ -558,7 +558,11 @@ fn real_vm(rows: &mut Vec<Row>) {
         ("guest client", &guest, "the guest's clock"),
     ] {
         let [raw_in, net_in, raw_out, net_out] = t.medians();
-        for (dir, raw, net) in [("host → guest", raw_in, net_in), ("guest → host", raw_out, net_out)] {
+        let [cpu_raw_in, cpu_net_in, cpu_raw_out, cpu_net_out] = t.guest_cpu_ms_per_mib();
+        for (dir, raw, net, cpu_raw, cpu_net) in [
+            ("host → guest", raw_in, net_in, cpu_raw_in, cpu_net_in),
+            ("guest → host", raw_out, net_out, cpu_raw_out, cpu_net_out),
+        ] {
             rows.push(
                 Row::new(format!("real VM ({who}), {dir}"), "MiB/s")
                     .direct(raw)
@@ -567,6 +571,12 @@ fn real_vm(rows: &mut Vec<Row>) {
                     .note(format!(
                         "direct: the raw vsock link hostnet runs on; median of {VM_ROUNDS} × {mb} MiB, {clock}; QEMU TCG (no KVM), compare the ratio"
                     )),
+            );
+            rows.push(
+                Row::new(format!("real VM ({who}), {dir}, guest CPU"), "CPU-ms/MiB")
+                    .direct(cpu_raw)
+                    .hostnet(cpu_net)
+                    .note("QEMU's CPU time (the emulated guest's whole work) per MiB moved, all rounds"),
             );
         }
     }
