@@ -24,6 +24,10 @@ use tokio::io::Interest;
 
 /// Bytes moved per read. Large, so a bulk transfer takes few system calls.
 pub const RELAY_BUF_LEN: usize = 256 * 1024;
+/// A bulk direction's pipe: the splice gear moves up to this much per chunk. The kernel's pipe
+/// pages are taken only as bytes pass (`fs.pipe-max-size`, 1 MiB by default, caps it; a
+/// smaller pipe just means smaller chunks).
+pub const PIPE_LEN: usize = chunk::MAX_CHUNK_LEN;
 /// A direction silent this long gives its buffer back.
 pub const IDLE_BUFFER_RELEASE: Duration = Duration::from_millis(500);
 /// A read this large means a bulk transfer even while the far side keeps up: the direction
@@ -207,7 +211,7 @@ enum Bulk {
 fn bulk_for<F: RawStream, T: RawStream>(from: &F, to: &T) -> Bulk {
     let can = |s: &dyn RawStream, interest| s.try_io_raw(interest, &mut || Ok(0)).is_some();
     if SPLICE.load(Ordering::Relaxed) && can(from, Interest::READABLE) && can(to, Interest::WRITABLE) {
-        if let Ok(pipe) = Pipe::new(RELAY_BUF_LEN) {
+        if let Ok(pipe) = Pipe::new(PIPE_LEN) {
             return Bulk::Pipe(pipe);
         }
     }
