@@ -311,12 +311,13 @@ impl Connector for SpecConnector {
 }
 
 /// Send buffer of a Unix transport stream (the unix: stand-in, hybrid vsock). Linux's default
-/// (`net.core.wmem_default`, 208 KiB) is less than one relay chunk (256 KiB and its header),
-/// so every bulk chunk took two writes and a wake-up of the writer between them. The kernel
-/// doubles the value and caps it at twice `net.core.wmem_max`; it bounds what one stream
-/// holds queued in the kernel, it is not allocated up front.
+/// (`net.core.wmem_default`, 208 KiB) is less than one relay chunk (up to 1 MiB and its
+/// header), so every bulk chunk took several writes and a wake-up of the writer between them.
+/// The kernel doubles the value and caps it at twice `net.core.wmem_max` (416 KiB where that
+/// is left at its default); it bounds what one stream holds queued in the kernel, nothing is
+/// allocated up front.
 #[cfg(unix)]
-pub const UNIX_SEND_BUFFER: usize = 512 * 1024;
+pub const UNIX_SEND_BUFFER: usize = 1024 * 1024;
 
 /// A Unix transport stream with its send buffer set ([`UNIX_SEND_BUFFER`]; best effort).
 #[cfg(unix)]
