@@ -11,7 +11,7 @@
 //! bulk transfer that follows until [`IDLE_BUFFER_RELEASE`] of silence gives it back.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -168,8 +168,41 @@ async fn relay_both<L: RawStream, P: RawStream>(
     outcome
 }
 
-fn new_buffer() -> Box<[u8]> {
-    vec![0u8; CHUNK_HEADER_LEN + RELAY_BUF_LEN].into_boxed_slice()
+/// Bytes of full-size ([`RELAY_BUF_LEN`]) bulk buffers this process holds at once, at most.
+/// Past it a bulk direction gets a [`SMALL_BUF_LEN`] buffer, as every direction did before
+/// reads grew to 1 MiB: a guest that keeps thousands of streams busy (each up to
+/// `MAX_GUEST_STREAMS` or the connection limit) costs the desktop no more than it could then,
+/// plus this.
+pub const LARGE_BUFFERS_BUDGET: usize = 256 << 20;
+/// A bulk buffer once [`LARGE_BUFFERS_BUDGET`] is spent.
+pub const SMALL_BUF_LEN: usize = 256 * 1024;
+/// Bytes of full-size bulk buffers held now.
+static LARGE_HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// A bulk direction's own buffer (room for a chunk header, then the data); a full-size one
+/// counts against [`LARGE_BUFFERS_BUDGET`] until it is dropped.
+struct BulkBuffer {
+    buf: Box<[u8]>,
+    counted: bool,
+}
+
+impl Drop for BulkBuffer {
+    fn drop(&mut self) {
+        if self.counted {
+            LARGE_HELD.fetch_sub(self.buf.len(), Ordering::Relaxed);
+        }
+    }
+}
+
+fn new_buffer() -> BulkBuffer {
+    let large = CHUNK_HEADER_LEN + RELAY_BUF_LEN;
+    let counted = LARGE_HELD
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+            (held + large <= LARGE_BUFFERS_BUDGET).then_some(held + large)
+        })
+        .is_ok();
+    let len = if counted { large } else { CHUNK_HEADER_LEN + SMALL_BUF_LEN };
+    BulkBuffer { buf: vec![0u8; len].into_boxed_slice(), counted }
 }
 
 /// Runs `f` with the thread's scratch buffer, a chunk header and [`RELAY_BUF_LEN`] long.
@@ -206,7 +239,7 @@ async fn wait_readable<S: RawStream, T>(s: &S, held: &mut Option<T>) -> io::Resu
 /// What a direction holds while a bulk transfer goes on: a pipe where both sockets can
 /// `splice(2)` (the bytes never enter user space), else a buffer of its own.
 enum Bulk {
-    Buffer(Box<[u8]>),
+    Buffer(BulkBuffer),
     Pipe(Pipe),
 }
 
@@ -341,7 +374,7 @@ async fn pump_up<L: RawStream, P: RawStream>(
         let step = match own.as_mut() {
             Some(Bulk::Pipe(pipe)) => splice_up(local, peer, pipe, mid_chunk).await,
             // Bulk: read into our own buffer, wait for the peer to take all of it.
-            Some(Bulk::Buffer(b)) => match read_chunk(|body| local.try_read(body), b) {
+            Some(Bulk::Buffer(BulkBuffer { buf: b, .. })) => match read_chunk(|body| local.try_read(body), b) {
                 Ok(0) => Step::Eof,
                 Ok(n) => {
                     mid_chunk.store(true, Ordering::Relaxed);
@@ -471,7 +504,7 @@ async fn pump_down<P: RawStream, L: RawStream>(
                 }
                 continue;
             }
-            Some(Bulk::Buffer(b)) => {
+            Some(Bulk::Buffer(BulkBuffer { buf: b, .. })) => {
                 match peer.try_read(b) {
                     Ok(0) => return Outcome::PeerVanished,
                     Ok(n) => {
@@ -582,4 +615,25 @@ async fn deliver<L: RawStream>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_size_bulk_buffers_stop_at_the_budget_and_come_back_when_dropped() {
+        let large = CHUNK_HEADER_LEN + RELAY_BUF_LEN;
+        // Zeroed allocations: address space only, nothing is touched.
+        let mut held: Vec<BulkBuffer> = (0..LARGE_BUFFERS_BUDGET / large).map(|_| new_buffer()).collect();
+        assert!(held.iter().all(|b| b.counted && b.buf.len() == large), "full-size up to the budget");
+        let past = new_buffer();
+        assert!(!past.counted, "past the budget");
+        assert_eq!(past.buf.len(), CHUNK_HEADER_LEN + SMALL_BUF_LEN, "past the budget: the small size");
+        drop(held.pop());
+        let again = new_buffer();
+        assert!(again.counted && again.buf.len() == large, "a dropped buffer gives its share back");
+        drop((held, past, again));
+        assert_eq!(LARGE_HELD.load(Ordering::Relaxed), 0, "all given back");
+    }
 }
