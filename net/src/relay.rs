@@ -311,7 +311,9 @@ async fn splice_down<P: RawStream, L: RawStream>(
         let need = decoder.header_needed().min(CHUNK_HEADER_LEN);
         return match peer.try_read(header.get_mut(..need).unwrap_or_default()) {
             Ok(0) => Err(Outcome::PeerVanished),
-            Ok(k) => deliver(decoder, header.get(..k).unwrap_or_default(), local, counters).await.map(|()| true),
+            Ok(k) => {
+                deliver(decoder, header.get(..k).unwrap_or_default(), local, counters).await.map(|()| true)
+            }
             Err(e) if !is_reset_like(&e) => Ok(true),
             Err(_) => Err(Outcome::PeerVanished),
         };
@@ -374,7 +376,8 @@ async fn pump_up<L: RawStream, P: RawStream>(
         let step = match own.as_mut() {
             Some(Bulk::Pipe(pipe)) => splice_up(local, peer, pipe, mid_chunk).await,
             // Bulk: read into our own buffer, wait for the peer to take all of it.
-            Some(Bulk::Buffer(BulkBuffer { buf: b, .. })) => match read_chunk(|body| local.try_read(body), b) {
+            Some(Bulk::Buffer(BulkBuffer { buf: b, .. })) => match read_chunk(|body| local.try_read(body), b)
+            {
                 Ok(0) => Step::Eof,
                 Ok(n) => {
                     mid_chunk.store(true, Ordering::Relaxed);

@@ -266,7 +266,9 @@ impl Connector for SpecConnector {
             let connect_err = |source| TransportError::Connect { target: self.0.to_string(), source };
             match &self.0 {
                 #[cfg(unix)]
-                TransportSpec::Unix(path) => UnixStream::connect(path).await.map(unix_stream).map_err(connect_err),
+                TransportSpec::Unix(path) => {
+                    UnixStream::connect(path).await.map(unix_stream).map_err(connect_err)
+                }
                 TransportSpec::Tcp(addr) => {
                     let s = TcpStream::connect(addr).await.map_err(connect_err)?;
                     let _ = s.set_nodelay(true);

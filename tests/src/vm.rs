@@ -14,7 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::{DEADLINE, bin, bulk_download, bulk_serve, bulk_upload, free_port, loopback, require_root, wait_until};
+use crate::{
+    DEADLINE, bin, bulk_download, bulk_serve, bulk_upload, free_port, loopback, require_root, wait_until,
+};
 
 /// Booting under TCG takes seconds; give it room on a loaded machine.
 pub const BOOT_DEADLINE: Duration = Duration::from_secs(180);
@@ -181,7 +183,11 @@ impl Vm {
 
     /// Bulk transfers between a desktop client and the guest's bulk service, through hostnet
     /// and over the raw vsock link, `rounds` times each, interleaved.
-    pub fn desktop_client_transfers(&self, rounds: usize, mut each: impl FnMut(usize, &Transfers)) -> Transfers {
+    pub fn desktop_client_transfers(
+        &self,
+        rounds: usize,
+        mut each: impl FnMut(usize, &Transfers),
+    ) -> Transfers {
         let bulk = loopback(false, GUEST_BULK_PORT);
         wait_until("the bulk port is forwarded", || TcpStream::connect_timeout(&bulk, DEADLINE).is_ok());
         let through_hostnet = || {
@@ -192,12 +198,15 @@ impl Vm {
         let raw = || self.vsock(GUEST_BULK_VSOCK_PORT);
         let mut t = Transfers::default();
         for round in 1..=rounds {
-            t.raw_in.push(self.costed(&mut t.guest_cpu[0], || timed_transfer("raw vsock, host → guest", raw, true)));
+            t.raw_in.push(
+                self.costed(&mut t.guest_cpu[0], || timed_transfer("raw vsock, host → guest", raw, true)),
+            );
             t.hostnet_in.push(self.costed(&mut t.guest_cpu[1], || {
                 timed_transfer("hostnet, host → guest", through_hostnet, true)
             }));
-            t.raw_out
-                .push(self.costed(&mut t.guest_cpu[2], || timed_transfer("raw vsock, guest → host", raw, false)));
+            t.raw_out.push(
+                self.costed(&mut t.guest_cpu[2], || timed_transfer("raw vsock, guest → host", raw, false)),
+            );
             t.hostnet_out.push(self.costed(&mut t.guest_cpu[3], || {
                 timed_transfer("hostnet, guest → host", through_hostnet, false)
             }));
@@ -213,7 +222,8 @@ impl Vm {
         let port = free_port();
         let desktop = TcpListener::bind(("127.0.0.1", port)).unwrap();
         serve_bulk_forever(move || desktop.accept().map(|(c, _)| c));
-        let desktop_vsock = UnixListener::bind(self.run.join(format!("vm.vsock_{HOST_BULK_VSOCK_PORT}"))).unwrap();
+        let desktop_vsock =
+            UnixListener::bind(self.run.join(format!("vm.vsock_{HOST_BULK_VSOCK_PORT}"))).unwrap();
         serve_bulk_forever(move || desktop_vsock.accept().map(|(c, _)| c));
         (format!("tcp:127.0.0.1:{port}"), format!("vsock:2:{HOST_BULK_VSOCK_PORT}"))
     }
@@ -235,9 +245,11 @@ impl Vm {
         let mut t = Transfers::default();
         for round in 1..=rounds {
             t.raw_in.push(self.costed(&mut t.guest_cpu[0], || self.guest_transfer(raw, false)));
-            t.hostnet_in.push(self.costed(&mut t.guest_cpu[1], || self.guest_transfer(through_hostnet, false)));
+            t.hostnet_in
+                .push(self.costed(&mut t.guest_cpu[1], || self.guest_transfer(through_hostnet, false)));
             t.raw_out.push(self.costed(&mut t.guest_cpu[2], || self.guest_transfer(raw, true)));
-            t.hostnet_out.push(self.costed(&mut t.guest_cpu[3], || self.guest_transfer(through_hostnet, true)));
+            t.hostnet_out
+                .push(self.costed(&mut t.guest_cpu[3], || self.guest_transfer(through_hostnet, true)));
             each(round, &t);
         }
         t

@@ -516,11 +516,14 @@ fn buffer_gear_demo(opts: &Opts) -> Option<Demo> {
     let mut args: Vec<&str> = opts.demo_arg.iter().map(String::as_str).collect();
     args.push("--no-splice");
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let netns = format!("hn-bench{}-buf{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+    let netns =
+        format!("hn-bench{}-buf{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
     match Demo::start_named(&netns, &args) {
         Ok(d) => Some(d),
         Err(e) => {
-            println!("WARNING: the buffer-gear demo (--no-splice) did not start; its column stays empty: {e}");
+            println!(
+                "WARNING: the buffer-gear demo (--no-splice) did not start; its column stays empty: {e}"
+            );
             None
         }
     }
@@ -553,10 +556,9 @@ fn real_vm(rows: &mut Vec<Row>) {
     let desktop = vm.desktop_client_transfers(VM_ROUNDS, |_, _| {});
     let targets = vm.serve_desktop_bulk();
     let guest = vm.guest_client_transfers(&targets, VM_ROUNDS, |_, _| {});
-    for (who, t, clock) in [
-        ("desktop client", &desktop, "the desktop's clock"),
-        ("guest client", &guest, "the guest's clock"),
-    ] {
+    for (who, t, clock) in
+        [("desktop client", &desktop, "the desktop's clock"), ("guest client", &guest, "the guest's clock")]
+    {
         let [raw_in, net_in, raw_out, net_out] = t.medians();
         let [cpu_raw_in, cpu_net_in, cpu_raw_out, cpu_net_out] = t.guest_cpu_ms_per_mib();
         for (dir, raw, net, cpu_raw, cpu_net) in [

@@ -195,7 +195,16 @@ fn times(v: Option<f64>) -> String {
 pub fn print_table(rows: &[Row]) {
     println!(
         "\n{:<40} {:>11} {:>11} {:>11} {:>11} {:>8} {:>8} {:>8}  {:<14} {:<30} result",
-        "workload", "direct", "hostnet", "h buffer", "socat", "h/direct", "b/direct", "h/socat", "unit", "target"
+        "workload",
+        "direct",
+        "hostnet",
+        "h buffer",
+        "socat",
+        "h/direct",
+        "b/direct",
+        "h/socat",
+        "unit",
+        "target"
     );
     for r in rows {
         let verdict = match r.met() {
