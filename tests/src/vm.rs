@@ -57,8 +57,18 @@ pub struct Vm {
 
 impl Vm {
     /// Boots the VM with `hostnet-proxy` of this build; returns once a port is forwarded, and
-    /// how long that took.
+    /// how long that took. What `run-vm` and the proxy print goes to this process's stderr.
     pub fn start() -> (Vm, Duration) {
+        Self::start_with(false)
+    }
+
+    /// [`Vm::start`], keeping what `run-vm` and the proxy print in `run-vm.log` of the run
+    /// directory (shown only if the caller panics) — for the benchmark's table.
+    pub fn start_quiet() -> (Vm, Duration) {
+        Self::start_with(true)
+    }
+
+    fn start_with(quiet: bool) -> (Vm, Duration) {
         require_root();
         let root = root();
         assert!(
@@ -67,20 +77,25 @@ impl Vm {
         );
         let run = std::env::temp_dir().join(format!("hostnet-vm-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&run);
+        std::fs::create_dir_all(&run).unwrap();
+        let log = run.join("run-vm.log");
+        let stderr = if quiet { Stdio::from(std::fs::File::create(&log).unwrap()) } else { Stdio::inherit() };
         let started = Instant::now();
         let mut child = Command::new(root.join("installer/run-vm"))
             .env("HOSTNET_VM_RUN", &run)
             .env("HOSTNET_PROXY", bin("hostnet-proxy"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().unwrap();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                eprintln!("run-vm: {line}");
+                if !quiet {
+                    eprintln!("run-vm: {line}");
+                }
                 let _ = tx.send(line);
             }
         });
@@ -295,7 +310,8 @@ impl Drop for Vm {
             }
             let _ = child.kill();
             if std::thread::panicking() {
-                eprintln!("--- guest console ---\n{}", self.console());
+                let log = std::fs::read_to_string(self.run.join("run-vm.log")).unwrap_or_default();
+                eprintln!("--- run-vm (quiet) ---\n{log}\n--- guest console ---\n{}", self.console());
             }
         }
         let _ = std::fs::remove_dir_all(&self.run);

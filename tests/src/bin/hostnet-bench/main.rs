@@ -546,7 +546,7 @@ fn real_vm(rows: &mut Vec<Row>) {
         rows.push(Row::new("real VM: not measured", "").note(why));
         return;
     }
-    let (vm, boot) = hostnet_tests::vm::Vm::start();
+    let (vm, boot) = hostnet_tests::vm::Vm::start_quiet();
     rows.push(
         Row::new("real VM: start → first port forwarded", "s")
             .hostnet(boot.as_secs_f64())
