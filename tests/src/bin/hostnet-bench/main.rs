@@ -144,7 +144,7 @@ fn main() {
     let socat = Socat::prepare(opts.socat_buffer);
     let demo = Demo::start_with(&opts.demo_arg.iter().map(String::as_str).collect::<Vec<_>>());
     println!(
-        "hostnet-bench{}: direct loopback vs hostnet (netns stand-in) vs socat chain ({}, -b {})",
+        "hostnet-bench{}: direct loopback vs hostnet (netns stand-in; h buffer: the buffer gear alone) vs socat chain ({}, -b {})",
         if opts.quick { " --quick" } else { "" },
         socat.available.as_deref().unwrap_or("unavailable"),
         socat.buffer
