@@ -179,7 +179,7 @@ case "$cmd" in
             say "soaks (long: the tests marked #[ignore = \"soak …\"])"
             cargo test --workspace --locked -- --ignored
         fi
-        say "benchmark, quick form (reports ratios; noise does not fail the run)"
+        say "benchmark, quick form, the real VM included (reports ratios; noise does not fail the run)"
         cargo build --release --locked -q -p host-proxy -p guest-agent -p hostnet-tests \
             --bin hostnet-proxy --bin hostnet-agent --bin hostnet-bench
         ./target/release/hostnet-bench --quick --json target/bench-quick.json \

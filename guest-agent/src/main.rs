@@ -54,11 +54,17 @@ struct Args {
     /// (CAP_NET_ADMIN for guest→host). Without it the agent stays the user it was started as.
     #[arg(long, env = "HOSTNET_AGENT_USER", value_name = "NAME|UID:GID")]
     user: Option<UserSpec>,
+
+    /// Relay bulk transfers through a buffer even where splice(2) could move them: the path
+    /// every byte takes over vsock and on macOS and Windows (for measuring it on Linux).
+    #[arg(long)]
+    no_splice: bool,
 }
 
 fn main() -> ExitCode {
     cli::init_process();
     let args = Args::parse();
+    hostnet_net::relay::tcp::set_splice(!args.no_splice);
     let mut config = AgentConfig::new(args.transport);
     config.poll_interval = Duration::from_millis(args.poll_interval_ms);
     config.listener_events = !args.no_listener_events;

@@ -261,3 +261,74 @@ async fn a_client_that_spoke_and_half_closed_before_the_relay_began_is_relayed_w
     assert_eq!(answer, b"ok");
     assert_eq!(within(host_side).await.unwrap(), Outcome::Closed);
 }
+
+/// A data stream whose bytes cannot be spliced out of it (`splice(2)` into a pipe says
+/// `EINVAL`, as some kernels do for some socket families); every other operation is the Unix
+/// socket's own.
+struct NoSpliceOut(UnixStream);
+
+impl std::os::fd::AsFd for NoSpliceOut {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl hostnet_net::RawStream for NoSpliceOut {
+    fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.0.poll_read_ready(cx)
+    }
+    fn poll_write_ready(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.0.poll_write_ready(cx)
+    }
+    fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.try_read(buf)
+    }
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn try_io_raw(
+        &self,
+        interest: tokio::io::Interest,
+        f: &mut dyn FnMut() -> std::io::Result<usize>,
+    ) -> Option<std::io::Result<usize>> {
+        if interest == tokio::io::Interest::READABLE {
+            // Refused without running it (the relay's probe only asks whether it may try).
+            return Some(Err(std::io::Error::from_raw_os_error(libc::EINVAL)));
+        }
+        Some(self.0.try_io(interest, f))
+    }
+}
+
+#[tokio::test]
+async fn a_data_stream_that_refuses_splice_on_the_way_out_falls_back_to_a_buffer() {
+    // client ⇄ [host relay] ⇄ unix pair ⇄ [guest relay] ⇄ server, both ends of the pair
+    // refusing to be spliced from: each direction's bulk gear starts as a pipe and must copy
+    // instead, without losing or reordering a byte.
+    let (mut client, host_local) = tcp_pair().await;
+    let (guest_local, mut server) = tcp_pair().await;
+    let (t1, t2) = UnixStream::pair().unwrap();
+    let spawn_relay = |local: TcpStream, peer: NoSpliceOut| {
+        tokio::spawn(async move {
+            relay(&local, &peer, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
+        })
+    };
+    let host_side = spawn_relay(host_local, NoSpliceOut(t1));
+    let guest_side = spawn_relay(guest_local, NoSpliceOut(t2));
+    let payload: Vec<u8> = (0..8_000_000u32).map(|i| (i % 253) as u8).collect();
+    let p2 = payload.clone();
+    let writer = tokio::spawn(async move {
+        client.write_all(&p2).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap();
+        reply
+    });
+    let mut got = Vec::new();
+    within(server.read_to_end(&mut got)).await.unwrap();
+    assert!(got == payload, "host → guest bytes differ ({} of {} arrived)", got.len(), payload.len());
+    server.write_all(&payload).await.unwrap();
+    server.shutdown().await.unwrap();
+    assert!(within(writer).await.unwrap() == payload, "guest → host bytes differ");
+    assert_eq!(within(host_side).await.unwrap(), Outcome::Closed);
+    assert_eq!(within(guest_side).await.unwrap(), Outcome::Closed);
+}

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockRef, Socket, Type};
 
+pub mod vm;
+
 /// The longest any single condition is waited for.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 

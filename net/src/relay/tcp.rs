@@ -11,7 +11,7 @@
 //! bulk transfer that follows until [`IDLE_BUFFER_RELEASE`] of silence gives it back.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -22,8 +22,15 @@ use crate::relay::splice::Pipe;
 use crate::transport::raw::{self, RawStream};
 use tokio::io::Interest;
 
-/// Bytes moved per read. Large, so a bulk transfer takes few system calls.
-pub const RELAY_BUF_LEN: usize = 256 * 1024;
+/// Bytes moved per read: the largest chunk, so a bulk transfer takes few system calls (1 MiB
+/// against 256 KiB before: proxy + agent system calls per GiB through the buffer gear fell from
+/// ~26 000 to ~7 000, their CPU per GiB by a quarter). A bulk direction's buffer holds at most
+/// this much, and only while its far side is slower (see the module's notes).
+pub const RELAY_BUF_LEN: usize = chunk::MAX_CHUNK_LEN;
+/// A bulk direction's pipe: the splice gear moves up to this much per chunk. The kernel's pipe
+/// pages are taken only as bytes pass (`fs.pipe-max-size`, 1 MiB by default, caps it; a
+/// smaller pipe just means smaller chunks).
+pub const PIPE_LEN: usize = chunk::MAX_CHUNK_LEN;
 /// A direction silent this long gives its buffer back.
 pub const IDLE_BUFFER_RELEASE: Duration = Duration::from_millis(500);
 /// A read this large means a bulk transfer even while the far side keeps up: the direction
@@ -31,6 +38,16 @@ pub const IDLE_BUFFER_RELEASE: Duration = Duration::from_millis(500);
 pub const BULK_READ: usize = 32 * 1024;
 
 const _: () = assert!(RELAY_BUF_LEN <= chunk::MAX_CHUNK_LEN);
+
+/// Whether bulk transfers may use the splice gear (on by default where it exists).
+static SPLICE: AtomicBool = AtomicBool::new(true);
+
+/// Turns the splice gear on or off for this process: off, every bulk byte takes the buffer
+/// gear, as it does over vsock and on macOS and Windows (`--no-splice`, to measure that path
+/// on Linux).
+pub fn set_splice(on: bool) {
+    SPLICE.store(on, Ordering::Relaxed);
+}
 
 /// How a relayed connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,8 +168,41 @@ async fn relay_both<L: RawStream, P: RawStream>(
     outcome
 }
 
-fn new_buffer() -> Box<[u8]> {
-    vec![0u8; CHUNK_HEADER_LEN + RELAY_BUF_LEN].into_boxed_slice()
+/// Bytes of full-size ([`RELAY_BUF_LEN`]) bulk buffers this process holds at once, at most.
+/// Past it a bulk direction gets a [`SMALL_BUF_LEN`] buffer, as every direction did before
+/// reads grew to 1 MiB: a guest that keeps thousands of streams busy (each up to
+/// `MAX_GUEST_STREAMS` or the connection limit) costs the desktop no more than it could then,
+/// plus this.
+pub const LARGE_BUFFERS_BUDGET: usize = 256 << 20;
+/// A bulk buffer once [`LARGE_BUFFERS_BUDGET`] is spent.
+pub const SMALL_BUF_LEN: usize = 256 * 1024;
+/// Bytes of full-size bulk buffers held now.
+static LARGE_HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// A bulk direction's own buffer (room for a chunk header, then the data); a full-size one
+/// counts against [`LARGE_BUFFERS_BUDGET`] until it is dropped.
+struct BulkBuffer {
+    buf: Box<[u8]>,
+    counted: bool,
+}
+
+impl Drop for BulkBuffer {
+    fn drop(&mut self) {
+        if self.counted {
+            LARGE_HELD.fetch_sub(self.buf.len(), Ordering::Relaxed);
+        }
+    }
+}
+
+fn new_buffer() -> BulkBuffer {
+    let large = CHUNK_HEADER_LEN + RELAY_BUF_LEN;
+    let counted = LARGE_HELD
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+            (held + large <= LARGE_BUFFERS_BUDGET).then_some(held + large)
+        })
+        .is_ok();
+    let len = if counted { large } else { CHUNK_HEADER_LEN + SMALL_BUF_LEN };
+    BulkBuffer { buf: vec![0u8; len].into_boxed_slice(), counted }
 }
 
 /// Runs `f` with the thread's scratch buffer, a chunk header and [`RELAY_BUF_LEN`] long.
@@ -189,14 +239,15 @@ async fn wait_readable<S: RawStream, T>(s: &S, held: &mut Option<T>) -> io::Resu
 /// What a direction holds while a bulk transfer goes on: a pipe where both sockets can
 /// `splice(2)` (the bytes never enter user space), else a buffer of its own.
 enum Bulk {
-    Buffer(Box<[u8]>),
+    Buffer(BulkBuffer),
     Pipe(Pipe),
 }
 
-fn bulk_for<L: RawStream, P: RawStream>(local: &L, peer: &P) -> Bulk {
-    let can_splice = |s: &dyn RawStream| s.try_io_raw(Interest::READABLE, &mut || Ok(0)).is_some();
-    if can_splice(local) && can_splice(peer) {
-        if let Ok(pipe) = Pipe::new(RELAY_BUF_LEN) {
+/// The bulk gear for bytes moving `from` → `to`.
+fn bulk_for<F: RawStream, T: RawStream>(from: &F, to: &T) -> Bulk {
+    let can = |s: &dyn RawStream, interest| s.try_io_raw(interest, &mut || Ok(0)).is_some();
+    if SPLICE.load(Ordering::Relaxed) && can(from, Interest::READABLE) && can(to, Interest::WRITABLE) {
+        if let Ok(pipe) = Pipe::new(PIPE_LEN) {
             return Bulk::Pipe(pipe);
         }
     }
@@ -245,35 +296,39 @@ async fn drain_pipe<S: RawStream>(pipe: &mut Pipe, to: &S) -> io::Result<()> {
 }
 
 /// One bulk step the other way without user-space copies: the chunk headers are read (4
-/// bytes at a time at most), the data between them goes peer → pipe → local.
+/// bytes at a time at most), the data between them goes peer → pipe → local. `Ok(false)`:
+/// `splice(2)` is refused here (nothing was moved), use a buffer.
 async fn splice_down<P: RawStream, L: RawStream>(
     peer: &P,
     local: &L,
     pipe: &mut Pipe,
     decoder: &mut ChunkDecoder,
     counters: &RelayCounters,
-) -> Result<(), Outcome> {
+) -> Result<bool, Outcome> {
     let remaining = decoder.data_remaining();
     if remaining == 0 {
         let mut header = [0u8; CHUNK_HEADER_LEN];
         let need = decoder.header_needed().min(CHUNK_HEADER_LEN);
         return match peer.try_read(header.get_mut(..need).unwrap_or_default()) {
             Ok(0) => Err(Outcome::PeerVanished),
-            Ok(k) => deliver(decoder, header.get(..k).unwrap_or_default(), local, counters).await,
-            Err(e) if !is_reset_like(&e) => Ok(()),
+            Ok(k) => {
+                deliver(decoder, header.get(..k).unwrap_or_default(), local, counters).await.map(|()| true)
+            }
+            Err(e) if !is_reset_like(&e) => Ok(true),
             Err(_) => Err(Outcome::PeerVanished),
         };
     }
     let n = match peer.try_io_raw(Interest::READABLE, &mut || pipe.fill_from(peer.as_sock(), remaining)) {
         Some(Ok(0)) => return Err(Outcome::PeerVanished),
         Some(Ok(n)) => n,
-        Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+        Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+        Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
         _ => return Err(Outcome::PeerVanished),
     };
     decoder.skip_data(n);
     drain_pipe(pipe, local).await.map_err(|_| Outcome::LocalReset)?;
     counters.from_peer.fetch_add(n as u64, Ordering::Relaxed);
-    Ok(())
+    Ok(true)
 }
 
 fn is_reset_like(e: &io::Error) -> bool {
@@ -321,7 +376,8 @@ async fn pump_up<L: RawStream, P: RawStream>(
         let step = match own.as_mut() {
             Some(Bulk::Pipe(pipe)) => splice_up(local, peer, pipe, mid_chunk).await,
             // Bulk: read into our own buffer, wait for the peer to take all of it.
-            Some(Bulk::Buffer(b)) => match read_chunk(|body| local.try_read(body), b) {
+            Some(Bulk::Buffer(BulkBuffer { buf: b, .. })) => match read_chunk(|body| local.try_read(body), b)
+            {
                 Ok(0) => Step::Eof,
                 Ok(n) => {
                     mid_chunk.store(true, Ordering::Relaxed);
@@ -439,12 +495,15 @@ async fn pump_down<P: RawStream, L: RawStream>(
         }
         match own.as_mut() {
             Some(Bulk::Pipe(pipe)) if !decoder.is_finished() => {
-                if let Err(end) = splice_down(peer, local, pipe, &mut decoder, counters).await {
-                    return end;
+                match splice_down(peer, local, pipe, &mut decoder, counters).await {
+                    Ok(true) => {}
+                    // This kernel or socket does not splice: copy instead.
+                    Ok(false) => own = Some(Bulk::Buffer(new_buffer())),
+                    Err(end) => return end,
                 }
                 continue;
             }
-            Some(Bulk::Buffer(b)) => {
+            Some(Bulk::Buffer(BulkBuffer { buf: b, .. })) => {
                 match peer.try_read(b) {
                     Ok(0) => return Outcome::PeerVanished,
                     Ok(n) => {
@@ -474,7 +533,7 @@ async fn pump_down<P: RawStream, L: RawStream>(
         match step {
             Ok(None) => {
                 if read >= BULK_READ {
-                    own.get_or_insert_with(|| bulk_for(local, peer));
+                    own.get_or_insert_with(|| bulk_for(peer, local));
                 }
             }
             Ok(Some(Leftover { data, raw })) => {
@@ -486,7 +545,7 @@ async fn pump_down<P: RawStream, L: RawStream>(
                     return end;
                 }
                 // The local side is slower than the peer: a bulk transfer.
-                own.get_or_insert_with(|| bulk_for(local, peer));
+                own.get_or_insert_with(|| bulk_for(peer, local));
             }
             Err(end) => return end,
         }
@@ -555,4 +614,25 @@ async fn deliver<L: RawStream>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_size_bulk_buffers_stop_at_the_budget_and_come_back_when_dropped() {
+        let large = CHUNK_HEADER_LEN + RELAY_BUF_LEN;
+        // Zeroed allocations: address space only, nothing is touched.
+        let mut held: Vec<BulkBuffer> = (0..LARGE_BUFFERS_BUDGET / large).map(|_| new_buffer()).collect();
+        assert!(held.iter().all(|b| b.counted && b.buf.len() == large), "full-size up to the budget");
+        let past = new_buffer();
+        assert!(!past.counted, "past the budget");
+        assert_eq!(past.buf.len(), CHUNK_HEADER_LEN + SMALL_BUF_LEN, "past the budget: the small size");
+        drop(held.pop());
+        let again = new_buffer();
+        assert!(again.counted && again.buf.len() == large, "a dropped buffer gives its share back");
+        drop((held, past, again));
+        assert_eq!(LARGE_HELD.load(Ordering::Relaxed), 0, "all given back");
+    }
 }

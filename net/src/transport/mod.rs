@@ -276,7 +276,7 @@ impl Connector for SpecConnector {
             match &self.0 {
                 #[cfg(unix)]
                 TransportSpec::Unix(path) => {
-                    UnixStream::connect(path).await.map(TransportStream::Unix).map_err(connect_err)
+                    UnixStream::connect(path).await.map(unix_stream).map_err(connect_err)
                 }
                 TransportSpec::Tcp(addr) => {
                     let s = TcpStream::connect(addr).await.map_err(connect_err)?;
@@ -323,6 +323,22 @@ impl Connector for SpecConnector {
     }
 }
 
+/// Send buffer of a Unix transport stream (the unix: stand-in, hybrid vsock). Linux's default
+/// (`net.core.wmem_default`, 208 KiB) is less than one relay chunk (up to 1 MiB and its
+/// header), so every bulk chunk took several writes and a wake-up of the writer between them.
+/// The kernel doubles the value and caps it at twice `net.core.wmem_max` (416 KiB where that
+/// is left at its default); it bounds what one stream holds queued in the kernel, nothing is
+/// allocated up front.
+#[cfg(unix)]
+pub const UNIX_SEND_BUFFER: usize = 1024 * 1024;
+
+/// A Unix transport stream with its send buffer set ([`UNIX_SEND_BUFFER`]; best effort).
+#[cfg(unix)]
+fn unix_stream(s: UnixStream) -> TransportStream {
+    let _ = socket2::SockRef::from(&s).set_send_buffer_size(UNIX_SEND_BUFFER);
+    TransportStream::Unix(s)
+}
+
 /// Longest answer line accepted from a hybrid-vsock socket.
 #[cfg(unix)]
 const MAX_HYBRID_LINE: usize = 64;
@@ -365,7 +381,7 @@ async fn hybrid_connect(
         line.push(byte[0]);
     }
     match line.strip_prefix(b"OK ") {
-        Some(rest) if !rest.is_empty() && rest.iter().all(u8::is_ascii_digit) => Ok(TransportStream::Unix(s)),
+        Some(rest) if !rest.is_empty() && rest.iter().all(u8::is_ascii_digit) => Ok(unix_stream(s)),
         _ => {
             Err(TransportError::HybridRefused { target, answer: String::from_utf8_lossy(&line).into_owned() })
         }
@@ -381,7 +397,7 @@ impl Acceptor for UnixAcceptor {
     fn accept(&self) -> BoxFuture<'_, io::Result<(TransportStream, String)>> {
         Box::pin(async move {
             let (s, _) = self.0.accept().await?;
-            Ok((TransportStream::Unix(s), "unix peer".to_owned()))
+            Ok((unix_stream(s), "unix peer".to_owned()))
         })
     }
 }

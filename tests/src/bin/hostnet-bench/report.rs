@@ -6,13 +6,17 @@ use serde_json::{Value, json};
 #[derive(Debug, Clone, Copy)]
 pub enum Goal {
     None,
-    /// hostnet ≥ `direct` × the direct figure and ≥ `socat` × the socat figure.
+    /// hostnet ≥ `direct` × the direct figure and ≥ `socat` × the socat figure; hostnet with
+    /// the buffer gear alone ≥ `buffer` × the direct figure.
     Ratios {
         direct: f64,
         socat: f64,
+        buffer: f64,
     },
-    /// hostnet − direct ≤ this.
-    AddedAtMost(f64),
+    /// hostnet ≥ this × the direct figure (for the real VM: the raw vsock link).
+    VsDirect(f64),
+    /// hostnet ≤ the socat chain's figure.
+    AtMostSocat,
     /// hostnet ≥ this.
     AtLeast(f64),
     /// hostnet ≤ this.
@@ -23,10 +27,11 @@ impl Goal {
     fn text(self, unit: &str) -> String {
         match self {
             Goal::None => String::new(),
-            // No socat figure to compare with (UDP): the direct ratio alone.
-            Goal::Ratios { direct, socat: 0.0 } => format!("≥ {direct}× direct"),
-            Goal::Ratios { direct, socat } => format!("≥ {direct}× direct, ≥ {socat}× socat"),
-            Goal::AddedAtMost(v) => format!("≤ +{} {unit}", plain(v)),
+            Goal::Ratios { direct, socat, buffer } => {
+                format!("≥ {direct}× direct (buffer gear ≥ {buffer}×), ≥ {socat}× socat")
+            }
+            Goal::VsDirect(r) => format!("≥ {r}× direct"),
+            Goal::AtMostSocat => "≤ socat".to_owned(),
             Goal::AtLeast(v) => format!("≥ {} {unit}", plain(v)),
             Goal::AtMost(v) => format!("≤ {} {unit}", plain(v)),
         }
@@ -40,6 +45,9 @@ pub struct Row {
     pub unit: &'static str,
     pub direct: Option<f64>,
     pub hostnet: Option<f64>,
+    /// hostnet with the splice gear off (`demo --no-splice`): the buffer gear alone, as over
+    /// vsock and on macOS and Windows.
+    pub buffer: Option<f64>,
     pub socat: Option<f64>,
     pub goal: Goal,
     /// How the figure was taken when that matters for reading it (sizes, quick-mode cuts).
@@ -53,6 +61,7 @@ impl Row {
             unit,
             direct: None,
             hostnet: None,
+            buffer: None,
             socat: None,
             goal: Goal::None,
             note: String::new(),
@@ -66,6 +75,11 @@ impl Row {
 
     pub fn hostnet(mut self, v: f64) -> Row {
         self.hostnet = Some(v);
+        self
+    }
+
+    pub fn buffer(mut self, v: Option<f64>) -> Row {
+        self.buffer = v;
         self
     }
 
@@ -88,6 +102,11 @@ impl Row {
         ratio(self.hostnet?, self.direct?)
     }
 
+    /// The buffer gear's figure over direct's.
+    pub fn buffer_vs_direct(&self) -> Option<f64> {
+        ratio(self.buffer?, self.direct?)
+    }
+
     pub fn vs_socat(&self) -> Option<f64> {
         ratio(self.hostnet?, self.socat?)
     }
@@ -97,16 +116,14 @@ impl Row {
         let h = self.hostnet?;
         match self.goal {
             Goal::None => None,
-            Goal::Ratios { direct, socat } => {
-                let d = self.vs_direct().map(|r| r >= direct);
-                let s = self.vs_socat().map(|r| r >= socat);
-                match (d, s) {
-                    (Some(d), Some(s)) => Some(d && s),
-                    (Some(d), None) => Some(d),
-                    _ => None,
-                }
+            Goal::Ratios { direct, socat, buffer } => {
+                let d = self.vs_direct().map(|r| r >= direct)?;
+                let s = self.vs_socat().is_none_or(|r| r >= socat);
+                let b = self.buffer_vs_direct().is_none_or(|r| r >= buffer);
+                Some(d && s && b)
             }
-            Goal::AddedAtMost(v) => Some(h - self.direct? <= v),
+            Goal::VsDirect(r) => Some(self.vs_direct()? >= r),
+            Goal::AtMostSocat => Some(h <= self.socat?),
             Goal::AtLeast(v) => Some(h >= v),
             Goal::AtMost(v) => Some(h <= v),
         }
@@ -118,8 +135,10 @@ impl Row {
             "unit": self.unit,
             "direct": self.direct,
             "hostnet": self.hostnet,
+            "hostnet_buffer_gear": self.buffer,
             "socat": self.socat,
             "hostnet_vs_direct": self.vs_direct(),
+            "buffer_gear_vs_direct": self.buffer_vs_direct(),
             "hostnet_vs_socat": self.vs_socat(),
             "target": self.goal.text(self.unit),
             "met": self.met(),
@@ -171,11 +190,21 @@ fn times(v: Option<f64>) -> String {
     v.map_or_else(|| "–".to_owned(), |r| format!("{r:.2}×"))
 }
 
-/// Prints the table: figures, ratios hostnet/direct and hostnet/socat, target and verdict.
+/// Prints the table: figures, ratios hostnet/direct, buffer gear/direct and hostnet/socat,
+/// target and verdict.
 pub fn print_table(rows: &[Row]) {
     println!(
-        "\n{:<40} {:>11} {:>11} {:>11} {:>8} {:>8}  {:<14} {:<30} result",
-        "workload", "direct", "hostnet", "socat", "h/direct", "h/socat", "unit", "target"
+        "\n{:<40} {:>11} {:>11} {:>11} {:>11} {:>8} {:>8} {:>8}  {:<14} {:<30} result",
+        "workload",
+        "direct",
+        "hostnet",
+        "h buffer",
+        "socat",
+        "h/direct",
+        "b/direct",
+        "h/socat",
+        "unit",
+        "target"
     );
     for r in rows {
         let verdict = match r.met() {
@@ -184,12 +213,14 @@ pub fn print_table(rows: &[Row]) {
             None => "",
         };
         println!(
-            "{:<40} {:>11} {:>11} {:>11} {:>8} {:>8}  {:<14} {:<30} {verdict}",
+            "{:<40} {:>11} {:>11} {:>11} {:>11} {:>8} {:>8} {:>8}  {:<14} {:<30} {verdict}",
             r.workload,
             opt(r.direct),
             opt(r.hostnet),
+            opt(r.buffer),
             opt(r.socat),
             times(r.vs_direct()),
+            times(r.buffer_vs_direct()),
             times(r.vs_socat()),
             r.unit,
             r.goal.text(r.unit),
