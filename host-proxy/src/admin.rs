@@ -85,6 +85,22 @@ impl Admin {
                 self.to_host.max_streams
             ));
         }
+        let dropped = crate::udp::datagrams_dropped();
+        if dropped > 0 {
+            limits.push(format!(
+                "{dropped} UDP datagram(s) to the guest dropped: a flow's queue was full ({} datagrams or {} MiB), or all flows' queues held {} MiB",
+                crate::limits::FLOW_QUEUE_LEN,
+                crate::limits::FLOW_QUEUE_BYTES >> 20,
+                crate::limits::UDP_QUEUED_BYTES >> 20
+            ));
+        }
+        let over_budget = hostnet_net::relay::tcp::buffers_over_budget();
+        if over_budget > 0 {
+            limits.push(format!(
+                "{over_budget} bulk transfer(s) relayed with 256 KiB buffers: {} MiB of 1 MiB buffers were in use, the limit",
+                hostnet_net::relay::tcp::LARGE_BUFFERS_BUDGET >> 20
+            ));
+        }
         Status {
             enabled: settings.enabled,
             agent,

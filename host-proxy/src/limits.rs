@@ -42,6 +42,11 @@ pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const FLOW_QUEUE_LEN: usize = 8192;
 /// See [`FLOW_QUEUE_LEN`].
 pub const FLOW_QUEUE_BYTES: usize = 4 << 20;
+/// Bytes queued in all desktop→guest flows together: without it, [`MAX_UDP_FLOWS`] full
+/// queues of [`FLOW_QUEUE_BYTES`] could hold 16 GiB while a guest stops reading its streams.
+/// Past it datagrams are dropped and counted in `status`, as at a full flow queue. A burst at
+/// the lossless rate queues well under 1 MiB; this leaves room for many busy flows at once.
+pub const UDP_QUEUED_BYTES: usize = 64 << 20;
 
 /// A guest→host UDP flow's end in the proxy closes after this long without a datagram. The
 /// agent closes idle flows after 30 s and ends the stream; this only bounds a flow whose agent

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::forward::{ForwardStats, Forwards};
-use crate::limits::{FLOW_QUEUE_BYTES, FLOW_QUEUE_LEN, UDP_IDLE_TIMEOUT};
+use crate::limits::{FLOW_QUEUE_BYTES, FLOW_QUEUE_LEN, UDP_IDLE_TIMEOUT, UDP_QUEUED_BYTES};
 
 /// How often finished flows are swept from a port's table.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -30,11 +30,64 @@ struct FlowHandle {
     queue: Arc<QueueStats>,
 }
 
-/// Shared between the receive loop and one flow.
+/// Bytes queued in every desktop→guest flow of this process together (see
+/// [`UDP_QUEUED_BYTES`]).
+static QUEUED: AtomicUsize = AtomicUsize::new(0);
+/// Datagrams dropped because a flow's queue, or all of them together, were full.
+static QUEUE_DROPS: Tally = Tally::new();
+
+/// How many datagrams this process dropped because a flow's queue was full
+/// ([`FLOW_QUEUE_LEN`] datagrams or [`FLOW_QUEUE_BYTES`]) or all flows' queues together held
+/// [`UDP_QUEUED_BYTES`]: for `status`.
+pub fn datagrams_dropped() -> u64 {
+    QUEUE_DROPS.get()
+}
+
+/// Shared between the receive loop and one flow: what its queue holds, counted in the flow's
+/// bound and the process's. What is still counted when both ends are gone is given back.
 #[derive(Debug, Default)]
 struct QueueStats {
     bytes: AtomicUsize,
     dropped: Tally,
+}
+
+impl QueueStats {
+    /// Counts `n` more bytes queued, if the flow's bound and the process's allow them.
+    fn charge(&self, n: usize) -> bool {
+        let within = |limit: usize| move |held: usize| (held + n <= limit).then_some(held + n);
+        if QUEUED.fetch_update(Ordering::Relaxed, Ordering::Relaxed, within(UDP_QUEUED_BYTES)).is_err() {
+            return false;
+        }
+        if self.bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, within(FLOW_QUEUE_BYTES)).is_err() {
+            QUEUED.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// `n` bytes left the queue (or never entered it).
+    fn release(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::Relaxed);
+        QUEUED.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Queues `payload` on `tx` within the bounds; `false` (counted as a drop) when it did not fit.
+    fn offer(&self, tx: &mpsc::Sender<Bytes>, payload: &[u8]) -> bool {
+        let n = payload.len();
+        if self.charge(n) {
+            if tx.try_send(Bytes::copy_from_slice(payload)).is_ok() {
+                return true;
+            }
+            self.release(n);
+        }
+        false
+    }
+}
+
+impl Drop for QueueStats {
+    fn drop(&mut self) {
+        QUEUED.fetch_sub(*self.bytes.get_mut(), Ordering::Relaxed);
+    }
 }
 
 /// Serves one bound host UDP socket until `stop`.
@@ -91,15 +144,16 @@ impl PortFlows {
     /// Queues a datagram from `peer` on its flow, opening the flow if it is new.
     fn dispatch(&mut self, payload: &[u8], peer: SocketAddr) {
         let port = self.port;
-        let n = payload.len();
         if let Some(flow) = self.flows.get(&peer).filter(|f| !f.tx.is_closed()) {
-            let queued = flow.queue.bytes.load(Ordering::Relaxed);
-            if queued + n <= FLOW_QUEUE_BYTES && flow.tx.try_send(Bytes::copy_from_slice(payload)).is_ok() {
-                flow.queue.bytes.fetch_add(n, Ordering::Relaxed);
-            } else {
+            if !flow.queue.offer(&flow.tx, payload) {
                 // Queue full: UDP may drop, but never silently.
+                QUEUE_DROPS.one_more();
                 if let Some(dropped) = flow.queue.dropped.one_more() {
-                    warn!(port, %peer, dropped, "udp flow queue full ({FLOW_QUEUE_LEN} datagrams or {FLOW_QUEUE_BYTES} bytes): dropping");
+                    warn!(
+                        port, %peer, dropped,
+                        "udp flow queue full ({FLOW_QUEUE_LEN} datagrams or {FLOW_QUEUE_BYTES} bytes; \
+                         {UDP_QUEUED_BYTES} bytes in all flows): dropping"
+                    );
                 }
             }
             return;
@@ -114,8 +168,8 @@ impl PortFlows {
         };
         let (tx, rx) = mpsc::channel(FLOW_QUEUE_LEN);
         let queue = Arc::new(QueueStats::default());
-        if tx.try_send(Bytes::copy_from_slice(payload)).is_ok() {
-            queue.bytes.fetch_add(n, Ordering::Relaxed);
+        if !queue.offer(&tx, payload) {
+            QUEUE_DROPS.one_more();
         }
         self.flows.insert(peer, FlowHandle { tx, queue: queue.clone() });
         let flow = Flow {
@@ -173,7 +227,7 @@ impl Flow {
                     taken += d.len();
                     batch.push(&d);
                 }
-                self.queue.bytes.fetch_sub(taken, Ordering::Relaxed);
+                self.queue.release(taken);
                 self.stats.bytes.to_peer.fetch_add(taken as u64, Ordering::Relaxed);
                 to_guest.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 activity.touch();
@@ -223,5 +277,46 @@ impl Flow {
         } else {
             debug!(to_guest, from_guest, "udp flow ended ({end})");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The only test that queues: the process-wide count is not shared with another test.
+    #[test]
+    fn queues_are_bounded_per_flow_and_all_together_and_give_back_what_they_held() {
+        let before = QUEUED.load(Ordering::Relaxed);
+        let datagram = vec![0u8; 64 * 1024];
+        let fill = |q: &QueueStats, tx: &mpsc::Sender<Bytes>| {
+            let mut queued = 0;
+            while q.offer(tx, &datagram) {
+                queued += 1;
+            }
+            queued
+        };
+        let flows: Vec<_> = (0..UDP_QUEUED_BYTES / FLOW_QUEUE_BYTES)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(FLOW_QUEUE_LEN);
+                let q = QueueStats::default();
+                assert_eq!(fill(&q, &tx), FLOW_QUEUE_BYTES / datagram.len(), "one flow's bytes bound");
+                (q, tx, rx)
+            })
+            .collect();
+        assert_eq!(QUEUED.load(Ordering::Relaxed), before + UDP_QUEUED_BYTES);
+        // One more flow: nothing fits, all flows together are at the bound.
+        let (tx, _rx) = mpsc::channel(FLOW_QUEUE_LEN);
+        let late = QueueStats::default();
+        assert!(!late.offer(&tx, b"x"), "the process-wide bound");
+
+        // A flow takes from its queue: room again, for anyone.
+        let (q, _, mut rx) = flows.into_iter().next().unwrap();
+        let taken = rx.try_recv().unwrap().len();
+        q.release(taken);
+        assert!(late.offer(&tx, b"x"));
+        // Flows that end with datagrams still queued give their bytes back.
+        drop((q, rx, late));
+        assert_eq!(QUEUED.load(Ordering::Relaxed), before, "every byte given back");
     }
 }

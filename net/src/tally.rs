@@ -9,6 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Tally(AtomicU64);
 
 impl Tally {
+    /// Zero, for a `static`.
+    pub const fn new() -> Self {
+        Tally(AtomicU64::new(0))
+    }
+
     /// Counts one more. `Some(total)` when this one should be logged (the total is a power of
     /// two), `None` otherwise.
     pub fn one_more(&self) -> Option<u64> {

@@ -19,6 +19,7 @@ use hostnet_protocol::chunk::{self, CHUNK_HEADER_LEN, ChunkDecoder, ChunkEvent, 
 use tokio_util::sync::CancellationToken;
 
 use crate::relay::splice::Pipe;
+use crate::tally::Tally;
 use crate::transport::raw::{self, RawStream};
 use tokio::io::Interest;
 
@@ -178,6 +179,14 @@ pub const LARGE_BUFFERS_BUDGET: usize = 256 << 20;
 pub const SMALL_BUF_LEN: usize = 256 * 1024;
 /// Bytes of full-size bulk buffers held now.
 static LARGE_HELD: AtomicUsize = AtomicUsize::new(0);
+/// Bulk buffers given [`SMALL_BUF_LEN`] because the budget was spent.
+static OVER_BUDGET: Tally = Tally::new();
+
+/// How many bulk buffers this process gave [`SMALL_BUF_LEN`] bytes instead of [`RELAY_BUF_LEN`]
+/// because [`LARGE_BUFFERS_BUDGET`] was in use: for `status`.
+pub fn buffers_over_budget() -> u64 {
+    OVER_BUDGET.get()
+}
 
 /// A bulk direction's own buffer (room for a chunk header, then the data); a full-size one
 /// counts against [`LARGE_BUFFERS_BUDGET`] until it is dropped.
@@ -201,6 +210,12 @@ fn new_buffer() -> BulkBuffer {
             (held + large <= LARGE_BUFFERS_BUDGET).then_some(held + large)
         })
         .is_ok();
+    if let Some(n) = (!counted).then(|| OVER_BUDGET.one_more()).flatten() {
+        tracing::warn!(
+            "{} MiB of 1 MiB relay buffers in use, the limit: bulk transfers get 256 KiB buffers ({n} so far)",
+            LARGE_BUFFERS_BUDGET >> 20
+        );
+    }
     let len = if counted { large } else { CHUNK_HEADER_LEN + SMALL_BUF_LEN };
     BulkBuffer { buf: vec![0u8; len].into_boxed_slice(), counted }
 }
