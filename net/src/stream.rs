@@ -122,6 +122,27 @@ pub fn read_arrived<S: RawStream + ?Sized>(s: &S, buf: &mut [u8]) -> io::Result<
     }
 }
 
+/// Writes what the socket takes now, straight to it: a stream connected a moment ago is
+/// writable, but the reactor has not said so yet (tokio's `try_write` would answer
+/// `WouldBlock` without trying). `WouldBlock` when it takes nothing; readiness is left as it was.
+pub fn write_direct<S: RawStream + ?Sized>(s: &S, buf: &[u8]) -> io::Result<usize> {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let flags = libc::MSG_NOSIGNAL;
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let flags = 0; // SO_NOSIGPIPE is set on Apple platforms (socket2)
+        // SAFETY: `buf` is valid for `buf.len()` bytes; the socket is non-blocking.
+        let n = unsafe { libc::send(s.as_sock().as_raw_fd(), buf.as_ptr().cast(), buf.len(), flags) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+    #[cfg(not(unix))]
+    {
+        s.try_write(buf)
+    }
+}
+
 /// Reads some bytes (`0` at EOF).
 pub async fn read<S: RawStream + ?Sized>(s: &S, buf: &mut [u8]) -> io::Result<usize> {
     poll_fn(|cx| poll_read(s, cx, buf)).await
