@@ -22,6 +22,7 @@ pub mod events;
 pub mod handshake;
 pub mod hyperv;
 pub mod mmsg;
+pub mod mux;
 pub mod own;
 pub mod platform;
 pub mod relay;
