@@ -7,7 +7,6 @@ use crate::intercept::{AGENT_MARK, Interceptor};
 use hostnet_net::TransportStream;
 use hostnet_net::connect::connect_tcp;
 use hostnet_net::handshake::{self, FrameReader, HandshakeError};
-use hostnet_net::mux;
 use hostnet_net::own::OwnSockets;
 use hostnet_net::relay::{self, RelayCounters};
 use hostnet_net::udp;
@@ -26,10 +25,6 @@ enum ControlError {
     #[error(transparent)]
     Session(#[from] AgentSessionError),
 }
-
-/// Most streams one multiplexed transport stream carries at once (the proxy keeps to its own
-/// connection limit, which is below it).
-const MUX_MAX_STREAMS: usize = 65_536;
 
 /// The time handed to the control session (tokio's clock, so paused-time tests hold).
 fn now() -> std::time::Instant {
@@ -121,58 +116,7 @@ impl Sessions {
                     info_span!("udp", %port, client = %peer.map(|p| p.to_string()).unwrap_or_default());
                 self.udp(stream, reader, addr, port).instrument(span).await
             }
-            Open::Mux {} => {
-                info!(%peer, "multiplexed stream from the proxy");
-                let this = self.clone();
-                mux::serve(
-                    stream,
-                    reader.into_leftover(),
-                    MUX_MAX_STREAMS,
-                    &self.shutdown.clone(),
-                    move |s| {
-                        let this = this.clone();
-                        async move { this.mux_stream(s).await }
-                    },
-                )
-                .await;
-            }
         }
-    }
-
-    /// One stream inside a multiplexed transport stream: a TCP connection's opening, then its
-    /// relay (UDP flows keep streams of their own).
-    async fn mux_stream(&self, mut s: mux::MuxStream) {
-        use tokio::io::AsyncWriteExt;
-        let (open, pending) = match mux::read_opening::<Open>(&mut s, true).await {
-            Ok(opened) => opened,
-            Err(e) => return warn!("rejected a multiplexed stream: {e}"),
-        };
-        let Open::Tcp { addr, port, .. } = open else {
-            let reply = hostnet_protocol::OpenReply::Refused {
-                reason: "only TCP inside a multiplexed stream".into(),
-            };
-            if let Ok(bytes) = handshake::preface_and(&reply) {
-                let _ = s.write_all(&bytes).await;
-            }
-            return;
-        };
-        let server = if !addr.is_loopback() {
-            Err(format!("{addr} is not a guest loopback address"))
-        } else {
-            connect_tcp(SocketAddr::new(addr, port), self.mark, "in the guest").await
-        };
-        let reply = match &server {
-            Ok(_) => hostnet_protocol::OpenReply::Connected {},
-            Err(reason) => hostnet_protocol::OpenReply::Refused { reason: reason.clone() },
-        };
-        let Ok(answer) = handshake::preface_and(&reply) else { return };
-        let Ok(server) = server else {
-            let _ = s.write_all(&answer).await;
-            return;
-        };
-        let counters = RelayCounters::default();
-        let outcome = mux::relay(&server, s, answer, pending, false, &counters, &self.shutdown).await;
-        debug!(?outcome, ?counters, "relay finished");
     }
 
     async fn control(&self, stream: TransportStream, mut reader: FrameReader) {

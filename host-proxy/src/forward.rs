@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use hostnet_admin::{Direction, ForwardState};
 use hostnet_net::accept::next_accepted;
 use hostnet_net::handshake::{self, FrameReader, OpenError};
-use hostnet_net::mux::{self, MuxConnector};
 use hostnet_net::own::OwnSockets;
 use hostnet_net::relay::{self, Outcome, RelayCounters};
 use hostnet_net::{Connector, RawStream};
@@ -40,9 +39,6 @@ pub struct Limits {
     pub udp_flows: usize,
     /// Guest→host streams (connections, flows, openings) served at once.
     pub guest_streams: usize,
-    /// Relay TCP connections as streams inside one multiplexed transport stream (yamux)
-    /// instead of a transport stream each (`--mux`, an experiment).
-    pub mux: bool,
 }
 
 impl Default for Limits {
@@ -51,7 +47,6 @@ impl Default for Limits {
             connections: MAX_CONNECTIONS,
             udp_flows: crate::udp::MAX_UDP_FLOWS,
             guest_streams: crate::guest_streams::MAX_GUEST_STREAMS,
-            mux: false,
         }
     }
 }
@@ -243,8 +238,6 @@ pub struct Forwards {
     /// about them are rate-limited on these counts.
     refused: Arc<AtomicU64>,
     open_failures: Arc<AtomicU64>,
-    /// With `--mux`: the multiplexed transport stream TCP connections go over.
-    mux: Option<Arc<MuxConnector>>,
 }
 
 impl std::fmt::Debug for Forwards {
@@ -261,9 +254,7 @@ impl Forwards {
         limits: Limits,
         own: OwnSockets,
     ) -> Self {
-        let mux = limits.mux.then(|| Arc::new(MuxConnector::new(connector.clone(), limits.connections)));
         Forwards {
-            mux,
             table: Arc::default(),
             targets: Arc::default(),
             reconciling: Arc::default(),
@@ -725,19 +716,6 @@ impl Forwards {
                 return;
             }
         };
-        if let Some(m) = &self.mux {
-            let stream = match m.open().await {
-                Ok(s) => s,
-                Err(e) => {
-                    self.open_failed(&e);
-                    let _ = client.set_reset_on_close();
-                    return;
-                }
-            };
-            let outcome =
-                mux::relay(&client, stream, opening, Default::default(), true, &stats.bytes, token).await;
-            return debug!(?outcome, "connection finished");
-        }
         let stream = match self.connector.connect().await {
             Ok(s) => s,
             Err(e) => {

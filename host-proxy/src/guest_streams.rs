@@ -307,7 +307,6 @@ async fn serve(
             return serve_udp(stream, reader, target, port, stats, &own, shutdown).instrument(span).await;
         }
         Open::Control {} => return warn!("rejected a control stream on the guest→host socket"),
-        Open::Mux {} => return warn!("rejected a multiplexed stream on the guest→host socket"),
     };
     let span = info_span!("guest→host", port, client = %peer.map(|p| p.to_string()).unwrap_or_default());
     async move {

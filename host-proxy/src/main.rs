@@ -131,10 +131,6 @@ struct LimitArgs {
     /// Guest→host streams (connections, UDP flows, openings) served at once; more are closed.
     #[arg(long, value_name = "N", default_value_t = host_proxy::guest_streams::MAX_GUEST_STREAMS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_guest_streams: u32,
-    /// Experimental: relay TCP connections as streams of one multiplexed transport stream
-    /// (yamux) instead of a transport stream each.
-    #[arg(long)]
-    mux: bool,
 }
 
 impl LimitArgs {
@@ -143,7 +139,6 @@ impl LimitArgs {
             connections: self.max_connections as usize,
             udp_flows: self.max_udp_flows as usize,
             guest_streams: self.max_guest_streams as usize,
-            mux: self.mux,
         }
     }
 }

@@ -22,7 +22,6 @@ pub mod events;
 pub mod handshake;
 pub mod hyperv;
 pub mod mmsg;
-pub mod mux;
 pub mod own;
 pub mod platform;
 pub mod relay;

@@ -599,40 +599,8 @@ async fn pump_down<P: RawStream, L: RawStream>(
     }
 }
 
-/// [`deliver`], for the multiplexed relay.
-pub(crate) async fn deliver_all<L: RawStream>(
-    decoder: &mut ChunkDecoder,
-    bytes: &[u8],
-    local: &L,
-    counters: &RelayCounters,
-) -> Result<(), Outcome> {
-    deliver(decoder, bytes, local, counters).await
-}
-
-/// [`deliver_now`], for the multiplexed relay.
-pub(crate) fn deliver_some<L: RawStream>(
-    decoder: &mut ChunkDecoder,
-    bytes: &[u8],
-    local: &L,
-    counters: &RelayCounters,
-) -> Result<Option<Leftover>, Outcome> {
-    deliver_now(decoder, bytes, local, counters)
-}
-
-/// Writes what [`deliver_some`] left, waiting for the local side.
-pub(crate) async fn finish_leftover<L: RawStream>(
-    decoder: &mut ChunkDecoder,
-    left: Leftover,
-    local: &L,
-    counters: &RelayCounters,
-) -> Result<(), Outcome> {
-    stream::write_all(local, &left.data).await.map_err(|_| Outcome::LocalReset)?;
-    counters.from_peer.fetch_add(left.data.len() as u64, Ordering::Relaxed);
-    deliver(decoder, &left.raw, local, counters).await
-}
-
 /// What [`deliver_now`] could not write without waiting.
-pub(crate) struct Leftover {
+struct Leftover {
     /// The rest of the data chunk being written.
     data: Vec<u8>,
     /// Bytes not decoded yet.

@@ -182,15 +182,13 @@ pub enum Open {
     Tcp { addr: IpAddr, port: u16, peer: Option<SocketAddr> },
     /// Relay one UDP flow (one desktop client address) to `addr:port` on the far side.
     Udp { addr: IpAddr, port: u16, peer: Option<SocketAddr> },
-    /// This stream carries yamux: each stream inside it starts as a data stream does.
-    Mux {},
 }
 
 impl Open {
     /// The protocol this stream relays, if it is a data stream.
     pub fn proto(&self) -> Option<Proto> {
         match self {
-            Open::Control {} | Open::Mux {} => None,
+            Open::Control {} => None,
             Open::Tcp { .. } => Some(Proto::Tcp),
             Open::Udp { .. } => Some(Proto::Udp),
         }
