@@ -126,21 +126,12 @@ pub fn read_arrived<S: RawStream + ?Sized>(s: &S, buf: &mut [u8]) -> io::Result<
 /// writable, but the reactor has not said so yet (tokio's `try_write` would answer
 /// `WouldBlock` without trying). `WouldBlock` when it takes nothing; readiness is left as it was.
 pub fn write_direct<S: RawStream + ?Sized>(s: &S, buf: &[u8]) -> io::Result<usize> {
-    #[cfg(unix)]
-    {
-        use std::os::fd::AsRawFd;
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        let flags = libc::MSG_NOSIGNAL;
-        #[cfg(not(any(target_os = "linux", target_os = "android")))]
-        let flags = 0; // SO_NOSIGPIPE is set on Apple platforms (socket2)
-        // SAFETY: `buf` is valid for `buf.len()` bytes; the socket is non-blocking.
-        let n = unsafe { libc::send(s.as_sock().as_raw_fd(), buf.as_ptr().cast(), buf.len(), flags) };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
-    }
-    #[cfg(not(unix))]
-    {
-        s.try_write(buf)
-    }
+    // A peer gone is an error, never a signal (Apple sockets have SO_NOSIGPIPE).
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let flags = libc::MSG_NOSIGNAL;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let flags = 0;
+    SockRef::from(&s.as_sock()).send_with_flags(buf, flags)
 }
 
 /// Reads some bytes (`0` at EOF).
