@@ -59,10 +59,10 @@ pub async fn connect_tcp(addr: SocketAddr, mark: Option<u32>, where_: &str) -> R
 
 /// Connects `socket` if that finishes at once: to a local server the handshake completes (or is
 /// refused) within `connect(2)` itself, though a non-blocking socket still answers
-/// `EINPROGRESS`; a zero-timeout `poll(2)` then tells. `None`: still in progress (the reactor
-/// says when it is done, under the timeout). Saves, per relayed connection, a trip
-/// through the reactor and arming and cancelling the connect timer (which wakes the runtime's
-/// timer).
+/// `EINPROGRESS`; a zero-timeout `poll(2)` then tells (and `SO_ERROR` why, if it failed).
+/// `None`: still in progress (the reactor says when it is done, under the timeout). Saves, per
+/// relayed connection, a trip through the reactor and arming and cancelling the connect timer
+/// (which wakes the runtime's timer).
 #[cfg(unix)]
 fn connect_at_once(socket: &socket2::Socket, addr: SocketAddr) -> Option<std::io::Result<()>> {
     use std::os::fd::AsRawFd;
@@ -76,6 +76,10 @@ fn connect_at_once(socket: &socket2::Socket, addr: SocketAddr) -> Option<std::io
     let ready = unsafe { libc::poll(&mut fd, 1, 0) };
     if ready != 1 {
         return None;
+    }
+    // Writable alone: connected. With an error or hang-up, ask which (a refusal, mostly).
+    if fd.revents & (libc::POLLERR | libc::POLLHUP) == 0 {
+        return Some(Ok(()));
     }
     match socket.take_error() {
         Ok(None) => Some(Ok(())),
