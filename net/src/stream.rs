@@ -302,3 +302,33 @@ impl AsyncWrite for TransportStream {
         Poll::Ready(self.shutdown_write())
     }
 }
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A short read clears readiness; bytes that arrive afterwards must still wake the reader,
+    /// and bytes that arrived with the short read are not lost.
+    #[tokio::test]
+    async fn a_short_unix_read_clears_readiness_without_losing_a_later_wake() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut buf = [0u8; 64];
+        for round in 0..100u8 {
+            let sent = [round; 3];
+            write_all(&a, &sent).await.unwrap();
+            let n = tokio::time::timeout(Duration::from_secs(10), read(&b, &mut buf))
+                .await
+                .expect("a later write did not wake the reader");
+            assert_eq!(buf.get(..n.unwrap()), Some(&sent[..]), "round {round}");
+        }
+        // A full read (not short) keeps readiness: the rest is read without a new wake.
+        write_all(&a, &[7u8; 100]).await.unwrap();
+        let mut total = 0;
+        while total < 100 {
+            total +=
+                tokio::time::timeout(Duration::from_secs(10), read(&b, &mut buf)).await.unwrap().unwrap();
+        }
+        assert_eq!(total, 100);
+    }
+}
