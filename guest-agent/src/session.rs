@@ -215,12 +215,23 @@ impl Sessions {
         } else {
             connect_tcp(SocketAddr::new(addr, port), self.mark, "in the guest").await
         };
-        if !handshake::answer_open(&stream, &server).await {
-            return;
-        }
-        let Ok(server) = server else { return };
+        let server = match server {
+            Ok(server) => server,
+            Err(reason) => {
+                handshake::answer_open::<_, ()>(&stream, &Err(reason)).await;
+                return;
+            }
+        };
+        // `connected` goes out with the server's first bytes (or its FIN): one write, and one
+        // wake-up of the proxy, instead of two.
+        let connected = match handshake::preface_and(&hostnet_protocol::OpenReply::Connected {}) {
+            Ok(bytes) => bytes,
+            Err(e) => return warn!("cannot encode the answer: {e}"),
+        };
         let counters = RelayCounters::default();
-        let outcome = tcp::relay(&server, &stream, reader.into_leftover(), &counters, &self.shutdown).await;
+        let pending = reader.into_leftover();
+        let outcome =
+            tcp::relay_answering(&server, &stream, pending, connected, &counters, &self.shutdown).await;
         debug!(?outcome, ?counters, "relay finished");
     }
 }

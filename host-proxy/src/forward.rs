@@ -676,6 +676,7 @@ impl Forwards {
         stats: &ForwardStats,
         token: &CancellationToken,
     ) {
+        #[cfg(not(target_os = "linux"))]
         let _ = client.set_nodelay(true);
         // The mirror's family (its IPv6 sockets are IPv6-only), without asking the socket.
         let client_v6 = peer.is_ipv6();
@@ -685,7 +686,15 @@ impl Forwards {
             return;
         };
         let open = Open::Tcp { addr: target, port, peer: Some(peer) };
-        let stream = match handshake::send_open(&*self.connector, &open).await {
+        let opening = match handshake::preface_and(&open) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                warn!("cannot encode the opening: {e}");
+                let _ = client.set_reset_on_close();
+                return;
+            }
+        };
+        let stream = match self.connector.connect().await {
             Ok(s) => s,
             Err(e) => {
                 self.open_failed(&e);
@@ -693,11 +702,11 @@ impl Forwards {
                 return;
             }
         };
-        // The client's first bytes go out right behind `open`; the agent's answer leads the
-        // way back.
+        // Our preface and `open` go out in one write with the client's first bytes; the agent's
+        // answer comes with the guest server's first bytes and leads the way back.
         let answer = async {
             let mut reader = FrameReader::new();
-            match handshake::read_answer(&stream, &mut reader).await {
+            match handshake::read_tcp_answer(&stream, &mut reader).await {
                 Ok(()) => Ok(reader.into_leftover()),
                 Err(e @ OpenError::Refused(_)) => {
                     debug!("agent {e}");
@@ -709,7 +718,7 @@ impl Forwards {
                 }
             }
         };
-        let outcome = tcp::relay_after(&client, &stream, answer, &stats.bytes, token).await;
+        let outcome = tcp::relay_after(&client, &stream, opening, answer, &stats.bytes, token).await;
         match outcome {
             Outcome::ProtocolError => warn!("agent broke the stream protocol; connection reset"),
             _ => debug!(?outcome, "connection finished"),
@@ -910,6 +919,10 @@ fn bind(proto: Proto, addr: SocketAddr, own: &OwnSockets) -> io::Result<Bound> {
     match proto {
         Proto::Tcp => {
             hostnet_net::sys::prepare_listener(&socket)?;
+            // Linux copies TCP_NODELAY to every connection accepted: one system call per port
+            // instead of one per connection (elsewhere each connection sets it).
+            #[cfg(target_os = "linux")]
+            socket.set_tcp_nodelay(true)?;
             socket.bind(&addr.into())?;
             socket.listen(LISTEN_BACKLOG)?;
             Ok(Bound::Tcp(TcpListener::from_std(socket.into())?))
@@ -959,6 +972,21 @@ fn describe_bind_error(proto: Proto, ip: IpAddr, port: u16, e: &io::Error, expla
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Relayed connections run without Nagle's delay: on Linux the mirror's listener carries
+    /// `TCP_NODELAY` and every accepted connection inherits it (no system call per connection).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn connections_accepted_on_a_mirror_have_nodelay() {
+        let Bound::Tcp(listener) =
+            bind(Proto::Tcp, "127.0.0.1:0".parse().unwrap(), &OwnSockets::new()).unwrap()
+        else {
+            panic!("not a TCP listener")
+        };
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 
     fn tcp_ports(ports: impl IntoIterator<Item = u16>) -> BTreeSet<(Proto, u16)> {
         ports.into_iter().map(|p| (Proto::Tcp, p)).collect()

@@ -214,7 +214,15 @@ async fn bytes_flow_before_the_answer_and_a_refusal_resets_the_client() {
     let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<Result<BytesMut, Outcome>>();
     let host_side = tokio::spawn(async move {
         let answer = async { answer_rx.await.unwrap_or(Err(Outcome::PeerVanished)) };
-        relay_after(&host_local, &t1, answer, &RelayCounters::default(), &CancellationToken::new()).await
+        relay_after(
+            &host_local,
+            &t1,
+            Vec::new(),
+            answer,
+            &RelayCounters::default(),
+            &CancellationToken::new(),
+        )
+        .await
     });
     client.write_all(b"hi").await.unwrap();
     let mut chunk = [0u8; 6];
@@ -250,7 +258,15 @@ async fn a_client_that_spoke_and_half_closed_before_the_relay_began_is_relayed_w
     let (t1, mut t2) = UnixStream::pair().unwrap();
     let host_side = tokio::spawn(async move {
         let answer = async { Ok(BytesMut::new()) };
-        relay_after(&host_local, &t1, answer, &RelayCounters::default(), &CancellationToken::new()).await
+        relay_after(
+            &host_local,
+            &t1,
+            Vec::new(),
+            answer,
+            &RelayCounters::default(),
+            &CancellationToken::new(),
+        )
+        .await
     });
     let mut up = [0u8; 13];
     within(t2.read_exact(&mut up)).await.unwrap();
@@ -330,5 +346,81 @@ async fn a_data_stream_that_refuses_splice_on_the_way_out_falls_back_to_a_buffer
     server.shutdown().await.unwrap();
     assert!(within(writer).await.unwrap() == payload, "guest → host bytes differ");
     assert_eq!(within(host_side).await.unwrap(), Outcome::Closed);
+    assert_eq!(within(guest_side).await.unwrap(), Outcome::Closed);
+}
+
+/// The opener's preface and `open` go out in the same write as the client's first bytes; a
+/// client that says nothing does not hold them back (the far side must connect to a server
+/// that speaks first).
+#[tokio::test]
+async fn the_opening_goes_with_the_first_bytes_or_alone_at_once() {
+    use hostnet_net::relay::tcp::relay_after;
+    for speaks in [true, false] {
+        let (mut client, host_local) = tcp_pair().await;
+        if speaks {
+            client.write_all(b"hi").await.unwrap();
+            within(async {
+                let mut buf = [0u8; 2];
+                while host_local.peek(&mut buf).await.unwrap() < 2 {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await;
+        }
+        let (t1, mut t2) = UnixStream::pair().unwrap();
+        let _host_side = tokio::spawn(async move {
+            let answer = std::future::pending();
+            relay_after(
+                &host_local,
+                &t1,
+                b"OPEN".to_vec(),
+                answer,
+                &RelayCounters::default(),
+                &CancellationToken::new(),
+            )
+            .await
+        });
+        let want: &[u8] = if speaks { b"OPEN\0\0\0\x02hi" } else { b"OPEN" };
+        let mut got = vec![0u8; want.len()];
+        within(t2.read_exact(&mut got)).await.unwrap();
+        assert_eq!(got, want, "client spoke first: {speaks}");
+    }
+}
+
+/// The answering side holds its answer until the local side's first bytes (or FIN) and sends
+/// them in one write: nothing reaches the opener before the server speaks.
+#[tokio::test(flavor = "current_thread")]
+async fn the_answer_waits_for_the_servers_first_bytes() {
+    use hostnet_net::relay::tcp::relay_answering;
+    let (mut server, guest_local) = tcp_pair().await;
+    let (t1, t2) = UnixStream::pair().unwrap();
+    let guest_side = tokio::spawn(async move {
+        relay_answering(
+            &guest_local,
+            &t1,
+            BytesMut::new(),
+            b"ANSWER".to_vec(),
+            &RelayCounters::default(),
+            &CancellationToken::new(),
+        )
+        .await
+    });
+    // On this one thread the relay runs until it waits for the server.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let mut buf = [0u8; 64];
+    let early = t2.try_read(&mut buf);
+    assert!(
+        matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the answer went out before the server spoke: {early:?}"
+    );
+    server.write_all(b"ok").await.unwrap();
+    server.shutdown().await.unwrap();
+    let mut t2 = t2;
+    let mut got = [0u8; 16];
+    within(t2.read_exact(&mut got)).await.unwrap();
+    assert_eq!(&got, b"ANSWER\0\0\0\x02ok\0\0\0\0", "answer, the server's bytes, its FIN");
+    t2.write_all(&[0, 0, 0, 0]).await.unwrap();
     assert_eq!(within(guest_side).await.unwrap(), Outcome::Closed);
 }

@@ -11,6 +11,7 @@
 //! bulk transfer that follows until [`IDLE_BUFFER_RELEASE`] of silence gives it back.
 
 use std::io;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -86,7 +87,8 @@ pub async fn relay<L: RawStream, P: RawStream>(
     counters: &RelayCounters,
     shutdown: &CancellationToken,
 ) -> Outcome {
-    relay_both(local, peer, async { Ok(pending) }, counters, shutdown, false).await
+    let lead = Lead::new(Vec::new(), true);
+    relay_both(local, peer, async { Ok(pending) }, &lead, counters, shutdown, false).await
 }
 
 /// [`relay`] on a stream whose far side has not answered yet: the local side's bytes start
@@ -94,15 +96,74 @@ pub async fn relay<L: RawStream, P: RawStream>(
 /// to `open`) and yields the bytes read past it — or the outcome that ends the connection
 /// (a refusal: [`Outcome::PeerReset`], the local socket is reset). Saves a round trip per
 /// new connection. The local side is a client that has just connected, and clients mostly
-/// speak first: its first bytes are read at once, before the reactor reports them.
+/// speak first: its first bytes are read at once, before the reactor reports them, and go out
+/// in one write with `opening` (our preface and `open`); if none has arrived, `opening` goes
+/// alone at once (the far side must connect even to a server that speaks first).
 pub async fn relay_after<L: RawStream, P: RawStream>(
     local: &L,
     peer: &P,
+    opening: Vec<u8>,
     answer: impl std::future::Future<Output = Result<BytesMut, Outcome>>,
     counters: &RelayCounters,
     shutdown: &CancellationToken,
 ) -> Outcome {
-    relay_both(local, peer, answer, counters, shutdown, true).await
+    let lead = Lead::new(opening, false);
+    relay_both(local, peer, answer, &lead, counters, shutdown, true).await
+}
+
+/// [`relay`] for the side that answers an `open`: `answer` (our preface and `connected`) goes
+/// out in the same write as the local side's first bytes, or its FIN or RST — not in a write
+/// (and a wake-up of the far side) of its own. The opener reads it only to let the local
+/// side's bytes through ([`relay_after`]), so it loses nothing by waiting for them.
+pub async fn relay_answering<L: RawStream, P: RawStream>(
+    local: &L,
+    peer: &P,
+    pending: BytesMut,
+    answer: Vec<u8>,
+    counters: &RelayCounters,
+    shutdown: &CancellationToken,
+) -> Outcome {
+    let lead = Lead::new(answer, true);
+    relay_both(local, peer, async { Ok(pending) }, &lead, counters, shutdown, false).await
+}
+
+/// Bytes that must precede whatever the up direction writes first (an opening or an answer),
+/// so they share its system call. Taken once.
+struct Lead {
+    bytes: Mutex<Vec<u8>>,
+    /// `false`: if the local side has nothing at once, the lead goes out alone.
+    may_wait: bool,
+}
+
+impl Lead {
+    fn new(bytes: Vec<u8>, may_wait: bool) -> Self {
+        Lead { bytes: Mutex::new(bytes), may_wait }
+    }
+
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.bytes.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The lead followed by `then`, in one write.
+    async fn write_with<P: RawStream>(&self, peer: &P, then: &[u8]) -> io::Result<()> {
+        let mut lead = self.take();
+        if lead.is_empty() {
+            return raw::write_all(peer, then).await;
+        }
+        lead.extend_from_slice(then);
+        write_all_direct(peer, &lead).await
+    }
+}
+
+/// Writes all of `buf`, the first write straight to the socket (a new stream: see
+/// [`raw::write_direct`]).
+async fn write_all_direct<P: RawStream>(peer: &P, buf: &[u8]) -> io::Result<()> {
+    let n = match raw::write_direct(peer, buf) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    raw::write_all(peer, buf.get(n..).unwrap_or_default()).await
 }
 
 /// Both directions; with `client_first`, the local side is read once before waiting for it.
@@ -110,6 +171,7 @@ async fn relay_both<L: RawStream, P: RawStream>(
     local: &L,
     peer: &P,
     answer: impl std::future::Future<Output = Result<BytesMut, Outcome>>,
+    lead: &Lead,
     counters: &RelayCounters,
     shutdown: &CancellationToken,
     client_first: bool,
@@ -122,7 +184,7 @@ async fn relay_both<L: RawStream, P: RawStream>(
         let end = tokio::select! {
             biased;
             _ = abort.cancelled() => None,
-            end = pump_up(local, peer, counters, &mid_chunk, client_first) => Some(end),
+            end = pump_up(local, peer, lead, counters, &mid_chunk, client_first) => Some(end),
         };
         match end {
             Some(Outcome::Closed) => up_done.cancel(),
@@ -161,7 +223,7 @@ async fn relay_both<L: RawStream, P: RawStream>(
     if outcome == Outcome::LocalReset && !mid_chunk.load(Ordering::Relaxed) {
         // A failed write to the local socket (seen by the down direction) still owes the peer
         // its RST. Skipped mid-chunk: the peer then sees a cut stream, which it resets too.
-        let _ = raw::write_all(peer, &RST).await;
+        let _ = lead.write_with(peer, &RST).await;
     }
     if !matches!(outcome, Outcome::Closed | Outcome::Cancelled) {
         let _ = local.set_reset_on_close();
@@ -239,6 +301,16 @@ fn write_now<S: RawStream>(s: &S, mut buf: &[u8]) -> io::Result<usize> {
     Ok(total - buf.len())
 }
 
+/// [`write_now`] straight to the socket once ([`raw::write_direct`]), then as usual.
+fn write_direct_now<S: RawStream>(s: &S, buf: &[u8]) -> io::Result<usize> {
+    match raw::write_direct(s, buf) {
+        Ok(n) if n == buf.len() => Ok(n),
+        Ok(n) => Ok(n + write_now(s, buf.get(n..).unwrap_or_default())?),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => write_now(s, buf),
+        Err(e) => Err(e),
+    }
+}
+
 /// Waits for `s` to be readable. With a buffer in hand it waits only so long before giving
 /// the buffer back and waiting on without one.
 async fn wait_readable<S: RawStream, T>(s: &S, held: &mut Option<T>) -> io::Result<()> {
@@ -278,12 +350,12 @@ async fn splice_up<L: RawStream, P: RawStream>(
 ) -> Step {
     let filled = local.try_io_raw(Interest::READABLE, &mut || pipe.fill_from(local.as_sock(), usize::MAX));
     let n = match filled {
-        Some(Ok(0)) => return Step::Eof,
+        Some(Ok(0)) => return Step::Eof(Vec::new()),
         Some(Ok(n)) => n,
-        Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Step::Again,
+        Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Step::Again(Vec::new()),
         // This kernel or socket does not splice: copy instead.
         Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => return Step::NoSplice,
-        _ => return Step::LocalFailed,
+        _ => return Step::LocalFailed(Vec::new()),
     };
     mid_chunk.store(true, Ordering::Relaxed);
     if raw::write_all(peer, &chunk::data_header(n)).await.is_err() {
@@ -356,12 +428,12 @@ enum Step {
     Sent(usize),
     /// `n` bytes read; `rest` (the tail of the chunk) still to be written.
     Blocked(usize, Vec<u8>),
-    /// Nothing to read after all.
-    Again,
+    /// Nothing to read after all. Each of these three carries the lead not sent yet.
+    Again(Vec<u8>),
     /// The local socket reached EOF.
-    Eof,
+    Eof(Vec<u8>),
     /// The local socket failed.
-    LocalFailed,
+    LocalFailed(Vec<u8>),
     /// The peer could not be written.
     PeerFailed,
     /// `splice(2)` is refused here: use a buffer.
@@ -373,6 +445,7 @@ enum Step {
 async fn pump_up<L: RawStream, P: RawStream>(
     local: &L,
     peer: &P,
+    lead: &Lead,
     counters: &RelayCounters,
     mid_chunk: &AtomicBool,
     client_first: bool,
@@ -385,7 +458,7 @@ async fn pump_up<L: RawStream, P: RawStream>(
     loop {
         let arrived = std::mem::take(&mut first);
         if !arrived && wait_readable(local, &mut own).await.is_err() {
-            let _ = raw::write_all(peer, &RST).await;
+            let _ = lead.write_with(peer, &RST).await;
             return Outcome::LocalReset;
         }
         let step = match own.as_mut() {
@@ -393,7 +466,7 @@ async fn pump_up<L: RawStream, P: RawStream>(
             // Bulk: read into our own buffer, wait for the peer to take all of it.
             Some(Bulk::Buffer(BulkBuffer { buf: b, .. })) => match read_chunk(|body| local.try_read(body), b)
             {
-                Ok(0) => Step::Eof,
+                Ok(0) => Step::Eof(Vec::new()),
                 Ok(n) => {
                     mid_chunk.store(true, Ordering::Relaxed);
                     if raw::write_all(peer, b.get(..CHUNK_HEADER_LEN + n).unwrap_or_default()).await.is_err()
@@ -405,8 +478,14 @@ async fn pump_up<L: RawStream, P: RawStream>(
                 }
                 Err(step) => step,
             },
-            None if arrived => with_scratch(|b| forward_now(|body| raw::read_arrived(local, body), peer, b)),
-            None => with_scratch(|b| forward_now(|body| local.try_read(body), peer, b)),
+            None if arrived => {
+                let ahead = lead.take();
+                with_scratch(|b| forward_now(|body| raw::read_arrived(local, body), &ahead, peer, b))
+            }
+            None => {
+                let ahead = lead.take();
+                with_scratch(|b| forward_now(|body| local.try_read(body), &ahead, peer, b))
+            }
         };
         match step {
             Step::Sent(n) => {
@@ -426,15 +505,25 @@ async fn pump_up<L: RawStream, P: RawStream>(
                 own.get_or_insert_with(|| bulk_for(local, peer));
             }
             Step::NoSplice => own = Some(Bulk::Buffer(new_buffer())),
-            Step::Again => {}
-            Step::Eof => {
-                return match raw::write_all(peer, &FIN).await {
+            Step::Again(ahead) => {
+                // Nothing to read after all: the lead waits for what comes, or goes alone now.
+                if !ahead.is_empty() {
+                    if lead.may_wait {
+                        *lead.bytes.lock().unwrap_or_else(|p| p.into_inner()) = ahead;
+                    } else if write_all_direct(peer, &ahead).await.is_err() {
+                        return Outcome::PeerVanished;
+                    }
+                }
+            }
+            Step::Eof(ahead) => {
+                let end = [ahead.as_slice(), &FIN].concat();
+                return match write_all_direct(peer, &end).await {
                     Ok(()) => Outcome::Closed,
                     Err(_) => Outcome::PeerVanished,
                 };
             }
-            Step::LocalFailed => {
-                let _ = raw::write_all(peer, &RST).await;
+            Step::LocalFailed(ahead) => {
+                let _ = write_all_direct(peer, &[ahead.as_slice(), &RST].concat()).await;
                 return Outcome::LocalReset;
             }
             Step::PeerFailed => return Outcome::PeerVanished,
@@ -446,7 +535,7 @@ async fn pump_up<L: RawStream, P: RawStream>(
 /// `Ok(n)` (0 at EOF); `Err(Again | LocalFailed)`.
 fn read_chunk(read: impl FnOnce(&mut [u8]) -> io::Result<usize>, b: &mut [u8]) -> Result<usize, Step> {
     let Some((header, body)) = b.split_first_chunk_mut::<CHUNK_HEADER_LEN>() else {
-        return Err(Step::LocalFailed);
+        return Err(Step::LocalFailed(Vec::new()));
     };
     match read(body) {
         Ok(0) => Ok(0),
@@ -454,28 +543,43 @@ fn read_chunk(read: impl FnOnce(&mut [u8]) -> io::Result<usize>, b: &mut [u8]) -
             *header = chunk::data_header(n);
             Ok(n)
         }
-        Err(e) if !is_reset_like(&e) => Err(Step::Again),
-        Err(_) => Err(Step::LocalFailed),
+        Err(e) if !is_reset_like(&e) => Err(Step::Again(Vec::new())),
+        Err(_) => Err(Step::LocalFailed(Vec::new())),
     }
 }
 
 /// One synchronous step through the scratch buffer: read (with `read`), frame, write what the
-/// peer takes.
+/// peer takes — behind `lead` (an opening or an answer not sent yet), in the same write. What
+/// ends without a write hands `lead` back in the step.
 fn forward_now<P: RawStream>(
     read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+    lead: &[u8],
     peer: &P,
     b: &mut [u8],
 ) -> Step {
     match read_chunk(read, b) {
-        Ok(0) => Step::Eof,
+        Ok(0) => Step::Eof(lead.to_vec()),
         Ok(n) => {
-            let frame = b.get(..CHUNK_HEADER_LEN + n).unwrap_or_default();
-            match write_now(peer, frame) {
+            let chunk = b.get(..CHUNK_HEADER_LEN + n).unwrap_or_default();
+            let joined;
+            let frame = if lead.is_empty() {
+                chunk
+            } else {
+                joined = [lead, chunk].concat();
+                &joined
+            };
+            // Behind a lead the stream may be new: written to straight away (the reactor may
+            // not have reported it writable yet); what it does not take waits as usual.
+            let written =
+                if lead.is_empty() { write_now(peer, frame) } else { write_direct_now(peer, frame) };
+            match written {
                 Ok(w) if w == frame.len() => Step::Sent(n),
                 Ok(w) => Step::Blocked(n, frame.get(w..).unwrap_or_default().to_vec()),
                 Err(_) => Step::PeerFailed,
             }
         }
+        Err(Step::Again(_)) => Step::Again(lead.to_vec()),
+        Err(Step::LocalFailed(_)) => Step::LocalFailed(lead.to_vec()),
         Err(step) => step,
     }
 }

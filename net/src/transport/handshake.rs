@@ -48,6 +48,15 @@ pub async fn send_preface_and<S: RawStream, T: Serialize>(s: &S, msg: &T) -> Res
     Ok(())
 }
 
+/// Our preface followed by one frame, as bytes: an opening (or an answer) that goes out in the
+/// same write as the first relayed bytes (`relay::relay_after`, `relay::relay_answering`).
+pub fn preface_and<T: Serialize>(msg: &T) -> Result<Vec<u8>, HandshakeError> {
+    let mut out = BytesMut::with_capacity(128);
+    out.extend_from_slice(&Preface::OURS.to_bytes());
+    hostnet_protocol::encode_frame(msg, &mut out)?;
+    Ok(out.to_vec())
+}
+
 /// One frame.
 pub async fn send_frame<S: RawStream, T: Serialize>(s: &S, msg: &T) -> Result<(), HandshakeError> {
     let mut out = BytesMut::with_capacity(256);
@@ -247,6 +256,21 @@ pub async fn send_open(
 /// holds any bytes read past it.
 pub async fn read_answer<S: RawStream>(stream: &S, reader: &mut FrameReader) -> Result<(), OpenError> {
     match reader.read_opening::<_, hostnet_protocol::OpenReply>(stream).await {
+        Ok(hostnet_protocol::OpenReply::Connected {}) => Ok(()),
+        Ok(hostnet_protocol::OpenReply::Refused { reason }) => Err(OpenError::Refused(reason)),
+        Err(e) => Err(OpenError::Failed(e.to_string())),
+    }
+}
+
+/// [`read_answer`] for a TCP data stream the proxy opened: the agent sends `connected` with
+/// the guest server's first bytes (or its FIN), so the answer is waited for as long as the
+/// server may take to speak — without [`HANDSHAKE_TIMEOUT`]. A refusal comes at once.
+pub async fn read_tcp_answer<S: RawStream>(stream: &S, reader: &mut FrameReader) -> Result<(), OpenError> {
+    let answer = async {
+        reader.read_preface(stream).await?;
+        reader.read_frame_at_most(stream, MAX_OPENING_LEN).await
+    };
+    match answer.await {
         Ok(hostnet_protocol::OpenReply::Connected {}) => Ok(()),
         Ok(hostnet_protocol::OpenReply::Refused { reason }) => Err(OpenError::Refused(reason)),
         Err(e) => Err(OpenError::Failed(e.to_string())),

@@ -275,9 +275,7 @@ impl Connector for SpecConnector {
             let connect_err = |source| TransportError::Connect { target: self.0.to_string(), source };
             match &self.0 {
                 #[cfg(unix)]
-                TransportSpec::Unix(path) => {
-                    UnixStream::connect(path).await.map(unix_stream).map_err(connect_err)
-                }
+                TransportSpec::Unix(path) => unix_connect(path).await.map(unix_stream).map_err(connect_err),
                 TransportSpec::Tcp(addr) => {
                     let s = TcpStream::connect(addr).await.map_err(connect_err)?;
                     let _ = s.set_nodelay(true);
@@ -339,6 +337,23 @@ fn unix_stream(s: UnixStream) -> TransportStream {
     TransportStream::Unix(s)
 }
 
+/// Connects a Unix stream socket. A connect to a listening Unix socket completes at once unless
+/// its backlog is full, so the stream is taken as it is, not after waiting for the reactor to
+/// report it writable (tokio's `UnixStream::connect` does: a trip through the reactor and a
+/// `getsockopt` per new relayed connection). A full backlog falls back to waiting.
+#[cfg(unix)]
+async fn unix_connect(path: &Path) -> io::Result<UnixStream> {
+    use socket2::{Domain, SockAddr, Type};
+    let socket = crate::sys::new_socket(Domain::UNIX, Type::STREAM)?;
+    match socket.connect(&SockAddr::unix(path)?) {
+        Ok(()) => {
+            UnixStream::from_std(std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(socket)))
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => UnixStream::connect(path).await,
+        Err(e) => Err(e),
+    }
+}
+
 /// Longest answer line accepted from a hybrid-vsock socket.
 #[cfg(unix)]
 const MAX_HYBRID_LINE: usize = 64;
@@ -353,7 +368,7 @@ async fn hybrid_connect(
 ) -> Result<TransportStream, TransportError> {
     let target = spec.to_string();
     let io_err = |source| TransportError::Connect { target: target.clone(), source };
-    let s = UnixStream::connect(path).await.map_err(io_err)?;
+    let s = unix_connect(path).await.map_err(io_err)?;
     // The VMM hangs up on a CONNECT to a port nobody listens on in the VM (the agent is not
     // running, or restarting): say that, not "broken pipe".
     let hung_up = |e: io::Error| match e.kind() {

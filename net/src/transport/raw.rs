@@ -96,6 +96,18 @@ pub fn read_arrived<S: RawStream + ?Sized>(s: &S, buf: &mut [u8]) -> io::Result<
     }
 }
 
+/// Writes what the socket takes now, straight to it: a stream connected a moment ago is
+/// writable, but the reactor has not said so yet (tokio's `try_write` would answer
+/// `WouldBlock` without trying). `WouldBlock` when it takes nothing; readiness is left as it was.
+pub fn write_direct<S: RawStream + ?Sized>(s: &S, buf: &[u8]) -> io::Result<usize> {
+    // A peer gone is an error, never a signal (Apple sockets have SO_NOSIGPIPE).
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let flags = libc::MSG_NOSIGNAL;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let flags = 0;
+    SockRef::from(&s.as_sock()).send_with_flags(buf, flags)
+}
+
 /// Reads some bytes (`0` at EOF).
 pub async fn read<S: RawStream + ?Sized>(s: &S, buf: &mut [u8]) -> io::Result<usize> {
     poll_fn(|cx| poll_read(s, cx, buf)).await
@@ -139,5 +151,79 @@ macro_rules! tokio_raw_stream {
     };
 }
 tokio_raw_stream!(TcpStream);
+
+/// A Unix stream socket (the transport of the stand-in, of a VMM's hybrid vsock, of the
+/// in-process tests): as for TCP, except that a read that comes back short of `buf` clears the
+/// reactor's readiness as an empty read would. A Unix stream read stops short only when the
+/// socket's queue is empty (no urgent data stops it, as it can stop a TCP read), so the read
+/// that would follow — each time a burst has been taken, on every connection — could only
+/// answer `EAGAIN`. Readiness the reactor reports after the read began is kept (tokio clears
+/// only the readiness it saw before the read).
 #[cfg(unix)]
-tokio_raw_stream!(UnixStream);
+impl RawStream for UnixStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        UnixStream::poll_read_ready(self, cx)
+    }
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        UnixStream::poll_write_ready(self, cx)
+    }
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let mut short = None;
+        let read = UnixStream::try_io(self, tokio::io::Interest::READABLE, || {
+            // SAFETY: `buf` is valid for `buf.len()` bytes; the socket is non-blocking.
+            let n = unsafe { libc::read(self.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+            if n > 0 && n < buf.len() {
+                short = Some(n);
+                // Drained: tokio clears the readiness on `WouldBlock`; the bytes are kept.
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match short {
+            Some(n) => Ok(n),
+            None => read,
+        }
+    }
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        UnixStream::try_write(self, buf)
+    }
+    fn try_io_raw(
+        &self,
+        interest: tokio::io::Interest,
+        f: &mut dyn FnMut() -> io::Result<usize>,
+    ) -> Option<io::Result<usize>> {
+        Some(UnixStream::try_io(self, interest, f))
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A short read clears readiness; bytes that arrive afterwards must still wake the reader,
+    /// and bytes that arrived with the short read are not lost.
+    #[tokio::test]
+    async fn a_short_unix_read_clears_readiness_without_losing_a_later_wake() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut buf = [0u8; 64];
+        for round in 0..100u8 {
+            let sent = [round; 3];
+            write_all(&a, &sent).await.unwrap();
+            let n = tokio::time::timeout(Duration::from_secs(10), read(&b, &mut buf))
+                .await
+                .expect("a later write did not wake the reader");
+            assert_eq!(buf.get(..n.unwrap()), Some(&sent[..]), "round {round}");
+        }
+        // A full read (not short) keeps readiness: the rest is read without a new wake.
+        write_all(&a, &[7u8; 100]).await.unwrap();
+        let mut total = 0;
+        while total < 100 {
+            total +=
+                tokio::time::timeout(Duration::from_secs(10), read(&b, &mut buf)).await.unwrap().unwrap();
+        }
+        assert_eq!(total, 100);
+    }
+}
