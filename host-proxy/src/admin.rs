@@ -17,8 +17,9 @@ pub use hostnet_admin::{
 };
 
 use crate::LinkState;
-use crate::forward::{ForwardStats, Forwards};
+use crate::forward::Forwards;
 use crate::guest_streams::{ToHost, ToHostStats};
+use crate::serving::ForwardStats;
 use crate::settings::SettingsHandle;
 
 /// What the API serves from.

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span};
 
-use crate::forward::Forwards;
+use crate::serving::Serving;
 
 /// How often the desktop's listeners on a conflicting port are read: how long a bridge may
 /// outlive the desktop server it extends (a server restarting on the bridged family within
@@ -116,10 +116,10 @@ pub fn choose(port: u16, holders: &[Holder]) -> Option<Route> {
 /// Starts watching `port` (a TCP host port in conflict) for a one-family desktop server to
 /// bridge, until `stop`. Its tasks join `tasks`, so closing the forward waits for the bridge's
 /// socket to close.
-pub fn spawn(forwards: &Forwards, port: u16, stop: CancellationToken, tasks: &TaskTracker) -> Arc<Note> {
+pub fn spawn(serving: &Serving, port: u16, stop: CancellationToken, tasks: &TaskTracker) -> Arc<Note> {
     let note = Arc::new(Note::default());
-    let (this, task_note, tasks2) = (forwards.clone(), note.clone(), tasks.clone());
-    forwards.tracker.spawn(
+    let (this, task_note, tasks2) = (serving.clone(), note.clone(), tasks.clone());
+    serving.tracker.spawn(
         tasks.track_future(
             async move { watch(this, port, stop, task_note, tasks2).await }
                 .instrument(info_span!("bridge", port)),
@@ -148,7 +148,7 @@ impl Live {
 
 /// The bridge's life: read the desktop's listeners on `port`, listen when [`choose`] says so,
 /// close when it no longer does.
-async fn watch(forwards: Forwards, port: u16, stop: CancellationToken, note: Arc<Note>, tasks: TaskTracker) {
+async fn watch(serving: Serving, port: u16, stop: CancellationToken, note: Arc<Note>, tasks: TaskTracker) {
     let mut source = match watcher::platform_source() {
         Ok(s) => Some(s),
         Err(e) => {
@@ -164,7 +164,7 @@ async fn watch(forwards: Forwards, port: u16, stop: CancellationToken, note: Arc
             None => vec![false, true],
         };
         let Some(src) = source.take() else { break };
-        let own = forwards.own.clone();
+        let own = serving.own.clone();
         let Ok((src, read)) = tokio::task::spawn_blocking(move || holders(src, port, &families, &own)).await
         else {
             break;
@@ -187,12 +187,12 @@ async fn watch(forwards: Forwards, port: u16, stop: CancellationToken, note: Arc
         }
         if let (None, Some(route)) = (&live, want) {
             // A failed bind (the address taken, no IPv6 here) is tried again next time, quietly.
-            if let Ok(l) = listen(route.at, &forwards.own) {
+            if let Ok(l) = listen(route.at, &serving.own) {
                 info!("{} bridged to the desktop's server on {}", route.at, route.to);
                 let l = Arc::new(l);
                 let loop_stop = stop.child_token();
-                let (this, l2, s2) = (forwards.clone(), l.clone(), loop_stop.clone());
-                forwards.tracker.spawn(tasks.track_future(accept(this, l2, route, s2)));
+                let (this, l2, s2) = (serving.clone(), l.clone(), loop_stop.clone());
+                serving.tracker.spawn(tasks.track_future(accept(this, l2, route, s2)));
                 live = Some(Live { route, listener: l, stop: loop_stop });
                 note.set(Some(route));
             }
@@ -241,17 +241,17 @@ fn listen(at: SocketAddr, own: &OwnSockets) -> std::io::Result<TcpListener> {
 
 /// Accepts on the bridge until `stop`, relaying each connection to the desktop server. No lock
 /// is taken here: the route is fixed for the bridge's life.
-async fn accept(forwards: Forwards, listener: Arc<TcpListener>, route: Route, stop: CancellationToken) {
+async fn accept(serving: Serving, listener: Arc<TcpListener>, route: Route, stop: CancellationToken) {
     while let Some((client, peer)) = next_accepted(|| listener.accept(), &stop, "a bridged connection").await
     {
         // Bridged connections count against the proxy's connection limit as relayed ones do.
-        let Ok(permit) = forwards.connections.clone().try_acquire_owned() else {
+        let Ok(permit) = serving.connections.clone().try_acquire_owned() else {
             let _ = client.set_reset_on_close();
-            forwards.count_refused();
+            serving.count_refused();
             continue;
         };
-        let shutdown = forwards.shutdown.clone();
-        forwards.tracker.spawn(
+        let shutdown = serving.shutdown.clone();
+        serving.tracker.spawn(
             async move {
                 relay(client, route.to, &shutdown).await;
                 drop(permit);

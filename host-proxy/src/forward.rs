@@ -7,25 +7,24 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hostnet_admin::{Direction, ForwardState};
 use hostnet_net::accept::next_accepted;
 use hostnet_net::discovery::own::OwnSockets;
-use hostnet_net::relay::tcp::{self, Outcome, RelayCounters};
-use hostnet_net::tally::Tally;
+use hostnet_net::relay::tcp::{self, Outcome};
 use hostnet_net::transport::handshake::{self, FrameReader, OpenError};
 use hostnet_net::{Connector, RawStream};
 use hostnet_protocol::{Listener, ListenerSet, Open, Proto};
 use socket2::Type;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::limits::Limits;
+use crate::serving::{ForwardStats, Serving};
 use crate::settings::{BindScope, Settings};
 
 /// Backlog of each mirrored listening socket.
@@ -44,37 +43,6 @@ pub enum PortState {
     Disabled(String),
     /// Not forwarded: a limit on what the guest may take on the desktop (`[limits]`).
     Limited(String),
-}
-
-/// Live counts of one forward, shared by its connections.
-#[derive(Debug, Default)]
-pub struct ForwardStats {
-    pub active: AtomicU64,
-    pub total: AtomicU64,
-    /// TCP connections reset, or UDP datagrams of new clients dropped, because a limit was
-    /// reached.
-    pub refused: AtomicU64,
-    /// `to_peer`: bytes towards the far side; `from_peer`: bytes back.
-    pub bytes: RelayCounters,
-}
-
-impl ForwardStats {
-    /// Counts a connection for as long as the guard lives.
-    pub fn open(self: &Arc<Self>) -> ActiveGuard {
-        self.active.fetch_add(1, Ordering::Relaxed);
-        self.total.fetch_add(1, Ordering::Relaxed);
-        ActiveGuard(self.clone())
-    }
-}
-
-/// Decrements the active count when dropped.
-#[derive(Debug)]
-pub struct ActiveGuard(Arc<ForwardStats>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// One forward as `status` shows it (the admin API's type).
@@ -189,38 +157,20 @@ struct Naming {
 /// How long closing a forward may take before its replacement binds anyway.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// The forwarding table and what it needs to serve connections.
+/// The forwarding table; what its ports' servers share is [`Serving`].
 #[derive(Clone)]
 pub struct Forwards {
     table: Arc<Mutex<Table>>,
-    /// The guest's listeners, for the accept path: its own lock, held only for a lookup or to
-    /// apply a delta, so a connection never waits on the table (binds, reconciles, the naming
-    /// of a conflict's holder) to learn its target.
-    targets: Arc<Mutex<ListenerSet>>,
     /// Held for a whole reconcile: the settings task and the link task never reconcile at once.
     reconciling: Arc<tokio::sync::Mutex<()>>,
     /// Conflicting ports whose holder is still to be named, and whether a task is naming them.
     naming: Arc<Mutex<Naming>>,
-    /// Cancelled (and replaced) when host networking is switched off: closes open connections.
-    generation: Arc<Mutex<CancellationToken>>,
-    pub(crate) connector: Arc<dyn Connector>,
-    pub(crate) tracker: TaskTracker,
-    pub(crate) shutdown: CancellationToken,
-    pub(crate) connections: Arc<Semaphore>,
-    pub(crate) udp_flows: Arc<Semaphore>,
-    pub(crate) limits: Limits,
-    /// The proxy's own sockets: every mirror and bridge is registered here, so its watch of the
-    /// desktop never offers one to the guest (never mirror a mirror).
-    pub(crate) own: OwnSockets,
-    /// Everything refused over the limits, and agent streams that could not be opened: logs
-    /// about them are rate-limited on these counts.
-    refused: Arc<Tally>,
-    open_failures: Arc<Tally>,
+    pub(crate) serving: Serving,
 }
 
 impl std::fmt::Debug for Forwards {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Forwards").field("connector", &self.connector.to_string()).finish()
+        f.debug_struct("Forwards").field("connector", &self.serving.connector.to_string()).finish()
     }
 }
 
@@ -234,19 +184,9 @@ impl Forwards {
     ) -> Self {
         Forwards {
             table: Arc::default(),
-            targets: Arc::default(),
             reconciling: Arc::default(),
             naming: Arc::default(),
-            generation: Arc::new(Mutex::new(shutdown.child_token())),
-            connector,
-            tracker,
-            shutdown,
-            connections: Arc::new(Semaphore::new(limits.connections)),
-            udp_flows: Arc::new(Semaphore::new(limits.udp_flows)),
-            limits,
-            own,
-            refused: Arc::default(),
-            open_failures: Arc::default(),
+            serving: Serving::new(connector, tracker, shutdown, limits, own),
         }
     }
 
@@ -262,23 +202,10 @@ impl Forwards {
             let was_enabled = t.settings.enabled;
             t.settings = settings;
             if was_enabled && !t.settings.enabled {
-                let mut g = self.generation.lock().unwrap_or_else(|p| p.into_inner());
-                g.cancel();
-                *g = self.shutdown.child_token();
+                self.serving.close_connections();
             }
         }
         self.reconcile().await;
-    }
-
-    /// Counts one more thing refused over a limit (all ports); `Some(count so far)` when it
-    /// should be logged.
-    pub(crate) fn count_refused(&self) -> Option<u64> {
-        self.refused.one_more()
-    }
-
-    /// The token connections opened now are closed by.
-    pub(crate) fn connection_token(&self) -> CancellationToken {
-        self.generation.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Every guest port's forward, for `status`.
@@ -317,7 +244,7 @@ impl Forwards {
     pub async fn replace_all(&self, guest: ListenerSet) {
         {
             let mut t = self.lock();
-            *self.targets() = guest.clone();
+            *self.serving.targets() = guest.clone();
             t.guest = guest;
         }
         self.reconcile().await;
@@ -327,7 +254,7 @@ impl Forwards {
         {
             let mut t = self.lock();
             t.guest.extend(listeners.iter().copied());
-            self.targets().extend(listeners.iter().copied());
+            self.serving.targets().extend(listeners.iter().copied());
         }
         self.reconcile().await;
     }
@@ -335,24 +262,13 @@ impl Forwards {
     pub async fn remove(&self, listeners: &[Listener]) {
         {
             let mut t = self.lock();
-            let mut targets = self.targets();
+            let mut targets = self.serving.targets();
             for l in listeners {
                 t.guest.remove(l);
                 targets.remove(l);
             }
         }
         self.reconcile().await;
-    }
-
-    /// The accept path's copy of the guest's listeners, changed along with the table's (under
-    /// the table's lock, so the two never disagree for long) and read without it.
-    fn targets(&self) -> MutexGuard<'_, ListenerSet> {
-        self.targets.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The guest address a client of the given family is relayed to, if anything listens.
-    pub(crate) fn target_for(&self, proto: Proto, port: u16, client_v6: bool) -> Option<IpAddr> {
-        self.targets().target_for(proto, port, client_v6)
     }
 
     /// Number of guest listeners known and host ports forwarding.
@@ -444,8 +360,12 @@ impl Forwards {
                         Reason::Full { take_freed },
                     );
                     if proto == Proto::Tcp && matches!(fwd.state, PortState::Conflict(_)) {
-                        fwd.bridge =
-                            Some(crate::bridge::spawn(self, host_port, fwd.stop.clone(), &fwd.tasks));
+                        fwd.bridge = Some(crate::bridge::spawn(
+                            &self.serving,
+                            host_port,
+                            fwd.stop.clone(),
+                            &fwd.tasks,
+                        ));
                     }
                     if let PortState::Conflict(reason) = &fwd.state {
                         if reason.contains(ANOTHER_PROGRAM) {
@@ -486,11 +406,12 @@ impl Forwards {
             naming.running = true;
         }
         let this = self.clone();
-        self.tracker.spawn(async move {
+        self.serving.tracker.spawn(async move {
             loop {
                 let next = {
                     let mut naming = this.naming.lock().unwrap_or_else(|p| p.into_inner());
-                    let next = if this.shutdown.is_cancelled() { None } else { naming.waiting.pop_first() };
+                    let next =
+                        if this.serving.shutdown.is_cancelled() { None } else { naming.waiting.pop_first() };
                     naming.running = next.is_some();
                     next
                 };
@@ -537,11 +458,11 @@ impl Forwards {
         stats: Arc<ForwardStats>,
         reason: Reason,
     ) -> PortForward {
-        let stop = self.shutdown.child_token();
+        let stop = self.serving.shutdown.child_token();
         let mut bound = Vec::new();
         let mut missing = Vec::new();
         for ip in bind_addrs(bind_scope) {
-            match bind(proto, SocketAddr::new(ip, host_port), &self.own) {
+            match bind(proto, SocketAddr::new(ip, host_port), &self.serving.own) {
                 Ok(l) => bound.push((ip, l)),
                 Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => {
                     debug!(port = host_port, "no IPv6 on this host; forwarding on IPv4 only");
@@ -608,14 +529,13 @@ impl Forwards {
             Bound::Tcp(l) => {
                 let l = Arc::new(l);
                 fwd.listeners.push(l.clone());
-                self.tracker.spawn(
+                self.serving.tracker.spawn(
                     fwd.tasks.track_future(async move { this.accept_loop(l, guest_port, stop, stats).await }),
                 )
             }
-            Bound::Udp(s) => self.tracker.spawn(
-                fwd.tasks
-                    .track_future(async move { crate::udp::serve(this, s, guest_port, stop, stats).await }),
-            ),
+            Bound::Udp(s) => self.serving.tracker.spawn(fwd.tasks.track_future(async move {
+                crate::udp::serve(this.serving, s, guest_port, stop, stats).await
+            })),
         };
     }
 
@@ -629,41 +549,31 @@ impl Forwards {
         let what = format!("a connection on port {port}");
         // Until the port closes (its listener shut down, its stop fired).
         while let Some((client, peer)) = next_accepted(|| listener.accept(), &stop, &what).await {
-            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+            let Ok(permit) = self.serving.connections.clone().try_acquire_owned() else {
                 // Reset at once (the drop closes it), counted; logged at 1, 2, 4, 8… so a
                 // storm cannot flood the log.
                 let _ = client.set_reset_on_close();
                 stats.refused.fetch_add(1, Ordering::Relaxed);
-                if let Some(refused) = self.count_refused() {
+                if let Some(refused) = self.serving.count_refused() {
                     warn!(
                         port,
                         %peer,
                         "{} connections open, the limit: resetting new ones ({refused} refused so far)",
-                        self.limits.connections
+                        self.serving.limits.connections
                     );
                 }
                 continue;
             };
             let this = self.clone();
             let span = info_span!("conn", port, %peer);
-            let (guard, stats, token) = (stats.open(), stats.clone(), self.connection_token());
-            self.tracker.spawn(
+            let (guard, stats, token) = (stats.open(), stats.clone(), self.serving.connection_token());
+            self.serving.tracker.spawn(
                 async move {
                     this.serve(client, peer, port, &stats, &token).await;
                     drop((guard, permit));
                 }
                 .instrument(span),
             );
-        }
-    }
-
-    /// While the agent restarts every client fails the same way: say it at 1, 2, 4, 8…
-    /// failures rather than once per client.
-    fn open_failed(&self, e: &dyn std::fmt::Display) {
-        if let Some(failures) = self.open_failures.one_more() {
-            warn!("cannot open a stream to the agent: {e} ({failures} so far)");
-        } else {
-            debug!("cannot open a stream to the agent: {e}");
         }
     }
 
@@ -680,7 +590,7 @@ impl Forwards {
         let _ = client.set_nodelay(true);
         // The mirror's family (its IPv6 sockets are IPv6-only), without asking the socket.
         let client_v6 = peer.is_ipv6();
-        let Some(target) = self.target_for(Proto::Tcp, port, client_v6) else {
+        let Some(target) = self.serving.target_for(Proto::Tcp, port, client_v6) else {
             debug!("no guest listener any more: resetting");
             let _ = client.set_reset_on_close();
             return;
@@ -694,10 +604,10 @@ impl Forwards {
                 return;
             }
         };
-        let stream = match self.connector.connect().await {
+        let stream = match self.serving.connector.connect().await {
             Ok(s) => s,
             Err(e) => {
-                self.open_failed(&e);
+                self.serving.open_failed(&e);
                 let _ = client.set_reset_on_close();
                 return;
             }
@@ -713,7 +623,7 @@ impl Forwards {
                     Err(Outcome::PeerReset)
                 }
                 Err(e) => {
-                    self.open_failed(&e);
+                    self.serving.open_failed(&e);
                     Err(Outcome::PeerVanished)
                 }
             }

@@ -28,8 +28,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::HOST_POLL_INTERVAL;
-use crate::forward::ForwardStats;
 use crate::policy::{self, Decision, Withheld};
+use crate::serving::ForwardStats;
 use crate::settings::Settings;
 
 /// What the guest→host side shares with `status`.

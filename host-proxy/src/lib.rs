@@ -25,6 +25,7 @@ pub mod guest_streams;
 pub mod limits;
 mod link;
 pub mod policy;
+pub mod serving;
 pub mod settings;
 pub mod udp;
 

@@ -18,8 +18,8 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::forward::{ForwardStats, Forwards};
 use crate::limits::{FLOW_QUEUE_BYTES, FLOW_QUEUE_LEN, UDP_IDLE_TIMEOUT, UDP_QUEUED_BYTES};
+use crate::serving::{ForwardStats, Serving};
 
 /// How often finished flows are swept from a port's table.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -92,7 +92,7 @@ impl Drop for QueueStats {
 
 /// Serves one bound host UDP socket until `stop`.
 pub(crate) async fn serve(
-    forwards: Forwards,
+    serving: Serving,
     socket: UdpSocket,
     port: u16,
     stop: CancellationToken,
@@ -101,7 +101,7 @@ pub(crate) async fn serve(
     let socket = Arc::new(socket);
     let client_v6 = socket.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
     let mut port_flows =
-        PortFlows { forwards, socket: socket.clone(), port, client_v6, stats, flows: HashMap::new() };
+        PortFlows { serving, socket: socket.clone(), port, client_v6, stats, flows: HashMap::new() };
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     loop {
         tokio::select! {
@@ -132,7 +132,7 @@ pub(crate) async fn serve(
 
 /// One bound port's flows, as its receive loop sees them.
 struct PortFlows {
-    forwards: Forwards,
+    serving: Serving,
     socket: Arc<UdpSocket>,
     port: u16,
     client_v6: bool,
@@ -158,10 +158,10 @@ impl PortFlows {
             }
             return;
         }
-        let Ok(permit) = self.forwards.udp_flows.clone().try_acquire_owned() else {
+        let Ok(permit) = self.serving.udp_flows.clone().try_acquire_owned() else {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
-            if let Some(refused) = self.forwards.count_refused() {
-                let limit = self.forwards.limits.udp_flows;
+            if let Some(refused) = self.serving.count_refused() {
+                let limit = self.serving.limits.udp_flows;
                 warn!(port, %peer, "{limit} UDP flows open, the limit: dropping datagrams from new clients ({refused} refused so far)");
             }
             return;
@@ -173,23 +173,23 @@ impl PortFlows {
         }
         self.flows.insert(peer, FlowHandle { tx, queue: queue.clone() });
         let flow = Flow {
-            forwards: self.forwards.clone(),
+            serving: self.serving.clone(),
             socket: self.socket.clone(),
             peer,
             port,
             client_v6: self.client_v6,
             queue,
             stats: self.stats.clone(),
-            token: self.forwards.connection_token(),
+            token: self.serving.connection_token(),
         };
-        self.forwards.tracker.spawn(flow.run(rx, permit).instrument(info_span!("udp", port, %peer)));
+        self.serving.tracker.spawn(flow.run(rx, permit).instrument(info_span!("udp", port, %peer)));
     }
 }
 
 /// One desktop client's flow: datagrams from the queue go to the guest on its data stream,
 /// datagrams from the stream go back to the client from the port's socket.
 struct Flow {
-    forwards: Forwards,
+    serving: Serving,
     socket: Arc<UdpSocket>,
     peer: SocketAddr,
     port: u16,
@@ -203,12 +203,12 @@ struct Flow {
 impl Flow {
     async fn run(self, mut rx: mpsc::Receiver<Bytes>, _permit: OwnedSemaphorePermit) {
         let _active = self.stats.open();
-        let Some(target) = self.forwards.target_for(Proto::Udp, self.port, self.client_v6) else {
+        let Some(target) = self.serving.target_for(Proto::Udp, self.port, self.client_v6) else {
             debug!("no guest socket any more");
             return;
         };
         let open = Open::Udp { addr: target, port: self.port, peer: Some(self.peer) };
-        let (stream, mut reader) = match handshake::open_stream(&*self.forwards.connector, &open).await {
+        let (stream, mut reader) = match handshake::open_stream(&*self.serving.connector, &open).await {
             Ok(opened) => opened,
             Err(e @ OpenError::Refused(_)) => return debug!("agent {e}"),
             Err(e) => return warn!("cannot open a flow to the agent: {e}"),

@@ -5,8 +5,9 @@ use thiserror::Error;
 
 /// Magic bytes that open every stream.
 pub const MAGIC: [u8; 4] = *b"HNET";
-/// The protocol version this build speaks. Bump it on any incompatible change.
-pub const VERSION: u16 = 1;
+/// The protocol version this build speaks. Bump it on any incompatible change (the history is
+/// in docs/protocol.md).
+pub const VERSION: u16 = 2;
 /// Length of the preface on the wire.
 pub const PREFACE_LEN: usize = 6;
 

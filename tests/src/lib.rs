@@ -366,7 +366,7 @@ impl Demo {
         let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
         s.set_read_timeout(Some(DEADLINE)).unwrap();
         let body = format!(r#"{{"type":"tcp","addr":"{addr}","port":{port},"peer":null}}"#);
-        let mut wire = b"HNET\x00\x01".to_vec();
+        let mut wire = b"HNET\x00\x02".to_vec();
         wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
         wire.extend_from_slice(body.as_bytes());
         s.write_all(&wire).unwrap();

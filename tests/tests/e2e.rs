@@ -245,10 +245,10 @@ fn garbage_on_the_agent_socket_harms_nothing_else() {
     let sock = Path::new("/run/hostnet").join(&demo.netns).join("agent.sock");
     let hostile: [&[u8]; 5] = [
         b"GET / HTTP/1.1\r\n\r\n",
-        b"HNET\x00\x01\xff\xff\xff\xff",      // a 4 GiB frame
-        b"HNET\x00\x01\x00\x00\x00\x05{{{{{", // malformed JSON
+        b"HNET\x00\x02\xff\xff\xff\xff",      // a 4 GiB frame
+        b"HNET\x00\x02\x00\x00\x00\x05{{{{{", // malformed JSON
         b"HNET\x00\x63\x00\x00\x00\x02{}",    // protocol version 99
-        b"HNET\x00\x01\x00\x00\x00\x2a{\"type\":\"tcp\",\"addr\":\"10.0.0.1\",\"port\":22}", // not loopback
+        b"HNET\x00\x02\x00\x00\x00\x2a{\"type\":\"tcp\",\"addr\":\"10.0.0.1\",\"port\":22}", // not loopback
     ];
     for bytes in hostile {
         let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
