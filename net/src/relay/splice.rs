@@ -4,7 +4,10 @@
 
 use std::io;
 #[cfg(target_os = "linux")]
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
+
+#[cfg(target_os = "linux")]
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl};
 
 use crate::sys::BorrowedSock;
 
@@ -25,17 +28,13 @@ impl Pipe {
     /// A pipe of about `capacity` bytes (the kernel may give less).
     #[cfg(target_os = "linux")]
     pub fn new(capacity: usize) -> io::Result<Pipe> {
-        let mut fds = [0; 2];
-        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 succeeded: both are open descriptors owned by nobody else.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         let wanted = libc::c_int::try_from(capacity).unwrap_or(libc::c_int::MAX);
-        // SAFETY: a valid pipe fd; F_SETPIPE_SZ takes an int. Failing (limits) keeps 64 KiB.
-        let got = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, wanted) };
-        let capacity = usize::try_from(got).unwrap_or(64 * 1024);
+        // Failing (the user's pipe limits) keeps the default 64 KiB.
+        let capacity = fcntl(&write, FcntlArg::F_SETPIPE_SZ(wanted))
+            .ok()
+            .and_then(|got| usize::try_from(got).ok())
+            .unwrap_or(64 * 1024);
         Ok(Pipe { read, write, pending: 0, capacity })
     }
 
@@ -50,7 +49,7 @@ impl Pipe {
     #[cfg(target_os = "linux")]
     pub fn fill_from(&mut self, from: BorrowedSock<'_>, max: usize) -> io::Result<usize> {
         let room = self.capacity.saturating_sub(self.pending).max(1).min(max);
-        let n = splice(from.as_raw_fd(), self.write.as_raw_fd(), room)?;
+        let n = splice(from, &self.write, room)?;
         self.pending += n;
         Ok(n)
     }
@@ -58,7 +57,7 @@ impl Pipe {
     /// Moves what the pipe holds (as much as `to` takes now) out to `to`.
     #[cfg(target_os = "linux")]
     pub fn drain_to(&mut self, to: BorrowedSock<'_>) -> io::Result<usize> {
-        let n = splice(self.read.as_raw_fd(), to.as_raw_fd(), self.pending)?;
+        let n = splice(&self.read, to, self.pending)?;
         self.pending -= n.min(self.pending);
         Ok(n)
     }
@@ -77,17 +76,7 @@ impl Pipe {
 }
 
 #[cfg(target_os = "linux")]
-fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
-    // SAFETY: plain descriptors, no offsets.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    Ok(nix::fcntl::splice(from, None, to, None, len, flags)?)
 }
