@@ -11,11 +11,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hostnet_admin::{Direction, ForwardState};
+use hostnet_net::RawStream;
 use hostnet_net::accept::next_accepted;
 use hostnet_net::discovery::own::OwnSockets;
 use hostnet_net::relay::tcp::{self, Outcome};
 use hostnet_net::transport::handshake::{self, FrameReader, OpenError};
-use hostnet_net::{Connector, RawStream};
 use hostnet_protocol::{Listener, ListenerSet, Open, Proto};
 use socket2::Type;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::limits::Limits;
 use crate::serving::{ForwardStats, Serving};
 use crate::settings::{BindScope, Settings};
 
@@ -175,19 +174,9 @@ impl std::fmt::Debug for Forwards {
 }
 
 impl Forwards {
-    pub fn new(
-        connector: Arc<dyn Connector>,
-        tracker: TaskTracker,
-        shutdown: CancellationToken,
-        limits: Limits,
-        own: OwnSockets,
-    ) -> Self {
-        Forwards {
-            table: Arc::default(),
-            reconciling: Arc::default(),
-            naming: Arc::default(),
-            serving: Serving::new(connector, tracker, shutdown, limits, own),
-        }
+    /// An empty table whose ports will be served with `serving`.
+    pub fn new(serving: Serving) -> Self {
+        Forwards { table: Arc::default(), reconciling: Arc::default(), naming: Arc::default(), serving }
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {

@@ -85,13 +85,13 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
     settings.watch(&tracker, &shutdown);
     // The proxy's own sockets: its mirrors, bridges and flow sockets, never offered to the guest.
     let own = OwnSockets::new();
-    let forwards = forward::Forwards::new(
+    let forwards = forward::Forwards::new(serving::Serving::new(
         config.connector.clone(),
         tracker.clone(),
         shutdown.clone(),
         config.limits,
         own.clone(),
-    );
+    ));
     forwards.apply_settings(settings.current()).await;
     {
         let (forwards, mut changes, stop) = (forwards.clone(), settings.subscribe(), shutdown.clone());

@@ -83,7 +83,7 @@ impl std::fmt::Debug for Serving {
 }
 
 impl Serving {
-    pub(crate) fn new(
+    pub fn new(
         connector: Arc<dyn Connector>,
         tracker: TaskTracker,
         shutdown: CancellationToken,
