@@ -67,18 +67,22 @@ async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(DEADLINE, f).await.expect("deadline passed")
 }
 
-#[tokio::test]
-async fn bytes_flow_both_ways_and_fin_closes_cleanly() {
-    let Chain { mut client, mut server, host_side, guest_side } = chain().await;
-    let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-    let p2 = payload.clone();
-    let writer = tokio::spawn(async move {
-        client.write_all(&p2).await.unwrap();
+/// The client's side of a transfer: sends `payload`, half-closes, and reads the answer to EOF.
+fn send_then_read_reply(mut client: TcpStream, payload: Vec<u8>) -> JoinHandle<Vec<u8>> {
+    tokio::spawn(async move {
+        client.write_all(&payload).await.unwrap();
         client.shutdown().await.unwrap();
         let mut reply = Vec::new();
         client.read_to_end(&mut reply).await.unwrap();
         reply
-    });
+    })
+}
+
+#[tokio::test]
+async fn bytes_flow_both_ways_and_fin_closes_cleanly() {
+    let Chain { client, mut server, host_side, guest_side } = chain().await;
+    let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let writer = send_then_read_reply(client, payload.clone());
     let mut got = Vec::new();
     within(server.read_to_end(&mut got)).await.unwrap();
     assert_eq!(got.len(), payload.len());
@@ -320,7 +324,7 @@ async fn a_data_stream_that_refuses_splice_on_the_way_out_falls_back_to_a_buffer
     // client ⇄ [host relay] ⇄ unix pair ⇄ [guest relay] ⇄ server, both ends of the pair
     // refusing to be spliced from: each direction's bulk gear starts as a pipe and must copy
     // instead, without losing or reordering a byte.
-    let (mut client, host_local) = tcp_pair().await;
+    let (client, host_local) = tcp_pair().await;
     let (guest_local, mut server) = tcp_pair().await;
     let (t1, t2) = UnixStream::pair().unwrap();
     let spawn_relay = |local: TcpStream, peer: NoSpliceOut| {
@@ -331,14 +335,7 @@ async fn a_data_stream_that_refuses_splice_on_the_way_out_falls_back_to_a_buffer
     let host_side = spawn_relay(host_local, NoSpliceOut(t1));
     let guest_side = spawn_relay(guest_local, NoSpliceOut(t2));
     let payload: Vec<u8> = (0..8_000_000u32).map(|i| (i % 253) as u8).collect();
-    let p2 = payload.clone();
-    let writer = tokio::spawn(async move {
-        client.write_all(&p2).await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut reply = Vec::new();
-        client.read_to_end(&mut reply).await.unwrap();
-        reply
-    });
+    let writer = send_then_read_reply(client, payload.clone());
     let mut got = Vec::new();
     within(server.read_to_end(&mut got)).await.unwrap();
     assert!(got == payload, "host → guest bytes differ ({} of {} arrived)", got.len(), payload.len());

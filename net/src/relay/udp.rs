@@ -23,22 +23,8 @@ pub const UDP_SOCKET_BUFFER: usize = 4 << 20;
 /// process (a burst beyond it is dropped by the kernel, counted in `/proc/net/udp`).
 pub fn size_receive_buffer(s: socket2::SockRef<'_>) {
     #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let want = libc::c_int::try_from(UDP_SOCKET_BUFFER).unwrap_or(libc::c_int::MAX);
-        // SAFETY: a valid socket and an option value of the size given, read by the kernel.
-        let forced = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&want as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        } == 0;
-        if forced {
-            return;
-        }
+    if nix::sys::socket::setsockopt(&*s, nix::sys::socket::sockopt::RcvBufForce, &UDP_SOCKET_BUFFER).is_ok() {
+        return;
     }
     let _ = s.set_recv_buffer_size(UDP_SOCKET_BUFFER);
     // Linux reports twice what it grants (the other half is its bookkeeping).
