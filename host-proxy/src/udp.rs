@@ -71,7 +71,8 @@ impl QueueStats {
         QUEUED.fetch_sub(n, Ordering::Relaxed);
     }
 
-    /// Queues `payload` on `tx` within the bounds; `false` (counted as a drop) when it did not fit.
+    /// Queues `payload` on `tx` within the bounds; `false` when it did not fit, counted in
+    /// [`datagrams_dropped`].
     fn offer(&self, tx: &mpsc::Sender<Bytes>, payload: &[u8]) -> bool {
         let n = payload.len();
         if self.charge(n) {
@@ -80,6 +81,7 @@ impl QueueStats {
             }
             self.release(n);
         }
+        QUEUE_DROPS.one_more();
         false
     }
 }
@@ -147,7 +149,6 @@ impl PortFlows {
         if let Some(flow) = self.flows.get(&peer).filter(|f| !f.tx.is_closed()) {
             if !flow.queue.offer(&flow.tx, payload) {
                 // Queue full: UDP may drop, but never silently.
-                QUEUE_DROPS.one_more();
                 if let Some(dropped) = flow.queue.dropped.one_more() {
                     warn!(
                         port, %peer, dropped,
@@ -168,9 +169,8 @@ impl PortFlows {
         };
         let (tx, rx) = mpsc::channel(FLOW_QUEUE_LEN);
         let queue = Arc::new(QueueStats::default());
-        if !queue.offer(&tx, payload) {
-            QUEUE_DROPS.one_more();
-        }
+        // Counted if it does not fit (the process-wide bound may be reached).
+        queue.offer(&tx, payload);
         self.flows.insert(peer, FlowHandle { tx, queue: queue.clone() });
         let flow = Flow {
             serving: self.serving.clone(),
