@@ -51,6 +51,38 @@ pub fn new_socket(domain: Domain, ty: Type) -> io::Result<Socket> {
     }
 }
 
+/// Accepts a connection on a non-blocking listener; the new socket is non-blocking and
+/// close-on-exec (on Linux in the one `accept4(2)`).
+#[cfg(unix)]
+pub fn accept_nonblocking(listener: &impl std::os::fd::AsRawFd) -> io::Result<Socket> {
+    use std::os::fd::FromRawFd;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        // SAFETY: plain accept4 on a listening fd we borrow; no address is asked for.
+        let fd = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        Ok(unsafe { Socket::from_raw_fd(fd) })
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        // SAFETY: the fd is borrowed for the call only; `ManuallyDrop` never closes it.
+        let listener = std::mem::ManuallyDrop::new(unsafe { Socket::from_raw_fd(listener.as_raw_fd()) });
+        let (s, _) = listener.accept()?;
+        s.set_nonblocking(true)?;
+        Ok(s)
+    }
+}
+
 /// Readies a listening socket the way a server's should be on this platform, before `bind`.
 ///
 /// Unix: `SO_REUSEADDR`, so a port whose earlier connections linger in TIME_WAIT can be bound

@@ -8,12 +8,28 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use hostnet_net::relay::tcp::{Outcome, RelayCounters, relay};
+use hostnet_net::transport::fd::FdStream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A connected Unix pair, each end as a relay's data stream.
+fn unix_pair() -> (FdStream, FdStream) {
+    FdStream::pair().unwrap()
+}
+
+/// A connected Unix pair: one end as a relay's data stream, the other a plain tokio stream
+/// the test drives.
+fn unix_pair_driven() -> (FdStream, UnixStream) {
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    a.set_nonblocking(true).unwrap();
+    b.set_nonblocking(true).unwrap();
+    let a = FdStream::new(socket2::Socket::from(std::os::fd::OwnedFd::from(a))).unwrap();
+    (a, UnixStream::from_std(b).unwrap())
+}
 
 /// A connected TCP pair on loopback.
 async fn tcp_pair() -> (TcpStream, TcpStream) {
@@ -47,15 +63,15 @@ async fn chain_with_buffers(small: Option<usize>) -> Chain {
             s.set_recv_buffer_size(size).unwrap();
         }
     }
-    let (t1, t2) = UnixStream::pair().unwrap();
+    let (t1, t2) = unix_pair();
     if let Some(size) = small {
         for s in [&t1, &t2] {
-            let s = socket2::SockRef::from(s);
+            let s = s.socket();
             s.set_send_buffer_size(size).unwrap();
             s.set_recv_buffer_size(size).unwrap();
         }
     }
-    let spawn_relay = |local: TcpStream, peer: UnixStream| {
+    let spawn_relay = |local: TcpStream, peer: FdStream| {
         tokio::spawn(async move {
             relay(&local, &peer, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
         })
@@ -113,7 +129,7 @@ async fn a_reset_travels_end_to_end() {
 #[tokio::test]
 async fn a_vanished_peer_resets_the_client() {
     let (mut client, host_local) = tcp_pair().await;
-    let (t1, t2) = UnixStream::pair().unwrap();
+    let (t1, t2) = unix_pair();
     let host_side = tokio::spawn(async move {
         relay(&host_local, &t1, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
     });
@@ -127,7 +143,7 @@ async fn a_vanished_peer_resets_the_client() {
 #[tokio::test]
 async fn garbage_from_the_peer_ends_only_that_connection() {
     let (mut client, host_local) = tcp_pair().await;
-    let (t1, t2) = UnixStream::pair().unwrap();
+    let (t1, t2) = unix_pair_driven();
     let host_side = tokio::spawn(async move {
         relay(&host_local, &t1, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
     });
@@ -142,7 +158,7 @@ async fn garbage_from_the_peer_ends_only_that_connection() {
 #[tokio::test]
 async fn shutdown_cancels_an_idle_relay() {
     let (_client, host_local) = tcp_pair().await;
-    let (t1, _t2) = UnixStream::pair().unwrap();
+    let (t1, _t2) = unix_pair();
     let token = CancellationToken::new();
     let t = token.clone();
     let host_side =
@@ -214,7 +230,7 @@ async fn slow_readers_and_many_connections_keep_every_byte_in_place() {
 async fn bytes_flow_before_the_answer_and_a_refusal_resets_the_client() {
     use hostnet_net::relay::tcp::relay_after;
     let (mut client, host_local) = tcp_pair().await;
-    let (t1, mut t2) = UnixStream::pair().unwrap();
+    let (t1, mut t2) = unix_pair_driven();
     let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<Result<BytesMut, Outcome>>();
     let host_side = tokio::spawn(async move {
         let answer = async { answer_rx.await.unwrap_or(Err(Outcome::PeerVanished)) };
@@ -259,7 +275,7 @@ async fn a_client_that_spoke_and_half_closed_before_the_relay_began_is_relayed_w
         }
     })
     .await;
-    let (t1, mut t2) = UnixStream::pair().unwrap();
+    let (t1, mut t2) = unix_pair_driven();
     let host_side = tokio::spawn(async move {
         let answer = async { Ok(BytesMut::new()) };
         relay_after(
@@ -285,7 +301,7 @@ async fn a_client_that_spoke_and_half_closed_before_the_relay_began_is_relayed_w
 /// A data stream whose bytes cannot be spliced out of it (`splice(2)` into a pipe says
 /// `EINVAL`, as some kernels do for some socket families); every other operation is the Unix
 /// socket's own.
-struct NoSpliceOut(UnixStream);
+struct NoSpliceOut(FdStream);
 
 impl std::os::fd::AsFd for NoSpliceOut {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
@@ -315,7 +331,7 @@ impl hostnet_net::RawStream for NoSpliceOut {
             // Refused without running it (the relay's probe only asks whether it may try).
             return Some(Err(std::io::Error::from_raw_os_error(libc::EINVAL)));
         }
-        Some(self.0.try_io(interest, f))
+        self.0.try_io_raw(interest, f)
     }
 }
 
@@ -326,7 +342,7 @@ async fn a_data_stream_that_refuses_splice_on_the_way_out_falls_back_to_a_buffer
     // instead, without losing or reordering a byte.
     let (client, host_local) = tcp_pair().await;
     let (guest_local, mut server) = tcp_pair().await;
-    let (t1, t2) = UnixStream::pair().unwrap();
+    let (t1, t2) = unix_pair();
     let spawn_relay = |local: TcpStream, peer: NoSpliceOut| {
         tokio::spawn(async move {
             relay(&local, &peer, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
@@ -364,7 +380,7 @@ async fn the_opening_goes_with_the_first_bytes_or_alone_at_once() {
             })
             .await;
         }
-        let (t1, mut t2) = UnixStream::pair().unwrap();
+        let (t1, mut t2) = unix_pair_driven();
         let _host_side = tokio::spawn(async move {
             let answer = std::future::pending();
             relay_after(
@@ -390,7 +406,7 @@ async fn the_opening_goes_with_the_first_bytes_or_alone_at_once() {
 async fn the_answer_waits_for_the_servers_first_bytes() {
     use hostnet_net::relay::tcp::relay_answering;
     let (mut server, guest_local) = tcp_pair().await;
-    let (t1, t2) = UnixStream::pair().unwrap();
+    let (t1, t2) = unix_pair_driven();
     let guest_side = tokio::spawn(async move {
         relay_answering(
             &guest_local,

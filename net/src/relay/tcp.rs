@@ -370,11 +370,14 @@ async fn splice_up<L: RawStream, P: RawStream>(
 
 /// Splices everything in `pipe` out to `to`, waiting while `to` is full.
 async fn drain_pipe<S: RawStream>(pipe: &mut Pipe, to: &S) -> io::Result<()> {
+    // Tried first, waited for only when full (a stream may watch for room only while a writer
+    // waits).
     while pipe.pending > 0 {
-        std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
         match to.try_io_raw(Interest::WRITABLE, &mut || pipe.drain_to(to.as_sock())) {
             Some(Ok(_)) => {}
-            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
+            }
             Some(Err(e)) => return Err(e),
             None => return Err(io::ErrorKind::Unsupported.into()),
         }

@@ -8,6 +8,8 @@
 //! sockets Linux and Windows give) ← [`stream`] (the one stream type) ← this module (specs,
 //! connectors, acceptors) ← [`handshake`] (the frames at a stream's start).
 
+#[cfg(unix)]
+pub mod fd;
 pub mod handshake;
 pub mod hyperv;
 pub mod raw;
@@ -26,10 +28,10 @@ use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
 
+#[cfg(unix)]
+use crate::transport::fd::FdStream;
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
-#[cfg(unix)]
-use tokio::net::{UnixListener, UnixStream};
 
 use crate::discovery::own::OwnSockets;
 use crate::transport::hyperv::Guid;
@@ -166,8 +168,9 @@ impl TransportSpec {
             #[cfg(unix)]
             TransportSpec::Unix(path) => {
                 remove_stale_socket(path).await;
-                let l = UnixListener::bind(path).map_err(bind_err)?;
-                Ok(Box::new(UnixAcceptor(l)))
+                let l = std::os::unix::net::UnixListener::bind(path).map_err(bind_err)?;
+                l.set_nonblocking(true).map_err(bind_err)?;
+                Ok(Box::new(UnixAcceptor(fd::register(l, tokio::io::Interest::READABLE).map_err(bind_err)?)))
             }
             TransportSpec::Tcp(addr) => {
                 let l = tcp_listener(*addr, own).map_err(bind_err)?;
@@ -210,7 +213,7 @@ pub fn in_process(name: &str) -> (Arc<dyn Connector>, Box<dyn Acceptor>) {
 #[derive(Debug)]
 struct PairConnector {
     name: String,
-    tx: tokio::sync::mpsc::UnboundedSender<UnixStream>,
+    tx: tokio::sync::mpsc::UnboundedSender<FdStream>,
 }
 
 #[cfg(unix)]
@@ -225,7 +228,7 @@ impl Connector for PairConnector {
     fn connect(&self) -> BoxFuture<'_, Result<TransportStream, TransportError>> {
         Box::pin(async move {
             let connect_err = |source| TransportError::Connect { target: self.to_string(), source };
-            let (ours, theirs) = UnixStream::pair().map_err(connect_err)?;
+            let (ours, theirs) = FdStream::pair().map_err(connect_err)?;
             self.tx.send(theirs).map_err(|_| connect_err(io::ErrorKind::ConnectionRefused.into()))?;
             Ok(TransportStream::Unix(ours))
         })
@@ -235,7 +238,7 @@ impl Connector for PairConnector {
 #[cfg(unix)]
 #[derive(Debug)]
 struct PairAcceptor {
-    rx: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<UnixStream>>,
+    rx: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<FdStream>>,
 }
 
 #[cfg(unix)]
@@ -255,7 +258,8 @@ impl Acceptor for PairAcceptor {
 /// bind then fails with "address in use", which is the truth).
 #[cfg(unix)]
 async fn remove_stale_socket(path: &Path) {
-    if tokio::fs::symlink_metadata(path).await.is_ok() && UnixStream::connect(path).await.is_err() {
+    if tokio::fs::symlink_metadata(path).await.is_ok() && tokio::net::UnixStream::connect(path).await.is_err()
+    {
         let _ = tokio::fs::remove_file(path).await;
     }
 }
@@ -282,12 +286,10 @@ impl Connector for SpecConnector {
                     Ok(TransportStream::Tcp(s))
                 }
                 #[cfg(target_os = "linux")]
-                TransportSpec::Vsock { cid, port } => {
-                    crate::transport::vsock::VsockStream::connect(*cid, *port)
-                        .await
-                        .map(TransportStream::Vsock)
-                        .map_err(connect_err)
-                }
+                TransportSpec::Vsock { cid, port } => crate::transport::vsock::connect(*cid, *port)
+                    .await
+                    .map(TransportStream::Vsock)
+                    .map_err(connect_err),
                 #[cfg(not(target_os = "linux"))]
                 TransportSpec::Vsock { .. } => {
                     Err(TransportError::Unsupported { target: self.0.to_string() })
@@ -332,8 +334,8 @@ pub const UNIX_SEND_BUFFER: usize = 1024 * 1024;
 
 /// A Unix transport stream with its send buffer set ([`UNIX_SEND_BUFFER`]; best effort).
 #[cfg(unix)]
-fn unix_stream(s: UnixStream) -> TransportStream {
-    let _ = socket2::SockRef::from(&s).set_send_buffer_size(UNIX_SEND_BUFFER);
+fn unix_stream(s: FdStream) -> TransportStream {
+    let _ = s.socket().set_send_buffer_size(UNIX_SEND_BUFFER);
     TransportStream::Unix(s)
 }
 
@@ -345,14 +347,14 @@ fn unix_stream(s: UnixStream) -> TransportStream {
 /// would fail the same way): the connect is tried again, 1 ms later and doubling to 50 ms,
 /// for at most [`BACKLOG_WAIT`], as a blocking connect would wait.
 #[cfg(unix)]
-async fn unix_connect(path: &Path) -> io::Result<UnixStream> {
+async fn unix_connect(path: &Path) -> io::Result<FdStream> {
     use backon::{ExponentialBuilder, Retryable};
     use socket2::{Domain, SockAddr, Type};
     let address = SockAddr::unix(path)?;
     let once = || async {
         let socket = crate::sys::new_socket(Domain::UNIX, Type::STREAM)?;
         socket.connect(&address)?;
-        UnixStream::from_std(std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(socket)))
+        FdStream::new(socket)
     };
     let backoff = ExponentialBuilder::default()
         .with_min_delay(std::time::Duration::from_millis(1))
@@ -418,14 +420,15 @@ async fn hybrid_connect(
 
 #[cfg(unix)]
 #[derive(Debug)]
-struct UnixAcceptor(UnixListener);
+struct UnixAcceptor(tokio::io::unix::AsyncFd<std::os::unix::net::UnixListener>);
 
 #[cfg(unix)]
 impl Acceptor for UnixAcceptor {
     fn accept(&self) -> BoxFuture<'_, io::Result<(TransportStream, String)>> {
         Box::pin(async move {
-            let (s, _) = self.0.accept().await?;
-            Ok((unix_stream(s), "unix peer".to_owned()))
+            let s = self.0.async_io(tokio::io::Interest::READABLE, crate::sys::accept_nonblocking).await?;
+            let stream = FdStream::new(s)?;
+            Ok((unix_stream(stream), "unix peer".to_owned()))
         })
     }
 }
@@ -563,14 +566,20 @@ mod tests {
         }
     }
 
+    /// A Unix stream tokio accepted, as the relay's stream type.
+    #[cfg(unix)]
+    fn fd_stream(s: tokio::net::UnixStream) -> FdStream {
+        FdStream::new(socket2::Socket::from(std::os::fd::OwnedFd::from(s.into_std().unwrap()))).unwrap()
+    }
+
     #[cfg(unix)]
     /// A stand-in for a VMM's hybrid-vsock socket: answers `CONNECT` with `answer`, then echoes.
     async fn fake_vmm(answer: &'static [u8]) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vm.vsock");
-        let listener = UnixListener::bind(&path).unwrap();
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
         tokio::spawn(async move {
-            let (s, _) = listener.accept().await.unwrap();
+            let s = fd_stream(listener.accept().await.unwrap().0);
             let mut got = [0u8; 13];
             let mut filled = 0;
             while filled < got.len() {
@@ -623,7 +632,7 @@ mod tests {
     async fn a_vmm_hanging_up_on_connect_is_a_refusal_not_a_broken_pipe() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vm.vsock");
-        let listener = UnixListener::bind(&path).unwrap();
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
         // Like a VMM that hangs up at once (nothing listens on the port): our `CONNECT` line
         // then meets a closed socket (EPIPE) or is left unread, which resets us (ECONNRESET).
         tokio::spawn(async move {

@@ -9,8 +9,6 @@ use std::time::Duration;
 
 use socket2::SockRef;
 use tokio::net::TcpStream;
-#[cfg(unix)]
-use tokio::net::UnixStream;
 
 use crate::sys::AsSock;
 
@@ -70,10 +68,11 @@ pub fn poll_read<S: RawStream + ?Sized>(
 
 /// Writes at least one byte.
 pub fn poll_write<S: RawStream + ?Sized>(s: &S, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    // Tried first, waited for only when full: a stream may watch for room only while a writer
+    // waits (`FdStream`).
     loop {
-        ready!(s.poll_write_ready(cx))?;
         match s.try_write(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(s.poll_write_ready(cx))?,
             other => return Poll::Ready(other),
         }
     }
@@ -125,105 +124,109 @@ pub async fn write_all<S: RawStream + ?Sized>(s: &S, mut buf: &[u8]) -> io::Resu
     Ok(())
 }
 
-macro_rules! tokio_raw_stream {
-    ($ty:ty) => {
-        impl RawStream for $ty {
-            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                <$ty>::poll_read_ready(self, cx)
-            }
-            fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                <$ty>::poll_write_ready(self, cx)
-            }
-            fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-                <$ty>::try_read(self, buf)
-            }
-            fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-                <$ty>::try_write(self, buf)
-            }
-            fn try_io_raw(
-                &self,
-                interest: tokio::io::Interest,
-                f: &mut dyn FnMut() -> io::Result<usize>,
-            ) -> Option<io::Result<usize>> {
-                Some(<$ty>::try_io(self, interest, f))
-            }
-        }
-    };
-}
-tokio_raw_stream!(TcpStream);
-
-/// A Unix stream socket (the transport of the stand-in, of a VMM's hybrid vsock, of the
-/// in-process tests): as for TCP, except that a read that comes back short of `buf` clears the
-/// reactor's readiness as an empty read would. A Unix stream read stops short only when the
-/// socket's queue is empty (no urgent data stops it, as it can stop a TCP read), so the read
-/// that would follow — each time a burst has been taken, on every connection — could only
-/// answer `EAGAIN`. Readiness the reactor reports after the read began is kept (tokio clears
-/// only the readiness it saw before the read).
+/// Reads with `read(2)` through `try_io` (the socket's own, for READABLE); a read that comes
+/// back short of `buf` clears the reactor's readiness as an empty read would, and its bytes are
+/// returned. A stream read stops short when the socket's queue is empty, so the read that would
+/// follow — each time a message has been taken, on every interactive connection — could only
+/// answer `EAGAIN`. The reactor is edge-triggered (epoll, kqueue): bytes that arrive after the
+/// read began raise readiness again, and tokio clears only the readiness it saw before the
+/// read. tokio's own `AsyncRead` for its sockets does the same on these systems.
 #[cfg(unix)]
-impl RawStream for UnixStream {
+pub(crate) fn read_clearing_when_short(
+    fd: std::os::fd::RawFd,
+    buf: &mut [u8],
+    try_io: impl FnOnce(&mut dyn FnMut() -> io::Result<usize>) -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut short = None;
+    let read = try_io(&mut || {
+        // SAFETY: `buf` is valid for `buf.len()` bytes; the socket is non-blocking.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        if n > 0 && n < buf.len() {
+            short = Some(n);
+            // Drained: tokio clears the readiness on `WouldBlock`; the bytes are kept.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    short.map_or(read, Ok)
+}
+
+/// A TCP socket. On Unix a short read clears readiness ([`read_clearing_when_short`]); a TCP
+/// read can also stop short at an urgent mark, which the relay does not carry — the bytes past
+/// it wait for the next arrival, as they do in tokio's `AsyncRead`. On Windows (level-triggered
+/// readiness underneath) every read is tried until `WouldBlock`.
+impl RawStream for TcpStream {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        UnixStream::poll_read_ready(self, cx)
+        TcpStream::poll_read_ready(self, cx)
     }
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        UnixStream::poll_write_ready(self, cx)
+        TcpStream::poll_write_ready(self, cx)
     }
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        use std::os::fd::AsRawFd;
-        let mut short = None;
-        let read = UnixStream::try_io(self, tokio::io::Interest::READABLE, || {
-            // SAFETY: `buf` is valid for `buf.len()` bytes; the socket is non-blocking.
-            let n = unsafe { libc::read(self.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
-            if n > 0 && n < buf.len() {
-                short = Some(n);
-                // Drained: tokio clears the readiness on `WouldBlock`; the bytes are kept.
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        match short {
-            Some(n) => Ok(n),
-            None => read,
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            read_clearing_when_short(self.as_raw_fd(), buf, |f| {
+                TcpStream::try_io(self, tokio::io::Interest::READABLE, f)
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            TcpStream::try_read(self, buf)
         }
     }
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        UnixStream::try_write(self, buf)
+        TcpStream::try_write(self, buf)
     }
     fn try_io_raw(
         &self,
         interest: tokio::io::Interest,
         f: &mut dyn FnMut() -> io::Result<usize>,
     ) -> Option<io::Result<usize>> {
-        Some(UnixStream::try_io(self, interest, f))
+        Some(TcpStream::try_io(self, interest, f))
     }
 }
 
 #[cfg(all(test, unix))]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use std::time::Duration;
 
     /// A short read clears readiness; bytes that arrive afterwards must still wake the reader,
     /// and bytes that arrived with the short read are not lost.
-    #[tokio::test]
-    async fn a_short_unix_read_clears_readiness_without_losing_a_later_wake() {
-        let (a, b) = UnixStream::pair().unwrap();
+    async fn short_reads_clear_readiness_without_losing_a_later_wake<S: RawStream>(a: &S, b: &S) {
         let mut buf = [0u8; 64];
         for round in 0..100u8 {
             let sent = [round; 3];
-            write_all(&a, &sent).await.unwrap();
-            let n = tokio::time::timeout(Duration::from_secs(10), read(&b, &mut buf))
+            write_all(a, &sent).await.unwrap();
+            let n = tokio::time::timeout(Duration::from_secs(10), read(b, &mut buf))
                 .await
                 .expect("a later write did not wake the reader");
             assert_eq!(buf.get(..n.unwrap()), Some(&sent[..]), "round {round}");
         }
         // A full read (not short) keeps readiness: the rest is read without a new wake.
-        write_all(&a, &[7u8; 100]).await.unwrap();
+        write_all(a, &[7u8; 100]).await.unwrap();
         let mut total = 0;
         while total < 100 {
-            total +=
-                tokio::time::timeout(Duration::from_secs(10), read(&b, &mut buf)).await.unwrap().unwrap();
+            total += tokio::time::timeout(Duration::from_secs(10), read(b, &mut buf)).await.unwrap().unwrap();
         }
         assert_eq!(total, 100);
+    }
+
+    #[tokio::test]
+    async fn a_short_unix_read_clears_readiness_without_losing_a_later_wake() {
+        let (a, b) = crate::transport::fd::FdStream::pair().unwrap();
+        short_reads_clear_readiness_without_losing_a_later_wake(&a, &b).await;
+    }
+
+    #[tokio::test]
+    async fn a_short_tcp_read_clears_readiness_without_losing_a_later_wake() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (b, _) = listener.accept().await.unwrap();
+        a.set_nodelay(true).unwrap();
+        short_reads_clear_readiness_without_losing_a_later_wake(&a, &b).await;
     }
 }

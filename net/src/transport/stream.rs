@@ -6,8 +6,6 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-#[cfg(unix)]
-use tokio::net::UnixStream;
 
 use crate::sys::{AsSock, BorrowedSock};
 use crate::transport::raw::{RawStream, poll_read, poll_write};
@@ -17,10 +15,10 @@ use crate::transport::raw::{RawStream, poll_read, poll_write};
 #[derive(Debug)]
 pub enum TransportStream {
     #[cfg(unix)]
-    Unix(UnixStream),
+    Unix(crate::transport::fd::FdStream),
     Tcp(TcpStream),
     #[cfg(target_os = "linux")]
-    Vsock(crate::transport::vsock::VsockStream),
+    Vsock(crate::transport::fd::FdStream),
 }
 
 macro_rules! each_variant {

@@ -1,69 +1,34 @@
-//! AF_VSOCK streams on Linux, through `socket2` and tokio's `AsyncFd`.
+//! AF_VSOCK streams on Linux, through `socket2` and tokio's `AsyncFd`: [`FdStream`]s, as Unix
+//! transport streams are.
 //!
 //! Not `tokio-vsock`: its stream offers no `&self` readiness, which the relay needs to read
 //! and write one socket at once and to hold no buffer while idle.
 
-use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
-use std::task::{Context, Poll, ready};
+use std::future::poll_fn;
+use std::io;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+use crate::transport::fd::{FdStream, register};
 use crate::transport::raw::RawStream;
 
-/// Registers a socket with the reactor.
-fn register(socket: Socket) -> io::Result<AsyncFd<Socket>> {
-    // SAFETY: `socket` owns its fd, which stays open and unchanged until the `AsyncFd` that
-    // takes ownership of the `Socket` drops it.
-    Ok(unsafe { AsyncFd::register(socket) }?)
-}
-
-#[derive(Debug)]
-pub struct VsockStream(AsyncFd<Socket>);
-
-impl VsockStream {
-    pub async fn connect(cid: u32, port: u32) -> io::Result<Self> {
-        let socket = Socket::new(Domain::VSOCK, Type::STREAM.cloexec(), None)?;
-        socket.set_nonblocking(true)?;
-        match socket.connect(&SockAddr::vsock(cid, port)) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-            Err(e) => return Err(e),
-        }
-        let fd = register(socket)?;
-        let _ = fd.writable().await?;
-        if let Some(e) = fd.get_ref().take_error()? {
-            return Err(e);
-        }
-        Ok(VsockStream(fd))
+/// Connects to `port` on `cid`; the stream is an [`FdStream`] (see there for how it waits).
+pub async fn connect(cid: u32, port: u32) -> io::Result<FdStream> {
+    let socket = Socket::new(Domain::VSOCK, Type::STREAM.cloexec(), None)?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&SockAddr::vsock(cid, port)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
     }
-}
-
-impl AsFd for VsockStream {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.0.get_ref().as_fd()
+    let stream = FdStream::vsock(socket)?;
+    poll_fn(|cx| stream.poll_write_ready(cx)).await?;
+    if let Some(e) = stream.socket().take_error()? {
+        return Err(e);
     }
-}
-
-impl RawStream for VsockStream {
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut guard = ready!(self.0.poll_read_ready(cx))?;
-        guard.retain_ready();
-        Poll::Ready(Ok(()))
-    }
-    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut guard = ready!(self.0.poll_write_ready(cx))?;
-        guard.retain_ready();
-        Poll::Ready(Ok(()))
-    }
-    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.try_io(Interest::READABLE, |mut s: &Socket| s.read(buf))
-    }
-    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        self.0.try_io(Interest::WRITABLE, |mut s: &Socket| s.write(buf))
-    }
+    Ok(stream)
 }
 
 /// A listening AF_VSOCK socket (the agent's side).
@@ -76,10 +41,10 @@ impl VsockListener {
         socket.bind(&SockAddr::vsock(cid, port))?;
         socket.listen(1024)?;
         socket.set_nonblocking(true)?;
-        Ok(VsockListener(register(socket)?))
+        Ok(VsockListener(register(socket, Interest::READABLE)?))
     }
 
-    pub async fn accept(&self) -> io::Result<(VsockStream, String)> {
+    pub async fn accept(&self) -> io::Result<(FdStream, String)> {
         loop {
             let mut guard = self.0.readable().await?;
             match guard.try_io(|s| s.get_ref().accept()) {
@@ -89,7 +54,7 @@ impl VsockListener {
                         Some((cid, port)) => format!("vsock:{cid}:{port}"),
                         None => "vsock:?".to_owned(),
                     };
-                    return Ok((VsockStream(register(socket)?), peer));
+                    return Ok((FdStream::vsock(socket)?, peer));
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
