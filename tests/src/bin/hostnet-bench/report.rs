@@ -15,6 +15,8 @@ pub enum Goal {
     },
     /// hostnet ≥ this × the direct figure (for the real VM: the raw vsock link).
     VsDirect(f64),
+    /// hostnet ≤ this × the direct figure (a cost).
+    AtMostVsDirect(f64),
     /// hostnet ≤ the socat chain's figure.
     AtMostSocat,
     /// hostnet ≥ this.
@@ -31,6 +33,7 @@ impl Goal {
                 format!("≥ {direct}× direct (buffer gear ≥ {buffer}×), ≥ {socat}× socat")
             }
             Goal::VsDirect(r) => format!("≥ {r}× direct"),
+            Goal::AtMostVsDirect(r) => format!("≤ {r}× direct"),
             Goal::AtMostSocat => "≤ socat".to_owned(),
             Goal::AtLeast(v) => format!("≥ {} {unit}", plain(v)),
             Goal::AtMost(v) => format!("≤ {} {unit}", plain(v)),
@@ -123,6 +126,7 @@ impl Row {
                 Some(d && s && b)
             }
             Goal::VsDirect(r) => Some(self.vs_direct()? >= r),
+            Goal::AtMostVsDirect(r) => Some(self.vs_direct()? <= r),
             Goal::AtMostSocat => Some(h <= self.socat?),
             Goal::AtLeast(v) => Some(h >= v),
             Goal::AtMost(v) => Some(h <= v),
