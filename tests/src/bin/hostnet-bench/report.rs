@@ -19,8 +19,6 @@ pub enum Goal {
     AtMostVsDirect(f64),
     /// hostnet ≤ the socat chain's figure.
     AtMostSocat,
-    /// hostnet ≥ this.
-    AtLeast(f64),
     /// hostnet ≤ this.
     AtMost(f64),
 }
@@ -35,7 +33,6 @@ impl Goal {
             Goal::VsDirect(r) => format!("≥ {r}× direct"),
             Goal::AtMostVsDirect(r) => format!("≤ {r}× direct"),
             Goal::AtMostSocat => "≤ socat".to_owned(),
-            Goal::AtLeast(v) => format!("≥ {} {unit}", plain(v)),
             Goal::AtMost(v) => format!("≤ {} {unit}", plain(v)),
         }
     }
@@ -128,7 +125,6 @@ impl Row {
             Goal::VsDirect(r) => Some(self.vs_direct()? >= r),
             Goal::AtMostVsDirect(r) => Some(self.vs_direct()? <= r),
             Goal::AtMostSocat => Some(h <= self.socat?),
-            Goal::AtLeast(v) => Some(h >= v),
             Goal::AtMost(v) => Some(h <= v),
         }
     }
