@@ -7,9 +7,10 @@ use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 
 use hostnet_net::discovery::own::OwnSockets;
+use hostnet_net::relay::socket::UdpSocket;
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt};
 use socket2::{Socket, Type};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 
 /// `SO_MARK` on every socket the agent opens itself, so its own traffic is never intercepted.
 pub const AGENT_MARK: u32 = 0x686e_6574; // "hnet"

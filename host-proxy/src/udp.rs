@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hostnet_net::relay::mmsg::{self, MMSG_BATCH};
+use hostnet_net::relay::socket::UdpSocket;
 use hostnet_net::relay::udp::{Activity, DatagramBatch};
 use hostnet_net::tally::Tally;
 use hostnet_net::transport::handshake::{self, OpenError};
 use hostnet_protocol::{Open, Proto};
-use tokio::net::UdpSocket;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};

@@ -14,7 +14,7 @@
 use std::io;
 use std::net::SocketAddr;
 
-use tokio::net::UdpSocket;
+use crate::relay::socket::UdpSocket;
 
 /// Most datagrams one system call moves. 32 × 64 KiB receive slots, in the thread's scratch
 /// buffer (`crate::scratch::with_scratch`), resident only as far as datagrams touch them (a burst of
@@ -132,14 +132,15 @@ pub async fn send_batch<D: AsRef<[u8]>>(
     // Datagrams before this index leave one per message: their GSO message was refused.
     let mut plain_until = 0;
     while let Some(rest) = datagrams.get(done..).filter(|r| !r.is_empty()) {
-        socket.writable().await?;
         let gso = done >= plain_until && gso_supported();
         match send_some(socket, rest, to, gso) {
             Ok(n) => {
                 done += n;
                 sent += n;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // Tried first, waited for only when full: the socket watches for room only while a
+            // sender waits (`relay::socket`).
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket.writable().await?,
             // A refusal of GSO itself (a route whose MTU is below the datagram size, a device
             // without checksum offload, a run the kernel finds too long): the same datagrams
             // again one by one, each accepted or refused on its own.

@@ -1,7 +1,9 @@
 //! Moving bytes: one TCP connection over one data stream ([`tcp`], with the `splice(2)` gear
-//! in [`splice`] on Linux), datagrams over a stream ([`udp`], batched by [`mmsg`]).
+//! in [`splice`] on Linux), datagrams over a stream ([`udp`], batched by [`mmsg`]) from the
+//! UDP sockets of [`socket`].
 
 pub mod mmsg;
+pub mod socket;
 pub mod splice;
 pub mod tcp;
 pub mod udp;

@@ -1,8 +1,8 @@
 //! Pieces of the UDP relay both sides share: socket sizing and batching datagrams onto a
 //! data stream.
 
+use crate::relay::socket::UdpSocket;
 use hostnet_protocol::datagram::datagram_header;
-use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::relay::mmsg::{self, MMSG_BATCH};

@@ -39,11 +39,72 @@ pub(crate) fn register<T: AsRawFd>(inner: T, interest: Interest) -> io::Result<A
 #[derive(Debug)]
 pub struct FdStream {
     read: AsyncFd<Socket>,
-    /// A duplicate of the descriptor registered for writability, while a writer needs it.
-    write: Mutex<Option<AsyncFd<OwnedFd>>>,
+    write: WriteWatch,
+    family: Family,
+}
+
+/// Watching a socket for writability only while a writer waits (see the module's notes): a
+/// duplicate of the descriptor registered for writing, from the first write that finds the
+/// socket full until [`QUIET_WRITES`] writes in a row have not had to wait. The socket's own
+/// registration is for reading only.
+#[derive(Debug, Default)]
+pub struct WriteWatch {
+    watcher: Mutex<Option<AsyncFd<OwnedFd>>>,
     /// Writes since the last one that had to wait.
     quiet: AtomicU32,
-    family: Family,
+}
+
+impl WriteWatch {
+    fn watcher(&self) -> std::sync::MutexGuard<'_, Option<AsyncFd<OwnedFd>>> {
+        self.watcher.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a write registration is in place now.
+    pub fn watching(&self) -> bool {
+        self.watcher().is_some()
+    }
+
+    /// Runs the non-blocking write `f` on the socket this watches. With a write registration in
+    /// place, through it (a `WouldBlock` clears its readiness); without one, straight to the
+    /// socket: nothing is watching, so nothing is to be cleared, and the next wait registers
+    /// afresh.
+    pub fn write_with<R>(&self, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        let mut watcher = self.watcher();
+        let mut f = Some(f);
+        let mut once = || f.take().map_or_else(|| Err(io::ErrorKind::WouldBlock.into()), |f| f());
+        let result = match watcher.as_ref() {
+            // Not run by `try_io`: the registration has not seen the socket writable since it
+            // last waited. Tried anyway (readiness can lag the socket); a `WouldBlock` then
+            // leaves the registration's readiness as it was, so no wake-up is lost.
+            Some(w) => match w.try_io(Interest::WRITABLE, |_| once()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => once(),
+                r => r,
+            },
+            None => once(),
+        };
+        match &result {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.quiet.store(0, Ordering::Relaxed),
+            _ => {
+                if self.quiet.fetch_add(1, Ordering::Relaxed) + 1 >= QUIET_WRITES && watcher.is_some() {
+                    *watcher = None;
+                }
+            }
+        }
+        result
+    }
+
+    /// Ready once `fd` (the socket this watches) is writable; registers for writing first if
+    /// nothing is watching.
+    pub fn poll_write_ready(&self, fd: BorrowedFd<'_>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut watcher = self.watcher();
+        if watcher.is_none() {
+            *watcher = Some(register(fd.try_clone_to_owned()?, Interest::WRITABLE)?);
+        }
+        let Some(w) = watcher.as_ref() else { return Poll::Ready(Err(io::ErrorKind::Other.into())) };
+        let mut guard = ready!(w.poll_write_ready(cx))?;
+        guard.retain_ready();
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// The two families differ in how the relay reads them, by measurement.
@@ -67,8 +128,7 @@ impl FdStream {
     pub fn new(socket: Socket) -> io::Result<FdStream> {
         Ok(FdStream {
             read: register(socket, Interest::READABLE)?,
-            write: Mutex::new(None),
-            quiet: AtomicU32::new(0),
+            write: WriteWatch::default(),
             family: Family::Unix,
         })
     }
@@ -89,40 +149,6 @@ impl FdStream {
     /// The socket itself (options, addresses).
     pub fn socket(&self) -> &Socket {
         self.read.get_ref()
-    }
-
-    fn watcher(&self) -> std::sync::MutexGuard<'_, Option<AsyncFd<OwnedFd>>> {
-        self.write.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Runs the non-blocking write `f`. With a write registration in place, through it (a
-    /// `WouldBlock` clears its readiness); without one, straight to the socket: nothing is
-    /// watching, so nothing is to be cleared, and the next wait registers afresh.
-    fn write_with(&self, f: &mut dyn FnMut() -> io::Result<usize>) -> io::Result<usize> {
-        let mut watcher = self.watcher();
-        let result = match watcher.as_ref() {
-            Some(w) => {
-                let mut tried = false;
-                let r = w.try_io(Interest::WRITABLE, |_| {
-                    tried = true;
-                    f()
-                });
-                // Not tried: the registration has not seen the socket writable since it last
-                // waited. Try anyway (readiness can lag the socket); a `WouldBlock` here leaves
-                // the registration's readiness as it was, so no wake-up is lost.
-                if tried { r } else { f() }
-            }
-            None => f(),
-        };
-        match &result {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.quiet.store(0, Ordering::Relaxed),
-            _ => {
-                if self.quiet.fetch_add(1, Ordering::Relaxed) + 1 >= QUIET_WRITES && watcher.is_some() {
-                    *watcher = None;
-                }
-            }
-        }
-        result
     }
 }
 
@@ -150,15 +176,7 @@ impl RawStream for FdStream {
     }
 
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut watcher = self.watcher();
-        if watcher.is_none() {
-            let dup = self.read.get_ref().as_fd().try_clone_to_owned()?;
-            *watcher = Some(register(dup, Interest::WRITABLE)?);
-        }
-        let Some(w) = watcher.as_ref() else { return Poll::Ready(Err(io::ErrorKind::Other.into())) };
-        let mut guard = ready!(w.poll_write_ready(cx))?;
-        guard.retain_ready();
-        Poll::Ready(Ok(()))
+        self.write.poll_write_ready(self.read.get_ref().as_fd(), cx)
     }
 
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
@@ -172,7 +190,7 @@ impl RawStream for FdStream {
     }
 
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        self.write_with(&mut || send(self.read.get_ref(), buf))
+        self.write.write_with(|| send(self.read.get_ref(), buf))
     }
 
     fn try_io_raw(
@@ -183,7 +201,11 @@ impl RawStream for FdStream {
         if self.family == Family::Vsock {
             return None;
         }
-        Some(if interest.is_writable() { self.write_with(f) } else { self.read.try_io(interest, |_| f()) })
+        Some(if interest.is_writable() {
+            self.write.write_with(f)
+        } else {
+            self.read.try_io(interest, |_| f())
+        })
     }
 }
 
@@ -198,7 +220,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_socket_wakes_its_writer_and_the_write_watch_comes_and_goes() {
         let (a, b) = FdStream::pair().unwrap();
-        assert!(a.watcher().is_none(), "a new stream watches only for reading");
+        assert!(!a.write.watching(), "a new stream watches only for reading");
         let block = vec![5u8; 64 * 1024];
         let total = 8 << 20;
         let writer = async {
@@ -222,11 +244,11 @@ mod tests {
                 .await
                 .expect("the writer or the reader was never woken");
         assert_eq!((sent, got), (total, total));
-        assert!(a.watcher().is_some(), "8 MiB through a socket of a few hundred KiB must have waited");
+        assert!(a.write.watching(), "8 MiB through a socket of a few hundred KiB must have waited");
         for _ in 0..QUIET_WRITES {
             raw::write_all(&a, b"x").await.unwrap();
         }
-        assert!(a.watcher().is_none(), "{QUIET_WRITES} writes without waiting drop the write watch");
+        assert!(!a.write.watching(), "{QUIET_WRITES} writes without waiting drop the write watch");
         let mut buf = [0u8; 128];
         let mut got = 0;
         while got < QUIET_WRITES as usize {
