@@ -1,6 +1,7 @@
 //! The UDP socket every UDP relay uses: tokio's `UdpSocket` on Windows; on Unix a socket the
-//! reactor watches for reading, and for writing only while a sender waits (the
-//! [`WriteWatch`] the Unix transport streams use).
+//! reactor watches for reading, and for writing only once a send has had to wait (the
+//! [`WriteWatch`] the Unix transport streams use, kept once made: a port's socket has many
+//! senders).
 //!
 //! Why: a UDP socket registered for writing is woken each time a datagram it sent leaves its
 //! send buffer — on loopback, during the very `sendmmsg` that sent it — so every send was
@@ -36,7 +37,8 @@ mod unix {
     impl UdpSocket {
         /// Takes a non-blocking socket (as tokio's `from_std` does) and registers it for reading.
         pub fn from_std(socket: std::net::UdpSocket) -> io::Result<UdpSocket> {
-            Ok(UdpSocket { io: register(socket, Interest::READABLE)?, write: WriteWatch::default() })
+            // Kept: a port's socket is sent on by all its flows.
+            Ok(UdpSocket { io: register(socket, Interest::READABLE)?, write: WriteWatch::kept() })
         }
 
         /// Binds a new socket to `addr`.

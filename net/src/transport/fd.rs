@@ -47,14 +47,27 @@ pub struct FdStream {
 /// duplicate of the descriptor registered for writing, from the first write that finds the
 /// socket full until [`QUIET_WRITES`] writes in a row have not had to wait. The socket's own
 /// registration is for reading only.
+///
+/// Dropping the registration forgets, without waking, a writer waiting on it (tokio clears the
+/// wakers of a registration that goes), so a watch that lets go ([`WriteWatch::default`]) is
+/// for a socket with one writer at a time — a stream, written by one direction of one relay.
+/// A socket several tasks send on keeps its registration once it has one
+/// ([`WriteWatch::kept`]).
 #[derive(Debug, Default)]
 pub struct WriteWatch {
     watcher: Mutex<Option<AsyncFd<OwnedFd>>>,
     /// Writes since the last one that had to wait.
     quiet: AtomicU32,
+    /// Never let the registration go once made.
+    keep: bool,
 }
 
 impl WriteWatch {
+    /// A watch that keeps its registration once made (see the type's notes).
+    pub fn kept() -> WriteWatch {
+        WriteWatch { keep: true, ..WriteWatch::default() }
+    }
+
     fn watcher(&self) -> std::sync::MutexGuard<'_, Option<AsyncFd<OwnedFd>>> {
         self.watcher.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -85,7 +98,10 @@ impl WriteWatch {
         match &result {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.quiet.store(0, Ordering::Relaxed),
             _ => {
-                if self.quiet.fetch_add(1, Ordering::Relaxed) + 1 >= QUIET_WRITES && watcher.is_some() {
+                if self.quiet.fetch_add(1, Ordering::Relaxed) + 1 >= QUIET_WRITES
+                    && !self.keep
+                    && watcher.is_some()
+                {
                     *watcher = None;
                 }
             }
