@@ -231,6 +231,12 @@ mod tests {
     use crate::transport::raw;
     use std::time::Duration;
 
+    #[tokio::test]
+    async fn a_short_unix_read_clears_readiness_without_losing_a_later_wake() {
+        let (a, b) = FdStream::pair().unwrap();
+        raw::tests::short_reads_clear_readiness_without_losing_a_later_wake(&a, &b).await;
+    }
+
     /// An idle stream watches for nothing but reading; a writer that fills the socket waits
     /// for room and gets it when the peer reads; after the quiet writes the watch is gone.
     #[tokio::test]
