@@ -94,6 +94,47 @@ fn send_then_read_reply(mut client: TcpStream, payload: Vec<u8>) -> JoinHandle<V
     })
 }
 
+/// Bytes queued behind a TCP urgent mark reach the server without the client sending more
+/// (telnet's interrupt, FTP's abort: the client then waits for an answer). A TCP read stops
+/// short at the mark with those bytes behind it, which is why the relay reads TCP until
+/// `WouldBlock` and never takes a short TCP read for "drained". The urgent byte itself is not
+/// carried.
+#[tokio::test]
+async fn bytes_behind_an_urgent_mark_are_relayed_without_more_arriving() {
+    let (client, host_local) = tcp_pair().await;
+    let (guest_local, mut server) = tcp_pair().await;
+    client.set_nodelay(true).unwrap();
+    let c = socket2::SockRef::from(&client);
+    c.send(b"abc").unwrap();
+    c.send_out_of_band(b"!").unwrap();
+    c.send(b"def").unwrap();
+    // All of it queued at the host relay's socket before the relay first reads: the client's
+    // unacknowledged bytes (SIOCOUTQ) fall to 0 once the far socket has taken them all.
+    let unacked = || {
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to `n`.
+        let r = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&client), libc::TIOCOUTQ, &mut n) };
+        if r == 0 { n } else { -1 }
+    };
+    within(async {
+        while unacked() != 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    let (t1, t2) = unix_pair();
+    let spawn_relay = |local: TcpStream, peer: FdStream| {
+        tokio::spawn(async move {
+            relay(&local, &peer, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
+        })
+    };
+    let _host_side = spawn_relay(host_local, t1);
+    let _guest_side = spawn_relay(guest_local, t2);
+    let mut got = [0u8; 6];
+    within(server.read_exact(&mut got)).await.unwrap();
+    assert_eq!(&got, b"abcdef");
+}
+
 #[tokio::test]
 async fn bytes_flow_both_ways_and_fin_closes_cleanly() {
     let Chain { client, mut server, host_side, guest_side } = chain().await;

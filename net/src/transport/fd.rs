@@ -22,7 +22,7 @@ use socket2::Socket;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::transport::raw::{RawStream, read_clearing_when_short};
+use crate::transport::raw::RawStream;
 
 /// Writes in a row that went through without waiting, after which a stream stops watching for
 /// writability (until a write has to wait again).
@@ -168,6 +168,34 @@ impl FdStream {
     }
 }
 
+/// Reads with `read(2)` through `try_io` (the socket's own, for READABLE); a read that comes
+/// back short of `buf` clears the reactor's readiness as an empty read would, and its bytes are
+/// returned. A stream read stops short when the socket's queue is empty, so the read that would
+/// follow — each time a message has been taken, on every interactive connection — could only
+/// answer `EAGAIN`. The reactor is edge-triggered (epoll, kqueue): bytes that arrive after the
+/// read began raise readiness again, and tokio clears only the readiness it saw before the
+/// read. tokio's own `AsyncRead` does the same; not for TCP here, whose reads also stop short
+/// at an urgent mark (`raw`'s `RawStream for TcpStream`).
+fn read_clearing_when_short(
+    fd: std::os::fd::RawFd,
+    buf: &mut [u8],
+    try_io: impl FnOnce(&mut dyn FnMut() -> io::Result<usize>) -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut short = None;
+    let read = try_io(&mut || {
+        // SAFETY: `buf` is valid for `buf.len()` bytes; the socket is non-blocking.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        if n > 0 && n < buf.len() {
+            short = Some(n);
+            // Drained: tokio clears the readiness on `WouldBlock`; the bytes are kept.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    short.map_or(read, Ok)
+}
+
 /// Sends on a stream socket; a peer gone is an error, never a signal.
 fn send(socket: &Socket, buf: &[u8]) -> io::Result<usize> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -231,10 +259,31 @@ mod tests {
     use crate::transport::raw;
     use std::time::Duration;
 
+    /// A short read clears readiness; bytes that arrive afterwards must still wake the reader,
+    /// and bytes that arrived with the short read are not lost.
+    async fn short_reads_clear_readiness_without_losing_a_later_wake<S: RawStream>(a: &S, b: &S) {
+        let mut buf = [0u8; 64];
+        for round in 0..100u8 {
+            let sent = [round; 3];
+            raw::write_all(a, &sent).await.unwrap();
+            let n = tokio::time::timeout(Duration::from_secs(10), raw::read(b, &mut buf))
+                .await
+                .expect("a later write did not wake the reader");
+            assert_eq!(buf.get(..n.unwrap()), Some(&sent[..]), "round {round}");
+        }
+        // A full read (not short) keeps readiness: the rest is read without a new wake.
+        raw::write_all(a, &[7u8; 100]).await.unwrap();
+        let mut total = 0;
+        while total < 100 {
+            total += tokio::time::timeout(Duration::from_secs(10), raw::read(b, &mut buf)).await.unwrap().unwrap();
+        }
+        assert_eq!(total, 100);
+    }
+
     #[tokio::test]
     async fn a_short_unix_read_clears_readiness_without_losing_a_later_wake() {
         let (a, b) = FdStream::pair().unwrap();
-        raw::tests::short_reads_clear_readiness_without_losing_a_later_wake(&a, &b).await;
+        short_reads_clear_readiness_without_losing_a_later_wake(&a, &b).await;
     }
 
     /// An idle stream watches for nothing but reading; a writer that fills the socket waits
