@@ -275,7 +275,8 @@ mod tests {
         raw::write_all(a, &[7u8; 100]).await.unwrap();
         let mut total = 0;
         while total < 100 {
-            total += tokio::time::timeout(Duration::from_secs(10), raw::read(b, &mut buf)).await.unwrap().unwrap();
+            total +=
+                tokio::time::timeout(Duration::from_secs(10), raw::read(b, &mut buf)).await.unwrap().unwrap();
         }
         assert_eq!(total, 100);
     }
