@@ -60,8 +60,8 @@ pub fn free_port() -> u16 {
     loop {
         let port = NEXT.fetch_add(1, Ordering::SeqCst);
         assert!(port < 32_000, "ran out of test ports");
-        let v4 = TcpListener::bind(("127.0.0.1", port)).is_ok();
-        let v6 = TcpListener::bind(("::1", port)).is_ok() || !has_ipv6();
+        let v4 = can_bind(SocketAddr::from(([127, 0, 0, 1], port)));
+        let v6 = can_bind(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))) || !has_ipv6();
         if v4 && v6 {
             return port;
         }
@@ -88,7 +88,18 @@ pub fn hold_port() -> (u16, Vec<TcpListener>) {
 
 /// Whether this machine has an IPv6 loopback.
 pub fn has_ipv6() -> bool {
-    TcpListener::bind("[::1]:0").is_ok()
+    can_bind(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0)))
+}
+
+/// Whether a TCP socket can be bound to `addr` now (as `TcpListener::bind` would, with
+/// `SO_REUSEADDR`), asked with a socket that never listens: a listener, even for a moment, is a
+/// desktop server to the proxy under test — it watches every listener on the machine — and
+/// would be offered to its guest until the proxy saw it gone (a containment test once found a
+/// port offered that way under load).
+fn can_bind(addr: SocketAddr) -> bool {
+    let Ok(s) = Socket::new(Domain::for_address(addr), Type::STREAM, None) else { return false };
+    let _ = s.set_reuse_address(true);
+    s.bind(&addr.into()).is_ok()
 }
 
 /// Waits for `cond` to hold, polling every millisecond, for at most [`DEADLINE`].
