@@ -74,10 +74,17 @@ impl TurnedAway {
     }
 }
 
+/// How long a turned-away or refused connection's one-line answer may take. Its buffer is
+/// empty, so the write completes as soon as the reactor has seen the new socket (one turn);
+/// written without waiting at all (`now_or_never`, `try_write`), it was lost whenever the
+/// reactor had not reported the socket writable yet, and the client read a bare hang-up.
+#[cfg(unix)]
+const ANSWER_AND_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Hands an accepted connection to a task of `tracker`, or answers it "busy" when
 /// [`MAX_CLIENTS`] are served already.
 #[cfg(unix)]
-fn dispatch<S, H>(
+async fn dispatch<S, H>(
     conn: S,
     clients: &Arc<tokio::sync::Semaphore>,
     turned_away: &mut TurnedAway,
@@ -91,8 +98,9 @@ fn dispatch<S, H>(
     let Ok(permit) = clients.clone().try_acquire_owned() else {
         turned_away.one_more();
         let mut conn = conn;
-        // Never waits: a new connection's buffer is empty; the client reads it and retries.
-        let _ = conn.write_all(format!("{}\n", Response::busy().to_line()).as_bytes()).now_or_never();
+        // The client reads it and retries.
+        let busy = format!("{}\n", Response::busy().to_line());
+        let _ = timeout(ANSWER_AND_CLOSE_WAIT, conn.write_all(busy.as_bytes())).await;
         return;
     };
     spawn_client(conn, permit, handler, tracker, stop);
@@ -239,7 +247,7 @@ mod platform {
                 _ = stop.cancelled() => break,
                 a = listener.accept() => a,
             };
-            let conn = match accepted {
+            let mut conn = match accepted {
                 Ok((conn, _)) => conn,
                 Err(e) => {
                     // Out of file descriptors and the like: pause instead of spinning.
@@ -256,11 +264,13 @@ mod platform {
                     warn!("refused an admin connection from another user ({other:?})");
                     let refusal =
                         Response::error("this admin API serves only the user running hostnet-proxy");
-                    let _ = conn.try_write(format!("{}\n", refusal.to_line()).as_bytes());
+                    let refusal = format!("{}\n", refusal.to_line());
+                    let answer = tokio::io::AsyncWriteExt::write_all(&mut conn, refusal.as_bytes());
+                    let _ = tokio::time::timeout(super::ANSWER_AND_CLOSE_WAIT, answer).await;
                     continue;
                 }
             }
-            dispatch(conn, &clients, &mut turned_away, &handler, tracker, stop);
+            dispatch(conn, &clients, &mut turned_away, &handler, tracker, stop).await;
         }
     }
 }
