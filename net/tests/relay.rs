@@ -31,6 +31,14 @@ fn unix_pair_driven() -> (FdStream, UnixStream) {
     (a, UnixStream::from_std(b).unwrap())
 }
 
+/// `relay` between `local` and `peer` in a task of its own, with fresh counters and no
+/// shutdown.
+fn spawn_relay<P: hostnet_net::RawStream + 'static>(local: TcpStream, peer: P) -> JoinHandle<Outcome> {
+    tokio::spawn(async move {
+        relay(&local, &peer, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
+    })
+}
+
 /// A connected TCP pair on loopback.
 async fn tcp_pair() -> (TcpStream, TcpStream) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -71,11 +79,6 @@ async fn chain_with_buffers(small: Option<usize>) -> Chain {
             s.set_recv_buffer_size(size).unwrap();
         }
     }
-    let spawn_relay = |local: TcpStream, peer: FdStream| {
-        tokio::spawn(async move {
-            relay(&local, &peer, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
-        })
-    };
     Chain { client, server, host_side: spawn_relay(host_local, t1), guest_side: spawn_relay(guest_local, t2) }
 }
 
@@ -123,11 +126,6 @@ async fn bytes_behind_an_urgent_mark_are_relayed_without_more_arriving() {
     })
     .await;
     let (t1, t2) = unix_pair();
-    let spawn_relay = |local: TcpStream, peer: FdStream| {
-        tokio::spawn(async move {
-            relay(&local, &peer, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
-        })
-    };
     let _host_side = spawn_relay(host_local, t1);
     let _guest_side = spawn_relay(guest_local, t2);
     let mut got = [0u8; 6];
@@ -171,9 +169,7 @@ async fn a_reset_travels_end_to_end() {
 async fn a_vanished_peer_resets_the_client() {
     let (mut client, host_local) = tcp_pair().await;
     let (t1, t2) = unix_pair();
-    let host_side = tokio::spawn(async move {
-        relay(&host_local, &t1, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
-    });
+    let host_side = spawn_relay(host_local, t1);
     drop(t2); // The agent died without a word.
     let mut buf = [0u8; 16];
     let r = within(client.read(&mut buf)).await;
@@ -185,9 +181,7 @@ async fn a_vanished_peer_resets_the_client() {
 async fn garbage_from_the_peer_ends_only_that_connection() {
     let (mut client, host_local) = tcp_pair().await;
     let (t1, t2) = unix_pair_driven();
-    let host_side = tokio::spawn(async move {
-        relay(&host_local, &t1, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
-    });
+    let host_side = spawn_relay(host_local, t1);
     let mut t2 = t2;
     t2.write_all(&[0x7f, 0xff, 0xff, 0xfe]).await.unwrap(); // announces a 2 GiB chunk
     let mut buf = [0u8; 16];
@@ -384,11 +378,6 @@ async fn a_data_stream_that_refuses_splice_on_the_way_out_falls_back_to_a_buffer
     let (client, host_local) = tcp_pair().await;
     let (guest_local, mut server) = tcp_pair().await;
     let (t1, t2) = unix_pair();
-    let spawn_relay = |local: TcpStream, peer: NoSpliceOut| {
-        tokio::spawn(async move {
-            relay(&local, &peer, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
-        })
-    };
     let host_side = spawn_relay(host_local, NoSpliceOut(t1));
     let guest_side = spawn_relay(guest_local, NoSpliceOut(t2));
     let payload: Vec<u8> = (0..8_000_000u32).map(|i| (i % 253) as u8).collect();

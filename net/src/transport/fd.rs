@@ -22,7 +22,7 @@ use socket2::Socket;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::transport::raw::RawStream;
+use crate::transport::raw::{self, RawStream};
 
 /// Writes in a row that went through without waiting, after which a stream stops watching for
 /// writability (until a write has to wait again).
@@ -97,11 +97,11 @@ impl WriteWatch {
         };
         match &result {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.quiet.store(0, Ordering::Relaxed),
+            // Counted only while there is a watch to let go of; the count restarts at each
+            // `WouldBlock` and when a watch is made.
+            _ if self.keep || watcher.is_none() => {}
             _ => {
-                if self.quiet.fetch_add(1, Ordering::Relaxed) + 1 >= QUIET_WRITES
-                    && !self.keep
-                    && watcher.is_some()
-                {
+                if self.quiet.fetch_add(1, Ordering::Relaxed) >= QUIET_WRITES - 1 {
                     *watcher = None;
                 }
             }
@@ -115,6 +115,7 @@ impl WriteWatch {
         let mut watcher = self.watcher();
         if watcher.is_none() {
             *watcher = Some(register(fd.try_clone_to_owned()?, Interest::WRITABLE)?);
+            self.quiet.store(0, Ordering::Relaxed);
         }
         let Some(w) = watcher.as_ref() else { return Poll::Ready(Err(io::ErrorKind::Other.into())) };
         let mut guard = ready!(w.poll_write_ready(cx))?;
@@ -196,16 +197,6 @@ fn read_clearing_when_short(
     short.map_or(read, Ok)
 }
 
-/// Sends on a stream socket; a peer gone is an error, never a signal.
-fn send(socket: &Socket, buf: &[u8]) -> io::Result<usize> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    let flags = libc::MSG_NOSIGNAL;
-    // Apple sockets made by socket2 have SO_NOSIGPIPE; Rust programs ignore SIGPIPE anyway.
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    let flags = 0;
-    socket.send_with_flags(buf, flags)
-}
-
 impl AsFd for FdStream {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.read.get_ref().as_fd()
@@ -234,7 +225,7 @@ impl RawStream for FdStream {
     }
 
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        self.write.write_with(|| send(self.read.get_ref(), buf))
+        self.write.write_with(|| raw::write_direct(self, buf))
     }
 
     fn try_io_raw(
