@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout, timeout_at};
@@ -74,11 +74,10 @@ impl TurnedAway {
     }
 }
 
-/// How long a turned-away or refused connection's one-line answer may take. Its buffer is
-/// empty, so the write completes as soon as the reactor has seen the new socket (one turn);
+/// How long the one-line answer before a hang-up may take (a turned-away, refused or idle
+/// connection's). Its buffer is empty, so the write completes as soon as the reactor has seen the new socket (one turn);
 /// written without waiting at all (`now_or_never`, `try_write`), it was lost whenever the
 /// reactor had not reported the socket writable yet, and the client read a bare hang-up.
-#[cfg(unix)]
 const ANSWER_AND_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Hands an accepted connection to a task of `tracker`, or answers it "busy" when
@@ -152,11 +151,12 @@ where
         let reply = match line {
             Err(_) => {
                 debug!("admin client sent no complete request in {IDLE_TIMEOUT:?}: closing it");
-                // Best effort, never waiting: the client may not be reading.
+                // Best effort, briefly: the client may not be reading.
                 let notice = Response::error(format!(
                     "no complete request within {IDLE_TIMEOUT:?}: closing the connection"
                 ));
-                let _ = out.get_mut().write_all(format!("{}\n", notice.to_line()).as_bytes()).now_or_never();
+                let line = format!("{}\n", notice.to_line());
+                let _ = timeout(ANSWER_AND_CLOSE_WAIT, out.get_mut().write_all(line.as_bytes())).await;
                 return;
             }
             Ok(None) => return,
