@@ -205,6 +205,12 @@ struct Targets(Vec<(Proto, IpAddr, u16)>);
 
 /// The whole table. Loopback traffic re-enters through `lo`, so in prerouting the `socket`
 /// expression really asks "does a guest socket own this?": if so the packet goes on as usual.
+///
+/// Every packet of the guest's loopback traffic runs this chain, not only hostnet's, so the two
+/// rules after `iif` let a packet for a port nobody intercepts go on after one set lookup.
+/// Without them it was checked against every rule below (~35 expressions): `perf` put ~11 % of
+/// a loopback UDP sender's time in the guest (64-byte datagrams) in `nft_*`, ~0.1 µs a packet;
+/// with them ~4 %.
 fn ruleset(targets: &Targets) -> String {
     let mut rules = String::new();
     for &(proto, ip, port) in &targets.0 {
@@ -224,6 +230,8 @@ fn ruleset(targets: &Targets) -> String {
            chain prerouting {{\n    \
              type filter hook prerouting priority mangle; policy accept;\n    \
              iif != \"lo\" return\n    \
+             meta l4proto tcp tcp dport != @tcp_ports return\n    \
+             meta l4proto udp udp dport != @udp_ports return\n    \
              meta mark {AGENT_MARK:#x} return\n\
          {rules}  }}\n}}\n"
     )
@@ -278,6 +286,10 @@ mod tests {
         assert!(r.contains("ip6 daddr ::1 tcp dport @tcp_ports tproxy ip6 to [::1]:41001"), "{r}");
         assert!(r.contains("ip daddr 127.0.0.1 udp dport @udp_ports socket transparent 0 return"), "{r}");
         assert!(r.contains("meta mark 0x686e6574 return"));
+        let early =
+            r.find("tcp dport != @tcp_ports return").expect("a port nobody intercepts returns at once");
+        assert!(r.contains("udp dport != @udp_ports return"), "{r}");
+        assert!(early < r.find("socket transparent").unwrap(), "before any per-target rule: {r}");
         assert!(!r.contains("ip6 daddr ::1 udp"), "no rule for a socket that is not there");
     }
 
