@@ -223,15 +223,22 @@ fn main() {
     if run(Workload::Rtt) {
         guard("rtt", &mut rows, &mut failed, |rows| {
             step("1-byte round trips");
-            let rtt = |via, demo: &Demo| {
-                measure(via, demo, &socat, Server::PerConnection(echo), |ep| {
-                    tcp::rtt_micros(ep.addr, p.trips)
-                })
-            };
             let buffer_demo = buffer_gear_demo(&opts);
-            let (d, h, s) =
-                (rtt(Via::Direct, &demo).unwrap(), rtt(Via::Hostnet, &demo).unwrap(), rtt(Via::Socat, &demo));
-            let b = buffer_demo.as_ref().map(|bd| rtt(Via::Hostnet, bd).unwrap());
+            // Every path's server at once: the paths take turns (`tcp::rtt_micros`).
+            let at = |via, demo: &Demo| endpoint(via, demo, &socat, Server::PerConnection(echo));
+            let mut eps = vec![at(Via::Direct, &demo), at(Via::Hostnet, &demo)];
+            if socat.ok() {
+                eps.push(at(Via::Socat, &demo));
+            }
+            if let Some(bd) = &buffer_demo {
+                eps.push(at(Via::Hostnet, bd));
+            }
+            let addrs: Vec<SocketAddr> = eps.iter().map(|ep| ep.addr).collect();
+            let mut got = tcp::rtt_micros(&addrs, p.trips).into_iter();
+            let (d, h) = (got.next().unwrap(), got.next().unwrap());
+            let s = if socat.ok() { got.next() } else { None };
+            let b = buffer_demo.as_ref().and_then(|_| got.next());
+            drop(eps);
             stop_buffer_gear_demo(buffer_demo);
             rows.push(
                 Row::new("RTT 1 B ping-pong, p50", "µs")

@@ -69,25 +69,50 @@ pub fn transfer(
     Transfer { gib_per_s: gib / secs, cpu_per_gib: (own + relay) / gib, relay_cpu_per_gib: relay / gib }
 }
 
-/// Median and 99th percentile of 1-byte round trips on one connection, in microseconds.
-pub fn rtt_micros(addr: SocketAddr, trips: usize) -> (f64, f64) {
-    let mut c = TcpStream::connect(addr).unwrap();
-    c.set_nodelay(true).unwrap();
-    let mut b = [0u8; 1];
-    // Warm up: the first trips pay for lazy set-up along the path.
-    for _ in 0..(trips / 10).max(10) {
-        c.write_all(b"x").unwrap();
-        c.read_exact(&mut b).unwrap();
+/// Rounds the round trips of [`rtt_micros`] are split into, the paths taking turns.
+const RTT_ROUNDS: usize = 10;
+
+/// Median and 99th percentile of 1-byte round trips, in microseconds, for each of `addrs`: one
+/// connection each, `trips` round trips each, taken in [`RTT_ROUNDS`] rounds in which every
+/// path takes its turn (the first path of each round rotating), so that a busy moment of this
+/// shared machine falls on all of them alike instead of on whichever path ran then.
+pub fn rtt_micros(addrs: &[SocketAddr], trips: usize) -> Vec<(f64, f64)> {
+    let mut conns: Vec<TcpStream> = addrs
+        .iter()
+        .map(|&addr| {
+            let c = TcpStream::connect(addr).unwrap();
+            c.set_nodelay(true).unwrap();
+            c.set_read_timeout(Some(DEADLINE)).unwrap();
+            c
+        })
+        .collect();
+    // Warm up: the first trips pay for lazy set-up along each path.
+    for c in &mut conns {
+        round_trips(c, (trips / 10).max(10));
     }
-    let mut samples = Vec::with_capacity(trips);
-    for _ in 0..trips {
-        let t = Instant::now();
-        c.write_all(b"x").unwrap();
-        c.read_exact(&mut b).unwrap();
-        samples.push(t.elapsed());
+    let mut samples: Vec<Vec<Duration>> = conns.iter().map(|_| Vec::with_capacity(trips)).collect();
+    let per_round = trips.div_ceil(RTT_ROUNDS);
+    for round in 0..RTT_ROUNDS {
+        for k in 0..conns.len() {
+            let i = (round + k) % conns.len();
+            samples[i].extend(round_trips(&mut conns[i], per_round));
+        }
     }
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    (us(percentile(&mut samples, 50)), us(percentile(&mut samples, 99)))
+    samples.iter_mut().map(|s| (us(percentile(s, 50)), us(percentile(s, 99)))).collect()
+}
+
+/// `n` 1-byte round trips on `c`, each one's duration.
+fn round_trips(c: &mut TcpStream, n: usize) -> Vec<Duration> {
+    let mut b = [0u8; 1];
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            c.write_all(b"x").unwrap();
+            c.read_exact(&mut b).unwrap();
+            t.elapsed()
+        })
+        .collect()
 }
 
 /// Connect, one 1-byte request and its answer, close — from `clients` threads at once, each
