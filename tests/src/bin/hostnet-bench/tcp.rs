@@ -115,9 +115,10 @@ fn round_trips(c: &mut TcpStream, n: usize) -> Vec<Duration> {
         .collect()
 }
 
-/// Connect, one 1-byte request and its answer, close — from `clients` threads at once, each
-/// one connection after another, for `window`: the rate a busy desktop (a browser, a test
-/// suite) asks of the path. Returns the connections made and the seconds they took.
+/// Connect, one 1-byte request and its answer, close (after the server: [`pong`]) — from
+/// `clients` threads at once, each one connection after another, for `window`: the rate a busy
+/// desktop (a browser, a test suite) asks of the path. Returns the connections made and the
+/// seconds they took.
 pub fn connections(addr: SocketAddr, window: Duration, clients: usize) -> (u64, f64) {
     let start = Instant::now();
     let counts: Vec<u64> = std::thread::scope(|s| {
@@ -143,12 +144,16 @@ pub fn connections(addr: SocketAddr, window: Duration, clients: usize) -> (u64, 
     (counts.iter().sum(), start.elapsed().as_secs_f64())
 }
 
-/// The connection-rate server's handler: answers the 1-byte request, then closes once the
-/// client has.
+/// The connection-rate server's handler: answers the 1-byte request and closes, first (as an
+/// HTTP/1.0 server does), so each connection's TIME_WAIT stays on the server's side. When the
+/// client closed first, its TIME_WAITs held the ephemeral ports: at direct's rate they ran out
+/// within the quick run's second, every later `connect` searched for a free port, and direct
+/// cost ~134 CPU-µs per connection instead of ~40 — or ~40 when the machine's TIME_WAIT table
+/// happened to be full (then no TIME_WAIT is kept) — so the ratio depended on earlier runs.
 pub fn pong(mut c: TcpStream) {
     let mut b = [0u8; 1];
-    if c.read_exact(&mut b).is_ok() && c.write_all(&b).is_ok() {
-        let _ = c.read(&mut b);
+    if c.read_exact(&mut b).is_ok() {
+        let _ = c.write_all(&b);
     }
 }
 
