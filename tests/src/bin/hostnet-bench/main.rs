@@ -302,8 +302,12 @@ fn main() {
                     ));
                 }
                 for (path, lost) in [("direct", d_lost), ("hostnet", h_lost)] {
-                    if let Some(lost) = lost {
-                        notes.push(format!("{path} {}", lost.text()));
+                    match lost {
+                        Some(lost) => notes.push(format!("{path} {}", lost.text())),
+                        // The ladder ran out before the path did: its figure is a floor.
+                        None => {
+                            notes.push(format!("{path} lost nothing up to the ladder's top: at least that"))
+                        }
                     }
                 }
                 let mut row =

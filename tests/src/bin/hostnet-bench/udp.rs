@@ -10,9 +10,9 @@ use hostnet_tests::DEADLINE;
 /// Paced rates tried in order; the result is the last one with every echo back. Above 100 000
 /// no two neighbours are further apart than 0.8× (the target's ratio), so one step of noise
 /// cannot by itself decide it.
-pub const LADDER: [f64; 13] = [
+pub const LADDER: [f64; 17] = [
     10_000.0, 25_000.0, 50_000.0, 75_000.0, 100_000.0, 125_000.0, 150_000.0, 175_000.0, 200_000.0, 250_000.0,
-    300_000.0, 350_000.0, 400_000.0,
+    300_000.0, 350_000.0, 400_000.0, 500_000.0, 600_000.0, 700_000.0, 800_000.0,
 ];
 
 /// Where the datagrams of the first step that lost some were dropped.
