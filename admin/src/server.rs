@@ -75,9 +75,10 @@ impl TurnedAway {
 }
 
 /// How long the one-line answer before a hang-up may take (a turned-away, refused or idle
-/// connection's). Its buffer is empty, so the write completes as soon as the reactor has seen the new socket (one turn);
-/// written without waiting at all (`now_or_never`, `try_write`), it was lost whenever the
-/// reactor had not reported the socket writable yet, and the client read a bare hang-up.
+/// connection's). Its buffer is empty, so the write completes as soon as the reactor has seen
+/// the socket writable (one turn for a new socket); written without waiting at all
+/// (`now_or_never`, `try_write`), it was lost whenever the reactor had not reported the socket
+/// writable yet, and the client read a bare hang-up.
 const ANSWER_AND_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Hands an accepted connection to a task of `tracker`, or answers it "busy" when
