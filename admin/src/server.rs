@@ -81,6 +81,13 @@ impl TurnedAway {
 /// writable yet, and the client read a bare hang-up.
 const ANSWER_AND_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Writes `answer` as the connection's last line before it is closed, waiting at most
+/// [`ANSWER_AND_CLOSE_WAIT`]: best effort, the client may not be reading.
+async fn last_word<W: AsyncWrite + Unpin>(w: &mut W, answer: &Response) {
+    let line = format!("{}\n", answer.to_line());
+    let _ = timeout(ANSWER_AND_CLOSE_WAIT, w.write_all(line.as_bytes())).await;
+}
+
 /// Hands an accepted connection to a task of `tracker`, or answers it "busy" when
 /// [`MAX_CLIENTS`] are served already.
 #[cfg(unix)]
@@ -99,8 +106,7 @@ async fn dispatch<S, H>(
         turned_away.one_more();
         let mut conn = conn;
         // The client reads it and retries.
-        let busy = format!("{}\n", Response::busy().to_line());
-        let _ = timeout(ANSWER_AND_CLOSE_WAIT, conn.write_all(busy.as_bytes())).await;
+        last_word(&mut conn, &Response::busy()).await;
         return;
     };
     spawn_client(conn, permit, handler, tracker, stop);
@@ -152,12 +158,10 @@ where
         let reply = match line {
             Err(_) => {
                 debug!("admin client sent no complete request in {IDLE_TIMEOUT:?}: closing it");
-                // Best effort, briefly: the client may not be reading.
                 let notice = Response::error(format!(
                     "no complete request within {IDLE_TIMEOUT:?}: closing the connection"
                 ));
-                let line = format!("{}\n", notice.to_line());
-                let _ = timeout(ANSWER_AND_CLOSE_WAIT, out.get_mut().write_all(line.as_bytes())).await;
+                last_word(out.get_mut(), &notice).await;
                 return;
             }
             Ok(None) => return,
@@ -265,9 +269,7 @@ mod platform {
                     warn!("refused an admin connection from another user ({other:?})");
                     let refusal =
                         Response::error("this admin API serves only the user running hostnet-proxy");
-                    let refusal = format!("{}\n", refusal.to_line());
-                    let answer = tokio::io::AsyncWriteExt::write_all(&mut conn, refusal.as_bytes());
-                    let _ = tokio::time::timeout(super::ANSWER_AND_CLOSE_WAIT, answer).await;
+                    super::last_word(&mut conn, &refusal).await;
                     continue;
                 }
             }
