@@ -74,21 +74,20 @@ mod unix {
             if interest.is_writable() { self.write.write_with(f) } else { self.io.try_io(interest, |_| f()) }
         }
 
-        /// Runs `f` until it does not block, waiting for `interest` between tries.
+        /// Runs `f` until it does not block, waiting for `interest` between tries (reads
+        /// through tokio's own loop; writes tried first, then waited for through the watch).
         pub async fn async_io<R>(
             &self,
             interest: Interest,
             mut f: impl FnMut() -> io::Result<R>,
         ) -> io::Result<R> {
+            if !interest.is_writable() {
+                return self.io.async_io(interest, |_| f()).await;
+            }
             loop {
-                match self.try_io(interest, &mut f) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                match self.write.write_with(&mut f) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
                     r => return r,
-                }
-                if interest.is_writable() {
-                    self.writable().await?;
-                } else {
-                    self.readable().await?;
                 }
             }
         }
