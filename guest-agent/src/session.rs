@@ -12,7 +12,7 @@ use hostnet_net::relay::tcp::{self, RelayCounters};
 use hostnet_net::relay::udp;
 use hostnet_net::transport::handshake::{self, FrameReader, HandshakeError};
 use hostnet_protocol::session::{AgentAction, AgentSession, AgentSessionError};
-use hostnet_protocol::{AgentFrame, ListenerSet, Open, PrefaceError, ProxyFrame};
+use hostnet_protocol::{AgentFrame, ListenerSet, Open, PrefaceError, ProxyFrame, ShowPeer};
 use thiserror::Error;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -108,13 +108,11 @@ impl Sessions {
                 self.control(stream, reader).await
             }
             Open::Tcp { addr, port, peer } => {
-                let span =
-                    info_span!("tcp", %port, client = %peer.map(|p| p.to_string()).unwrap_or_default());
+                let span = info_span!("tcp", %port, client = %ShowPeer(peer));
                 self.tcp(stream, reader, addr, port).instrument(span).await
             }
             Open::Udp { addr, port, peer } => {
-                let span =
-                    info_span!("udp", %port, client = %peer.map(|p| p.to_string()).unwrap_or_default());
+                let span = info_span!("udp", %port, client = %ShowPeer(peer));
                 self.udp(stream, reader, addr, port).instrument(span).await
             }
         }

@@ -21,7 +21,7 @@ use hostnet_net::tally::Tally;
 use hostnet_net::transport::handshake::{self, FrameReader};
 use hostnet_net::transport::hyperv::{self, Guid};
 use hostnet_net::{TransportSpec, TransportStream};
-use hostnet_protocol::{Listener, ListenerSet, Open, Proto};
+use hostnet_protocol::{Listener, ListenerSet, Open, Proto, ShowPeer};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -298,8 +298,7 @@ async fn serve(
     let (addr, port, peer) = match open {
         Open::Tcp { addr, port, peer } => (addr, port, peer),
         Open::Udp { addr, port, peer } => {
-            let span =
-                info_span!("guest→host udp", port, client = %peer.map(|p| p.to_string()).unwrap_or_default());
+            let span = info_span!("guest→host udp", port, client = %ShowPeer(peer));
             let stats = stats_for(&stats, Proto::Udp, port);
             // Only a port the desktop advertises, as for TCP below.
             let target = host.borrow().target_for(Proto::Udp, port, addr.is_ipv6());
@@ -307,7 +306,7 @@ async fn serve(
         }
         Open::Control {} => return warn!("rejected a control stream on the guest→host socket"),
     };
-    let span = info_span!("guest→host", port, client = %peer.map(|p| p.to_string()).unwrap_or_default());
+    let span = info_span!("guest→host", port, client = %ShowPeer(peer));
     async move {
         // Only a port the desktop advertises, and only on the desktop's loopback: the guest
         // cannot steer the proxy anywhere else, whatever `addr` it sends.

@@ -195,6 +195,20 @@ impl Open {
     }
 }
 
+/// An [`Open`]'s `peer` as a log field: the address, or nothing when the opener did not say.
+/// Formats in place, where `peer.map(|p| p.to_string())` allocated a string per connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ShowPeer(pub Option<SocketAddr>);
+
+impl std::fmt::Display for ShowPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(peer) => peer.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Answer to [`Open`] on a data stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -277,6 +291,15 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::net::Ipv6Addr;
+
+    #[test]
+    fn show_peer_is_the_address_or_nothing() {
+        let v4: SocketAddr = "127.0.0.1:54321".parse().unwrap();
+        let v6: SocketAddr = "[::1]:8000".parse().unwrap();
+        assert_eq!(ShowPeer(Some(v4)).to_string(), "127.0.0.1:54321");
+        assert_eq!(ShowPeer(Some(v6)).to_string(), "[::1]:8000");
+        assert_eq!(ShowPeer(None).to_string(), "");
+    }
 
     fn frames() -> Vec<AgentFrame> {
         let l = Listener { proto: Proto::Tcp, addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED), port: 8000 };

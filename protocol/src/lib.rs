@@ -24,7 +24,7 @@ pub mod session;
 pub use chunk::{ChunkDecoder, ChunkError, ChunkEvent, MAX_CHUNK_LEN};
 pub use frame::{
     AgentFrame, FrameDecoder, FrameError, LISTENERS_PER_FRAME, MAX_FRAME_LEN, MAX_OPENING_LEN, Open,
-    OpenReply, ProxyFrame, Role, SnapshotParts, encode_frame, listener_chunks,
+    OpenReply, ProxyFrame, Role, ShowPeer, SnapshotParts, encode_frame, listener_chunks,
 };
 pub use listener::{Listener, ListenerSet, Proto};
 pub use preface::{PREFACE_LEN, Preface, PrefaceError, VERSION};

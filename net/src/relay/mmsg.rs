@@ -316,9 +316,11 @@ mod sys {
             libc::recvmmsg(fd, headers.as_mut_ptr(), count as libc::c_uint, 0, std::ptr::null_mut())
         };
         let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?.min(count);
-        for ((meta, header), name) in got.iter_mut().zip(&headers).zip(names).take(n) {
-            // SAFETY: the kernel wrote `msg_namelen` bytes of a socket address into `name`.
-            let from = unsafe { SockAddr::new(name, header.msg_hdr.msg_namelen) }.as_socket();
+        // By reference: only the `n` names the kernel wrote are copied out, not the whole array.
+        for ((meta, header), name) in got.iter_mut().zip(&headers).zip(&names).take(n) {
+            // SAFETY: the kernel wrote `msg_namelen` bytes of a socket address into `name`;
+            // `SockAddrStorage` is plain C data (no `Drop`), so reading a copy out is sound.
+            let from = unsafe { SockAddr::new(std::ptr::read(name), header.msg_hdr.msg_namelen) }.as_socket();
             *meta = Meta {
                 len: header.msg_len as usize,
                 from,
