@@ -1,6 +1,8 @@
 //! hostnet's benchmark harness: the same workloads over direct loopback (the limit), through
 //! hostnet's netns stand-in, and through a socat relay chain with hostnet's topology (the peer
-//! to beat), side by side in one run, printed with ratios and the performance targets.
+//! to beat), side by side in one run, printed with ratios and the performance targets. The
+//! connection and round-trip workloads also run over a bare relay chain of the same topology
+//! (`bare.rs`): what any relay pays there.
 //!
 //! Needs root (it starts `hostnet-proxy demo`). Build in release first:
 //! `cargo build --release -p host-proxy -p guest-agent -p hostnet-tests`, then
@@ -11,6 +13,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::print_stdout)]
 
+mod bare;
 mod paths;
 mod ports;
 mod procs;
@@ -22,10 +25,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use hostnet_tests::{Demo, UdpEcho, count_then_reply, echo, free_port, loopback};
 
-use crate::paths::{Server, Socat, Via, endpoint, measure, tcp_listening};
+use crate::paths::{Relay, Server, Socat, Via, endpoint, measure, tcp_listening};
 use crate::procs::Hostnet;
 use crate::report::{Goal, Row};
 use crate::tcp::Holder;
@@ -56,6 +59,16 @@ struct Opts {
     /// Idle connections for the memory workload [default: 10000].
     #[arg(long, value_name = "N")]
     connections: Option<usize>,
+    #[command(subcommand)]
+    internal: Option<Internal>,
+}
+
+/// What the harness runs of itself.
+#[derive(Debug, Subcommand)]
+enum Internal {
+    /// One relay of the bare chain: LISTEN and TO are `tcp:ADDR` or `unix:PATH` (`bare.rs`).
+    #[command(hide = true)]
+    BareRelay { listen: String, to: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -130,6 +143,9 @@ impl Params {
 
 fn main() {
     let opts = Opts::parse();
+    if let Some(Internal::BareRelay { listen, to }) = &opts.internal {
+        return bare::run(listen, to);
+    }
     let started = Instant::now();
     let mut machine = procs::machine();
     let steal_at_start = procs::steal_seconds();
@@ -144,7 +160,7 @@ fn main() {
     let socat = Socat::prepare(opts.socat_buffer);
     let demo = Demo::start_with(&opts.demo_arg.iter().map(String::as_str).collect::<Vec<_>>());
     println!(
-        "hostnet-bench{}: direct loopback vs hostnet (netns stand-in; h buffer: the buffer gear alone) vs socat chain ({}, -b {})",
+        "hostnet-bench{}: direct loopback vs hostnet (netns stand-in; h buffer: the buffer gear alone) vs socat chain ({}, -b {}); bare: a relay with nothing in it, same topology",
         if opts.quick { " --quick" } else { "" },
         socat.available.as_deref().unwrap_or("unavailable"),
         socat.buffer
@@ -227,6 +243,7 @@ fn main() {
             // Every path's server at once: the paths take turns (`tcp::rtt_micros`).
             let at = |via, demo: &Demo| endpoint(via, demo, &socat, Server::PerConnection(echo));
             let mut eps = vec![at(Via::Direct, &demo), at(Via::Hostnet, &demo)];
+            eps.push(at(Via::Bare, &demo));
             if socat.ok() {
                 eps.push(at(Via::Socat, &demo));
             }
@@ -235,7 +252,7 @@ fn main() {
             }
             let addrs: Vec<SocketAddr> = eps.iter().map(|ep| ep.addr).collect();
             let mut got = tcp::rtt_micros(&addrs, p.trips).into_iter();
-            let (d, h) = (got.next().unwrap(), got.next().unwrap());
+            let (d, h, bare) = (got.next().unwrap(), got.next().unwrap(), got.next().unwrap());
             let s = if socat.ok() { got.next() } else { None };
             let b = buffer_demo.as_ref().and_then(|_| got.next());
             drop(eps);
@@ -246,6 +263,7 @@ fn main() {
                     .hostnet(h.0)
                     .buffer(b.map(|b| b.0))
                     .socat(s.map(|s| s.0))
+                    .bare(bare.0)
                     .goal(Goal::AtMostSocat)
                     .note(format!("added by hostnet: {:.1} µs", h.0 - d.0)),
             );
@@ -254,7 +272,8 @@ fn main() {
                     .direct(d.1)
                     .hostnet(h.1)
                     .buffer(b.map(|b| b.1))
-                    .socat(s.map(|s| s.1)),
+                    .socat(s.map(|s| s.1))
+                    .bare(bare.1),
             );
         });
     }
@@ -345,6 +364,7 @@ fn main() {
             for clients in [1, CONNECT_CLIENTS] {
                 let rate = |via| connect_rate(via, &demo, &socat, p.connect_window, clients);
                 let (d, h, s) = (rate(Via::Direct).unwrap(), rate(Via::Hostnet).unwrap(), rate(Via::Socat));
+                let bare = rate(Via::Bare).unwrap();
                 let mut row = if clients == 1 {
                     Row::new("new connections (1 request)", "conn/s")
                         .note(format!("one client, sequential, {:?}", p.connect_window))
@@ -353,7 +373,8 @@ fn main() {
                         .goal(Goal::VsDirect(0.4))
                         .note(format!("{clients} clients at once, each sequential, {:?}", p.connect_window))
                 };
-                row = row.direct(d.per_s).hostnet(h.per_s).socat(s.as_ref().map(|s| s.per_s));
+                row =
+                    row.direct(d.per_s).hostnet(h.per_s).socat(s.as_ref().map(|s| s.per_s)).bare(bare.per_s);
                 rows.push(row);
                 if clients == CONNECT_CLIENTS {
                     rows.push(
@@ -361,14 +382,23 @@ fn main() {
                             .direct(d.cpu_us)
                             .hostnet(h.cpu_us)
                             .socat(s.as_ref().map(|s| s.cpu_us))
+                            .bare(bare.cpu_us)
                             .goal(Goal::AtMostVsDirect(2.5))
-                            .note("clients + server + relay processes, user + system"),
+                            .note(format!(
+                                "clients + server + relay processes, user + system; the bare relay: {:.2}× direct, \
+                                 what this topology costs with no protocol and one thread per relay",
+                                bare.cpu_us / d.cpu_us
+                            )),
                     );
                     rows.push(
                         Row::new(format!("CPU per new connection, relay only ({clients} clients)"), "CPU-µs")
                             .hostnet(h.relay_cpu_us)
                             .socat(s.as_ref().map(|s| s.relay_cpu_us))
-                            .note("hostnet: proxy + agent; socat: both listeners and their forked children"),
+                            .bare(bare.relay_cpu_us)
+                            .note(
+                                "hostnet: proxy + agent; socat: both listeners and their forked children; \
+                                 bare: both relays",
+                            ),
                     );
                 }
             }
@@ -439,6 +469,11 @@ fn main() {
                 "version": socat.available.as_ref().ok(),
                 "buffer": socat.buffer,
                 "topology": "TCP-LISTEN on 127.0.0.1 → UNIX-CONNECT → (netns) UNIX-LISTEN,fork → TCP:127.0.0.1:PORT",
+            },
+            "bare_relay": {
+                "what": "hostnet-bench bare-relay: one thread (tokio current_thread), accept → connect → copy_bidirectional; no protocol, limits or logging",
+                "topology": "TCP listener on 127.0.0.1 → Unix socket → (netns) Unix listener → TCP to 127.0.0.1:PORT",
+                "workloads": ["rtt", "connect"],
             },
             "seconds": total.as_secs_f64(),
             "results": rows.iter().map(Row::json).collect::<Vec<_>>(),
@@ -655,7 +690,7 @@ fn idle_memory(demo: &Demo, socat: Option<&Socat>, n: usize) -> ([f64; 2], Optio
             )
         }
         Some(s) => {
-            chain = s.chain(demo, port);
+            chain = s.chain(demo, port, Relay::Socat);
             (chain.addr, Box::new(|| [chain.all_pids().into_iter().map(procs::pss_bytes).sum(), 0]))
         }
     };

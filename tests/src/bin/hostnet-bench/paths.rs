@@ -5,6 +5,8 @@
 //!   reaches it at the same port on its loopback through `hostnet-proxy` and `hostnet-agent`.
 //! - **socat**: the peer to beat, with hostnet's topology: `socat TCP-LISTEN` on loopback →
 //!   a Unix socket → `socat UNIX-LISTEN` inside the namespace → TCP to the server there.
+//! - **bare**: the same chain with the bare relay (`bare.rs`) in socat's place: what the
+//!   topology itself costs, with nothing of hostnet or socat in it.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -20,6 +22,7 @@ pub enum Via {
     Direct,
     Hostnet,
     Socat,
+    Bare,
 }
 
 /// How the harness's server runs its handler.
@@ -45,7 +48,8 @@ impl Server {
 #[derive(Debug)]
 pub struct Endpoint {
     pub addr: SocketAddr,
-    pub socat: Option<SocatChain>,
+    /// The socat or bare relay chain, on those paths.
+    pub chain: Option<Chain>,
     /// hostnet's processes, on the hostnet path.
     hostnet: Option<Hostnet>,
     _server: GuestServer,
@@ -53,9 +57,9 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// CPU-seconds the relay on this path has used so far: hostnet's proxy + agent, the socat
-    /// chain (with its reaped per-connection children), nothing for direct.
+    /// or bare chain (with socat's reaped per-connection children), nothing for direct.
     pub fn relay_cpu_seconds(&self) -> f64 {
-        match (&self.hostnet, &self.socat) {
+        match (&self.hostnet, &self.chain) {
             (Some(hn), _) => hn.cpu_seconds(),
             (_, Some(chain)) => chain.cpu_seconds(),
             _ => 0.0,
@@ -65,7 +69,7 @@ impl Endpoint {
     /// Waits until the relay has accounted for the connections so far (socat's
     /// per-connection children have exited and been reaped).
     pub fn settle(&self) {
-        if let Some(chain) = &self.socat {
+        if let Some(chain) = &self.chain {
             chain.wait_children_gone();
         }
     }
@@ -76,19 +80,20 @@ pub fn endpoint(via: Via, demo: &Demo, socat: &Socat, server: Server) -> Endpoin
     let port = free_port();
     let listener = match via {
         Via::Direct => TcpListener::bind(loopback(false, port)).unwrap(),
-        Via::Hostnet | Via::Socat => demo.listen(SocketAddr::from(([0, 0, 0, 0], port)), false),
+        Via::Hostnet | Via::Socat | Via::Bare => demo.listen(SocketAddr::from(([0, 0, 0, 0], port)), false),
     };
     let server = server.start(listener);
     match via {
-        Via::Direct => Endpoint { addr: loopback(false, port), socat: None, hostnet: None, _server: server },
+        Via::Direct => Endpoint { addr: loopback(false, port), chain: None, hostnet: None, _server: server },
         Via::Hostnet => {
             let addr = loopback(false, port);
             wait_accepting(addr);
-            Endpoint { addr, socat: None, hostnet: Some(Hostnet::find(demo)), _server: server }
+            Endpoint { addr, chain: None, hostnet: Some(Hostnet::find(demo)), _server: server }
         }
-        Via::Socat => {
-            let chain = socat.chain(demo, port);
-            Endpoint { addr: chain.addr, socat: Some(chain), hostnet: None, _server: server }
+        Via::Socat | Via::Bare => {
+            let relay = if via == Via::Socat { Relay::Socat } else { Relay::Bare };
+            let chain = socat.chain(demo, port, relay);
+            Endpoint { addr: chain.addr, chain: Some(chain), hostnet: None, _server: server }
         }
     }
 }
@@ -170,18 +175,18 @@ impl Socat {
         self.available.is_ok()
     }
 
-    /// Starts a chain to `guest_port` inside the demo's namespace; returns once both ends
-    /// listen.
-    pub fn chain(&self, demo: &Demo, guest_port: u16) -> SocatChain {
+    /// Starts a chain of `relay` to `guest_port` inside the demo's namespace; returns once
+    /// both ends listen.
+    pub fn chain(&self, demo: &Demo, guest_port: u16, relay: Relay) -> Chain {
         let host_port = free_port();
-        let sock = self.dir.join(format!("relay-{guest_port}.sock"));
+        let file = if relay == Relay::Socat { "socat" } else { "bare" };
+        let sock = self.dir.join(format!("{file}-{guest_port}.sock"));
         let _ = std::fs::remove_file(&sock);
-        let backlog = "backlog=4096";
-        let b = self.buffer.to_string();
+        let (program, inner_args) = self.argv(relay, End::Unix(&sock), End::Tcp(guest_port));
         let inner = Command::new("ip")
-            .args(["netns", "exec", &demo.netns, "socat", "-b", &b])
-            .arg(format!("UNIX-LISTEN:{},fork,{backlog}", sock.display()))
-            .arg(format!("TCP:127.0.0.1:{guest_port}"))
+            .args(["netns", "exec", &demo.netns])
+            .arg(&program)
+            .args(inner_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -192,28 +197,79 @@ impl Socat {
         while !unix_listening(inner_pid, &sock) {
             assert!(
                 start.elapsed() < DEADLINE,
-                "socat in the namespace never listened on {}",
+                "{} in the namespace never listened on {}",
+                relay.name(),
                 sock.display()
             );
             std::thread::sleep(Duration::from_millis(1));
         }
-        let outer = Command::new("socat")
-            .args(["-b", &b])
-            .arg(format!("TCP-LISTEN:{host_port},bind=127.0.0.1,reuseaddr,fork,{backlog}"))
-            .arg(format!("UNIX-CONNECT:{}", sock.display()))
+        let (program, outer_args) = self.argv(relay, End::Tcp(host_port), End::Unix(&sock));
+        let outer = Command::new(program)
+            .args(outer_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let chain = SocatChain { addr: loopback(false, host_port), outer, inner, sock };
+        let chain = Chain { addr: loopback(false, host_port), outer, inner, sock };
         let start = Instant::now();
         while !tcp_listening(host_port) {
-            assert!(start.elapsed() < DEADLINE, "socat never listened on 127.0.0.1:{host_port}");
+            assert!(start.elapsed() < DEADLINE, "{} never listened on 127.0.0.1:{host_port}", relay.name());
             std::thread::sleep(Duration::from_millis(1));
         }
         chain
     }
+
+    /// The program and arguments of one relay of a chain, listening on `listen` (on
+    /// 127.0.0.1 for TCP) and connecting each client on to `to`.
+    fn argv(&self, relay: Relay, listen: End, to: End) -> (PathBuf, Vec<String>) {
+        match relay {
+            Relay::Socat => {
+                let backlog = "backlog=4096";
+                let listen = match listen {
+                    End::Tcp(port) => format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,{backlog}"),
+                    End::Unix(path) => format!("UNIX-LISTEN:{},fork,{backlog}", path.display()),
+                };
+                let to = match to {
+                    End::Tcp(port) => format!("TCP:127.0.0.1:{port}"),
+                    End::Unix(path) => format!("UNIX-CONNECT:{}", path.display()),
+                };
+                ("socat".into(), vec!["-b".into(), self.buffer.to_string(), listen, to])
+            }
+            Relay::Bare => {
+                let spec = |end| match end {
+                    End::Tcp(port) => format!("tcp:127.0.0.1:{port}"),
+                    End::Unix(path) => format!("unix:{}", path.display()),
+                };
+                let me = std::env::current_exe().unwrap();
+                (me, vec!["bare-relay".into(), spec(listen), spec(to)])
+            }
+        }
+    }
+}
+
+/// Which relay runs a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relay {
+    Socat,
+    /// `hostnet-bench bare-relay` (`bare.rs`).
+    Bare,
+}
+
+impl Relay {
+    fn name(self) -> &'static str {
+        match self {
+            Relay::Socat => "socat",
+            Relay::Bare => "the bare relay",
+        }
+    }
+}
+
+/// One end of a chain's relay: a TCP port on 127.0.0.1, or a Unix socket.
+#[derive(Debug, Clone, Copy)]
+enum End<'a> {
+    Tcp(u16),
+    Unix(&'a Path),
 }
 
 impl Drop for Socat {
@@ -222,22 +278,22 @@ impl Drop for Socat {
     }
 }
 
-/// A running socat chain: `outer` on this machine, `inner` in the namespace.
+/// A running relay chain: `outer` on this machine, `inner` in the namespace.
 #[derive(Debug)]
-pub struct SocatChain {
+pub struct Chain {
     pub addr: SocketAddr,
     outer: Child,
     inner: Child,
     sock: PathBuf,
 }
 
-impl SocatChain {
-    /// The two listening socat processes.
+impl Chain {
+    /// The two listening relay processes.
     pub fn parents(&self) -> [u32; 2] {
         [self.outer.id(), self.inner.id()]
     }
 
-    /// Every socat process of the chain: both listeners and their per-connection children.
+    /// Every process of the chain: both listeners and socat's per-connection children.
     pub fn all_pids(&self) -> Vec<u32> {
         let mut pids = self.parents().to_vec();
         for p in self.parents() {
@@ -256,16 +312,16 @@ impl SocatChain {
     pub fn wait_children_gone(&self) {
         let start = Instant::now();
         while self.parents().iter().any(|&p| !procs::children(p).is_empty()) {
-            assert!(start.elapsed() < DEADLINE, "socat children did not exit within {DEADLINE:?}");
+            assert!(start.elapsed() < DEADLINE, "relay children did not exit within {DEADLINE:?}");
             std::thread::sleep(Duration::from_millis(2));
         }
     }
 }
 
-impl Drop for SocatChain {
+impl Drop for Chain {
     fn drop(&mut self) {
         for c in [&mut self.outer, &mut self.inner] {
-            // SIGTERM reaches the listener; its children exit as their connections close.
+            // SIGTERM reaches the listener; socat's children exit as their connections close.
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(c.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,

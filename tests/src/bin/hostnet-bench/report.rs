@@ -49,6 +49,8 @@ pub struct Row {
     /// vsock and on macOS and Windows.
     pub buffer: Option<f64>,
     pub socat: Option<f64>,
+    /// The bare relay chain (`bare.rs`): what the topology costs with nothing in the relays.
+    pub bare: Option<f64>,
     pub goal: Goal,
     /// How the figure was taken when that matters for reading it (sizes, quick-mode cuts).
     pub note: String,
@@ -63,6 +65,7 @@ impl Row {
             hostnet: None,
             buffer: None,
             socat: None,
+            bare: None,
             goal: Goal::None,
             note: String::new(),
         }
@@ -88,6 +91,11 @@ impl Row {
         self
     }
 
+    pub fn bare(mut self, v: f64) -> Row {
+        self.bare = Some(v);
+        self
+    }
+
     pub fn goal(mut self, g: Goal) -> Row {
         self.goal = g;
         self
@@ -109,6 +117,11 @@ impl Row {
 
     pub fn vs_socat(&self) -> Option<f64> {
         ratio(self.hostnet?, self.socat?)
+    }
+
+    /// hostnet's figure over the bare relay's: how far hostnet is from what the topology costs.
+    pub fn vs_bare(&self) -> Option<f64> {
+        ratio(self.hostnet?, self.bare?)
     }
 
     /// Whether hostnet meets the goal in this run (`None`: no goal, or not measurable).
@@ -137,9 +150,11 @@ impl Row {
             "hostnet": self.hostnet,
             "hostnet_buffer_gear": self.buffer,
             "socat": self.socat,
+            "bare_relay": self.bare,
             "hostnet_vs_direct": self.vs_direct(),
             "buffer_gear_vs_direct": self.buffer_vs_direct(),
             "hostnet_vs_socat": self.vs_socat(),
+            "hostnet_vs_bare_relay": self.vs_bare(),
             "target": self.goal.text(self.unit),
             "met": self.met(),
             "note": self.note,
@@ -190,19 +205,21 @@ fn times(v: Option<f64>) -> String {
     v.map_or_else(|| "–".to_owned(), |r| format!("{r:.2}×"))
 }
 
-/// Prints the table: figures, ratios hostnet/direct, buffer gear/direct and hostnet/socat,
-/// target and verdict.
+/// Prints the table: figures, ratios hostnet/direct, buffer gear/direct, hostnet/socat and
+/// hostnet/bare relay, target and verdict.
 pub fn print_table(rows: &[Row]) {
     println!(
-        "\n{:<40} {:>11} {:>11} {:>11} {:>11} {:>8} {:>8} {:>8}  {:<14} {:<30} result",
+        "\n{:<40} {:>11} {:>11} {:>11} {:>11} {:>11} {:>8} {:>8} {:>8} {:>8}  {:<14} {:<30} result",
         "workload",
         "direct",
         "hostnet",
         "h buffer",
         "socat",
+        "bare",
         "h/direct",
         "b/direct",
         "h/socat",
+        "h/bare",
         "unit",
         "target"
     );
@@ -213,15 +230,17 @@ pub fn print_table(rows: &[Row]) {
             None => "",
         };
         println!(
-            "{:<40} {:>11} {:>11} {:>11} {:>11} {:>8} {:>8} {:>8}  {:<14} {:<30} {verdict}",
+            "{:<40} {:>11} {:>11} {:>11} {:>11} {:>11} {:>8} {:>8} {:>8} {:>8}  {:<14} {:<30} {verdict}",
             r.workload,
             opt(r.direct),
             opt(r.hostnet),
             opt(r.buffer),
             opt(r.socat),
+            opt(r.bare),
             times(r.vs_direct()),
             times(r.buffer_vs_direct()),
             times(r.vs_socat()),
+            times(r.vs_bare()),
             r.unit,
             r.goal.text(r.unit),
         );
