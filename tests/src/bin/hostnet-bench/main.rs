@@ -242,8 +242,7 @@ fn main() {
             let buffer_demo = buffer_gear_demo(&opts);
             // Every path's server at once: the paths take turns (`tcp::rtt_micros`).
             let at = |via, demo: &Demo| endpoint(via, demo, &socat, Server::PerConnection(echo));
-            let mut eps = vec![at(Via::Direct, &demo), at(Via::Hostnet, &demo)];
-            eps.push(at(Via::Bare, &demo));
+            let mut eps = vec![at(Via::Direct, &demo), at(Via::Hostnet, &demo), at(Via::Bare, &demo)];
             if socat.ok() {
                 eps.push(at(Via::Socat, &demo));
             }
