@@ -147,7 +147,9 @@ async fn serve_on(
     let sessions = session::Sessions::new(listeners, interceptor, own, shutdown.clone());
     while let Some((stream, peer)) = next_accepted(|| acceptor.accept(), &shutdown, "a stream").await {
         let sessions = sessions.clone();
-        tracker.spawn(async move { sessions.handle(stream, peer).await });
+        // Boxed: the stream's future is ~4 KiB, and tokio copies an unboxed one into the task
+        // and again over its finished stage — a boxed one is a pointer.
+        tracker.spawn(Box::pin(async move { sessions.handle(stream, peer).await }));
     }
     hostnet_net::tasks::drain(&tracker, "hostnet-agent").await;
     info!("hostnet-agent stopped");

@@ -557,13 +557,15 @@ impl Forwards {
             let this = self.clone();
             let span = info_span!("conn", port, %peer);
             let (guard, stats, token) = (stats.open(), stats.clone(), self.serving.connection_token());
-            self.serving.tracker.spawn(
+            // Boxed: the connection's future is ~5 KiB, and tokio copies an unboxed one into
+            // the task and again over its finished stage; a boxed one is a pointer.
+            self.serving.tracker.spawn(Box::pin(
                 async move {
                     this.serve(client, peer, port, &stats, &token).await;
                     drop((guard, permit));
                 }
                 .instrument(span),
-            );
+            ));
         }
     }
 
