@@ -68,7 +68,7 @@ struct Opts {
 enum Internal {
     /// One relay of the bare chain: LISTEN and TO are `tcp:ADDR` or `unix:PATH` (`bare.rs`).
     #[command(hide = true)]
-    BareRelay { listen: String, to: String },
+    BareRelay { listen: bare::End, to: bare::End },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use hostnet_tests::{DEADLINE, Demo, GuestServer, free_port, loopback};
 
+use crate::bare;
 use crate::procs::{self, Hostnet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,7 +127,8 @@ pub fn wait_accepting(addr: SocketAddr) -> Duration {
     }
 }
 
-/// How to run socat, or why it cannot run.
+/// How to run socat, or why it cannot run; also where both relay chains (socat's and the bare
+/// relay's, [`Socat::chain`]) keep their Unix sockets.
 #[derive(Debug)]
 pub struct Socat {
     pub available: Result<String, String>,
@@ -237,9 +239,10 @@ impl Socat {
                 ("socat".into(), vec!["-b".into(), self.buffer.to_string(), listen, to])
             }
             Relay::Bare => {
+                // Written as the bare relay parses it (`bare::End`'s `Display`).
                 let spec = |end| match end {
-                    End::Tcp(port) => format!("tcp:127.0.0.1:{port}"),
-                    End::Unix(path) => format!("unix:{}", path.display()),
+                    End::Tcp(port) => bare::End::Tcp(loopback(false, port)).to_string(),
+                    End::Unix(path) => bare::End::Unix(path.to_owned()).to_string(),
                 };
                 let me = std::env::current_exe().unwrap();
                 (me, vec!["bare-relay".into(), spec(listen), spec(to)])
