@@ -89,7 +89,7 @@ impl Admin {
         let dropped = crate::udp::datagrams_dropped();
         if dropped > 0 {
             limits.push(format!(
-                "{dropped} UDP datagram(s) to the guest dropped: a flow's queue was full ({} datagrams or {} MiB), or all flows' queues held {} MiB",
+                "{dropped} UDP datagram(s) to the guest dropped: a flow's queue was full ({} batches or {} MiB), or all flows' queues held {} MiB",
                 crate::limits::FLOW_QUEUE_LEN,
                 crate::limits::FLOW_QUEUE_BYTES >> 20,
                 crate::limits::UDP_QUEUED_BYTES >> 20

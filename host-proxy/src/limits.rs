@@ -34,8 +34,9 @@ pub const MAX_UDP_FLOWS: usize = 4096;
 /// and would keep a guest server from binding it, so they go sooner.
 pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Datagrams queued per desktop→guest flow while its stream is busy; beyond either bound they
-/// are dropped and counted. The count bounds tiny datagrams, the bytes large ones. Far more
+/// Batches of datagrams (what one receive took from the flow's client) queued per
+/// desktop→guest flow while its stream is busy; beyond either bound they are dropped and
+/// counted. The count bounds tiny datagrams, the bytes large ones. Far more
 /// than the agent's 256: this queue is on the path of every datagram and absorbs a client's
 /// burst while the stream writes, where the agent's only holds what arrived in the moment
 /// before a new flow's own socket was in place.

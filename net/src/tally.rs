@@ -21,6 +21,18 @@ impl Tally {
         n.is_power_of_two().then_some(n)
     }
 
+    /// Counts `n` more at once (a batch of datagrams dropped together). `Some(total)` when the
+    /// count passed a power of two, as [`Self::one_more`] would have said for one of them.
+    pub fn more(&self, n: u64) -> Option<u64> {
+        if n == 0 {
+            return None;
+        }
+        let before = self.0.fetch_add(n, Ordering::Relaxed);
+        let total = before.saturating_add(n);
+        let highest_power = 1u64 << (63 - total.leading_zeros());
+        (highest_power > before).then_some(total)
+    }
+
     /// How many so far.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -37,5 +49,17 @@ mod tests {
         let logged: Vec<u64> = (0..100).filter_map(|_| t.one_more()).collect();
         assert_eq!(logged, [1, 2, 4, 8, 16, 32, 64]);
         assert_eq!(t.get(), 100);
+    }
+
+    #[test]
+    fn a_batch_logs_when_it_passes_a_doubling() {
+        let t = Tally::default();
+        assert_eq!(t.more(0), None);
+        assert_eq!(t.more(3), Some(3), "passed 1 and 2");
+        assert_eq!(t.more(1), Some(4), "reached 4");
+        assert_eq!(t.more(3), None, "5..=7");
+        assert_eq!(t.more(10), Some(17), "passed 8 and 16");
+        assert_eq!(t.one_more(), None);
+        assert_eq!(t.get(), 18);
     }
 }
