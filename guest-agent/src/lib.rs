@@ -9,6 +9,7 @@ use hostnet_net::TransportSpec;
 use hostnet_net::accept::next_accepted;
 use hostnet_net::discovery::own::OwnSockets;
 use hostnet_net::discovery::{source, watcher};
+use hostnet_net::threads::RelayThreads;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -37,6 +38,8 @@ pub struct AgentConfig {
     pub ignore_ports: BTreeSet<u16>,
     /// Where to reach the proxy for guest→host connections (`None`: guest→host off).
     pub host_transport: Option<TransportSpec>,
+    /// Threads the proxy's streams live on ([`hostnet_net::threads`]).
+    pub relay_threads: usize,
 }
 
 impl AgentConfig {
@@ -47,6 +50,7 @@ impl AgentConfig {
             listener_events: true,
             ignore_ports: BTreeSet::new(),
             host_transport: None,
+            relay_threads: RelayThreads::default_count(),
         }
     }
 }
@@ -57,6 +61,8 @@ pub enum AgentError {
     Transport(#[from] hostnet_net::TransportError),
     #[error("cannot read the guest's listening sockets through netlink sock_diag: {0}")]
     Discovery(std::io::Error),
+    #[error("cannot start the relay threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// What the agent opens before it drops its privileges ([`privileges`]): the listener table
@@ -104,9 +110,8 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let own = OwnSockets::new();
-    let acceptor = config.transport.bind(&own).await?;
-    info!(transport = %config.transport, "hostnet-agent listening for the proxy");
-    serve_on(config, discovery, acceptor, own, shutdown).await
+    let transport = config.transport.clone();
+    serve_on(config, discovery, Listen::Bind(transport), own, shutdown).await
 }
 
 /// [`run_with`] on streams from `acceptor` instead of `config.transport` (then only a name):
@@ -119,18 +124,61 @@ pub async fn serve(
     acceptor: Box<dyn hostnet_net::Acceptor>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    serve_on(config, discovery, acceptor, OwnSockets::new(), shutdown).await
+    serve_on(config, discovery, Listen::Given(acceptor), OwnSockets::new(), shutdown).await
+}
+
+/// Where the proxy's streams come from.
+enum Listen {
+    /// Listen on the transport.
+    Bind(TransportSpec),
+    /// A caller's acceptor.
+    Given(Box<dyn hostnet_net::Acceptor>),
 }
 
 async fn serve_on(
     config: AgentConfig,
     discovery: Discovery,
-    acceptor: Box<dyn hostnet_net::Acceptor>,
+    listen: Listen,
     own: OwnSockets,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    let Discovery { source, trigger } = discovery;
+    let relay = RelayThreads::start("hostnet-relay", config.relay_threads).map_err(AgentError::Threads)?;
     let tracker = TaskTracker::new();
+    // The transport's listener is made on the relay thread that accepts on it (so that thread's
+    // reactor wakes it, and the streams it accepts start there), before anything else starts.
+    let (bound_tx, bound) = tokio::sync::oneshot::channel();
+    let (start, started) = tokio::sync::oneshot::channel::<session::Sessions>();
+    {
+        let (own, shutdown, relay_for_loop, tracker_for_loop) =
+            (own.clone(), shutdown.clone(), relay.clone(), tracker.clone());
+        relay.spawn_loop(tracker.track_future(async move {
+            let acceptor = match listen {
+                Listen::Given(acceptor) => acceptor,
+                Listen::Bind(transport) => match transport.bind(&own).await {
+                    Ok(acceptor) => {
+                        info!(%transport, "hostnet-agent listening for the proxy");
+                        acceptor
+                    }
+                    Err(e) => return drop(bound_tx.send(Err(e))),
+                },
+            };
+            let _ = bound_tx.send(Ok(()));
+            let Ok(sessions) = started.await else { return };
+            while let Some((stream, peer)) = next_accepted(|| acceptor.accept(), &shutdown, "a stream").await
+            {
+                let sessions = sessions.clone();
+                relay_for_loop.spawn_connection(stream, &tracker_for_loop, move |stream| async move {
+                    sessions.handle(stream, peer).await
+                });
+            }
+        }));
+    }
+    match bound.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => return Err(AgentError::Threads(std::io::Error::other("the relay thread stopped"))),
+    }
+    let Discovery { source, trigger } = discovery;
     let listeners =
         watcher::spawn(source, trigger, config.ignore_ports.clone(), own.clone(), &tracker, shutdown.clone())
             .map_err(AgentError::Discovery)?;
@@ -145,12 +193,8 @@ async fn serve_on(
         None => None,
     };
     let sessions = session::Sessions::new(listeners, interceptor, own, shutdown.clone());
-    while let Some((stream, peer)) = next_accepted(|| acceptor.accept(), &shutdown, "a stream").await {
-        let sessions = sessions.clone();
-        // Boxed: the stream's future is ~4 KiB, and tokio copies an unboxed one into the task
-        // and again over its finished stage — a boxed one is a pointer.
-        tracker.spawn(Box::pin(async move { sessions.handle(stream, peer).await }));
-    }
+    let _ = start.send(sessions);
+    shutdown.cancelled().await;
     hostnet_net::tasks::drain(&tracker, "hostnet-agent").await;
     info!("hostnet-agent stopped");
     Ok(())

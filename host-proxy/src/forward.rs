@@ -68,9 +68,10 @@ struct PortForward {
     stop: CancellationToken,
     /// This port's accept loops, to know when its sockets are closed.
     tasks: TaskTracker,
-    /// Its TCP listeners, shared with their accept loops: when the port closes they stop
-    /// listening at once, without waiting for those tasks to run.
-    listeners: Vec<Arc<TcpListener>>,
+    /// Its TCP listeners (a second descriptor of each; their accept loops, on the relay
+    /// threads, have the first): when the port closes they stop listening at once, without
+    /// waiting for those tasks to run.
+    listeners: Vec<std::net::TcpListener>,
     stats: Arc<ForwardStats>,
     /// Host addresses listening now.
     bound: Vec<IpAddr>,
@@ -517,21 +518,32 @@ impl Forwards {
         let (stop, stats) = (fwd.stop.clone(), fwd.stats.clone());
         match socket {
             Bound::Tcp(l) => {
-                let l = Arc::new(l);
-                fwd.listeners.push(l.clone());
-                self.serving.tracker.spawn(
-                    fwd.tasks.track_future(async move { this.accept_loop(l, guest_port, stop, stats).await }),
-                )
+                match l.try_clone() {
+                    Ok(second) => fwd.listeners.push(second),
+                    Err(e) => debug!("the listener closes with its accept loop only: {e}"),
+                }
+                // Registered on the relay thread that runs the loop, so that thread's reactor
+                // wakes it and the connections it accepts start there.
+                let accept_loop = async move {
+                    match TcpListener::from_std(l) {
+                        Ok(l) => this.accept_loop(l, guest_port, stop, stats).await,
+                        Err(e) => warn!(port = guest_port, "cannot serve a listener: {e}"),
+                    }
+                };
+                let tracked = self.serving.tracker.track_future(fwd.tasks.track_future(accept_loop));
+                self.serving.relay.spawn_loop(tracked);
             }
-            Bound::Udp(s) => self.serving.tracker.spawn(fwd.tasks.track_future(async move {
-                crate::udp::serve(this.serving, s, guest_port, stop, stats).await
-            })),
+            Bound::Udp(s) => {
+                self.serving.tracker.spawn(fwd.tasks.track_future(async move {
+                    crate::udp::serve(this.serving, s, guest_port, stop, stats).await
+                }));
+            }
         };
     }
 
     async fn accept_loop(
         self,
-        listener: Arc<TcpListener>,
+        listener: TcpListener,
         port: u16,
         stop: CancellationToken,
         stats: Arc<ForwardStats>,
@@ -557,15 +569,13 @@ impl Forwards {
             let this = self.clone();
             let span = info_span!("conn", port, %peer);
             let (guard, stats, token) = (stats.open(), stats.clone(), self.serving.connection_token());
-            // Boxed: the connection's future is ~5 KiB, and tokio copies an unboxed one into
-            // the task and again over its finished stage; a boxed one is a pointer.
-            self.serving.tracker.spawn(Box::pin(
+            self.serving.relay.spawn_connection(client, &self.serving.tracker, move |client| {
                 async move {
                     this.serve(client, peer, port, &stats, &token).await;
                     drop((guard, permit));
                 }
-                .instrument(span),
-            ));
+                .instrument(span)
+            });
         }
     }
 
@@ -636,7 +646,7 @@ impl PortForward {
     fn stop_listening(&mut self) {
         for listener in self.listeners.drain(..) {
             #[cfg(target_os = "linux")]
-            let _ = socket2::SockRef::from(&*listener).shutdown(std::net::Shutdown::Read);
+            let _ = socket2::SockRef::from(&listener).shutdown(std::net::Shutdown::Read);
             #[cfg(not(target_os = "linux"))]
             drop(listener);
         }
@@ -801,7 +811,8 @@ const ANOTHER_PROGRAM: &str = "by another program";
 
 /// A host socket serving one forwarded port on one address.
 enum Bound {
-    Tcp(TcpListener),
+    /// Non-blocking, registered with no reactor yet: its accept loop's relay thread takes it.
+    Tcp(std::net::TcpListener),
     Udp(UdpSocket),
 }
 
@@ -827,7 +838,8 @@ fn bind(proto: Proto, addr: SocketAddr, own: &OwnSockets) -> io::Result<Bound> {
             socket.set_tcp_nodelay(true)?;
             socket.bind(&addr.into())?;
             socket.listen(LISTEN_BACKLOG)?;
-            Ok(Bound::Tcp(TcpListener::from_std(socket.into())?))
+            socket.set_nonblocking(true)?;
+            Ok(Bound::Tcp(socket.into()))
         }
         Proto::Udp => {
             hostnet_net::relay::udp::size_receive_buffer(socket2::SockRef::from(&socket));
@@ -885,6 +897,7 @@ mod tests {
         else {
             panic!("not a TCP listener")
         };
+        let listener = TcpListener::from_std(listener).unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         assert!(accepted.nodelay().unwrap());

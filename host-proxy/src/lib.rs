@@ -10,6 +10,7 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use hostnet_net::discovery::own::OwnSockets;
+use hostnet_net::threads::RelayThreads;
 use hostnet_net::{Connector, TransportSpec};
 use settings::SettingsHandle;
 use tokio::sync::watch;
@@ -49,6 +50,8 @@ pub struct ProxyConfig {
     /// The VM, when the agent's transport names it (a vsock CID, a Hyper-V VM id): guest→host
     /// streams from any other peer are refused (and counted).
     pub guest_vm: Option<guest_streams::VmIdentity>,
+    /// Threads relayed connections live on ([`hostnet_net::threads`]).
+    pub relay_threads: usize,
 }
 
 impl ProxyConfig {
@@ -63,6 +66,7 @@ impl ProxyConfig {
                 .ok(),
             limits: limits::Limits::default(),
             guest_vm: guest_streams::VmIdentity::of(agent),
+            relay_threads: RelayThreads::default_count(),
         }
     }
 }
@@ -80,6 +84,10 @@ pub enum LinkState {
 
 /// Runs until `shutdown` fires, then closes every forwarded port and drains connections.
 pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch::Sender<LinkState>) {
+    let relay = match RelayThreads::start("hostnet-relay", config.relay_threads) {
+        Ok(threads) => threads,
+        Err(e) => return tracing::error!("cannot start the relay threads: {e}"),
+    };
     let tracker = TaskTracker::new();
     let settings = SettingsHandle::load(config.settings_path.clone());
     settings.watch(&tracker, &shutdown);
@@ -91,6 +99,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
         shutdown.clone(),
         config.limits,
         own.clone(),
+        relay,
     ));
     forwards.apply_settings(settings.current()).await;
     {

@@ -74,6 +74,8 @@ pub struct Serving {
     /// about them are rate-limited on these counts.
     refused: Arc<Tally>,
     open_failures: Arc<Tally>,
+    /// Where the mirrors' accept loops and their connections run.
+    pub(crate) relay: Arc<hostnet_net::threads::RelayThreads>,
 }
 
 impl std::fmt::Debug for Serving {
@@ -89,6 +91,7 @@ impl Serving {
         shutdown: CancellationToken,
         limits: Limits,
         own: OwnSockets,
+        relay: Arc<hostnet_net::threads::RelayThreads>,
     ) -> Self {
         Serving {
             connector,
@@ -102,6 +105,7 @@ impl Serving {
             targets: Arc::default(),
             refused: Arc::default(),
             open_failures: Arc::default(),
+            relay,
         }
     }
 

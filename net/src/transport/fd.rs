@@ -167,6 +167,17 @@ impl FdStream {
     pub fn socket(&self) -> &Socket {
         self.read.get_ref()
     }
+
+    /// The socket, registered with no reactor any more (to move it to another thread's):
+    /// [`FdStream::attach`] takes it back.
+    pub fn detach(self) -> (Socket, bool) {
+        (self.read.into_inner(), self.family == Family::Vsock)
+    }
+
+    /// An [`FdStream::detach`]ed socket, registered with this thread's reactor.
+    pub fn attach((socket, vsock): (Socket, bool)) -> io::Result<FdStream> {
+        if vsock { FdStream::vsock(socket) } else { FdStream::new(socket) }
+    }
 }
 
 /// Reads with `read(2)` through `try_io` (the socket's own, for READABLE); a read that comes

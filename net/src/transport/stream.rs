@@ -47,6 +47,40 @@ impl std::os::windows::io::AsSocket for TransportStream {
     }
 }
 
+/// A [`TransportStream`] between two relay threads (`crate::threads`).
+#[derive(Debug)]
+pub enum DetachedStream {
+    #[cfg(unix)]
+    Unix((socket2::Socket, bool)),
+    Tcp(std::net::TcpStream),
+    #[cfg(target_os = "linux")]
+    Vsock((socket2::Socket, bool)),
+}
+
+impl crate::threads::Movable for TransportStream {
+    type Detached = DetachedStream;
+    fn detach(self) -> io::Result<DetachedStream> {
+        Ok(match self {
+            #[cfg(unix)]
+            TransportStream::Unix(s) => DetachedStream::Unix(s.detach()),
+            TransportStream::Tcp(s) => DetachedStream::Tcp(s.into_std()?),
+            #[cfg(target_os = "linux")]
+            TransportStream::Vsock(s) => DetachedStream::Vsock(s.detach()),
+        })
+    }
+    fn attach(detached: DetachedStream) -> io::Result<Self> {
+        #[cfg(unix)]
+        use crate::transport::fd::FdStream;
+        Ok(match detached {
+            #[cfg(unix)]
+            DetachedStream::Unix(s) => TransportStream::Unix(FdStream::attach(s)?),
+            DetachedStream::Tcp(s) => TransportStream::Tcp(TcpStream::from_std(s)?),
+            #[cfg(target_os = "linux")]
+            DetachedStream::Vsock(s) => TransportStream::Vsock(FdStream::attach(s)?),
+        })
+    }
+}
+
 impl RawStream for TransportStream {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         each_variant!(self, s => RawStream::poll_read_ready(s, cx))

@@ -1,0 +1,420 @@
+//! Relay threads: each relayed connection lives its whole life on one thread that runs a
+//! single-threaded runtime of its own — the thread that accepted it, unless that thread has
+//! been busy for most of the last few milliseconds ([`BUSY`]) and another much less so; then it
+//! goes to the least busy one.
+//!
+//! Why (`docs/performance.md`, round six): on tokio's work-stealing runtime a worker that
+//! finds two tasks ready wakes a sibling to steal one. With two workers each side paid about
+//! one context switch and one `futex` wake more per connection — 23 % of the relays' CPU per
+//! connection on two virtual CPUs — and a connection's tasks wandered between the workers.
+//! Here a connection is placed once, when it is accepted: on the accepting thread (nobody else
+//! is woken), or, when that thread is saturated, on the least busy one — its socket leaves this
+//! thread's reactor and joins that one's, one wake-up paid only then. Placing by the number of
+//! connections instead was tried and measured: four clients' short connections kept crossing
+//! over, which cost more than it saved. Listeners' accept loops are spread over the threads in
+//! turn ([`RelayThreads::spawn_loop`]).
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+/// The share of the last [`WINDOW`]–2×[`WINDOW`] a thread spent running (not parked) from
+/// which it counts as saturated: a new connection accepted there goes to the least busy thread
+/// if that one is [`MARGIN`] less busy.
+pub const BUSY: f64 = 0.75;
+/// See [`BUSY`].
+pub const MARGIN: f64 = 0.25;
+/// See [`BUSY`].
+pub const WINDOW: Duration = Duration::from_millis(10);
+
+/// The environment variable that sets how many relay threads a side starts
+/// ([`RelayThreads::default_count`]).
+pub const RELAY_THREADS_ENV: &str = "HOSTNET_RELAY_THREADS";
+
+thread_local! {
+    /// On a relay thread: its set's id and its index there.
+    static CURRENT: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
+}
+
+/// Ids of sets, so a thread knows whether it belongs to the set it is asked about (a proxy and
+/// an agent in one test process each have theirs).
+static NEXT_SET: AtomicUsize = AtomicUsize::new(0);
+
+/// A set of relay threads; they stop when it is dropped (what still runs on them is dropped).
+#[derive(Debug)]
+pub struct RelayThreads {
+    id: usize,
+    /// What the threads' clocks count from.
+    epoch: Instant,
+    threads: Vec<Thread>,
+    next_loop: AtomicUsize,
+    stop: CancellationToken,
+}
+
+#[derive(Debug)]
+struct Thread {
+    handle: Handle,
+    /// Connections placed here and not finished (shared with their [`Live`] guards, which do
+    /// not keep the set, and so its threads, alive).
+    live: Arc<AtomicUsize>,
+    busy: Arc<Busy>,
+}
+
+/// How busy a thread has been lately, from its runtime's park and unpark hooks: nanoseconds
+/// since the set's epoch.
+#[derive(Debug)]
+struct Busy {
+    /// When it last unparked; [`Busy::PARKED`] while parked.
+    running_since: AtomicU64,
+    /// Time spent running, up to its last park.
+    total: AtomicU64,
+    /// Two samples (when, busy until then) the share is measured between: the older first.
+    samples: [[AtomicU64; 2]; 2],
+}
+
+impl Default for Busy {
+    fn default() -> Self {
+        Busy {
+            running_since: AtomicU64::new(Busy::PARKED),
+            total: AtomicU64::new(0),
+            samples: Default::default(),
+        }
+    }
+}
+
+impl Busy {
+    const PARKED: u64 = u64::MAX;
+
+    fn unparked(&self, now: u64) {
+        self.running_since.store(now, Ordering::Relaxed);
+    }
+
+    fn parked(&self, now: u64) {
+        let since = self.running_since.swap(Busy::PARKED, Ordering::Relaxed);
+        if since != Busy::PARKED {
+            self.total.fetch_add(now.saturating_sub(since), Ordering::Relaxed);
+        }
+    }
+
+    /// Time spent running until `now`.
+    fn until(&self, now: u64) -> u64 {
+        let since = self.running_since.load(Ordering::Relaxed);
+        let running = if since == Busy::PARKED { 0 } else { now.saturating_sub(since) };
+        self.total.load(Ordering::Relaxed) + running
+    }
+
+    /// The share of the time since the older sample spent running (a window of one to two
+    /// [`WINDOW`]s; the samples move on once the newer is a window old).
+    fn share(&self, now: u64) -> f64 {
+        let busy = self.until(now);
+        let [older, newer] = &self.samples;
+        let window = WINDOW.as_nanos() as u64;
+        if now.saturating_sub(newer[0].load(Ordering::Relaxed)) >= window {
+            older[0].store(newer[0].load(Ordering::Relaxed), Ordering::Relaxed);
+            older[1].store(newer[1].load(Ordering::Relaxed), Ordering::Relaxed);
+            newer[0].store(now, Ordering::Relaxed);
+            newer[1].store(busy, Ordering::Relaxed);
+        }
+        let (from, busy_then) = (older[0].load(Ordering::Relaxed), older[1].load(Ordering::Relaxed));
+        let span = now.saturating_sub(from);
+        if span == 0 { 0.0 } else { (busy.saturating_sub(busy_then) as f64 / span as f64).min(1.0) }
+    }
+}
+
+/// Where a connection accepted on thread `here` (`None`: not on one of them) goes, given each
+/// thread's [`Busy::share`] and connections: here unless it is saturated and another is much
+/// less busy; else the least busy (fewest connections among equals).
+fn choose(here: Option<usize>, shares: &[f64], live: &[usize]) -> Option<usize> {
+    let key = |i: usize| (shares.get(i).copied().unwrap_or(1.0), live.get(i).copied().unwrap_or(usize::MAX));
+    let least = (0..shares.len()).min_by(|&a, &b| {
+        let ((sa, la), (sb, lb)) = (key(a), key(b));
+        sa.total_cmp(&sb).then(la.cmp(&lb))
+    })?;
+    match here {
+        Some(h) if h < shares.len() => {
+            let (mine, theirs) = (key(h).0, key(least).0);
+            Some(if mine >= BUSY && mine - theirs >= MARGIN { least } else { h })
+        }
+        _ => Some(least),
+    }
+}
+
+/// A connection that can leave one thread's reactor and join another's.
+pub trait Movable: Sized + Send + 'static {
+    /// The connection between the two: registered with no reactor.
+    type Detached: Send + 'static;
+    fn detach(self) -> io::Result<Self::Detached>;
+    /// Registers with the reactor of the thread this runs on.
+    fn attach(detached: Self::Detached) -> io::Result<Self>;
+}
+
+impl Movable for tokio::net::TcpStream {
+    type Detached = std::net::TcpStream;
+    fn detach(self) -> io::Result<std::net::TcpStream> {
+        self.into_std()
+    }
+    fn attach(detached: std::net::TcpStream) -> io::Result<Self> {
+        tokio::net::TcpStream::from_std(detached)
+    }
+}
+
+/// One connection counted on its thread until it ends.
+struct Live(Arc<AtomicUsize>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl RelayThreads {
+    /// `HOSTNET_RELAY_THREADS` when it is a number from 1 to 1024, else one per CPU this process
+    /// may use.
+    pub fn default_count() -> usize {
+        std::env::var(RELAY_THREADS_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|n| (1..=1024).contains(n))
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// Starts `count` threads (at least one), named `{name}-0`, `{name}-1`, …
+    pub fn start(name: &str, count: usize) -> io::Result<Arc<RelayThreads>> {
+        let id = NEXT_SET.fetch_add(1, Ordering::Relaxed);
+        let epoch = Instant::now();
+        let stop = CancellationToken::new();
+        let mut threads = Vec::new();
+        for index in 0..count.max(1) {
+            let busy = Arc::new(Busy::default());
+            let (on_park, on_unpark) = (busy.clone(), busy.clone());
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .on_thread_park(move || on_park.parked(nanos_since(epoch)))
+                .on_thread_unpark(move || on_unpark.unparked(nanos_since(epoch)))
+                .build()?;
+            let running = busy.clone();
+            threads.push(Thread { handle: runtime.handle().clone(), live: Arc::default(), busy });
+            let stop = stop.clone();
+            std::thread::Builder::new().name(format!("{name}-{index}")).spawn(move || {
+                CURRENT.set(Some((id, index)));
+                // Running from the start (the first park comes when it has nothing to do).
+                running.unparked(nanos_since(epoch));
+                runtime.block_on(stop.cancelled());
+            })?;
+        }
+        Ok(Arc::new(RelayThreads { id, epoch, threads, next_loop: AtomicUsize::new(0), stop }))
+    }
+
+    /// How many threads there are.
+    pub fn len(&self) -> usize {
+        self.threads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.threads.is_empty()
+    }
+
+    /// How busy each thread has been lately (0 to 1; see [`BUSY`]).
+    pub fn shares(&self) -> Vec<f64> {
+        let now = nanos_since(self.epoch);
+        self.threads.iter().map(|t| t.busy.share(now)).collect()
+    }
+
+    /// Connections on each thread now.
+    pub fn live(&self) -> Vec<usize> {
+        self.threads.iter().map(|t| t.live.load(Ordering::Relaxed)).collect()
+    }
+
+    /// This thread's index, if it is one of these.
+    pub fn current(&self) -> Option<usize> {
+        CURRENT.get().filter(|&(set, _)| set == self.id).map(|(_, index)| index)
+    }
+
+    /// Runs a listener's accept loop on the next thread in turn. The listener must be made
+    /// inside `accept_loop` (so it registers with that thread's reactor), or its readiness
+    /// would come from another thread's.
+    pub fn spawn_loop(&self, accept_loop: impl Future<Output = ()> + Send + 'static) {
+        let turn = self.next_loop.fetch_add(1, Ordering::Relaxed) % self.threads.len().max(1);
+        if let Some(t) = self.threads.get(turn) {
+            t.handle.spawn(accept_loop);
+        }
+    }
+
+    /// Runs `serve(conn)` for a connection just accepted, tracked by `tracker`: on this thread
+    /// if it is one of these and not saturated ([`BUSY`]), else on the least busy one, `conn`
+    /// moved there. Boxed: a connection's future is several KiB, and
+    /// tokio copies an unboxed one into the task and again over its finished stage.
+    pub fn spawn_connection<C, F, Fut>(&self, conn: C, tracker: &TaskTracker, serve: F)
+    where
+        C: Movable,
+        F: FnOnce(C) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let here = self.current();
+        let Some((index, live)) = self.place(here) else { return };
+        if here == Some(index) {
+            tokio::spawn(tracker.track_future(Box::pin(async move {
+                serve(conn).await;
+                drop(live);
+            })));
+            return;
+        }
+        let detached = match conn.detach() {
+            Ok(d) => d,
+            Err(e) => return warn!("cannot hand a connection to relay thread {index}: {e}"),
+        };
+        let Some(thread) = self.threads.get(index) else { return };
+        thread.handle.spawn(tracker.track_future(Box::pin(async move {
+            match C::attach(detached) {
+                Ok(conn) => serve(conn).await,
+                Err(e) => warn!("cannot take a connection on relay thread {index}: {e}"),
+            }
+            drop(live);
+        })));
+    }
+
+    /// Chooses the thread of a new connection and counts it there.
+    fn place(&self, here: Option<usize>) -> Option<(usize, Live)> {
+        let chosen = choose(here, &self.shares(), &self.live())?;
+        let live = &self.threads.get(chosen)?.live;
+        live.fetch_add(1, Ordering::Relaxed);
+        Some((chosen, Live(live.clone())))
+    }
+}
+
+fn nanos_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1)
+}
+
+impl Drop for RelayThreads {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    /// A connection that records how often it moved.
+    struct Conn(u32);
+    static MOVES: AtomicUsize = AtomicUsize::new(0);
+
+    impl Movable for Conn {
+        type Detached = u32;
+        fn detach(self) -> io::Result<u32> {
+            Ok(self.0)
+        }
+        fn attach(n: u32) -> io::Result<Self> {
+            MOVES.fetch_add(1, Ordering::Relaxed);
+            Ok(Conn(n))
+        }
+    }
+
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_connection_stays_here_unless_here_is_saturated_and_another_much_less_busy() {
+        // Not saturated: here, however many connections it has.
+        assert_eq!(choose(Some(0), &[0.5, 0.0], &[40, 0]), Some(0));
+        // Saturated, the other idle: there.
+        assert_eq!(choose(Some(0), &[0.9, 0.1], &[1, 5]), Some(1));
+        // Saturated, but so is everyone (within the margin): here, no wake-up elsewhere.
+        assert_eq!(choose(Some(1), &[0.8, 0.95, 0.75], &[0, 0, 0]), Some(1));
+        // Among equally busy ones, the fewest connections.
+        assert_eq!(choose(Some(0), &[1.0, 0.2, 0.2], &[9, 3, 1]), Some(2));
+        // Accepted elsewhere: the least busy.
+        assert_eq!(choose(None, &[0.3, 0.1], &[0, 9]), Some(1));
+        assert_eq!(choose(None, &[], &[]), None);
+    }
+
+    #[test]
+    fn connections_stay_on_the_accepting_thread_until_it_is_saturated() {
+        let threads = RelayThreads::start("test-relay", 2).unwrap();
+        let tracker = TaskTracker::new();
+        let release = CancellationToken::new();
+        // Where each connection ran, by its number.
+        let ran: Arc<Mutex<Vec<(u32, usize)>>> = Arc::default();
+        let accept = |from: u32, to: u32, busy_first: Duration| {
+            let (t, tr, rel, ran) = (threads.clone(), tracker.clone(), release.clone(), ran.clone());
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            threads.threads[0].handle.spawn(async move {
+                // Running without a break (a blocking wait counts as running), as a thread
+                // saturated by its connections is.
+                std::thread::sleep(busy_first);
+                assert_eq!(t.current(), Some(0));
+                for n in from..to {
+                    let (t2, rel, ran) = (t.clone(), rel.clone(), ran.clone());
+                    t.spawn_connection(Conn(n), &tr, move |c| async move {
+                        ran.lock().unwrap().push((c.0, t2.current().expect("on a relay thread")));
+                        rel.cancelled().await;
+                    });
+                }
+                done_tx.send((t.live(), t.shares())).unwrap();
+            });
+            done_rx.recv_timeout(Duration::from_secs(10)).unwrap()
+        };
+        // Idle threads: eight connections at once all stay where they were accepted.
+        let (live, _) = accept(0, 8, Duration::ZERO);
+        assert_eq!(live, [8, 0]);
+        assert_eq!(MOVES.load(Ordering::Relaxed), 0, "none moved");
+        // After 5 windows of running without a break, the next goes to the idle thread.
+        let (live, shares) = accept(8, 9, 5 * WINDOW);
+        assert!(shares[0] >= BUSY && shares[1] < BUSY - MARGIN, "{shares:?}");
+        assert_eq!(live, [8, 1]);
+        wait_until("all 9 running", || ran.lock().unwrap().len() == 9);
+        let mut ran_on = ran.lock().unwrap().clone();
+        ran_on.sort();
+        let on: Vec<usize> = ran_on.iter().map(|&(_, i)| i).collect();
+        assert_eq!(on, [0, 0, 0, 0, 0, 0, 0, 0, 1], "each ran where it was placed");
+        assert_eq!(MOVES.load(Ordering::Relaxed), 1, "only the handed-off one moved");
+        assert_eq!(threads.current(), None, "the test's thread is not a relay thread");
+
+        release.cancel();
+        wait_until("every connection counted out", || threads.live() == [0, 0]);
+        tracker.close();
+    }
+
+    #[tokio::test]
+    async fn a_connection_accepted_elsewhere_moves_to_a_relay_thread_and_works_there() {
+        let threads = RelayThreads::start("test-relay-outside", 3).unwrap();
+        let tracker = TaskTracker::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let t = threads.clone();
+        let (listener, stream) = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            (l, c)
+        };
+        stream.set_nonblocking(true).unwrap();
+        let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+        threads.spawn_connection(stream, &tracker, move |s| async move {
+            // A real socket, moved to and usable on its new thread's reactor.
+            let ok = s.writable().await.is_ok();
+            let _ = tx.send((ok, t.current()));
+        });
+        let (writable, on) = rx.await.unwrap();
+        assert!(writable);
+        assert!(on.is_some(), "moved to a relay thread");
+        drop(listener);
+        tracker.close();
+        tracker.wait().await;
+        assert_eq!(threads.live(), [0, 0, 0]);
+    }
+}
