@@ -13,6 +13,13 @@
 //! connections instead was tried and measured: four clients' short connections kept crossing
 //! over, which cost more than it saved. Listeners' accept loops are spread over the threads in
 //! turn ([`RelayThreads::spawn_loop`]).
+//!
+//! A connection never moves once it runs, so connections accepted together stay together: a
+//! burst of parallel bulk transfers on one port shares one thread per side unless that thread
+//! was already saturated when they arrived (measured: eight at once, all on one thread). On two
+//! virtual CPUs that cost nothing (the endpoints take the other core); on a machine with more
+//! cores it caps such a burst at one core per side. Moving a connection when it turns to bulk
+//! (before its first bulk byte, when nothing is buffered) would lift that; not built.
 
 use std::cell::Cell;
 use std::future::Future;
