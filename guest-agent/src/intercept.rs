@@ -160,7 +160,7 @@ pub async fn start(
                 next_accepted(|| listener.accept(), &stop, "an intercepted connection").await
             {
                 let (to_host, stop) = (to_host.clone(), stop.clone());
-                // Boxed, as the agent's streams are (`lib.rs`): a few KiB of future.
+                // Boxed, as relayed connections are (`hostnet_net::threads`): a few KiB of future.
                 tracker2.spawn(Box::pin(relay_to_host(conn, peer, to_host, stop)));
             }
         });

@@ -204,7 +204,7 @@ pub async fn start(
                 continue;
             };
             let (host, shutdown, stats, own) = (host2.clone(), shutdown2.clone(), stats.clone(), own.clone());
-            // Boxed, as the mirrors' connections are (`forward.rs`): a few KiB of future that
+            // Boxed, as relayed connections are (`hostnet_net::threads`): a few KiB of future that
             // tokio would otherwise copy into the task and over its finished stage.
             tracker2.spawn(Box::pin(async move {
                 serve(stream, host, stats, own, shutdown).await;

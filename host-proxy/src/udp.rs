@@ -10,12 +10,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use hostnet_net::relay::mmsg::{self, MMSG_BATCH};
 use hostnet_net::relay::socket::UdpSocket;
-use hostnet_net::relay::udp::{Activity, BATCH_BYTES};
+use hostnet_net::relay::udp::{Activity, BATCH_BYTES, DatagramBatch};
 use hostnet_net::tally::Tally;
 use hostnet_net::transport::handshake::{self, OpenError};
 use hostnet_net::transport::raw::{self, RawStream};
 use hostnet_net::transport::stream::TransportStream;
-use hostnet_protocol::datagram::datagram_header;
 use hostnet_protocol::{Open, Proto};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -159,7 +158,7 @@ impl FlowHandle {
 /// What one receive took off a port's socket, framed, in runs of datagrams from one client.
 #[derive(Debug, Default)]
 struct Turn {
-    frames: Vec<u8>,
+    frames: DatagramBatch,
     runs: Vec<Run>,
 }
 
@@ -174,11 +173,11 @@ struct Run {
 
 impl Turn {
     fn push(&mut self, payload: &[u8], peer: SocketAddr) {
+        let start = self.frames.bytes().len();
         // A payload the framing cannot carry (one byte over the largest) is not relayed.
-        let Some(header) = datagram_header(payload.len()) else { return };
-        let start = self.frames.len();
-        self.frames.extend_from_slice(&header);
-        self.frames.extend_from_slice(payload);
+        if !self.frames.push(payload) {
+            return;
+        }
         match self.runs.last_mut() {
             Some(run) if run.peer == peer => {
                 run.datagrams += 1;
@@ -190,17 +189,17 @@ impl Turn {
 
     /// Each run with its frames, in order.
     fn runs(&self) -> impl Iterator<Item = (&Run, &[u8])> {
-        self.runs.iter().enumerate().map(|(i, run)| {
-            let end = self.runs.get(i + 1).map_or(self.frames.len(), |next| next.start);
-            (run, self.frames.get(run.start..end).unwrap_or_default())
+        let frames = self.frames.bytes();
+        self.runs.iter().enumerate().map(move |(i, run)| {
+            let end = self.runs.get(i + 1).map_or(frames.len(), |next| next.start);
+            (run, frames.get(run.start..end).unwrap_or_default())
         })
     }
 
     fn clear(&mut self) {
-        self.frames.clear();
-        self.runs.clear();
         // A burst of large datagrams does not keep its megabytes for the port's life.
-        self.frames.shrink_to(BATCH_BYTES);
+        self.frames.clear(BATCH_BYTES);
+        self.runs.clear();
     }
 }
 

@@ -220,15 +220,6 @@ impl RelayThreads {
         Ok(Arc::new(RelayThreads { id, epoch, threads, next_loop: AtomicUsize::new(0), stop }))
     }
 
-    /// How many threads there are.
-    pub fn len(&self) -> usize {
-        self.threads.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.threads.is_empty()
-    }
-
     /// How busy each thread has been lately (0 to 1; see [`BUSY`]).
     pub fn shares(&self) -> Vec<f64> {
         let now = nanos_since(self.epoch);
@@ -257,8 +248,8 @@ impl RelayThreads {
 
     /// Runs `serve(conn)` for a connection just accepted, tracked by `tracker`: on this thread
     /// if it is one of these and not saturated ([`BUSY`]), else on the least busy one, `conn`
-    /// moved there. Boxed: a connection's future is several KiB, and
-    /// tokio copies an unboxed one into the task and again over its finished stage.
+    /// moved there. Boxed: a connection's future is several KiB, and tokio copies an unboxed
+    /// one into the task and again over its finished stage.
     pub fn spawn_connection<C, F, Fut>(&self, conn: C, tracker: &TaskTracker, serve: F)
     where
         C: Movable,
@@ -288,9 +279,16 @@ impl RelayThreads {
         })));
     }
 
-    /// Chooses the thread of a new connection and counts it there.
+    /// Chooses the thread of a new connection and counts it there. The common case — here,
+    /// not saturated, which [`choose`] would answer with here — reads only this thread's
+    /// clock; the others are read only when this one is saturated.
     fn place(&self, here: Option<usize>) -> Option<(usize, Live)> {
-        let chosen = choose(here, &self.shares(), &self.live())?;
+        let now = nanos_since(self.epoch);
+        let keep = here.filter(|&h| self.threads.get(h).is_some_and(|t| t.busy.share(now) < BUSY));
+        let chosen = match keep {
+            Some(h) => h,
+            None => choose(here, &self.shares(), &self.live())?,
+        };
         let live = &self.threads.get(chosen)?.live;
         live.fetch_add(1, Ordering::Relaxed);
         Some((chosen, Live(live.clone())))

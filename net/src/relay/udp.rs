@@ -76,11 +76,22 @@ impl DatagramBatch {
         self.count == 0
     }
 
-    /// Writes the batch to `s` and empties it.
+    /// The framed datagrams so far.
+    pub fn bytes(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// Empties the batch, keeping at most `capacity` bytes of its buffer.
+    pub fn clear(&mut self, capacity: usize) {
+        self.out.clear();
+        self.out.shrink_to(capacity);
+        self.count = 0;
+    }
+
+    /// Writes the batch to `s` and empties it (its buffer kept for the next).
     pub async fn flush<S: RawStream>(&mut self, s: &S) -> std::io::Result<()> {
         let r = raw::write_all(s, &self.out).await;
-        self.out.clear();
-        self.count = 0;
+        self.clear(usize::MAX);
         r
     }
 }
