@@ -202,7 +202,8 @@ fn main() {
             if m.unanswered > 0 {
                 row = row.note(format!(
                     "{} of {} probe SYNs unanswered for 10 ms and sent again: dropped by the kernel \
-                     as a listener closed (a client would wait 1 s to resend)",
+                     as a listener closed (a client would wait 1 s to resend); the release is dated \
+                     at the dropped SYN when the next one is refused",
                     m.unanswered, m.probes
                 ));
             }

@@ -29,7 +29,8 @@ fn guest_listen(demo: &Demo, port: u16, backlog: i32) -> (TcpListener, Instant) 
 /// the instant a listener closes is dropped without an answer (Linux drops it as `TCP_CLOSE`
 /// in `tcp_rcv_state_process`, for any listener, hostnet's or not), and a client would resend
 /// it only after its 1 s initial retransmission timeout. The probe gives up sooner and sends a
-/// fresh SYN, so the release time is measured, not the client's retransmission timer.
+/// fresh SYN, so the release time is measured, not the client's retransmission timer — nor
+/// the probe's: an unanswered SYN followed by a refused one dates the release at the former.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(10);
 
 /// Figures of the listen/close workload, each in milliseconds.
@@ -77,16 +78,28 @@ pub fn listen_close(demo: &Demo, n: usize) -> ListenClose {
         bound.push(accepted.expect("a connection was accepted"));
         server.close();
         let closed = Instant::now();
-        loop {
+        // When a probe's SYN went unanswered and the next one is refused, the listener closed
+        // as that SYN arrived: the port was released when it was sent, not when the probe's
+        // own timer ran out.
+        let mut dropped_at = None;
+        let released = loop {
+            assert!(closed.elapsed() < DEADLINE, "{addr} was never released");
             probes += 1;
+            let sent = closed.elapsed();
             match TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => unanswered += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    break dropped_at.unwrap_or_else(|| closed.elapsed());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    unanswered += 1;
+                    dropped_at = Some(sent);
+                    continue;
+                }
                 _ => std::thread::sleep(Duration::from_micros(200)),
             }
-            assert!(closed.elapsed() < DEADLINE, "{addr} was never released");
-        }
-        down.push(closed.elapsed());
+            dropped_at = None;
+        };
+        down.push(released);
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let p50_99 = |v: &mut Vec<Duration>| (ms(percentile(v, 50)), ms(percentile(v, 99)));
