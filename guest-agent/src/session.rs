@@ -11,6 +11,7 @@ use hostnet_net::discovery::own::OwnSockets;
 use hostnet_net::relay::tcp::{self, RelayCounters};
 use hostnet_net::relay::udp;
 use hostnet_net::transport::handshake::{self, FrameReader, HandshakeError};
+use hostnet_net::transport::roaming::Roaming;
 use hostnet_protocol::session::{AgentAction, AgentSession, AgentSessionError};
 use hostnet_protocol::{AgentFrame, ListenerSet, Open, PrefaceError, ProxyFrame, ShowPeer};
 use thiserror::Error;
@@ -228,6 +229,8 @@ impl Sessions {
         };
         let counters = RelayCounters::default();
         let pending = reader.into_leftover();
+        // Both may follow the connection to a less crowded relay thread when it turns to bulk.
+        let (server, stream) = (Roaming::new(server), Roaming::new(stream));
         let outcome =
             tcp::relay_answering(&server, &stream, pending, connected, &counters, &self.shutdown).await;
         debug!(?outcome, ?counters, "relay finished");

@@ -17,6 +17,7 @@ use hostnet_net::discovery::own::OwnSockets;
 use hostnet_net::relay::socket::UdpSocket;
 use hostnet_net::relay::tcp::{self, Outcome};
 use hostnet_net::transport::handshake::{self, FrameReader, OpenError};
+use hostnet_net::transport::roaming::Roaming;
 use hostnet_protocol::{Listener, ListenerSet, Open, Proto};
 use socket2::Type;
 use tokio::net::{TcpListener, TcpStream};
@@ -614,6 +615,8 @@ impl Forwards {
                 return;
             }
         };
+        // Both may follow the connection to a less crowded relay thread when it turns to bulk.
+        let (client, stream) = (Roaming::new(client), Roaming::new(stream));
         // Our preface and `open` go out in one write with the client's first bytes; the agent's
         // answer comes with the guest server's first bytes and leads the way back.
         let answer = async {

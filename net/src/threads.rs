@@ -14,24 +14,29 @@
 //! over, which cost more than it saved. Listeners' accept loops are spread over the threads in
 //! turn ([`RelayThreads::spawn_loop`]).
 //!
-//! A connection never moves once it runs, so connections accepted together stay together: a
-//! burst of parallel bulk transfers on one port shares one thread per side unless that thread
-//! was already saturated when they arrived (measured: eight at once, all on one thread). On two
-//! virtual CPUs that cost nothing (the endpoints take the other core); on a machine with more
-//! cores it caps such a burst at one core per side. Moving a connection when it turns to bulk
-//! (before its first bulk byte, when nothing is buffered) would lift that; not built.
+//! A connection accepted with others at once starts with them, on one thread. When it turns to
+//! bulk — its first large read, or a write the far side could not take at once — it may move
+//! once more ([`spread_bulk`]): to the thread with the fewest bulk connections, if that has
+//! fewer than this one's. So a burst of parallel transfers on one port spreads over the
+//! threads (one per CPU), while short and interactive connections, which never turn to bulk,
+//! never move. It moves between two polls of its task: the task ends on the old thread and
+//! goes on, the same future, on the new one, where its sockets
+//! ([`crate::transport::roaming::Roaming`]) leave the old thread's reactor for the new one's.
 
 use std::cell::Cell;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+use tracing::{debug, warn};
 
 /// The share of the last [`WINDOW`]–2×[`WINDOW`] a thread spent running (not parked) from
 /// which it counts as saturated: a new connection accepted there goes to the least busy thread
@@ -49,6 +54,22 @@ pub const RELAY_THREADS_ENV: &str = "HOSTNET_RELAY_THREADS";
 thread_local! {
     /// On a relay thread: its set's id and its index there.
     static CURRENT: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
+    /// While a connection's task ([`Placed`]) is polled: what [`spread_bulk`] may do, and what
+    /// it asked.
+    static ROAM: Cell<Roam> = const { Cell::new(Roam::Off) };
+}
+
+/// A connection's standing with its task, for [`spread_bulk`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Roam {
+    /// Not a connection placed on relay threads (or between polls).
+    Off,
+    /// Placed, not bulk yet: may move when it turns to bulk.
+    Light,
+    /// Counted as bulk already: stays.
+    Heavy,
+    /// Turned to bulk during this poll: its task places it again.
+    Turned,
 }
 
 /// Ids of sets, so a thread knows whether it belongs to the set it is asked about (a proxy and
@@ -61,7 +82,9 @@ pub struct RelayThreads {
     id: usize,
     /// What the threads' clocks count from.
     epoch: Instant,
-    threads: Vec<Thread>,
+    /// Shared with the connections' tasks (which move between them), not the set: they do
+    /// not keep the threads running.
+    threads: Arc<[Thread]>,
     next_loop: AtomicUsize,
     stop: CancellationToken,
 }
@@ -69,9 +92,10 @@ pub struct RelayThreads {
 #[derive(Debug)]
 struct Thread {
     handle: Handle,
-    /// Connections placed here and not finished (shared with their [`Live`] guards, which do
-    /// not keep the set, and so its threads, alive).
+    /// Connections placed here and not finished.
     live: Arc<AtomicUsize>,
+    /// Of those, the ones that turned to bulk ([`spread_bulk`]).
+    bulk: Arc<AtomicUsize>,
     busy: Arc<Busy>,
 }
 
@@ -154,6 +178,14 @@ fn choose(here: Option<usize>, shares: &[f64], live: &[usize]) -> Option<usize> 
     }
 }
 
+/// Where a connection that turned to bulk on thread `here` goes, given each thread's bulk
+/// connections (not counting it): to the one with the fewest if that has fewer than here; else
+/// it stays (`None`).
+fn spread(here: usize, bulk: &[usize]) -> Option<usize> {
+    let least = (0..bulk.len()).min_by_key(|&i| bulk.get(i).copied().unwrap_or(usize::MAX))?;
+    (*bulk.get(here)? > *bulk.get(least)?).then_some(least)
+}
+
 /// A connection that can leave one thread's reactor and join another's.
 pub trait Movable: Sized + Send + 'static {
     /// The connection between the two: registered with no reactor.
@@ -173,13 +205,106 @@ impl Movable for tokio::net::TcpStream {
     }
 }
 
-/// One connection counted on its thread until it ends.
-struct Live(Arc<AtomicUsize>);
+/// One connection counted on its thread (in `live` or `bulk`) until it ends or moves.
+#[derive(Debug)]
+struct Counted(Arc<AtomicUsize>);
 
-impl Drop for Live {
+impl Counted {
+    fn new(count: &Arc<AtomicUsize>) -> Counted {
+        count.fetch_add(1, Ordering::Relaxed);
+        Counted(count.clone())
+    }
+}
+
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// A connection's task on a relay thread: polls the connection and, when it has turned to bulk
+/// ([`spread_bulk`]), places it again — here, counted as bulk, or on another thread, where
+/// the same future goes on in a task of its own and this one ends.
+struct Placed {
+    conn: Pin<Box<dyn Future<Output = ()> + Send>>,
+    threads: Arc<[Thread]>,
+    here: usize,
+    /// Counts it on its thread while it is there.
+    _live: Counted,
+    bulk: Option<Counted>,
+    /// Keeps the connection's tracker waiting for it, wherever it runs.
+    token: TaskTrackerToken,
+}
+
+impl Future for Placed {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let before = ROAM.replace(if this.bulk.is_some() { Roam::Heavy } else { Roam::Light });
+        let polled = this.conn.as_mut().poll(cx);
+        let asked = ROAM.replace(before);
+        if polled.is_ready() || asked != Roam::Turned {
+            return polled;
+        }
+        let bulk: Vec<usize> = this.threads.iter().map(|t| t.bulk.load(Ordering::Relaxed)).collect();
+        let Some((to, thread)) =
+            spread(this.here, &bulk).and_then(|to| Some((to, this.threads.get(to)?.handle.clone())))
+        else {
+            if let Some(t) = this.threads.get(this.here) {
+                this.bulk = Some(Counted::new(&t.bulk));
+            }
+            // `spread_bulk` woke the task: it goes on here.
+            return Poll::Pending;
+        };
+        let Some(t) = this.threads.get(to) else { return Poll::Pending };
+        let moved = Placed {
+            conn: std::mem::replace(&mut this.conn, Box::pin(std::future::ready(()))),
+            threads: this.threads.clone(),
+            here: to,
+            _live: Counted::new(&t.live),
+            bulk: Some(Counted::new(&t.bulk)),
+            token: this.token.clone(),
+        };
+        thread.spawn(moved);
+        Poll::Ready(())
+    }
+}
+
+/// Called by a relay when its connection turns to bulk, with nothing in hand: on a relay
+/// thread, if its streams can follow (`roams`) and this is its first bulk turn, its task may
+/// move it to the thread with the fewest bulk connections ([`spread`]). After a move `rehome`
+/// takes the streams to the new thread's reactor, and the task is polled once more, so a wait
+/// the other direction began on the old reactor is made again on the new one. Elsewhere, or
+/// once the connection counts as bulk, it returns at once.
+pub async fn spread_bulk(roams: bool, rehome: impl FnOnce() -> io::Result<()>) {
+    if !roams || ROAM.get() != Roam::Light {
+        return;
+    }
+    let from = CURRENT.get();
+    ROAM.set(Roam::Turned);
+    yield_once().await;
+    if CURRENT.get() == from {
+        return;
+    }
+    if let Err(e) = rehome() {
+        // The stream that could not join reports it at its next use: the relay ends there.
+        debug!("a connection moved to another relay thread lost its socket: {e}");
+    }
+    yield_once().await;
+}
+
+/// Pending once, woken at once.
+async fn yield_once() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if std::mem::replace(&mut yielded, true) {
+            return Poll::Ready(());
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
 }
 
 impl RelayThreads {
@@ -208,7 +333,12 @@ impl RelayThreads {
                 .on_thread_unpark(move || on_unpark.unparked(nanos_since(epoch)))
                 .build()?;
             let running = busy.clone();
-            threads.push(Thread { handle: runtime.handle().clone(), live: Arc::default(), busy });
+            threads.push(Thread {
+                handle: runtime.handle().clone(),
+                live: Arc::default(),
+                bulk: Arc::default(),
+                busy,
+            });
             let stop = stop.clone();
             std::thread::Builder::new().name(format!("{name}-{index}")).spawn(move || {
                 CURRENT.set(Some((id, index)));
@@ -217,7 +347,13 @@ impl RelayThreads {
                 runtime.block_on(stop.cancelled());
             })?;
         }
-        Ok(Arc::new(RelayThreads { id, epoch, threads, next_loop: AtomicUsize::new(0), stop }))
+        Ok(Arc::new(RelayThreads {
+            id,
+            epoch,
+            threads: threads.into(),
+            next_loop: AtomicUsize::new(0),
+            stop,
+        }))
     }
 
     /// How busy each thread has been lately (0 to 1; see [`BUSY`]).
@@ -229,6 +365,11 @@ impl RelayThreads {
     /// Connections on each thread now.
     pub fn live(&self) -> Vec<usize> {
         self.threads.iter().map(|t| t.live.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Of those, the ones that turned to bulk ([`spread_bulk`]).
+    pub fn bulk(&self) -> Vec<usize> {
+        self.threads.iter().map(|t| t.bulk.load(Ordering::Relaxed)).collect()
     }
 
     /// This thread's index, if it is one of these.
@@ -248,8 +389,9 @@ impl RelayThreads {
 
     /// Runs `serve(conn)` for a connection just accepted, tracked by `tracker`: on this thread
     /// if it is one of these and not saturated ([`BUSY`]), else on the least busy one, `conn`
-    /// moved there. Boxed: a connection's future is several KiB, and tokio copies an unboxed
-    /// one into the task and again over its finished stage.
+    /// moved there. It may move once more when it turns to bulk ([`spread_bulk`]). Boxed: a
+    /// connection's future is several KiB, and tokio copies an unboxed one into the task and
+    /// again over its finished stage (and a moving one must keep its place in memory).
     pub fn spawn_connection<C, F, Fut>(&self, conn: C, tracker: &TaskTracker, serve: F)
     where
         C: Movable,
@@ -258,11 +400,16 @@ impl RelayThreads {
     {
         let here = self.current();
         let Some((index, live)) = self.place(here) else { return };
+        let placed = |conn: Pin<Box<dyn Future<Output = ()> + Send>>| Placed {
+            conn,
+            threads: self.threads.clone(),
+            here: index,
+            _live: live,
+            bulk: None,
+            token: tracker.token(),
+        };
         if here == Some(index) {
-            tokio::spawn(tracker.track_future(Box::pin(async move {
-                serve(conn).await;
-                drop(live);
-            })));
+            tokio::spawn(placed(Box::pin(serve(conn))));
             return;
         }
         let detached = match conn.detach() {
@@ -270,28 +417,25 @@ impl RelayThreads {
             Err(e) => return warn!("cannot hand a connection to relay thread {index}: {e}"),
         };
         let Some(thread) = self.threads.get(index) else { return };
-        thread.handle.spawn(tracker.track_future(Box::pin(async move {
+        thread.handle.spawn(placed(Box::pin(async move {
             match C::attach(detached) {
                 Ok(conn) => serve(conn).await,
                 Err(e) => warn!("cannot take a connection on relay thread {index}: {e}"),
             }
-            drop(live);
         })));
     }
 
     /// Chooses the thread of a new connection and counts it there. The common case — here,
     /// not saturated, which [`choose`] would answer with here — reads only this thread's
     /// clock; the others are read only when this one is saturated.
-    fn place(&self, here: Option<usize>) -> Option<(usize, Live)> {
+    fn place(&self, here: Option<usize>) -> Option<(usize, Counted)> {
         let now = nanos_since(self.epoch);
         let keep = here.filter(|&h| self.threads.get(h).is_some_and(|t| t.busy.share(now) < BUSY));
         let chosen = match keep {
             Some(h) => h,
             None => choose(here, &self.shares(), &self.live())?,
         };
-        let live = &self.threads.get(chosen)?.live;
-        live.fetch_add(1, Ordering::Relaxed);
-        Some((chosen, Live(live.clone())))
+        Some((chosen, Counted::new(&self.threads.get(chosen)?.live)))
     }
 }
 
@@ -394,6 +538,20 @@ mod tests {
         release.cancel();
         wait_until("every connection counted out", || threads.live() == [0, 0]);
         tracker.close();
+    }
+
+    #[test]
+    fn the_choice_of_a_connection_turning_to_bulk() {
+        // Alone in bulk: stays.
+        assert_eq!(spread(0, &[0, 0]), None);
+        // Another bulk connection here, none there: goes there.
+        assert_eq!(spread(0, &[1, 0]), Some(1));
+        // Even: stays.
+        assert_eq!(spread(1, &[1, 1]), None);
+        // To the fewest.
+        assert_eq!(spread(0, &[3, 2, 1, 2]), Some(2));
+        assert_eq!(spread(5, &[0, 0]), None);
+        assert_eq!(spread(0, &[]), None);
     }
 
     #[tokio::test]

@@ -330,6 +330,14 @@ enum Bulk {
     Pipe(Pipe),
 }
 
+/// A direction turning to bulk, with nothing in hand: its connection may first move to a less
+/// crowded relay thread (`crate::threads::spread_bulk`), then takes its bulk gear there.
+async fn turn_to_bulk<F: RawStream, T: RawStream>(from: &F, to: &T) -> Bulk {
+    let roams = from.roams() && to.roams();
+    crate::threads::spread_bulk(roams, || from.rehome().and_then(|()| to.rehome())).await;
+    bulk_for(from, to)
+}
+
 /// The bulk gear for bytes moving `from` → `to`.
 fn bulk_for<F: RawStream, T: RawStream>(from: &F, to: &T) -> Bulk {
     let can = |s: &dyn RawStream, interest| s.try_io_raw(interest, &mut || Ok(0)).is_some();
@@ -493,8 +501,8 @@ async fn pump_up<L: RawStream, P: RawStream>(
         match step {
             Step::Sent(n) => {
                 counters.to_peer.fetch_add(n as u64, Ordering::Relaxed);
-                if n >= BULK_READ {
-                    own.get_or_insert_with(|| bulk_for(local, peer));
+                if n >= BULK_READ && own.is_none() {
+                    own = Some(turn_to_bulk(local, peer).await);
                 }
             }
             Step::Blocked(n, rest) => {
@@ -505,7 +513,9 @@ async fn pump_up<L: RawStream, P: RawStream>(
                 mid_chunk.store(false, Ordering::Relaxed);
                 counters.to_peer.fetch_add(n as u64, Ordering::Relaxed);
                 // The peer is slower than the local side: a bulk transfer.
-                own.get_or_insert_with(|| bulk_for(local, peer));
+                if own.is_none() {
+                    own = Some(turn_to_bulk(local, peer).await);
+                }
             }
             Step::NoSplice => own = Some(Bulk::Buffer(new_buffer())),
             Step::Again(ahead) => {
@@ -654,8 +664,8 @@ async fn pump_down<P: RawStream, L: RawStream>(
         });
         match step {
             Ok(None) => {
-                if read >= BULK_READ {
-                    own.get_or_insert_with(|| bulk_for(peer, local));
+                if read >= BULK_READ && own.is_none() {
+                    own = Some(turn_to_bulk(peer, local).await);
                 }
             }
             Ok(Some(Leftover { data, raw })) => {
@@ -667,7 +677,9 @@ async fn pump_down<P: RawStream, L: RawStream>(
                     return end;
                 }
                 // The local side is slower than the peer: a bulk transfer.
-                own.get_or_insert_with(|| bulk_for(peer, local));
+                if own.is_none() {
+                    own = Some(turn_to_bulk(peer, local).await);
+                }
             }
             Err(end) => return end,
         }

@@ -13,6 +13,7 @@ pub mod fd;
 pub mod handshake;
 pub mod hyperv;
 pub mod raw;
+pub mod roaming;
 pub mod stream;
 #[cfg(target_os = "linux")]
 mod vsock;

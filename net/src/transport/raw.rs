@@ -44,6 +44,18 @@ pub trait RawStream: AsSock + Send + Sync {
     fn set_reset_on_close(&self) -> io::Result<()> {
         SockRef::from(&self.as_sock()).set_linger(Some(Duration::ZERO))
     }
+
+    /// Whether [`RawStream::rehome`] can move this stream to another thread's reactor (a
+    /// [`crate::transport::roaming::Roaming`] stream can).
+    fn roams(&self) -> bool {
+        false
+    }
+
+    /// Registers this stream with the reactor of the thread this runs on, leaving the one it
+    /// was registered with; a stream that does not roam stays where it is.
+    fn rehome(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Waits until `s` is readable.
