@@ -14,12 +14,14 @@ use std::sync::Arc;
 use hostnet_net::Connector;
 use hostnet_net::accept::next_accepted;
 use hostnet_net::discovery::own::OwnSockets;
-use hostnet_net::relay::tcp::{self, RelayCounters};
-use hostnet_net::transport::handshake::{self, OpenError};
+use hostnet_net::relay::open::open_and_relay;
+use hostnet_net::relay::tcp::RelayCounters;
+use hostnet_net::threads::RelayThreads;
+use hostnet_net::transport::handshake::OpenError;
 use hostnet_protocol::{ListenerSet, Open, Proto};
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -69,6 +71,7 @@ impl Interceptor {
 pub async fn start(
     to_host: Arc<dyn Connector>,
     own: &OwnSockets,
+    relay: &Arc<RelayThreads>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<Interceptor, InterceptError> {
@@ -154,16 +157,23 @@ pub async fn start(
         tracker.spawn(crate::intercept_udp::serve(socket, to_host, own.clone(), tracker2, stop));
     }
     for listener in tcp_listeners {
-        let (to_host, stop, tracker2) = (to_host.clone(), shutdown.clone(), tracker.clone());
-        tracker.spawn(async move {
+        let (to_host, stop, tracker2, relay2) =
+            (to_host.clone(), shutdown.clone(), tracker.clone(), relay.clone());
+        // On a relay thread, as the proxy's streams are served: the listener registered with
+        // its reactor, the connections it accepts relayed there (`hostnet_net::threads`).
+        relay.spawn_loop(tracker.track_future(async move {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => return warn!("guest→host TCP is off: cannot serve the transparent listener: {e}"),
+            };
             while let Some((conn, peer)) =
                 next_accepted(|| listener.accept(), &stop, "an intercepted connection").await
             {
                 let (to_host, stop) = (to_host.clone(), stop.clone());
-                // Boxed, as relayed connections are (`hostnet_net::threads`): a few KiB of future.
-                tracker2.spawn(Box::pin(relay_to_host(conn, peer, to_host, stop)));
+                relay2
+                    .spawn_connection(conn, &tracker2, move |conn| relay_to_host(conn, peer, to_host, stop));
             }
-        });
+        }));
     }
     Ok(Interceptor { host })
 }
@@ -180,20 +190,20 @@ async fn relay_to_host(
     let span = info_span!("guest→host", port = original.port(), client = %peer);
     async move {
         let _ = conn.set_nodelay(true);
-        let open = Open::Tcp { addr: original.ip(), port: original.port(), peer: Some(peer) };
-        let (stream, reader) = match handshake::open_stream(&*to_host, &open).await {
-            Ok(opened) => opened,
+        let stream = match to_host.connect().await {
+            Ok(s) => s,
             Err(e) => {
-                match e {
-                    OpenError::Refused(_) => debug!("proxy {e}"),
-                    OpenError::Failed(_) => warn!("cannot reach the proxy for guest→host: {e}"),
-                }
+                warn!("cannot reach the proxy for guest→host: {e}");
                 let _ = hostnet_net::RawStream::set_reset_on_close(&conn);
                 return;
             }
         };
+        // As the proxy opens streams to us: our preface and `open` go out with the guest
+        // client's first bytes, and the proxy's answer leads the way back.
+        let open = Open::Tcp { addr: original.ip(), port: original.port(), peer: Some(peer) };
+        let broken = |e: &OpenError| warn!("the proxy did not answer a guest→host stream: {e}");
         let counters = RelayCounters::default();
-        let outcome = tcp::relay(&conn, &stream, reader.into_leftover(), &counters, &shutdown).await;
+        let outcome = open_and_relay(conn, stream, &open, broken, &counters, &shutdown).await;
         debug!(?outcome, ?counters, "guest→host connection finished");
     }
     .instrument(span)

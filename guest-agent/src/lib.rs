@@ -183,7 +183,7 @@ async fn serve_on(
         watcher::spawn(source, trigger, config.ignore_ports.clone(), own.clone(), &tracker, shutdown.clone())
             .map_err(AgentError::Discovery)?;
     let interceptor = match &config.host_transport {
-        Some(spec) => match intercept::start(spec.connector(), &own, &tracker, &shutdown).await {
+        Some(spec) => match intercept::start(spec.connector(), &own, &relay, &tracker, &shutdown).await {
             Ok(i) => Some(i),
             Err(e) => {
                 warn!("guest→host is off: {e}");

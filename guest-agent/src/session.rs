@@ -8,10 +8,10 @@ use crate::transparent::AGENT_MARK;
 use hostnet_net::TransportStream;
 use hostnet_net::connect::connect_tcp;
 use hostnet_net::discovery::own::OwnSockets;
-use hostnet_net::relay::tcp::{self, RelayCounters};
+use hostnet_net::relay::open::answer_and_relay;
+use hostnet_net::relay::tcp::RelayCounters;
 use hostnet_net::relay::udp;
 use hostnet_net::transport::handshake::{self, FrameReader, HandshakeError};
-use hostnet_net::transport::roaming::Roaming;
 use hostnet_protocol::session::{AgentAction, AgentSession, AgentSessionError};
 use hostnet_protocol::{AgentFrame, ListenerSet, Open, PrefaceError, ProxyFrame, ShowPeer};
 use thiserror::Error;
@@ -214,25 +214,12 @@ impl Sessions {
         } else {
             connect_tcp(SocketAddr::new(addr, port), self.mark, "in the guest").await
         };
-        let server = match server {
-            Ok(server) => server,
-            Err(reason) => {
-                handshake::answer_open::<_, ()>(&stream, &Err(reason)).await;
-                return;
-            }
-        };
         // `connected` goes out with the server's first bytes (or its FIN): one write, and one
         // wake-up of the proxy, instead of two.
-        let connected = match handshake::preface_and(&hostnet_protocol::OpenReply::Connected {}) {
-            Ok(bytes) => bytes,
-            Err(e) => return warn!("cannot encode the answer: {e}"),
-        };
         let counters = RelayCounters::default();
-        let pending = reader.into_leftover();
-        // Both may follow the connection to a less crowded relay thread when it turns to bulk.
-        let (server, stream) = (Roaming::new(server), Roaming::new(stream));
-        let outcome =
-            tcp::relay_answering(&server, &stream, pending, connected, &counters, &self.shutdown).await;
+        let Some(outcome) = answer_and_relay(stream, reader, server, &counters, &self.shutdown).await else {
+            return;
+        };
         debug!(?outcome, ?counters, "relay finished");
     }
 }

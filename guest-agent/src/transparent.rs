@@ -10,13 +10,13 @@ use hostnet_net::discovery::own::OwnSockets;
 use hostnet_net::relay::socket::UdpSocket;
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt};
 use socket2::{Socket, Type};
-use tokio::net::TcpListener;
 
 /// `SO_MARK` on every socket the agent opens itself, so its own traffic is never intercepted.
 pub const AGENT_MARK: u32 = 0x686e_6574; // "hnet"
 
 /// The transparent TCP listener TPROXY hands new connections to.
-pub fn tcp_listener(addr: SocketAddr, own: &OwnSockets) -> io::Result<TcpListener> {
+/// Non-blocking, not yet registered with a reactor: its accept loop runs on a relay thread.
+pub fn tcp_listener(addr: SocketAddr, own: &OwnSockets) -> io::Result<std::net::TcpListener> {
     let s = own.socket(addr, Type::STREAM)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
@@ -31,7 +31,8 @@ pub fn tcp_listener(addr: SocketAddr, own: &OwnSockets) -> io::Result<TcpListene
     s.set_reuse_address(true)?;
     s.bind(&addr.into())?;
     s.listen(1024)?;
-    TcpListener::from_std(s.into())
+    s.set_nonblocking(true)?;
+    Ok(s.into())
 }
 
 /// The transparent socket TPROXY sends new flows to.

@@ -14,10 +14,10 @@ use hostnet_admin::{Direction, ForwardState};
 use hostnet_net::RawStream;
 use hostnet_net::accept::next_accepted;
 use hostnet_net::discovery::own::OwnSockets;
+use hostnet_net::relay::open::open_and_relay;
 use hostnet_net::relay::socket::UdpSocket;
-use hostnet_net::relay::tcp::{self, Outcome};
-use hostnet_net::transport::handshake::{self, FrameReader, OpenError};
-use hostnet_net::transport::roaming::Roaming;
+use hostnet_net::relay::tcp::Outcome;
+use hostnet_net::transport::handshake::OpenError;
 use hostnet_protocol::{Listener, ListenerSet, Open, Proto};
 use socket2::Type;
 use tokio::net::{TcpListener, TcpStream};
@@ -598,15 +598,6 @@ impl Forwards {
             let _ = client.set_reset_on_close();
             return;
         };
-        let open = Open::Tcp { addr: target, port, peer: Some(peer) };
-        let opening = match handshake::preface_and(&open) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                warn!("cannot encode the opening: {e}");
-                let _ = client.set_reset_on_close();
-                return;
-            }
-        };
         let stream = match self.serving.connector.connect().await {
             Ok(s) => s,
             Err(e) => {
@@ -615,25 +606,11 @@ impl Forwards {
                 return;
             }
         };
-        // Both may follow the connection to a less crowded relay thread when it turns to bulk.
-        let (client, stream) = (Roaming::new(client), Roaming::new(stream));
         // Our preface and `open` go out in one write with the client's first bytes; the agent's
         // answer comes with the guest server's first bytes and leads the way back.
-        let answer = async {
-            let mut reader = FrameReader::new();
-            match handshake::read_tcp_answer(&stream, &mut reader).await {
-                Ok(()) => Ok(reader.into_leftover()),
-                Err(e @ OpenError::Refused(_)) => {
-                    debug!("agent {e}");
-                    Err(Outcome::PeerReset)
-                }
-                Err(e) => {
-                    self.serving.open_failed(&e);
-                    Err(Outcome::PeerVanished)
-                }
-            }
-        };
-        let outcome = tcp::relay_after(&client, &stream, opening, answer, &stats.bytes, token).await;
+        let open = Open::Tcp { addr: target, port, peer: Some(peer) };
+        let broken = |e: &OpenError| self.serving.open_failed(e);
+        let outcome = open_and_relay(client, stream, &open, broken, &stats.bytes, token).await;
         match outcome {
             Outcome::ProtocolError => warn!("agent broke the stream protocol; connection reset"),
             _ => debug!(?outcome, "connection finished"),

@@ -15,12 +15,13 @@ use hostnet_net::accept::next_accepted;
 use hostnet_net::connect::connect_tcp;
 use hostnet_net::discovery::own::OwnSockets;
 use hostnet_net::discovery::{source, watcher};
-use hostnet_net::relay::tcp;
+use hostnet_net::relay::open::answer_and_relay;
 use hostnet_net::relay::udp;
 use hostnet_net::tally::Tally;
+use hostnet_net::threads::RelayThreads;
 use hostnet_net::transport::handshake::{self, FrameReader};
 use hostnet_net::transport::hyperv::{self, Guid};
-use hostnet_net::{TransportSpec, TransportStream};
+use hostnet_net::{Acceptor, TransportSpec, TransportStream};
 use hostnet_protocol::{Listener, ListenerSet, Open, Proto, ShowPeer};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
@@ -142,6 +143,7 @@ pub async fn start(
     max_streams: usize,
     guest_vm: Option<VmIdentity>,
     own: &OwnSockets,
+    relay: &Arc<RelayThreads>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> ToHost {
@@ -160,13 +162,34 @@ pub async fn start(
             return ToHost::off();
         }
     };
-    let acceptor = match listen.bind(own).await {
-        Ok(a) => a,
-        Err(e) => {
+    // The acceptor is bound on the relay thread that runs its loop (so that thread's reactor
+    // wakes it, and the streams it accepts are relayed there: `hostnet_net::threads`).
+    let (bound_tx, bound) = tokio::sync::oneshot::channel();
+    let (accepted_tx, accepted) = tokio::sync::oneshot::channel::<AcceptLoop>();
+    {
+        let (listen, own, shutdown) = (listen.clone(), own.clone(), shutdown.clone());
+        relay.spawn_loop(tracker.track_future(async move {
+            let acceptor = match listen.bind(&own).await {
+                Ok(a) => a,
+                Err(e) => return drop(bound_tx.send(Err(e))),
+            };
+            let _ = bound_tx.send(Ok(()));
+            // What the loop needs once the rest has started (or nothing: the proxy stops).
+            let Ok(serve) = accepted.await else { return };
+            serve.run(acceptor, &shutdown).await;
+        }));
+    }
+    match bound.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
             warn!("guest→host is off: {e}");
             return ToHost::off();
         }
-    };
+        Err(_) => {
+            warn!("guest→host is off: the relay thread stopped");
+            return ToHost::off();
+        }
+    }
     info!(%listen, "serving guest→host connections");
     let (advertised, withheld) = advertised(raw, settings, tracker, shutdown);
     let to_host = ToHost {
@@ -177,42 +200,64 @@ pub async fn start(
         guest_vm,
         max_streams: max_streams.max(1),
     };
-    let streams = Arc::new(Semaphore::new(to_host.max_streams));
-    let (host2, shutdown2, tracker2, refused, foreign, own) = (
-        to_host.advertised.clone(),
-        shutdown.clone(),
-        tracker.clone(),
-        to_host.streams_refused.clone(),
-        to_host.foreign_refused.clone(),
-        own.clone(),
-    );
-    tracker.spawn(async move {
+    let _ = accepted_tx.send(AcceptLoop {
+        streams: Arc::new(Semaphore::new(to_host.max_streams)),
+        max_streams,
+        host: to_host.advertised.clone(),
+        refused: to_host.streams_refused.clone(),
+        foreign: to_host.foreign_refused.clone(),
+        guest_vm,
+        stats,
+        own: own.clone(),
+        relay: relay.clone(),
+        tracker: tracker.clone(),
+    });
+    to_host
+}
+
+/// What the guest→host accept loop checks each stream against and serves it with.
+struct AcceptLoop {
+    streams: Arc<Semaphore>,
+    max_streams: usize,
+    host: watch::Receiver<Arc<ListenerSet>>,
+    refused: Arc<Tally>,
+    foreign: Arc<Tally>,
+    guest_vm: Option<VmIdentity>,
+    stats: ToHostStats,
+    own: OwnSockets,
+    relay: Arc<RelayThreads>,
+    tracker: TaskTracker,
+}
+
+impl AcceptLoop {
+    async fn run(self, acceptor: Box<dyn Acceptor>, shutdown: &CancellationToken) {
         while let Some((stream, peer)) =
-            next_accepted(|| acceptor.accept(), &shutdown2, "a guest→host stream").await
+            next_accepted(|| acceptor.accept(), shutdown, "a guest→host stream").await
         {
-            if !from_the_vm(&peer, guest_vm) {
-                if let Some(n) = foreign.one_more() {
+            if !from_the_vm(&peer, self.guest_vm) {
+                if let Some(n) = self.foreign.one_more() {
                     warn!(%peer, "refused a guest→host stream from a peer that is not the VM ({n} so far)");
                 }
                 continue;
             }
-            let Ok(permit) = streams.clone().try_acquire_owned() else {
+            let Ok(permit) = self.streams.clone().try_acquire_owned() else {
                 // Closed at once (the drop), counted; logged at 1, 2, 4, 8…
-                if let Some(n) = refused.one_more() {
-                    warn!("{max_streams} guest→host streams open, the limit: closing new ones ({n} so far)");
+                if let Some(n) = self.refused.one_more() {
+                    warn!(
+                        "{} guest→host streams open, the limit: closing new ones ({n} so far)",
+                        self.max_streams
+                    );
                 }
                 continue;
             };
-            let (host, shutdown, stats, own) = (host2.clone(), shutdown2.clone(), stats.clone(), own.clone());
-            // Boxed, as relayed connections are (`hostnet_net::threads`): a few KiB of future that
-            // tokio would otherwise copy into the task and over its finished stage.
-            tracker2.spawn(Box::pin(async move {
+            let (host, shutdown, stats, own) =
+                (self.host.clone(), shutdown.clone(), self.stats.clone(), self.own.clone());
+            self.relay.spawn_connection(stream, &self.tracker, move |stream| async move {
                 serve(stream, host, stats, own, shutdown).await;
                 drop(permit);
-            }));
+            });
         }
-    });
-    to_host
+    }
 }
 
 /// Live counts of guest→host traffic per desktop port, for `status`.
@@ -317,13 +362,13 @@ async fn serve(
             None => Err(format!("host port {port} is not advertised to the guest")),
             Some(ip) => connect_tcp(SocketAddr::new(ip, port), None, "on the host").await,
         };
-        if !handshake::answer_open(&stream, &server).await {
-            return;
-        }
-        let Ok(server) = server else { return };
+        // As the agent answers the proxy's opens: `connected` goes out with the desktop
+        // server's first bytes (or its FIN), one write and one wake-up of the agent.
         let stats = stats_for(&stats, Proto::Tcp, port);
-        let _active = stats.open();
-        let outcome = tcp::relay(&server, &stream, reader.into_leftover(), &stats.bytes, &shutdown).await;
+        let _active = server.is_ok().then(|| stats.open());
+        let Some(outcome) = answer_and_relay(stream, reader, server, &stats.bytes, &shutdown).await else {
+            return;
+        };
         debug!(?outcome, "guest→host connection finished");
     }
     .instrument(span)

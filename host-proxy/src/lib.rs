@@ -99,7 +99,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
         shutdown.clone(),
         config.limits,
         own.clone(),
-        relay,
+        relay.clone(),
     ));
     forwards.apply_settings(settings.current()).await;
     {
@@ -125,6 +125,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
                 config.limits.guest_streams,
                 config.guest_vm,
                 &own,
+                &relay,
                 &tracker,
                 &shutdown,
             )

@@ -1,8 +1,9 @@
 //! Moving bytes: one TCP connection over one data stream ([`tcp`], with the `splice(2)` gear
-//! in [`splice`] on Linux), datagrams over a stream ([`udp`], batched by [`mmsg`]) from the
-//! UDP sockets of [`socket`].
+//! in [`splice`] on Linux; both ends of its opening in [`open`]), datagrams over a stream
+//! ([`udp`], batched by [`mmsg`]) from the UDP sockets of [`socket`].
 
 pub mod mmsg;
+pub mod open;
 pub mod socket;
 pub mod splice;
 pub mod tcp;

@@ -14,6 +14,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::print_stdout)]
 
 mod bare;
+mod g2h;
 mod paths;
 mod ports;
 mod procs;
@@ -85,6 +86,9 @@ enum Workload {
     Udp,
     /// New connections per second.
     Connect,
+    /// Guest → host: a client in the VM reaching a desktop server at localhost (throughput,
+    /// round trips, new connections), against the same client on the desktop.
+    GuestToHost,
     /// Memory per idle connection.
     Memory,
     /// The real VM (QEMU TCG, virtio-vsock): hostnet against the raw vsock link, both ways.
@@ -402,6 +406,18 @@ fn main() {
                     );
                 }
             }
+        });
+    }
+    if run(Workload::GuestToHost) {
+        guard("guest-to-host", &mut rows, &mut failed, |rows| {
+            step("guest → host: throughput, round trips, new connections");
+            let sizes = g2h::Sizes {
+                bytes: p.bytes,
+                trips: p.trips,
+                window: p.connect_window,
+                clients: CONNECT_CLIENTS,
+            };
+            g2h::rows(&demo, &sizes, rows);
         });
     }
     if run(Workload::Memory) {

@@ -37,7 +37,7 @@ pub enum Server {
 }
 
 impl Server {
-    fn start(self, listener: TcpListener) -> GuestServer {
+    pub fn start(self, listener: TcpListener) -> GuestServer {
         match self {
             Server::PerConnection(handler) => GuestServer::serve(listener, handler),
             Server::Pooled(handler, threads) => GuestServer::serve_pooled(listener, handler, threads),

@@ -77,15 +77,19 @@ const RTT_ROUNDS: usize = 10;
 /// path takes its turn (the first path of each round rotating), so that a busy moment of this
 /// shared machine falls on all of them alike instead of on whichever path ran then.
 pub fn rtt_micros(addrs: &[SocketAddr], trips: usize) -> Vec<(f64, f64)> {
-    let mut conns: Vec<TcpStream> = addrs
-        .iter()
-        .map(|&addr| {
-            let c = TcpStream::connect(addr).unwrap();
-            c.set_nodelay(true).unwrap();
-            c.set_read_timeout(Some(DEADLINE)).unwrap();
-            c
-        })
-        .collect();
+    rtt_micros_over(addrs.iter().map(|&addr| rtt_client(addr)).collect(), trips)
+}
+
+/// A round-trip client connected to `addr` (in the namespace of the thread that calls it).
+pub fn rtt_client(addr: SocketAddr) -> TcpStream {
+    let c = TcpStream::connect(addr).unwrap();
+    c.set_nodelay(true).unwrap();
+    c.set_read_timeout(Some(DEADLINE)).unwrap();
+    c
+}
+
+/// [`rtt_micros`] over connections already made ([`rtt_client`]).
+pub fn rtt_micros_over(mut conns: Vec<TcpStream>, trips: usize) -> Vec<(f64, f64)> {
     // Warm up: the first trips pay for lazy set-up along each path.
     for c in &mut conns {
         round_trips(c, (trips / 10).max(10));

@@ -1,0 +1,87 @@
+//! Both ends of a data stream around the TCP relay: the side that opens it (the proxy for a
+//! desktop client, the agent for an intercepted guest client) and the side that answers (the
+//! agent connecting to the guest server, the proxy to the desktop server). Neither waits a
+//! round trip before the first byte: the opening goes out in the same write as the client's
+//! first bytes, and `connected` in the same write as the server's (`docs/protocol.md`,
+//! sections 3 and 5).
+
+use bytes::BytesMut;
+use hostnet_protocol::{Open, OpenReply};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::relay::tcp::{Outcome, RelayCounters, relay_after, relay_answering};
+use crate::transport::handshake::{self, FrameReader, OpenError};
+use crate::transport::raw::RawStream;
+use crate::transport::roaming::Roaming;
+use crate::transport::stream::TransportStream;
+
+/// Relays `client` over `stream`, just connected for it: our preface and `open` go out with
+/// the client's first bytes, and the far side's answer is read beside them ([`relay_after`]).
+/// A refusal resets the client; an answer that is neither `connected` nor `refused` goes to
+/// `broken` first. Both streams may follow the connection to a less crowded relay thread when
+/// it turns to bulk.
+pub async fn open_and_relay(
+    client: TcpStream,
+    stream: TransportStream,
+    open: &Open,
+    broken: impl FnOnce(&OpenError),
+    counters: &RelayCounters,
+    shutdown: &CancellationToken,
+) -> Outcome {
+    let opening = match handshake::preface_and(open) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            warn!("cannot encode the opening: {e}");
+            let _ = client.set_reset_on_close();
+            return Outcome::LocalReset;
+        }
+    };
+    let (client, stream) = (Roaming::new(client), Roaming::new(stream));
+    let answer = async {
+        let mut reader = FrameReader::new();
+        match handshake::read_tcp_answer(&stream, &mut reader).await {
+            Ok(()) => Ok(reader.into_leftover()),
+            Err(e @ OpenError::Refused(_)) => {
+                debug!("the far side {e}");
+                Err(Outcome::PeerReset)
+            }
+            Err(e) => {
+                broken(&e);
+                Err(Outcome::PeerVanished)
+            }
+        }
+    };
+    relay_after(&client, &stream, opening, answer, counters, shutdown).await
+}
+
+/// Answers an opening read from `stream` (`reader` holds what arrived past it): `server` is the
+/// connection to the local server, or why there is none, answered `refused` at once. A server
+/// is relayed with `connected` in the same write as its first bytes ([`relay_answering`]),
+/// both streams free to follow the connection to a less crowded relay thread. `None`: refused.
+pub async fn answer_and_relay(
+    stream: TransportStream,
+    reader: FrameReader,
+    server: Result<TcpStream, String>,
+    counters: &RelayCounters,
+    shutdown: &CancellationToken,
+) -> Option<Outcome> {
+    let server = match server {
+        Ok(server) => server,
+        Err(reason) => {
+            handshake::answer_open::<_, ()>(&stream, &Err(reason)).await;
+            return None;
+        }
+    };
+    let connected = match handshake::preface_and(&OpenReply::Connected {}) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            warn!("cannot encode the answer: {e}");
+            return None;
+        }
+    };
+    let pending: BytesMut = reader.into_leftover();
+    let (server, stream) = (Roaming::new(server), Roaming::new(stream));
+    Some(relay_answering(&server, &stream, pending, connected, counters, shutdown).await)
+}

@@ -1,0 +1,105 @@
+//! The other way, guest → host: a client in the "VM" reaching a server on the desktop at
+//! `localhost:PORT` — intercepted in the guest (nftables), relayed by the agent and the proxy —
+//! against the same client on the desktop connecting straight to the same server.
+
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use hostnet_tests::{DEADLINE, Demo, GuestServer, count_then_reply, echo, free_port, loopback};
+
+use crate::paths::Server;
+use crate::procs::{self, Hostnet};
+use crate::report::Row;
+use crate::tcp;
+
+/// A server on the desktop's loopback that a client in the VM reaches.
+struct DesktopServer {
+    addr: std::net::SocketAddr,
+    _server: GuestServer,
+}
+
+impl DesktopServer {
+    /// Starts `server` on the desktop and waits until a connect from the VM reaches it (the
+    /// agent intercepts the port once the proxy has reported the desktop's listener).
+    fn start(demo: &Demo, server: Server) -> DesktopServer {
+        let addr = loopback(false, free_port());
+        let server = server.start(TcpListener::bind(addr).unwrap());
+        let start = Instant::now();
+        demo.in_netns(|| {
+            while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                assert!(start.elapsed() < DEADLINE, "{addr} on the desktop never reachable from the VM");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        DesktopServer { addr, _server: server }
+    }
+}
+
+/// Sizes of the guest → host workload.
+pub struct Sizes {
+    pub bytes: u64,
+    pub trips: usize,
+    pub window: Duration,
+    pub clients: usize,
+}
+
+/// Throughput (1 and 8 streams), round trips and new connections, guest → host.
+pub fn rows(demo: &Demo, z: &Sizes, rows: &mut Vec<Row>) {
+    let hn = Hostnet::find(demo);
+    let note = "a client in the VM → a desktop server at localhost:PORT (intercepted by the agent, \
+                relayed by the proxy); direct: the same client on the desktop, the same server";
+    for streams in [1, 8] {
+        let srv = DesktopServer::start(demo, Server::PerConnection(count_then_reply));
+        let d = tcp::transfer(srv.addr, z.bytes, streams, &|| 0.0, &|| ());
+        let h = demo.in_netns(|| tcp::transfer(srv.addr, z.bytes, streams, &|| hn.cpu_seconds(), &|| ()));
+        let what = if streams == 1 { "1 stream".to_string() } else { format!("{streams} streams") };
+        let mut row = Row::new(format!("guest→host TCP throughput, {what}"), "GiB/s")
+            .direct(d.gib_per_s)
+            .hostnet(h.gib_per_s);
+        if streams == 1 {
+            row = row.note(note);
+        }
+        rows.push(row);
+        if streams == 1 {
+            rows.push(
+                Row::new("guest→host CPU per GiB moved, whole path (1 stream)", "CPU-s/GiB")
+                    .direct(d.cpu_per_gib)
+                    .hostnet(h.cpu_per_gib)
+                    .note(format!("relay only (proxy + agent): {:.3}", h.relay_cpu_per_gib)),
+            );
+        }
+    }
+
+    let srv = DesktopServer::start(demo, Server::PerConnection(echo));
+    let from_vm = demo.in_netns(|| tcp::rtt_client(srv.addr));
+    let mut got = tcp::rtt_micros_over(vec![tcp::rtt_client(srv.addr), from_vm], z.trips).into_iter();
+    let (d, h) = (got.next().unwrap(), got.next().unwrap());
+    rows.push(Row::new("guest→host RTT 1 B ping-pong, p50", "µs").direct(d.0).hostnet(h.0));
+    rows.push(Row::new("guest→host RTT 1 B ping-pong, p99", "µs").direct(d.1).hostnet(h.1));
+
+    let srv = DesktopServer::start(demo, Server::Pooled(tcp::pong, z.clients));
+    let rate = |in_vm: bool| {
+        let (own0, relay0) = (procs::own_cpu_seconds(), hn.cpu_seconds());
+        let (n, secs) = if in_vm {
+            demo.in_netns(|| tcp::connections(srv.addr, z.window, z.clients))
+        } else {
+            tcp::connections(srv.addr, z.window, z.clients)
+        };
+        let (own, relay) = (procs::own_cpu_seconds() - own0, hn.cpu_seconds() - relay0);
+        let per = |cpu: f64| cpu / n.max(1) as f64 * 1e6;
+        // Direct's window still counts the relays' idle CPU: not theirs, left out.
+        (n as f64 / secs, per(own + if in_vm { relay } else { 0.0 }), per(relay))
+    };
+    let (d, h) = (rate(false), rate(true));
+    rows.push(
+        Row::new(format!("guest→host new connections (1 request), {} clients", z.clients), "conn/s")
+            .direct(d.0)
+            .hostnet(h.0),
+    );
+    rows.push(
+        Row::new(format!("guest→host CPU per new connection, whole path ({} clients)", z.clients), "CPU-µs")
+            .direct(d.1)
+            .hostnet(h.1)
+            .note(format!("relay only (proxy + agent): {:.1} CPU-µs", h.2)),
+    );
+}
