@@ -26,7 +26,7 @@ use tokio::process::Command;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
 use crate::transparent::AGENT_MARK;
 
@@ -187,13 +187,14 @@ async fn relay_to_host(
 ) {
     // TPROXY keeps the original destination as the accepted socket's local address.
     let Ok(original) = conn.local_addr() else { return };
-    let span = info_span!("guest→host", port = original.port(), client = %peer);
+    // At debug level, as the proxy's connection spans (`host-proxy/src/forward.rs`).
+    let span = debug_span!("guest→host", port = original.port(), client = %peer);
     async move {
         let _ = conn.set_nodelay(true);
         let stream = match to_host.connect().await {
             Ok(s) => s,
             Err(e) => {
-                warn!("cannot reach the proxy for guest→host: {e}");
+                warn!(port = original.port(), "cannot reach the proxy for guest→host: {e}");
                 let _ = hostnet_net::RawStream::set_reset_on_close(&conn);
                 return;
             }
@@ -201,7 +202,9 @@ async fn relay_to_host(
         // As the proxy opens streams to us: our preface and `open` go out with the guest
         // client's first bytes, and the proxy's answer leads the way back.
         let open = Open::Tcp { addr: original.ip(), port: original.port(), peer: Some(peer) };
-        let broken = |e: &OpenError| warn!("the proxy did not answer a guest→host stream: {e}");
+        let broken = |e: &OpenError| {
+            warn!(port = original.port(), "the proxy did not answer a guest→host stream: {e}")
+        };
         let counters = RelayCounters::default();
         let outcome = open_and_relay(conn, stream, &open, broken, &counters, &shutdown).await;
         debug!(?outcome, ?counters, "guest→host connection finished");

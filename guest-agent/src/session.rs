@@ -17,7 +17,7 @@ use hostnet_protocol::{AgentFrame, ListenerSet, Open, PrefaceError, ProxyFrame, 
 use thiserror::Error;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, debug_span, info, info_span, warn};
 
 /// Why a control stream ended.
 #[derive(Debug, Error)]
@@ -109,7 +109,8 @@ impl Sessions {
                 self.control(stream, reader).await
             }
             Open::Tcp { addr, port, peer } => {
-                let span = info_span!("tcp", %port, client = %ShowPeer(peer));
+                // At debug level, as the proxy's connection spans (`host-proxy/src/forward.rs`).
+                let span = debug_span!("tcp", %port, client = %ShowPeer(peer));
                 self.tcp(stream, reader, addr, port).instrument(span).await
             }
             Open::Udp { addr, port, peer } => {

@@ -26,7 +26,7 @@ use hostnet_protocol::{Listener, ListenerSet, Open, Proto, ShowPeer};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, debug_span, info, info_span, warn};
 
 use crate::HOST_POLL_INTERVAL;
 use crate::policy::{self, Decision, Withheld};
@@ -353,7 +353,8 @@ async fn serve(
         }
         Open::Control {} => return warn!("rejected a control stream on the guest→host socket"),
     };
-    let span = info_span!("guest→host", port, client = %ShowPeer(peer));
+    // At debug level, as the desktop's connection spans (`forward.rs`).
+    let span = debug_span!("guest→host", port, client = %ShowPeer(peer));
     async move {
         // Only a port the desktop advertises, and only on the desktop's loopback: the guest
         // cannot steer the proxy anywhere else, whatever `addr` it sends.
