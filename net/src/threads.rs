@@ -1,13 +1,13 @@
-//! Relay threads: each relayed connection lives its whole life on one thread that runs a
-//! single-threaded runtime of its own — the thread that accepted it, unless that thread has
-//! been busy for most of the last few milliseconds ([`BUSY`]) and another much less so; then it
-//! goes to the least busy one.
+//! Relay threads: each relayed connection lives on a thread that runs a single-threaded runtime
+//! of its own — the thread that accepted it, unless that thread has been busy for most of the
+//! last few milliseconds ([`BUSY`]) and another much less so; then it goes to the least busy
+//! one. It may move once more, when it turns to bulk (below).
 //!
 //! Why (`docs/performance.md`, round six): on tokio's work-stealing runtime a worker that
 //! finds two tasks ready wakes a sibling to steal one. With two workers each side paid about
 //! one context switch and one `futex` wake more per connection — 23 % of the relays' CPU per
 //! connection on two virtual CPUs — and a connection's tasks wandered between the workers.
-//! Here a connection is placed once, when it is accepted: on the accepting thread (nobody else
+//! Here a connection is placed when it is accepted: on the accepting thread (nobody else
 //! is woken), or, when that thread is saturated, on the least busy one — its socket leaves this
 //! thread's reactor and joins that one's, one wake-up paid only then. Placing by the number of
 //! connections instead was tried and measured: four clients' short connections kept crossing
