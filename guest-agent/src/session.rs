@@ -8,7 +8,7 @@ use crate::transparent::AGENT_MARK;
 use hostnet_net::TransportStream;
 use hostnet_net::connect::connect_tcp;
 use hostnet_net::discovery::own::OwnSockets;
-use hostnet_net::relay::open::answer_and_relay;
+use hostnet_net::relay::open::{answer_and_relay, refuse};
 use hostnet_net::relay::tcp::RelayCounters;
 use hostnet_net::relay::udp;
 use hostnet_net::transport::handshake::{self, FrameReader, HandshakeError};
@@ -214,6 +214,10 @@ impl Sessions {
             Err(format!("{addr} is not a guest loopback address"))
         } else {
             connect_tcp(SocketAddr::new(addr, port), self.mark, "in the guest").await
+        };
+        let server = match server {
+            Ok(server) => server,
+            Err(reason) => return refuse(&stream, reason).await,
         };
         // `connected` goes out with the server's first bytes (or its FIN): one write, and one
         // wake-up of the proxy, instead of two.

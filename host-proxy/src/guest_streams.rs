@@ -15,7 +15,7 @@ use hostnet_net::accept::next_accepted;
 use hostnet_net::connect::connect_tcp;
 use hostnet_net::discovery::own::OwnSockets;
 use hostnet_net::discovery::{source, watcher};
-use hostnet_net::relay::open::answer_and_relay;
+use hostnet_net::relay::open::{answer_and_relay, refuse};
 use hostnet_net::relay::udp;
 use hostnet_net::tally::Tally;
 use hostnet_net::threads::RelayThreads;
@@ -363,10 +363,14 @@ async fn serve(
             None => Err(format!("host port {port} is not advertised to the guest")),
             Some(ip) => connect_tcp(SocketAddr::new(ip, port), None, "on the host").await,
         };
+        let server = match server {
+            Ok(server) => server,
+            Err(reason) => return refuse(&stream, reason).await,
+        };
         // As the agent answers the proxy's opens: `connected` goes out with the desktop
         // server's first bytes (or its FIN), one write and one wake-up of the agent.
         let stats = stats_for(&stats, Proto::Tcp, port);
-        let _active = server.is_ok().then(|| stats.open());
+        let _active = stats.open();
         let Some(outcome) = answer_and_relay(stream, reader, server, &stats.bytes, &shutdown).await else {
             return;
         };

@@ -186,6 +186,11 @@ fn spread(here: usize, bulk: &[usize]) -> Option<usize> {
     (*bulk.get(here)? > *bulk.get(least)?).then_some(least)
 }
 
+/// Each thread's bulk connections now.
+fn bulk_counts(threads: &[Thread]) -> Vec<usize> {
+    threads.iter().map(|t| t.bulk.load(Ordering::Relaxed)).collect()
+}
+
 /// A connection that can leave one thread's reactor and join another's.
 pub trait Movable: Sized + Send + 'static {
     /// The connection between the two: registered with no reactor.
@@ -247,26 +252,25 @@ impl Future for Placed {
         if polled.is_ready() || asked != Roam::Turned {
             return polled;
         }
-        let bulk: Vec<usize> = this.threads.iter().map(|t| t.bulk.load(Ordering::Relaxed)).collect();
-        let Some((to, thread)) =
-            spread(this.here, &bulk).and_then(|to| Some((to, this.threads.get(to)?.handle.clone())))
+        let threads = this.threads.clone();
+        let Some((to, there)) =
+            spread(this.here, &bulk_counts(&threads)).and_then(|to| Some((to, threads.get(to)?)))
         else {
-            if let Some(t) = this.threads.get(this.here) {
+            if let Some(t) = threads.get(this.here) {
                 this.bulk = Some(Counted::new(&t.bulk));
             }
             // `spread_bulk` woke the task: it goes on here.
             return Poll::Pending;
         };
-        let Some(t) = this.threads.get(to) else { return Poll::Pending };
         let moved = Placed {
             conn: std::mem::replace(&mut this.conn, Box::pin(std::future::ready(()))),
-            threads: this.threads.clone(),
             here: to,
-            _live: Counted::new(&t.live),
-            bulk: Some(Counted::new(&t.bulk)),
+            _live: Counted::new(&there.live),
+            bulk: Some(Counted::new(&there.bulk)),
             token: this.token.clone(),
+            threads: threads.clone(),
         };
-        thread.spawn(moved);
+        there.handle.spawn(moved);
         Poll::Ready(())
     }
 }
@@ -369,7 +373,7 @@ impl RelayThreads {
 
     /// Of those, the ones that turned to bulk ([`spread_bulk`]).
     pub fn bulk(&self) -> Vec<usize> {
-        self.threads.iter().map(|t| t.bulk.load(Ordering::Relaxed)).collect()
+        bulk_counts(&self.threads)
     }
 
     /// This thread's index, if it is one of these.

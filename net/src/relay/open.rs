@@ -56,24 +56,22 @@ pub async fn open_and_relay(
     relay_after(&client, &stream, opening, answer, counters, shutdown).await
 }
 
-/// Answers an opening read from `stream` (`reader` holds what arrived past it): `server` is the
-/// connection to the local server, or why there is none, answered `refused` at once. A server
-/// is relayed with `connected` in the same write as its first bytes ([`relay_answering`]),
-/// both streams free to follow the connection to a less crowded relay thread. `None`: refused.
+/// Answers an opening read from `stream` with `refused` and why, at once.
+pub async fn refuse(stream: &TransportStream, reason: String) {
+    handshake::answer_open::<_, ()>(stream, &Err(reason)).await;
+}
+
+/// Answers an opening read from `stream` (`reader` holds what arrived past it) for `server`,
+/// the connection to the local server: it is relayed with `connected` in the same write as its
+/// first bytes ([`relay_answering`]), both streams free to follow the connection to a less
+/// crowded relay thread. `None`: the answer could not be encoded, nothing was relayed.
 pub async fn answer_and_relay(
     stream: TransportStream,
     reader: FrameReader,
-    server: Result<TcpStream, String>,
+    server: TcpStream,
     counters: &RelayCounters,
     shutdown: &CancellationToken,
 ) -> Option<Outcome> {
-    let server = match server {
-        Ok(server) => server,
-        Err(reason) => {
-            handshake::answer_open::<_, ()>(&stream, &Err(reason)).await;
-            return None;
-        }
-    };
     let connected = match handshake::preface_and(&OpenReply::Connected {}) {
         Ok(bytes) => bytes,
         Err(e) => {

@@ -11,6 +11,7 @@ use crate::paths::Server;
 use crate::procs::{self, Hostnet};
 use crate::report::Row;
 use crate::tcp;
+use crate::{CONNECT_CLIENTS, Params};
 
 /// A server on the desktop's loopback that a client in the VM reaches.
 struct DesktopServer {
@@ -35,32 +36,24 @@ impl DesktopServer {
     }
 }
 
-/// Sizes of the guest → host workload.
-pub struct Sizes {
-    pub bytes: u64,
-    pub trips: usize,
-    pub window: Duration,
-    pub clients: usize,
-}
-
-/// Throughput (1 and 8 streams), round trips and new connections, guest → host.
-pub fn rows(demo: &Demo, z: &Sizes, rows: &mut Vec<Row>) {
+/// Throughput (1 and 8 streams), round trips and new connections (from [`CONNECT_CLIENTS`]
+/// clients), guest → host, sized as the other way's workloads.
+pub fn rows(demo: &Demo, p: &Params, rows: &mut Vec<Row>) {
     let hn = Hostnet::find(demo);
     let note = "a client in the VM → a desktop server at localhost:PORT (intercepted by the agent, \
                 relayed by the proxy); direct: the same client on the desktop, the same server";
     for streams in [1, 8] {
         let srv = DesktopServer::start(demo, Server::PerConnection(count_then_reply));
-        let d = tcp::transfer(srv.addr, z.bytes, streams, &|| 0.0, &|| ());
-        let h = demo.in_netns(|| tcp::transfer(srv.addr, z.bytes, streams, &|| hn.cpu_seconds(), &|| ()));
+        let d = tcp::transfer(srv.addr, p.bytes, streams, &|| 0.0, &|| ());
+        let h = demo.in_netns(|| tcp::transfer(srv.addr, p.bytes, streams, &|| hn.cpu_seconds(), &|| ()));
         let what = if streams == 1 { "1 stream".to_string() } else { format!("{streams} streams") };
-        let mut row = Row::new(format!("guest→host TCP throughput, {what}"), "GiB/s")
+        let row = Row::new(format!("guest→host TCP throughput, {what}"), "GiB/s")
             .direct(d.gib_per_s)
             .hostnet(h.gib_per_s);
-        if streams == 1 {
-            row = row.note(note);
-        }
-        rows.push(row);
-        if streams == 1 {
+        if streams > 1 {
+            rows.push(row);
+        } else {
+            rows.push(row.note(note));
             rows.push(
                 Row::new("guest→host CPU per GiB moved, whole path (1 stream)", "CPU-s/GiB")
                     .direct(d.cpu_per_gib)
@@ -72,18 +65,18 @@ pub fn rows(demo: &Demo, z: &Sizes, rows: &mut Vec<Row>) {
 
     let srv = DesktopServer::start(demo, Server::PerConnection(echo));
     let from_vm = demo.in_netns(|| tcp::rtt_client(srv.addr));
-    let mut got = tcp::rtt_micros_over(vec![tcp::rtt_client(srv.addr), from_vm], z.trips).into_iter();
+    let mut got = tcp::rtt_micros_over(vec![tcp::rtt_client(srv.addr), from_vm], p.trips).into_iter();
     let (d, h) = (got.next().unwrap(), got.next().unwrap());
     rows.push(Row::new("guest→host RTT 1 B ping-pong, p50", "µs").direct(d.0).hostnet(h.0));
     rows.push(Row::new("guest→host RTT 1 B ping-pong, p99", "µs").direct(d.1).hostnet(h.1));
 
-    let srv = DesktopServer::start(demo, Server::Pooled(tcp::pong, z.clients));
+    let srv = DesktopServer::start(demo, Server::Pooled(tcp::pong, CONNECT_CLIENTS));
     let rate = |in_vm: bool| {
         let (own0, relay0) = (procs::own_cpu_seconds(), hn.cpu_seconds());
         let (n, secs) = if in_vm {
-            demo.in_netns(|| tcp::connections(srv.addr, z.window, z.clients))
+            demo.in_netns(|| tcp::connections(srv.addr, p.connect_window, CONNECT_CLIENTS))
         } else {
-            tcp::connections(srv.addr, z.window, z.clients)
+            tcp::connections(srv.addr, p.connect_window, CONNECT_CLIENTS)
         };
         let (own, relay) = (procs::own_cpu_seconds() - own0, hn.cpu_seconds() - relay0);
         let per = |cpu: f64| cpu / n.max(1) as f64 * 1e6;
@@ -92,14 +85,17 @@ pub fn rows(demo: &Demo, z: &Sizes, rows: &mut Vec<Row>) {
     };
     let (d, h) = (rate(false), rate(true));
     rows.push(
-        Row::new(format!("guest→host new connections (1 request), {} clients", z.clients), "conn/s")
+        Row::new(format!("guest→host new connections (1 request), {} clients", CONNECT_CLIENTS), "conn/s")
             .direct(d.0)
             .hostnet(h.0),
     );
     rows.push(
-        Row::new(format!("guest→host CPU per new connection, whole path ({} clients)", z.clients), "CPU-µs")
-            .direct(d.1)
-            .hostnet(h.1)
-            .note(format!("relay only (proxy + agent): {:.1} CPU-µs", h.2)),
+        Row::new(
+            format!("guest→host CPU per new connection, whole path ({} clients)", CONNECT_CLIENTS),
+            "CPU-µs",
+        )
+        .direct(d.1)
+        .hostnet(h.1)
+        .note(format!("relay only (proxy + agent): {:.1} CPU-µs", h.2)),
     );
 }

@@ -411,13 +411,7 @@ fn main() {
     if run(Workload::GuestToHost) {
         guard("guest-to-host", &mut rows, &mut failed, |rows| {
             step("guest → host: throughput, round trips, new connections");
-            let sizes = g2h::Sizes {
-                bytes: p.bytes,
-                trips: p.trips,
-                window: p.connect_window,
-                clients: CONNECT_CLIENTS,
-            };
-            g2h::rows(&demo, &sizes, rows);
+            g2h::rows(&demo, &p, rows);
         });
     }
     if run(Workload::Memory) {
