@@ -17,7 +17,7 @@ use bytes::Bytes;
 use hostnet_net::Connector;
 use hostnet_net::discovery::own::OwnSockets;
 use hostnet_net::relay::socket::UdpSocket;
-use hostnet_net::relay::udp::{Activity, DatagramBatch};
+use hostnet_net::relay::udp;
 use hostnet_net::tally::Tally;
 use hostnet_net::transport::handshake::{self, OpenError};
 use hostnet_protocol::Open;
@@ -86,10 +86,11 @@ pub async fn serve(
     }
 }
 
-/// One flow: its socket and the datagrams queued for it ⇄ a data stream to the proxy.
+/// One flow: its socket and the datagrams queued for it ⇄ a data stream to the proxy, relayed
+/// as the other way's flows are: bursts in one system call each way.
 async fn flow(
     socket: UdpSocket,
-    mut queued: mpsc::Receiver<Bytes>,
+    queued: mpsc::Receiver<Bytes>,
     original: SocketAddr,
     client: SocketAddr,
     to_host: Arc<dyn Connector>,
@@ -101,39 +102,9 @@ async fn flow(
         Err(e @ OpenError::Refused(_)) => return debug!("proxy {e}"),
         Err(e) => return warn!("cannot reach the proxy for guest→host: {e}"),
     };
-    let activity = Activity::new();
-    // Guest client → host: from the queue (datagrams that beat the flow socket) and the socket.
-    let up = async {
-        let mut buf = vec![0u8; MAX_DATAGRAM_LEN];
-        let mut batch = DatagramBatch::default();
-        loop {
-            tokio::select! {
-                d = queued.recv(), if !queued.is_closed() => match d {
-                    Some(d) => { batch.push(&d); }
-                    None => continue,
-                },
-                r = socket.recv(&mut buf) => match r {
-                    Ok(n) => { batch.push(buf.get(..n).unwrap_or_default()); }
-                    Err(_) => continue,
-                },
-            }
-            activity.touch();
-            if batch.flush(&stream).await.is_err() {
-                return;
-            }
-        }
-    };
-    // Host → guest client, from the original destination's address.
-    let down = async {
-        while let Ok(Some(d)) = reader.read_datagram(&stream).await {
-            let _ = socket.send(&d).await;
-            activity.touch();
-        }
-    };
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = activity.idle_for(FLOW_IDLE_TIMEOUT) => debug!("idle: flow closed"),
-        _ = up => {}
-        _ = down => {}
-    }
+    // The queue carries what beat the flow socket to the catch-all; the socket the rest.
+    let stats =
+        udp::relay_connected(&stream, &mut reader, &socket, Some(FLOW_IDLE_TIMEOUT), Some(queued), &shutdown)
+            .await;
+    debug!(?stats, "flow finished");
 }

@@ -245,7 +245,7 @@ impl Sessions {
             return;
         }
         let Ok(socket) = socket else { return };
-        let stats = udp::relay_connected(&stream, &mut reader, &socket, None, &self.shutdown).await;
+        let stats = udp::relay_connected(&stream, &mut reader, &socket, None, None, &self.shutdown).await;
         debug!(?stats, "udp flow finished");
     }
 }

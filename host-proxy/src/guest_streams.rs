@@ -403,7 +403,7 @@ async fn serve_udp(
     let Ok(socket) = socket else { return };
     let _active = stats.open();
     let idle = Some(crate::limits::GUEST_FLOW_IDLE_BACKSTOP);
-    let stats = udp::relay_connected(&stream, &mut reader, &socket, idle, &shutdown).await;
+    let stats = udp::relay_connected(&stream, &mut reader, &socket, idle, None, &shutdown).await;
     debug!(?stats, "guest→host udp flow finished");
 }
 

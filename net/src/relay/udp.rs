@@ -2,7 +2,9 @@
 //! data stream.
 
 use crate::relay::socket::UdpSocket;
+use bytes::Bytes;
 use hostnet_protocol::datagram::datagram_header;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::relay::mmsg::{self, MMSG_BATCH};
@@ -148,6 +150,10 @@ pub struct UdpStats {
 /// Relays datagrams between a data stream and a `connect`ed UDP socket until the stream ends,
 /// either side fails, `idle` passes without a datagram, or `shutdown`.
 ///
+/// `early`: datagrams from the socket's peer that reached its owner some other way before the
+/// socket existed (the agent's catch-all socket for guest→host flows); they go to the stream as
+/// if the socket had received them, until the sender is dropped.
+///
 /// Both directions run side by side: a blocked write one way must never stall the other, or
 /// two relays writing to each other could wait forever.
 pub async fn relay_connected<S: RawStream>(
@@ -155,6 +161,7 @@ pub async fn relay_connected<S: RawStream>(
     reader: &mut FrameReader,
     socket: &UdpSocket,
     idle: Option<std::time::Duration>,
+    early: Option<mpsc::Receiver<Bytes>>,
     shutdown: &CancellationToken,
 ) -> UdpStats {
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -190,8 +197,37 @@ pub async fn relay_connected<S: RawStream>(
     };
     let down = async {
         let mut batch = DatagramBatch::default();
+        let mut early = early;
         loop {
-            match mmsg::recv_batch(socket, MMSG_BATCH, |d, _| _ = batch.push(d)).await {
+            let received = match early.as_mut() {
+                Some(queue) => tokio::select! {
+                    biased;
+                    d = queue.recv() => Err(d),
+                    r = mmsg::recv_batch(socket, MMSG_BATCH, |d, _| _ = batch.push(d)) => Ok(r),
+                },
+                None => Ok(mmsg::recv_batch(socket, MMSG_BATCH, |d, _| _ = batch.push(d)).await),
+            };
+            let received = match received {
+                Ok(r) => r,
+                Err(Some(d)) => {
+                    // An early datagram: with whatever else is queued, in one write.
+                    batch.push(&d);
+                    while let Some(d) = early.as_mut().and_then(|q| q.try_recv().ok()) {
+                        batch.push(&d);
+                    }
+                    from_socket.fetch_add(batch.len() as u64, Relaxed);
+                    activity.touch();
+                    if batch.flush(stream).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Err(None) => {
+                    early = None;
+                    continue;
+                }
+            };
+            match received {
                 Ok(got) => {
                     // Take whatever else already waits, and send it all in one write. A short
                     // batch means the socket was drained: no need to ask again.

@@ -5,12 +5,13 @@
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use hostnet_tests::{DEADLINE, Demo, GuestServer, count_then_reply, echo, free_port, loopback};
+use hostnet_tests::{DEADLINE, Demo, GuestServer, UdpEcho, count_then_reply, echo, free_port, loopback};
 
 use crate::paths::Server;
 use crate::procs::{self, Hostnet};
 use crate::report::Row;
 use crate::tcp;
+use crate::udp::{self, desktop_socket_drops, drops_where, socket_drops};
 use crate::{CONNECT_CLIENTS, Params};
 
 /// A server on the desktop's loopback that a client in the VM reaches.
@@ -98,4 +99,46 @@ pub fn rows(demo: &Demo, p: &Params, rows: &mut Vec<Row>) {
         .hostnet(h.1)
         .note(format!("relay only (proxy + agent): {:.1} CPU-µs", h.2)),
     );
+}
+
+/// UDP, guest → host: the lossless rate and the relays' CPU per datagram of a client in the VM
+/// sending to a desktop echo server at `localhost:PORT` (intercepted by the agent's TPROXY
+/// rules, a flow socket of its own per client), against the same client on the desktop.
+pub fn udp_rows(demo: &Demo, p: &Params, rows: &mut Vec<Row>) {
+    let hn = Hostnet::find(demo);
+    let port = free_port();
+    let target = loopback(false, port);
+    let _echo = UdpEcho::start_here(target);
+    // Where a step lost datagrams, by role (the client's socket is the ladder's).
+    let direct_drops = |client: u16| {
+        let host = socket_drops();
+        vec![
+            ("client", drops_where(&host, &|s| s.local_port == client)),
+            ("echo server", drops_where(&host, &|s| s.local_port == port && s.remote_port == 0)),
+        ]
+    };
+    // Called in the VM's namespace (the ladder's client is there).
+    let hostnet_drops = |client: u16| {
+        let (guest, host) = (socket_drops(), desktop_socket_drops());
+        vec![
+            ("client", drops_where(&guest, &|s| s.local_port == client)),
+            (
+                "agent's flow socket",
+                drops_where(&guest, &|s| s.local_port == port && s.remote_port == client),
+            ),
+            ("proxy's socket", drops_where(&host, &|s| s.remote_port == port)),
+            ("echo server", drops_where(&host, &|s| s.local_port == port && s.remote_port == 0)),
+        ]
+    };
+    let lossless = |size| {
+        [
+            udp::lossless_rate(target, size, p.udp_seconds, &direct_drops),
+            demo.in_netns(|| udp::lossless_rate(target, size, p.udp_seconds, &hostnet_drops)),
+        ]
+    };
+    rows.extend(udp::lossless_rows("guest→host ", p, &lossless, None));
+    let cpu = |size| {
+        demo.in_netns(|| udp::relay_cpu_per_datagram(target, size, p.udp_cpu_seconds, &|| hn.cpu_seconds()))
+    };
+    rows.extend(udp::cpu_rows("guest→host ", p, &cpu));
 }

@@ -89,6 +89,9 @@ enum Workload {
     /// Guest → host: a client in the VM reaching a desktop server at localhost (throughput,
     /// round trips, new connections), against the same client on the desktop.
     GuestToHost,
+    /// Guest → host UDP: the lossless rate and relay CPU per datagram of a client in the VM
+    /// reaching a desktop echo server at localhost, against the same client on the desktop.
+    GuestToHostUdp,
     /// Memory per idle connection.
     Memory,
     /// The real VM (QEMU TCG, virtio-vsock): hostnet against the raw vsock link, both ways.
@@ -290,9 +293,7 @@ fn main() {
             let _hostnet_echo = UdpEcho::start(&demo, SocketAddr::from(([0, 0, 0, 0], hostnet_port)));
             // Where a step lost datagrams: the drop counter of each socket on the path, by role
             // (the client's socket is the one the ladder receives echoes on).
-            let sum = |socks: &[udp::SocketDrops], f: &dyn Fn(&udp::SocketDrops) -> bool| {
-                socks.iter().filter(|s| f(s)).map(|s| s.drops).sum::<u64>()
-            };
+            let sum = udp::drops_where;
             let direct_drops = |client: u16| {
                 let host = udp::socket_drops();
                 vec![
@@ -310,56 +311,21 @@ fn main() {
                     ("agent's flow socket", sum(&guest, &|s| s.remote_port == hostnet_port)),
                 ]
             };
-            for size in [64usize, 1400] {
-                let (d, d_lost) =
-                    udp::lossless_rate(loopback(false, direct_port), size, p.udp_seconds, &direct_drops);
-                let (h, h_lost) =
-                    udp::lossless_rate(loopback(false, hostnet_port), size, p.udp_seconds, &hostnet_drops);
-                let mut notes = Vec::new();
-                if size == 64 {
-                    notes.push(format!(
-                        "paced ladder {}–{} /s, {} s per step; no socat column (its chain is a byte stream)",
-                        report::num(udp::LADDER[0]),
-                        report::num(udp::LADDER[udp::LADDER.len() - 1]),
-                        p.udp_seconds
-                    ));
-                }
-                for (path, lost) in [("direct", d_lost), ("hostnet", h_lost)] {
-                    match lost {
-                        Some(lost) => notes.push(format!("{path} {}", lost.text())),
-                        // The ladder ran out before the path did: its figure is a floor.
-                        None => {
-                            notes.push(format!("{path} lost nothing up to the ladder's top: at least that"))
-                        }
-                    }
-                }
-                let mut row =
-                    Row::new(format!("UDP lossless rate, {size} B"), "datagrams/s").direct(d).hostnet(h);
-                if size == 64 {
-                    row = row.goal(Goal::VsDirect(0.8));
-                }
-                rows.push(row.note(notes.join("; ")));
-            }
+            let lossless = |size| {
+                [
+                    udp::lossless_rate(loopback(false, direct_port), size, p.udp_seconds, &direct_drops),
+                    udp::lossless_rate(loopback(false, hostnet_port), size, p.udp_seconds, &hostnet_drops),
+                ]
+            };
+            rows.extend(udp::lossless_rows("", &p, &lossless, Some(Goal::VsDirect(0.8))));
             // Relay CPU per datagram at one rate every path sustains (steadier than the ladder).
             let hn = Hostnet::find(&demo);
-            let relay_cpu = || hn.cpu_seconds();
-            for size in [64usize, 1400] {
-                let us = udp::relay_cpu_per_datagram(
-                    loopback(false, hostnet_port),
-                    size,
-                    p.udp_cpu_seconds,
-                    &relay_cpu,
-                );
-                rows.push(
-                    Row::new(format!("UDP relay CPU per echoed datagram, {size} B"), "CPU-µs")
-                        .hostnet(us)
-                        .note(format!(
-                            "proxy + agent, {} /s for {} s, there and back",
-                            report::num(udp::CPU_RATE),
-                            p.udp_cpu_seconds
-                        )),
-                );
-            }
+            let cpu = |size| {
+                udp::relay_cpu_per_datagram(loopback(false, hostnet_port), size, p.udp_cpu_seconds, &|| {
+                    hn.cpu_seconds()
+                })
+            };
+            rows.extend(udp::cpu_rows("", &p, &cpu));
         });
     }
     if run(Workload::Connect) {
@@ -412,6 +378,12 @@ fn main() {
         guard("guest-to-host", &mut rows, &mut failed, |rows| {
             step("guest → host: throughput, round trips, new connections");
             g2h::rows(&demo, &p, rows);
+        });
+    }
+    if run(Workload::GuestToHostUdp) {
+        guard("guest-to-host-udp", &mut rows, &mut failed, |rows| {
+            step("guest → host UDP: lossless rate, relay CPU per datagram");
+            g2h::udp_rows(&demo, &p, rows);
         });
     }
     if run(Workload::Memory) {

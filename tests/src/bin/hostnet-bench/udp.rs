@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 use hostnet_tests::DEADLINE;
 
+use crate::Params;
+use crate::report::{Goal, Row};
+
 /// Paced rates tried in order; the result is the last one with every echo back. Above 100 000
 /// no two neighbours are further apart than 0.8× (the target's ratio), so one step of noise
 /// cannot by itself decide it.
@@ -62,9 +65,14 @@ pub struct SocketDrops {
 
 /// Every UDP socket of the calling thread's network namespace.
 pub fn socket_drops() -> Vec<SocketDrops> {
+    socket_drops_in("/proc/thread-self/net")
+}
+
+/// Every UDP socket in the `udp` and `udp6` tables of `dir`.
+fn socket_drops_in(dir: &str) -> Vec<SocketDrops> {
     let mut out = Vec::new();
-    for table in ["/proc/thread-self/net/udp", "/proc/thread-self/net/udp6"] {
-        let text = std::fs::read_to_string(table).unwrap_or_default();
+    for table in ["udp", "udp6"] {
+        let text = std::fs::read_to_string(format!("{dir}/{table}")).unwrap_or_default();
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             let port = |a: &str| a.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
@@ -77,6 +85,73 @@ pub fn socket_drops() -> Vec<SocketDrops> {
     }
     out
 }
+
+/// Drops of the sockets in `socks` that `f` picks.
+pub fn drops_where(socks: &[SocketDrops], f: &dyn Fn(&SocketDrops) -> bool) -> u64 {
+    socks.iter().filter(|s| f(s)).map(|s| s.drops).sum()
+}
+
+/// Every UDP socket of this process's first thread's network namespace — the desktop's, when
+/// called from a thread that entered the VM's (`Demo::in_netns`).
+pub fn desktop_socket_drops() -> Vec<SocketDrops> {
+    socket_drops_in("/proc/self/net")
+}
+
+/// The lossless-rate rows, 64 B and 1400 B, of one pair of paths: `measure(size)` gives
+/// direct's and hostnet's [`lossless_rate`]. `what` leads the rows' names ("" or "guest→host ").
+pub fn lossless_rows(
+    what: &str,
+    p: &Params,
+    measure: &dyn Fn(usize) -> [(f64, Option<Losses>); 2],
+    goal: Option<Goal>,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for size in SIZES {
+        let [(d, d_lost), (h, h_lost)] = measure(size);
+        let mut notes = Vec::new();
+        if size == SIZES[0] {
+            notes.push(format!(
+                "paced ladder {}–{} /s, {} s per step; no socat column (its chain is a byte stream)",
+                crate::report::num(LADDER[0]),
+                crate::report::num(LADDER[LADDER.len() - 1]),
+                p.udp_seconds
+            ));
+        }
+        for (path, lost) in [("direct", d_lost), ("hostnet", h_lost)] {
+            match lost {
+                Some(lost) => notes.push(format!("{path} {}", lost.text())),
+                // The ladder ran out before the path did: its figure is a floor.
+                None => notes.push(format!("{path} lost nothing up to the ladder's top: at least that")),
+            }
+        }
+        let mut row =
+            Row::new(format!("{what}UDP lossless rate, {size} B"), "datagrams/s").direct(d).hostnet(h);
+        if let (Some(goal), true) = (goal, size == SIZES[0]) {
+            row = row.goal(goal);
+        }
+        rows.push(row.note(notes.join("; ")));
+    }
+    rows
+}
+
+/// The relay-CPU rows, 64 B and 1400 B: `measure(size)` gives [`relay_cpu_per_datagram`].
+pub fn cpu_rows(what: &str, p: &Params, measure: &dyn Fn(usize) -> f64) -> Vec<Row> {
+    SIZES
+        .into_iter()
+        .map(|size| {
+            Row::new(format!("{what}UDP relay CPU per echoed datagram, {size} B"), "CPU-µs")
+                .hostnet(measure(size))
+                .note(format!(
+                    "proxy + agent, {} /s for {} s, there and back",
+                    crate::report::num(CPU_RATE),
+                    p.udp_cpu_seconds
+                ))
+        })
+        .collect()
+}
+
+/// Datagram sizes measured: the smallest that carries anything, and a full Ethernet payload.
+pub const SIZES: [usize; 2] = [64, 1400];
 
 /// The highest rate (of [`LADDER`]) at which every datagram of a paced run comes back, and
 /// where the first step that lost datagrams lost them (`None` if none did).
@@ -91,12 +166,22 @@ pub fn lossless_rate(
     let _ = socket2::SockRef::from(&c).set_recv_buffer_size(8 << 20);
     c.connect(target).unwrap();
     c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    // Warm the path (opens the flow through hostnet).
+    // Warm the path (opens the flow through hostnet) until an echo comes back. Until the path
+    // is there, a send or receive may fail at once (ICMP port unreachable): try again shortly.
     let start = Instant::now();
     let mut buf = [0u8; 2048];
-    while c.send(&[0u8; 8]).is_ok() && c.recv(&mut buf).is_err() {
+    loop {
+        let sent = c.send(&[0u8; 8]);
+        if sent.is_ok() && c.recv(&mut buf).is_ok() {
+            break;
+        }
         assert!(start.elapsed() < DEADLINE, "no UDP echo from {target}");
+        std::thread::sleep(Duration::from_millis(1));
     }
+    // Echoes of earlier tries still on their way would count in the first step.
+    c.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    while c.recv(&mut buf).is_ok() {}
+    c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let mut best = 0.0;
     for rate in LADDER {
         let before = probe(client_port);
