@@ -10,9 +10,12 @@
 //! would block does a direction take a buffer of its own for what is left, and keep it for the
 //! bulk transfer that follows until [`IDLE_BUFFER_RELEASE`] of silence gives it back.
 
+use std::future::poll_fn;
 use std::io;
+use std::pin::pin;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -20,6 +23,7 @@ use hostnet_protocol::chunk::{self, CHUNK_HEADER_LEN, ChunkDecoder, ChunkEvent, 
 use tokio_util::sync::CancellationToken;
 
 use crate::relay::splice::Pipe;
+use crate::relay::woken::OnWake;
 use crate::tally::Tally;
 use crate::transport::raw::{self, RawStream};
 use tokio::io::Interest;
@@ -176,49 +180,46 @@ async fn relay_both<L: RawStream, P: RawStream>(
     shutdown: &CancellationToken,
     client_first: bool,
 ) -> Outcome {
-    let abort = CancellationToken::new();
     let up_done = CancellationToken::new();
     let mid_chunk = AtomicBool::new(false);
-
-    let up = async {
-        let end = tokio::select! {
-            biased;
-            _ = abort.cancelled() => None,
-            end = pump_up(local, peer, lead, counters, &mid_chunk, client_first) => Some(end),
-        };
-        match end {
-            Some(Outcome::Closed) => up_done.cancel(),
-            Some(_) => abort.cancel(),
-            None => {}
-        }
-        end
-    };
-    let down = async {
-        let end = tokio::select! {
-            biased;
-            _ = abort.cancelled() => None,
-            end = async {
-                match answer.await {
-                    Ok(pending) => pump_down(peer, local, pending, counters, &up_done).await,
-                    Err(end) => end,
+    let outcome = {
+        // Each direction, and the shutdown signal, polled only when something woke it
+        // ([`OnWake`]): a message one way does not walk the other way's stack, nor take the
+        // shutdown token's locks.
+        let up = pin!(OnWake::new(pump_up(local, peer, lead, counters, &mid_chunk, client_first)));
+        let down = pin!(OnWake::new(async {
+            match answer.await {
+                Ok(pending) => pump_down(peer, local, pending, counters, &up_done).await,
+                Err(end) => end,
+            }
+        }));
+        let cancelled = pin!(OnWake::new(shutdown.cancelled()));
+        let mut ends = (Some(up), Some(down), cancelled);
+        let (mut up_end, mut down_end) = (None, None);
+        poll_fn(|cx| {
+            let (up, down, cancelled) = &mut ends;
+            if let Some(Poll::Ready(end)) = up.as_mut().map(|f| f.as_mut().poll(cx)) {
+                *up = None;
+                up_end = Some(end);
+                if end == Outcome::Closed {
+                    // The down direction may be waiting for this after the peer's FIN.
+                    up_done.cancel();
                 }
-            } => Some(end),
-        };
-        if end.is_some_and(|e| e != Outcome::Closed) {
-            abort.cancel();
-        }
-        end
-    };
-    let both = async { tokio::join!(up, down) };
-    let outcome = tokio::select! {
-        (up, down) = both => match (up, down) {
-            (Some(Outcome::Closed), Some(Outcome::Closed)) => Outcome::Closed,
-            // The first direction to fail decides; the other was cancelled.
-            (Some(e), _) if e != Outcome::Closed => e,
-            (_, Some(e)) => e,
-            _ => Outcome::PeerVanished,
-        },
-        _ = shutdown.cancelled() => Outcome::Cancelled,
+            }
+            if let Some(Poll::Ready(end)) = down.as_mut().map(|f| f.as_mut().poll(cx)) {
+                *down = None;
+                down_end = Some(end);
+            }
+            match (up_end, down_end) {
+                (Some(Outcome::Closed), Some(Outcome::Closed)) => return Poll::Ready(Outcome::Closed),
+                // The first direction to fail decides; the other is dropped unfinished.
+                (Some(e), _) if e != Outcome::Closed => return Poll::Ready(e),
+                (_, Some(e)) if e != Outcome::Closed => return Poll::Ready(e),
+                _ => {}
+            }
+            cancelled.as_mut().poll(cx).map(|()| Outcome::Cancelled)
+        })
+        .await
     };
     if outcome == Outcome::LocalReset && !mid_chunk.load(Ordering::Relaxed) {
         // A failed write to the local socket (seen by the down direction) still owes the peer
