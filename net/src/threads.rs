@@ -57,6 +57,16 @@ thread_local! {
     /// While a connection's task ([`Placed`]) is polled: what [`spread_bulk`] may do, and what
     /// it asked.
     static ROAM: Cell<Roam> = const { Cell::new(Roam::Off) };
+    /// While a connection's task is polled: whether every part of it that is polled only when
+    /// woken (`crate::relay::woken::OnWake`) is polled anyway — its streams joined this
+    /// thread's reactor during the poll before, and a wait made before that is lost.
+    static POLL_ALL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the task being polled must poll every part of it, woken or not ([`POLL_ALL`]): the
+/// poll after its connection's streams moved to this thread's reactor.
+pub fn polling_all() -> bool {
+    POLL_ALL.get()
 }
 
 /// A connection's standing with its task, for [`spread_bulk`].
@@ -70,6 +80,9 @@ enum Roam {
     Heavy,
     /// Turned to bulk during this poll: its task places it again.
     Turned,
+    /// Its streams joined this thread's reactor during this poll: the next poll polls all of
+    /// the task ([`POLL_ALL`]), so every wait is made again here.
+    Rehomed,
 }
 
 /// Ids of sets, so a thread knows whether it belongs to the set it is asked about (a proxy and
@@ -239,6 +252,8 @@ struct Placed {
     bulk: Option<Counted>,
     /// Keeps the connection's tracker waiting for it, wherever it runs.
     token: TaskTrackerToken,
+    /// The next poll is to poll all of the connection ([`POLL_ALL`]).
+    poll_all: bool,
 }
 
 impl Future for Placed {
@@ -247,8 +262,14 @@ impl Future for Placed {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
         let before = ROAM.replace(if this.bulk.is_some() { Roam::Heavy } else { Roam::Light });
+        let all_before = POLL_ALL.replace(std::mem::take(&mut this.poll_all));
         let polled = this.conn.as_mut().poll(cx);
+        POLL_ALL.set(all_before);
         let asked = ROAM.replace(before);
+        if asked == Roam::Rehomed {
+            // `spread_bulk` woke the task: its next poll makes every wait again.
+            this.poll_all = true;
+        }
         if polled.is_ready() || asked != Roam::Turned {
             return polled;
         }
@@ -269,6 +290,7 @@ impl Future for Placed {
             bulk: Some(Counted::new(&there.bulk)),
             token: this.token.clone(),
             threads: threads.clone(),
+            poll_all: true,
         };
         there.handle.spawn(moved);
         Poll::Ready(())
@@ -278,8 +300,9 @@ impl Future for Placed {
 /// Called by a relay when its connection turns to bulk, with nothing in hand: on a relay
 /// thread, if its streams can follow (`roams`) and this is its first bulk turn, its task may
 /// move it to the thread with the fewest bulk connections ([`spread`]). After a move `rehome`
-/// takes the streams to the new thread's reactor, and the task is polled once more, so a wait
-/// the other direction began on the old reactor is made again on the new one. Elsewhere, or
+/// takes the streams to the new thread's reactor, and the task is polled once more, all of it
+/// ([`polling_all`]), so a wait the other direction began on the old reactor is made again on
+/// the new one. Elsewhere, or
 /// once the connection counts as bulk, it returns at once.
 pub async fn spread_bulk(roams: bool, rehome: impl FnOnce() -> io::Result<()>) {
     if !roams || ROAM.get() != Roam::Light {
@@ -295,6 +318,7 @@ pub async fn spread_bulk(roams: bool, rehome: impl FnOnce() -> io::Result<()>) {
         // The stream that could not join reports it at its next use: the relay ends there.
         debug!("a connection moved to another relay thread lost its socket: {e}");
     }
+    ROAM.set(Roam::Rehomed);
     yield_once().await;
 }
 
@@ -411,6 +435,7 @@ impl RelayThreads {
             _live: live,
             bulk: None,
             token: tracker.token(),
+            poll_all: false,
         };
         if here == Some(index) {
             tokio::spawn(placed(Box::pin(serve(conn))));

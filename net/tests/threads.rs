@@ -81,6 +81,27 @@ fn accept_on_first<F, Fut>(
 
 #[test]
 fn connections_turning_to_bulk_spread_over_the_threads_and_go_on_relaying_both_ways() {
+    spread_then_relay_both_ways(Towards::Peer);
+}
+
+/// The same with the bulk bytes flowing from the data stream to the client: the direction
+/// that moves the connection is then the one polled second, after the other has waited again
+/// on the old thread's reactor.
+#[test]
+fn connections_turning_to_bulk_towards_the_client_spread_and_go_on_relaying_both_ways() {
+    spread_then_relay_both_ways(Towards::Client);
+}
+
+/// Which way a test's bulk transfer goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Towards {
+    /// Client → relay → data stream.
+    Peer,
+    /// Data stream → relay → client.
+    Client,
+}
+
+fn spread_then_relay_both_ways(towards: Towards) {
     let threads = RelayThreads::start("test-spread", 2).unwrap();
     let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
     let (mut locals, mut peers, mut ends) = (Vec::new(), Vec::new(), Vec::new());
@@ -106,8 +127,16 @@ fn connections_turning_to_bulk_spread_over_the_threads_and_go_on_relaying_both_w
     // A bulk transfer on each: the first stays, the second goes to the other thread.
     let bulk = vec![7u8; 512 << 10];
     for (client, far) in &mut ends {
-        client.write_all(&bulk).unwrap();
-        assert_eq!(read_chunks(far, bulk.len()), bulk);
+        if towards == Towards::Peer {
+            client.write_all(&bulk).unwrap();
+            assert_eq!(read_chunks(far, bulk.len()), bulk);
+        } else {
+            far.write_all(&[&data_header(bulk.len())[..], &bulk].concat()).unwrap();
+            let mut got = vec![0u8; bulk.len()];
+            client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            client.read_exact(&mut got).expect("relayed to the client in time");
+            assert_eq!(got, bulk);
+        }
     }
     wait_until("a bulk connection on each thread", || threads.bulk() == [1, 1]);
     assert_eq!(threads.live(), [1, 1]);

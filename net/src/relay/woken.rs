@@ -7,8 +7,11 @@
 //! poll takes two locks) and back: about a third of the relay's user-space instructions per
 //! message, and each message's latency pays for them (`docs/performance.md`, round eight).
 //! [`OnWake`] hands its future a waker of its own and polls it again only once that waker was
-//! used — or when the task's waker changed, which is what happens when a connection moves to
-//! another relay thread (`crate::threads`): every wait it had must then be made again there.
+//! used — or when the task's waker changed (a connection moved to another relay thread is
+//! polled by a new task there), or when its relay thread asks for every part of the task to be
+//! polled (`crate::threads::polling_all`: the poll after its streams joined that thread's
+//! reactor, which one direction does in its own poll, maybe after the other had waited again
+//! on the old reactor). Every wait is then made again where the connection now is.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,7 +21,8 @@ use std::task::{Context, Poll, Wake, Waker};
 
 pin_project_lite::pin_project! {
     /// `inner`, polled only when its own waker was woken since the last poll, on the first
-    /// poll, and whenever the task's waker is not the one it saw last.
+    /// poll, whenever the task's waker is not the one it saw last, and when the relay thread
+    /// asks for all (`crate::threads::polling_all`).
     #[derive(Debug)]
     pub struct OnWake<F> {
         #[pin]
@@ -70,7 +74,7 @@ impl<F: Future> Future for OnWake<F> {
         };
         // Taken before polling: a wake during the poll sets it again, and the task is woken.
         let woken = this.flag.woken.swap(false, Ordering::AcqRel);
-        if !(woken || moved) {
+        if !(woken || moved || crate::threads::polling_all()) {
             return Poll::Pending;
         }
         this.inner.poll(&mut Context::from_waker(this.waker))
