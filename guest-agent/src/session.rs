@@ -11,7 +11,6 @@ use hostnet_net::discovery::own::OwnSockets;
 use hostnet_net::relay::open::{answer_and_relay, refuse};
 use hostnet_net::relay::tcp::RelayCounters;
 use hostnet_net::relay::udp;
-use hostnet_net::threads::Movable;
 use hostnet_net::transport::handshake::{self, FrameReader, HandshakeError};
 use hostnet_protocol::session::{AgentAction, AgentSession, AgentSessionError};
 use hostnet_protocol::{AgentFrame, ListenerSet, Open, PrefaceError, ProxyFrame, ShowPeer};
@@ -47,9 +46,6 @@ pub struct Sessions {
     shutdown: CancellationToken,
     /// The live control session; a new one replaces it (the proxy restarted or reconnected).
     control: Arc<Mutex<CancellationToken>>,
-    /// Where control sessions run: the runtime that made this (the agent's main one), not the
-    /// relay thread that accepted the stream.
-    home: tokio::runtime::Handle,
 }
 
 impl Sessions {
@@ -72,7 +68,6 @@ impl Sessions {
                 none.cancel();
                 none
             })),
-            home: tokio::runtime::Handle::current(),
         }
     }
 
@@ -111,7 +106,7 @@ impl Sessions {
             }
             Open::Control {} => {
                 info!(%peer, "control stream from the proxy");
-                self.control_at_home(stream, reader).await
+                self.control(stream, reader).await
             }
             Open::Tcp { addr, port, peer } => {
                 // At debug level, as the proxy's connection spans (`host-proxy/src/forward.rs`).
@@ -122,28 +117,6 @@ impl Sessions {
                 let span = info_span!("udp", %port, client = %ShowPeer(peer));
                 self.udp(stream, reader, addr, port).instrument(span).await
             }
-        }
-    }
-
-    /// [`Self::control`] on the agent's main runtime, the stream moved there from the relay
-    /// thread that accepted it; this task waits for it. The session lives as long as the
-    /// proxy, keeps timers (its `poll_timeout`) and does discovery's work: on a relay thread
-    /// it would share that thread with connections, and its timer alone made every wait of
-    /// that thread's reactor a timed one (`epoll_wait` with a timeout instead of none).
-    async fn control_at_home(&self, stream: TransportStream, reader: FrameReader) {
-        let detached = match stream.detach() {
-            Ok(d) => d,
-            Err(e) => return warn!("cannot move the control stream off the relay thread: {e}"),
-        };
-        let me = self.clone();
-        let session = self.home.spawn(async move {
-            match TransportStream::attach(detached) {
-                Ok(stream) => me.control(stream, reader).await,
-                Err(e) => warn!("cannot take the control stream on the main runtime: {e}"),
-            }
-        });
-        if let Err(e) = session.await {
-            warn!("the control session ended abnormally: {e}");
         }
     }
 
