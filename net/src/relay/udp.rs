@@ -210,9 +210,11 @@ pub async fn relay_connected<S: RawStream>(
             let received = match received {
                 Ok(r) => r,
                 Err(Some(d)) => {
-                    // An early datagram: with whatever else is queued, in one write.
+                    // An early datagram: with whatever else is queued, in one write (a batch's
+                    // worth at most; the rest in the next turns).
                     batch.push(&d);
-                    while let Some(d) = early.as_mut().and_then(|q| q.try_recv().ok()) {
+                    while !batch.is_full() {
+                        let Some(d) = early.as_mut().and_then(|q| q.try_recv().ok()) else { break };
                         batch.push(&d);
                     }
                     from_socket.fetch_add(batch.len() as u64, Relaxed);
