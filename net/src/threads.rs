@@ -302,8 +302,7 @@ impl Future for Placed {
 /// move it to the thread with the fewest bulk connections ([`spread`]). After a move `rehome`
 /// takes the streams to the new thread's reactor, and the task is polled once more, all of it
 /// ([`polling_all`]), so a wait the other direction began on the old reactor is made again on
-/// the new one. Elsewhere, or
-/// once the connection counts as bulk, it returns at once.
+/// the new one. Elsewhere, or once the connection counts as bulk, it returns at once.
 pub async fn spread_bulk(roams: bool, rehome: impl FnOnce() -> io::Result<()>) {
     if !roams || ROAM.get() != Roam::Light {
         return;
