@@ -9,7 +9,7 @@ use hostnet_net::TransportSpec;
 use hostnet_net::accept::next_accepted;
 use hostnet_net::discovery::own::OwnSockets;
 use hostnet_net::discovery::{source, watcher};
-use hostnet_net::threads::RelayThreads;
+use hostnet_net::threads::{BindLoopError, RelayThreads};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -144,40 +144,37 @@ async fn serve_on(
 ) -> Result<(), AgentError> {
     let relay = RelayThreads::start("hostnet-relay", config.relay_threads).map_err(AgentError::Threads)?;
     let tracker = TaskTracker::new();
-    // The transport's listener is made on the relay thread that accepts on it (so that thread's
-    // reactor wakes it, and the streams it accepts start there), before anything else starts.
-    let (bound_tx, bound) = tokio::sync::oneshot::channel();
-    let (start, started) = tokio::sync::oneshot::channel::<session::Sessions>();
-    {
-        let (own, shutdown, relay_for_loop, tracker_for_loop) =
-            (own.clone(), shutdown.clone(), relay.clone(), tracker.clone());
-        relay.spawn_loop(tracker.track_future(async move {
-            let acceptor = match listen {
-                Listen::Given(acceptor) => acceptor,
-                Listen::Bind(transport) => match transport.bind(&own).await {
-                    Ok(acceptor) => {
-                        info!(%transport, "hostnet-agent listening for the proxy");
-                        acceptor
-                    }
-                    Err(e) => return drop(bound_tx.send(Err(e))),
-                },
-            };
-            let _ = bound_tx.send(Ok(()));
-            let Ok(sessions) = started.await else { return };
-            while let Some((stream, peer)) = next_accepted(|| acceptor.accept(), &shutdown, "a stream").await
+    // The transport's listener is made on the relay thread that accepts on it, before anything
+    // else starts; its loop waits for the sessions.
+    let bind = {
+        let own = own.clone();
+        async move {
+            match listen {
+                Listen::Given(acceptor) => Ok(acceptor),
+                Listen::Bind(transport) => transport.bind(&own).await.inspect(|_| {
+                    info!(%transport, "hostnet-agent listening for the proxy");
+                }),
+            }
+        }
+    };
+    let (shutdown_for_loop, relay_for_loop, tracker_for_loop) =
+        (shutdown.clone(), relay.clone(), tracker.clone());
+    let start = relay
+        .bind_loop(&tracker, bind, move |acceptor, sessions: session::Sessions| async move {
+            while let Some((stream, peer)) =
+                next_accepted(|| acceptor.accept(), &shutdown_for_loop, "a stream").await
             {
                 let sessions = sessions.clone();
                 relay_for_loop.spawn_connection(stream, &tracker_for_loop, move |stream| async move {
                     sessions.handle(stream, peer).await
                 });
             }
-        }));
-    }
-    match bound.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(e.into()),
-        Err(_) => return Err(AgentError::Threads(std::io::Error::other("the relay thread stopped"))),
-    }
+        })
+        .await
+        .map_err(|e| match e {
+            BindLoopError::Bind(e) => AgentError::from(e),
+            BindLoopError::Stopped => AgentError::Threads(std::io::Error::other(e.to_string())),
+        })?;
     let Discovery { source, trigger } = discovery;
     let listeners =
         watcher::spawn(source, trigger, config.ignore_ports.clone(), own.clone(), &tracker, shutdown.clone())

@@ -163,33 +163,25 @@ pub async fn start(
         }
     };
     // The acceptor is bound on the relay thread that runs its loop (so that thread's reactor
-    // wakes it, and the streams it accepts are relayed there: `hostnet_net::threads`).
-    let (bound_tx, bound) = tokio::sync::oneshot::channel();
-    let (accepted_tx, accepted) = tokio::sync::oneshot::channel::<AcceptLoop>();
+    // wakes it, and the streams it accepts are relayed there: `hostnet_net::threads`); the loop
+    // waits for what it checks streams against.
+    let bind = {
+        let (listen, own) = (listen.clone(), own.clone());
+        async move { listen.bind(&own).await }
+    };
+    let shutdown_for_loop = shutdown.clone();
+    let start = match relay
+        .bind_loop(tracker, bind, move |acceptor, serve: AcceptLoop| async move {
+            serve.run(acceptor, &shutdown_for_loop).await;
+        })
+        .await
     {
-        let (listen, own, shutdown) = (listen.clone(), own.clone(), shutdown.clone());
-        relay.spawn_loop(tracker.track_future(async move {
-            let acceptor = match listen.bind(&own).await {
-                Ok(a) => a,
-                Err(e) => return drop(bound_tx.send(Err(e))),
-            };
-            let _ = bound_tx.send(Ok(()));
-            // What the loop needs once the rest has started (or nothing: the proxy stops).
-            let Ok(serve) = accepted.await else { return };
-            serve.run(acceptor, &shutdown).await;
-        }));
-    }
-    match bound.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
+        Ok(start) => start,
+        Err(e) => {
             warn!("guest→host is off: {e}");
             return ToHost::off();
         }
-        Err(_) => {
-            warn!("guest→host is off: the relay thread stopped");
-            return ToHost::off();
-        }
-    }
+    };
     info!(%listen, "serving guest→host connections");
     let (advertised, withheld) = advertised(raw, settings, tracker, shutdown);
     let to_host = ToHost {
@@ -200,7 +192,7 @@ pub async fn start(
         guest_vm,
         max_streams: max_streams.max(1),
     };
-    let _ = accepted_tx.send(AcceptLoop {
+    let _ = start.send(AcceptLoop {
         streams: Arc::new(Semaphore::new(to_host.max_streams)),
         max_streams,
         host: to_host.advertised.clone(),

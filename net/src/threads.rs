@@ -33,6 +33,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -334,6 +335,24 @@ async fn yield_once() {
     .await
 }
 
+/// Why [`RelayThreads::bind_loop`] has no listener.
+#[derive(Debug)]
+pub enum BindLoopError<E> {
+    /// The bind failed.
+    Bind(E),
+    /// The relay threads stopped before it ran.
+    Stopped,
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for BindLoopError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BindLoopError::Bind(e) => e.fmt(f),
+            BindLoopError::Stopped => f.write_str("the relay thread stopped"),
+        }
+    }
+}
+
 impl RelayThreads {
     /// `HOSTNET_RELAY_THREADS` when it is a number from 1 to 1024, else one per CPU this process
     /// may use.
@@ -411,6 +430,42 @@ impl RelayThreads {
         let turn = self.next_loop.fetch_add(1, Ordering::Relaxed) % self.threads.len().max(1);
         if let Some(t) = self.threads.get(turn) {
             t.handle.spawn(accept_loop);
+        }
+    }
+
+    /// Makes a listener with `bind` on the next thread in turn ([`Self::spawn_loop`]: so that
+    /// thread's reactor wakes it, and the streams it accepts start there) and tells whether it
+    /// was made, before the caller starts anything that depends on it. Its accept loop,
+    /// `serve(listener, needs)`, runs there once the returned sender is sent what the loop
+    /// needs — made after the bind, as what it needs usually is; dropping the sender ends the
+    /// loop before it begins. Tracked by `tracker`.
+    pub async fn bind_loop<L, E, N, Fut>(
+        &self,
+        tracker: &TaskTracker,
+        bind: impl Future<Output = Result<L, E>> + Send + 'static,
+        serve: impl FnOnce(L, N) -> Fut + Send + 'static,
+    ) -> Result<oneshot::Sender<N>, BindLoopError<E>>
+    where
+        L: Send + 'static,
+        E: Send + 'static,
+        N: Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let (bound_tx, bound) = oneshot::channel();
+        let (start, started) = oneshot::channel::<N>();
+        self.spawn_loop(tracker.track_future(async move {
+            let listener = match bind.await {
+                Ok(l) => l,
+                Err(e) => return drop(bound_tx.send(Err(e))),
+            };
+            let _ = bound_tx.send(Ok(()));
+            let Ok(needs) = started.await else { return };
+            serve(listener, needs).await;
+        }));
+        match bound.await {
+            Ok(Ok(())) => Ok(start),
+            Ok(Err(e)) => Err(BindLoopError::Bind(e)),
+            Err(_) => Err(BindLoopError::Stopped),
         }
     }
 
@@ -607,5 +662,50 @@ mod tests {
         tracker.close();
         tracker.wait().await;
         assert_eq!(threads.live(), [0, 0, 0]);
+    }
+
+    /// The bind runs on a relay thread and its result comes back before the loop starts; the
+    /// loop gets what it was sent, on that thread; a failed bind is the caller's error, and a
+    /// dropped sender ends the loop unrun.
+    #[tokio::test]
+    async fn a_loop_is_bound_on_a_relay_thread_and_starts_when_sent_its_needs() {
+        let threads = RelayThreads::start("test-relay-bind", 2).unwrap();
+        let tracker = TaskTracker::new();
+        let (ran_tx, ran) = oneshot::channel();
+        let t = threads.clone();
+        let start = threads
+            .bind_loop(
+                &tracker,
+                {
+                    let t = threads.clone();
+                    async move { Ok::<_, String>(t.current()) }
+                },
+                move |bound_on, needs: &'static str| async move {
+                    let _ = ran_tx.send((bound_on, t.current(), needs));
+                },
+            )
+            .await
+            .unwrap();
+        start.send("sessions").unwrap();
+        let (bound_on, ran_on, needs) = ran.await.unwrap();
+        assert!(bound_on.is_some(), "bound off the relay threads");
+        assert_eq!(bound_on, ran_on, "the loop ran on another thread than its bind");
+        assert_eq!(needs, "sessions");
+
+        let failed =
+            threads.bind_loop(&tracker, async { Err::<(), _>("port in use") }, |(), ()| async {}).await;
+        assert!(matches!(failed, Err(BindLoopError::Bind("port in use"))), "{failed:?}");
+
+        let (ran_tx, ran) = oneshot::channel::<()>();
+        let start = threads
+            .bind_loop(&tracker, async { Ok::<_, ()>(()) }, move |(), ()| async move {
+                let _ = ran_tx.send(());
+            })
+            .await
+            .unwrap();
+        drop(start);
+        assert!(ran.await.is_err(), "the loop ran without its needs");
+        tracker.close();
+        tracker.wait().await;
     }
 }
