@@ -535,9 +535,17 @@ impl Forwards {
                 self.serving.relay.spawn_loop(tracked);
             }
             Bound::Udp(s) => {
-                self.serving.tracker.spawn(fwd.tasks.track_future(async move {
-                    crate::udp::serve(this.serving, s, guest_port, stop, stats).await
-                }));
+                // As a listener: registered on the relay thread that runs its receive loop, so
+                // that thread's reactor wakes it, and its flows (spawned from there) and their
+                // streams live on that thread too.
+                let serve = async move {
+                    match UdpSocket::from_std(s) {
+                        Ok(s) => crate::udp::serve(this.serving, s, guest_port, stop, stats).await,
+                        Err(e) => warn!(port = guest_port, "cannot serve a UDP socket: {e}"),
+                    }
+                };
+                let tracked = self.serving.tracker.track_future(fwd.tasks.track_future(serve));
+                self.serving.relay.spawn_loop(tracked);
             }
         };
     }
@@ -796,7 +804,8 @@ const ANOTHER_PROGRAM: &str = "by another program";
 enum Bound {
     /// Non-blocking, registered with no reactor yet: its accept loop's relay thread takes it.
     Tcp(std::net::TcpListener),
-    Udp(UdpSocket),
+    /// The same, its receive loop's relay thread takes it.
+    Udp(std::net::UdpSocket),
 }
 
 /// A socket like any server's: IPv6 sockets IPv6-only (the IPv4 one is separate); TCP
@@ -828,7 +837,7 @@ fn bind(proto: Proto, addr: SocketAddr, own: &OwnSockets) -> io::Result<Bound> {
             hostnet_net::relay::udp::size_receive_buffer(socket2::SockRef::from(&socket));
             hostnet_net::sys::prepare_udp_server(&socket)?;
             socket.bind(&addr.into())?;
-            Ok(Bound::Udp(UdpSocket::from_std(socket.into())?))
+            Ok(Bound::Udp(socket.into()))
         }
     }
 }

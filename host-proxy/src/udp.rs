@@ -300,7 +300,9 @@ impl PortFlows {
             token: self.serving.connection_token(),
         };
         self.flows.insert(peer, flow);
-        self.serving.tracker.spawn(task.run(rx, permit).instrument(info_span!("udp", port, %peer)));
+        // Beside the port's receive loop (a relay thread), unless that thread is saturated.
+        let flow = task.run(rx, permit).instrument(info_span!("udp", port, %peer));
+        self.serving.relay.spawn_task(&self.serving.tracker, flow);
     }
 }
 

@@ -192,6 +192,19 @@ pub trait Movable: Sized + Send + 'static {
     fn attach(detached: Self::Detached) -> io::Result<Self>;
 }
 
+/// A task with no socket of its own yet: nothing to move.
+struct NoSockets;
+
+impl Movable for NoSockets {
+    type Detached = ();
+    fn detach(self) -> io::Result<()> {
+        Ok(())
+    }
+    fn attach((): ()) -> io::Result<Self> {
+        Ok(NoSockets)
+    }
+}
+
 impl Movable for tokio::net::TcpStream {
     type Detached = std::net::TcpStream;
     fn detach(self) -> io::Result<std::net::TcpStream> {
@@ -475,6 +488,13 @@ impl RelayThreads {
                 Err(e) => warn!("cannot take a connection on relay thread {index}: {e}"),
             }
         })));
+    }
+
+    /// Runs `task`, which makes its sockets itself (a UDP flow opening its stream), tracked by
+    /// `tracker` and placed as a connection is: on this thread unless it is saturated, else on
+    /// the least busy one.
+    pub fn spawn_task(&self, tracker: &TaskTracker, task: impl Future<Output = ()> + Send + 'static) {
+        self.spawn_connection(NoSockets, tracker, |NoSockets| task);
     }
 
     /// Chooses the thread of a new connection and counts it there. The common case — here,
