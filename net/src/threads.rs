@@ -700,4 +700,37 @@ mod tests {
         tracker.close();
         tracker.wait().await;
     }
+
+    /// A task that makes its own sockets runs on a relay thread — beside the spawner when that
+    /// is one and not saturated — and counts there while it runs.
+    #[tokio::test]
+    async fn a_task_is_placed_as_a_connection_is() {
+        let threads = RelayThreads::start("test-relay-task", 2).unwrap();
+        let tracker = TaskTracker::new();
+        let release = CancellationToken::new();
+        let (where_tx, mut where_rx) = tokio::sync::mpsc::unbounded_channel();
+        // From outside the relay threads: onto one of them.
+        let (t, tx, rel) = (threads.clone(), where_tx.clone(), release.clone());
+        threads.spawn_task(&tracker, async move {
+            let _ = tx.send(t.current());
+            rel.cancelled().await;
+        });
+        let outside = where_rx.recv().await.unwrap();
+        assert!(outside.is_some(), "not run on a relay thread");
+        // From a relay thread (idle): beside its spawner.
+        let (t, tr, rel) = (threads.clone(), tracker.clone(), release.clone());
+        threads.threads[1].handle.spawn(async move {
+            let t2 = t.clone();
+            t.spawn_task(&tr, async move {
+                let _ = where_tx.send(t2.current());
+                rel.cancelled().await;
+            });
+        });
+        assert_eq!(where_rx.recv().await.unwrap(), Some(1), "not placed beside its spawner");
+        assert_eq!(threads.live().iter().sum::<usize>(), 2, "{:?}", threads.live());
+        release.cancel();
+        tracker.close();
+        tracker.wait().await;
+        assert_eq!(threads.live(), [0, 0]);
+    }
 }
