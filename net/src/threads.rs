@@ -117,7 +117,7 @@ struct Thread {
 /// running tasks (`worker_total_busy_duration`, which tokio keeps whatever we do, brought up to
 /// date each time the thread turns its reactor — before any I/O can wake an accept loop) —
 /// rather than hooks of our own on every park and unpark, which read the clock twice more per
-/// wake-up (~450 user instructions per relayed round trip in each process, round nine).
+/// wake-up (~550 user instructions per relayed round trip in each process, round nine).
 #[derive(Debug, Default)]
 struct Busy {
     /// Two samples (when, busy until then; nanoseconds since the set's epoch) the share is
