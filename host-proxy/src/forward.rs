@@ -4,9 +4,11 @@
 //! guest ports are forwarded, to which host port, and whether anything is forwarded at all.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -517,37 +519,31 @@ impl Forwards {
     fn serve_socket(&self, fwd: &mut PortForward, guest_port: u16, socket: Bound) {
         let this = self.clone();
         let (stop, stats) = (fwd.stop.clone(), fwd.stats.clone());
-        match socket {
+        // Registered on the relay thread that runs its loop, so that thread's reactor wakes it
+        // and what it accepts or receives starts there (a UDP port's flows and their streams
+        // too).
+        let serve: Pin<Box<dyn Future<Output = ()> + Send>> = match socket {
             Bound::Tcp(l) => {
                 match l.try_clone() {
                     Ok(second) => fwd.listeners.push(second),
                     Err(e) => debug!("the listener closes with its accept loop only: {e}"),
                 }
-                // Registered on the relay thread that runs the loop, so that thread's reactor
-                // wakes it and the connections it accepts start there.
-                let accept_loop = async move {
+                Box::pin(async move {
                     match TcpListener::from_std(l) {
                         Ok(l) => this.accept_loop(l, guest_port, stop, stats).await,
                         Err(e) => warn!(port = guest_port, "cannot serve a listener: {e}"),
                     }
-                };
-                let tracked = self.serving.tracker.track_future(fwd.tasks.track_future(accept_loop));
-                self.serving.relay.spawn_loop(tracked);
+                })
             }
-            Bound::Udp(s) => {
-                // As a listener: registered on the relay thread that runs its receive loop, so
-                // that thread's reactor wakes it, and its flows (spawned from there) and their
-                // streams live on that thread too.
-                let serve = async move {
-                    match UdpSocket::from_std(s) {
-                        Ok(s) => crate::udp::serve(this.serving, s, guest_port, stop, stats).await,
-                        Err(e) => warn!(port = guest_port, "cannot serve a UDP socket: {e}"),
-                    }
-                };
-                let tracked = self.serving.tracker.track_future(fwd.tasks.track_future(serve));
-                self.serving.relay.spawn_loop(tracked);
-            }
+            Bound::Udp(s) => Box::pin(async move {
+                match UdpSocket::from_std(s) {
+                    Ok(s) => crate::udp::serve(this.serving, s, guest_port, stop, stats).await,
+                    Err(e) => warn!(port = guest_port, "cannot serve a UDP socket: {e}"),
+                }
+            }),
         };
+        let tracked = self.serving.tracker.track_future(fwd.tasks.track_future(serve));
+        self.serving.relay.spawn_loop(tracked);
     }
 
     async fn accept_loop(
