@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::runtime::Handle;
+use tokio::runtime::{Handle, RuntimeMetrics};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -106,6 +106,8 @@ pub struct RelayThreads {
 #[derive(Debug)]
 struct Thread {
     handle: Handle,
+    /// Its runtime's counters (kept: `Handle::metrics` clones the handle on every call).
+    metrics: RuntimeMetrics,
     /// Connections placed here and not finished.
     live: Arc<AtomicUsize>,
     /// Of those, the ones that turned to bulk ([`spread_bulk`]).
@@ -147,7 +149,7 @@ impl Busy {
 impl Thread {
     /// [`Busy::share`] now.
     fn share(&self, now: u64) -> f64 {
-        let busy = self.handle.metrics().worker_total_busy_duration(0).as_nanos();
+        let busy = self.metrics.worker_total_busy_duration(0).as_nanos();
         self.busy.share(now, u64::try_from(busy).unwrap_or(u64::MAX))
     }
 }
@@ -365,6 +367,7 @@ impl RelayThreads {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             threads.push(Thread {
                 handle: runtime.handle().clone(),
+                metrics: runtime.metrics(),
                 live: Arc::default(),
                 bulk: Arc::default(),
                 busy: Busy::default(),
