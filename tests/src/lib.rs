@@ -606,8 +606,8 @@ impl Drop for GuestServer {
     }
 }
 
-/// Echoes everything, then half-closes when the client does.
-pub fn echo(mut c: TcpStream) {
+/// Echoes everything, then half-closes when the client does (a TCP or vsock stream).
+pub fn echo<S: Read + Write + std::os::fd::AsFd>(mut c: S) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match c.read(&mut buf) {
@@ -619,7 +619,7 @@ pub fn echo(mut c: TcpStream) {
             }
         }
     }
-    let _ = c.shutdown(Shutdown::Write);
+    let _ = SockRef::from(&c).shutdown(Shutdown::Write);
 }
 
 /// Reads until the client half-closes, then answers `got N bytes` and closes.

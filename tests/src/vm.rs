@@ -22,6 +22,9 @@ use crate::{
 pub const BOOT_DEADLINE: Duration = Duration::from_secs(180);
 /// The image's echo service (TCP and UDP).
 pub const GUEST_ECHO_PORT: u16 = 8007;
+/// The same echo service on a vsock port: the raw link's side of round trips and new
+/// connections.
+pub const GUEST_ECHO_VSOCK_PORT: u32 = 1103;
 /// The image's bulk-transfer service: TCP (reached through hostnet) and vsock (the raw link).
 pub const GUEST_BULK_PORT: u16 = 8008;
 pub const GUEST_BULK_VSOCK_PORT: u32 = 1101;
@@ -271,7 +274,77 @@ impl Vm {
     }
 }
 
+/// Round trips and new connections between a desktop client and the guest's echo service,
+/// through hostnet and over the raw vsock link: `[raw, hostnet]` each.
+#[derive(Debug, Default)]
+pub struct Interactive {
+    /// One-byte round trips on one open connection.
+    pub trips: [Vec<Duration>; 2],
+    /// New connections: connect (for the raw link, hybrid vsock's `CONNECT`), a 1-byte request,
+    /// its answer, close.
+    pub connections: [Vec<Duration>; 2],
+    /// Guest CPU-seconds (QEMU's) over all of each path's new connections.
+    pub connection_cpu: [f64; 2],
+}
+
+impl Interactive {
+    /// The median round trip and new connection, and the guest's CPU per connection, as
+    /// `[raw, hostnet]` pairs (µs, µs, µs).
+    pub fn medians(&self) -> [[f64; 2]; 3] {
+        let us = |v: &Vec<Duration>| median(v).as_secs_f64() * 1e6;
+        let per = |i: usize| self.connection_cpu[i] * 1e6 / self.connections[i].len().max(1) as f64;
+        [self.trips.each_ref().map(us), self.connections.each_ref().map(us), [per(0), per(1)]]
+    }
+}
+
 impl Vm {
+    /// `trips` one-byte round trips and `connections` new connections to the guest's echo
+    /// service on each path, in `rounds` rounds that alternate the paths (each byte checked).
+    pub fn desktop_client_interactive(&self, trips: usize, connections: usize, rounds: usize) -> Interactive {
+        let echo = loopback(false, GUEST_ECHO_PORT);
+        wait_until("the echo port is forwarded", || TcpStream::connect_timeout(&echo, DEADLINE).is_ok());
+        let through_hostnet = || -> Box<dyn ReadWrite> {
+            let c = TcpStream::connect(echo).unwrap();
+            c.set_nodelay(true).unwrap();
+            c.set_read_timeout(Some(DEADLINE)).unwrap();
+            Box::new(c)
+        };
+        let raw = || -> Box<dyn ReadWrite> { Box::new(self.vsock(GUEST_ECHO_VSOCK_PORT)) };
+        let paths: [&dyn Fn() -> Box<dyn ReadWrite>; 2] = [&raw, &through_hostnet];
+        let mut open = paths.map(|p| p());
+        for s in &mut open {
+            for _ in 0..20 {
+                one_byte_round_trip(s.as_mut());
+            }
+        }
+        let mut out = Interactive::default();
+        let rounds = rounds.max(1);
+        for _ in 0..rounds {
+            for (i, s) in open.iter_mut().enumerate() {
+                for _ in 0..trips / rounds {
+                    let t = Instant::now();
+                    one_byte_round_trip(s.as_mut());
+                    out.trips[i].push(t.elapsed());
+                }
+            }
+            for (i, path) in paths.iter().enumerate() {
+                let mut cpu = 0.0;
+                let made = self.costed(&mut cpu, || {
+                    (0..connections / rounds)
+                        .map(|_| {
+                            let t = Instant::now();
+                            one_byte_round_trip(path().as_mut());
+                            t.elapsed()
+                        })
+                        .collect::<Vec<_>>()
+                });
+                out.connections[i].extend(made);
+                out.connection_cpu[i] += cpu;
+            }
+        }
+        out
+    }
+
     /// Runs `f`, adding the guest CPU-seconds it took to `cpu`.
     fn costed<T>(&self, cpu: &mut f64, f: impl FnOnce() -> T) -> T {
         let before = self.guest_cpu_seconds();
@@ -349,6 +422,18 @@ impl Transfers {
         [&self.raw_in, &self.hostnet_in, &self.raw_out, &self.hostnet_out]
             .map(|t| t.last().map_or(0.0, |d| mib_per_s(*d)))
     }
+}
+
+/// A TCP or hybrid-vsock stream, boxed alike.
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// Sends one byte and reads its echo.
+fn one_byte_round_trip(s: &mut dyn ReadWrite) {
+    s.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"x", "the echo");
 }
 
 /// One timed bulk transfer of [`BULK_BYTES`]: the clock runs from before the connect (and the

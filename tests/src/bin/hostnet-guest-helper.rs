@@ -1,7 +1,9 @@
 //! Runs inside hostnet's test guest image (static binary, started by its `/init`):
 //!
-//! - `hostnet-guest-helper echo --tcp PORT --udp PORT`: TCP and UDP echo services, the servers
-//!   a desktop reaches through hostnet in the real-VM test.
+//! - `hostnet-guest-helper echo --tcp PORT --udp PORT [--vsock-port PORT]`: TCP and UDP echo
+//!   services, the servers a desktop reaches through hostnet in the real-VM test, and the same
+//!   TCP echo on a vsock port (the raw link's side of the benchmark's round trips and new
+//!   connections).
 //! - `hostnet-guest-helper ctl --vsock-port PORT`: a command channel for tests. Each vsock
 //!   connection sends one line; it runs under `sh -c` and the answer is the output followed by
 //!   `EXIT <code>`. Test images only: it runs anything it is sent.
@@ -34,6 +36,9 @@ fn main() {
             let tcp = arg("--tcp").unwrap_or(8007) as u16;
             let udp = arg("--udp").unwrap_or(8007) as u16;
             std::thread::spawn(move || udp_echo(udp));
+            if let Some(port) = arg("--vsock-port") {
+                std::thread::spawn(move || vsock_echo(port));
+            }
             tcp_echo(tcp);
         }
         Some("ctl") => ctl(arg("--vsock-port").unwrap_or(1100)),
@@ -55,7 +60,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: hostnet-guest-helper echo --tcp PORT --udp PORT | ctl --vsock-port PORT \
+                "usage: hostnet-guest-helper echo --tcp PORT --udp PORT [--vsock-port PORT] | ctl --vsock-port PORT \
                  | bulk --tcp PORT --vsock-port PORT \
                  | bulk-client --to tcp:ADDR:PORT|vsock:CID:PORT --upload|--download --bytes N"
             );
@@ -86,6 +91,14 @@ fn vsock_listener(port: u32) -> Socket {
     s.bind(&SockAddr::vsock(u32::MAX, port)).expect("vsock bind");
     s.listen(16).expect("vsock listen");
     s
+}
+
+fn vsock_echo(port: u32) {
+    let s = vsock_listener(port);
+    loop {
+        let Ok((c, _)) = s.accept() else { continue };
+        std::thread::spawn(move || hostnet_tests::echo(c));
+    }
 }
 
 fn bulk_vsock(port: u32) {

@@ -600,6 +600,10 @@ fn stop_buffer_gear_demo(demo: Option<Demo>) {
 
 /// Rounds of each real-VM transfer (the median is reported).
 const VM_ROUNDS: usize = 3;
+/// Real-VM round trips and new connections per path, in rounds alternating the paths.
+const VM_TRIPS: usize = 1_000;
+const VM_CONNECTIONS: usize = 100;
+const VM_INTERACTIVE_ROUNDS: usize = 5;
 
 /// The real VM's rows: bulk transfers through hostnet and over the raw vsock link hostnet runs
 /// on (in the "direct" column), both directions, from a desktop client and from a guest program.
@@ -619,6 +623,7 @@ fn real_vm(rows: &mut Vec<Row>) {
     let desktop = vm.desktop_client_transfers(VM_ROUNDS, |_, _| {});
     let targets = vm.serve_desktop_bulk();
     let guest = vm.guest_client_transfers(&targets, VM_ROUNDS, |_, _| {});
+    let interactive = vm.desktop_client_interactive(VM_TRIPS, VM_CONNECTIONS, VM_INTERACTIVE_ROUNDS);
     for (who, t, clock) in
         [("desktop client", &desktop, "the desktop's clock"), ("guest client", &guest, "the guest's clock")]
     {
@@ -645,6 +650,27 @@ fn real_vm(rows: &mut Vec<Row>) {
             );
         }
     }
+    let [trip, connection, cpu] = interactive.medians();
+    let port = hostnet_tests::vm::GUEST_ECHO_VSOCK_PORT;
+    rows.push(
+        Row::new("real VM (desktop client), RTT 1 B, p50", "µs").direct(trip[0]).hostnet(trip[1]).note(format!(
+            "direct: the raw vsock link (the guest's echo on vsock port {port}); one connection each, {VM_TRIPS} trips in {VM_INTERACTIVE_ROUNDS} rounds alternating the paths"
+        )),
+    );
+    rows.push(
+        Row::new("real VM (desktop client), new connection, p50", "µs")
+            .direct(connection[0])
+            .hostnet(connection[1])
+            .note(format!(
+                "connect (direct: a new hybrid-vsock stream, CONNECT {port}), 1-byte request, answer, close; {VM_CONNECTIONS} each, one after another"
+            )),
+    );
+    rows.push(
+        Row::new("real VM (desktop client), new connection, guest CPU", "CPU-µs")
+            .direct(cpu[0])
+            .hostnet(cpu[1])
+            .note("QEMU's CPU time per connection; direct: a vsock stream's whole cost (set-up, echo, close), what a transport stream per connection adds to the guest's TCP connection at most"),
+    );
     drop(vm);
 }
 
