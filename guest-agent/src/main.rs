@@ -65,6 +65,8 @@ fn main() -> ExitCode {
     cli::init_process();
     let args = Args::parse();
     hostnet_net::relay::tcp::set_splice(!args.no_splice);
+    // Its peer is the desktop: more credit, fewer and larger reads (the proxy keeps Linux's).
+    hostnet_net::transport::vsock::set_stream_credit(hostnet_net::transport::vsock::AGENT_CREDIT);
     let mut config = AgentConfig::new(args.transport);
     config.poll_interval = Duration::from_millis(args.poll_interval_ms);
     config.listener_events = !args.no_listener_events;

@@ -16,7 +16,7 @@ pub mod raw;
 pub mod roaming;
 pub mod stream;
 #[cfg(target_os = "linux")]
-mod vsock;
+pub mod vsock;
 
 use std::fmt;
 use std::future::Future;

@@ -6,6 +6,7 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::io::Interest;
@@ -14,27 +15,41 @@ use tokio::io::unix::AsyncFd;
 use crate::transport::fd::{FdStream, register};
 use crate::transport::raw::RawStream;
 
-/// Bytes a vsock stream may hold unread: the credit its peer may send ahead (Linux's default
-/// and ceiling: 256 KiB). Measured in the guest of a real VM (QEMU TCG), bulk transfers from the
-/// desktop: with 256 KiB the agent's reads averaged ~30 KiB, each one a write to the guest
-/// server's TCP socket, and the guest's CPU per MiB was 2.6× the raw link's; with 1 MiB it is
-/// ~2.0× (and host → guest 0.36× → 0.45× the raw link's rate); 2 MiB measured the same as 1
-/// (`docs/performance.md`, round ten). A credit, not an allocation: the kernel holds only what
-/// has arrived unread — up to this much per stream while its reader waits on a slower local
-/// side, as much as one relay chunk.
-pub const VSOCK_BUFFER: u64 = 1 << 20;
+/// The credit the agent's vsock streams offer the desktop: bytes a stream may hold unread,
+/// which the desktop may send ahead (Linux's default and ceiling: 256 KiB). Measured in the
+/// guest of a real VM (QEMU TCG), bulk transfers from the desktop: with 256 KiB the agent's
+/// reads averaged ~30 KiB, each one a write to the guest server's TCP socket, and the guest's
+/// CPU per MiB was 2.6× the raw link's; with 1 MiB it is ~2.0× (and host → guest 0.36× →
+/// 0.45× the raw link's rate); 2 MiB measured the same as 1 (`docs/performance.md`, round
+/// ten). A credit, not an allocation: the kernel holds only what has arrived unread — up to
+/// this much per stream while its reader waits on a slower local side.
+pub const AGENT_CREDIT: u64 = 1 << 20;
+
+/// The credit this process's vsock streams offer; 0: the kernel's default.
+static CREDIT: AtomicU64 = AtomicU64::new(0);
+
+/// Makes every vsock stream this process opens or listens for from now on offer `bytes` of
+/// credit. The agent sets [`AGENT_CREDIT`]: its peer is the desktop. The proxy keeps the
+/// kernel's default: there the peer is the guest, and what a stream's credit lets it queue,
+/// times `--max-guest-streams`, is desktop kernel memory a hostile guest could fill.
+pub fn set_stream_credit(bytes: u64) {
+    CREDIT.store(bytes, Ordering::Relaxed);
+}
 
 /// `linux/vm_sockets.h`: options at level `AF_VSOCK` (not in the `libc` crate).
 const SO_VM_SOCKETS_BUFFER_SIZE: libc::c_int = 0;
 const SO_VM_SOCKETS_BUFFER_MAX_SIZE: libc::c_int = 2;
 
-/// Raises `socket`'s buffer to [`VSOCK_BUFFER`] (its ceiling first, which the size may not
-/// pass), before it connects or listens: the first packet then offers the peer that credit,
-/// and a listener's connections inherit it. A kernel that refuses keeps its default: the
-/// stream still works, with less ahead.
+/// Gives `socket` the credit [`set_stream_credit`] asked for (its ceiling first, which the size
+/// may not pass), before it connects or listens: the first packet then offers it, and a
+/// listener's connections inherit it. A kernel that refuses keeps its default: the stream
+/// still works, with less ahead.
 fn size_buffer(socket: &Socket) {
     use std::os::fd::AsRawFd;
-    let size: u64 = VSOCK_BUFFER;
+    let size = CREDIT.load(Ordering::Relaxed);
+    if size == 0 {
+        return;
+    }
     for option in [SO_VM_SOCKETS_BUFFER_MAX_SIZE, SO_VM_SOCKETS_BUFFER_SIZE] {
         // SAFETY: a valid socket; the value is a u64 living across the call, its size passed.
         let _ = unsafe {
@@ -125,17 +140,20 @@ mod tests {
         size
     }
 
-    /// The agent's listener (whose connections inherit it) and every connecting socket offer
-    /// [`VSOCK_BUFFER`], above Linux's 256 KiB. Needs AF_VSOCK (the `vsock` module, which Linux
-    /// loads on first use; no peer is needed).
+    /// Without [`set_stream_credit`] (the proxy) a vsock socket keeps the kernel's 256 KiB;
+    /// after it (the agent) the listener (whose connections inherit it) and every connecting
+    /// socket offer [`AGENT_CREDIT`]. Needs AF_VSOCK (the `vsock` module, which Linux loads on
+    /// first use; no peer is needed). The only test here that sets the credit.
     #[tokio::test]
-    async fn listeners_and_connecting_sockets_offer_the_larger_buffer() {
+    async fn the_agents_vsock_sockets_offer_more_credit_and_the_proxys_the_kernels() {
         let socket = Socket::new(Domain::VSOCK, Type::STREAM, None).expect("this test needs AF_VSOCK");
-        assert_eq!(buffer_of(&socket), 256 << 10, "Linux's default, before");
         size_buffer(&socket);
-        assert_eq!(buffer_of(&socket), VSOCK_BUFFER);
+        assert_eq!(buffer_of(&socket), 256 << 10, "the kernel's default: nothing asked");
+        set_stream_credit(AGENT_CREDIT);
+        size_buffer(&socket);
+        assert_eq!(buffer_of(&socket), AGENT_CREDIT);
         // Any CID and port: bound, not reached.
         let listener = VsockListener::bind(u32::MAX, u32::MAX).expect("binding a vsock listener");
-        assert_eq!(buffer_of(listener.0.get_ref()), VSOCK_BUFFER);
+        assert_eq!(buffer_of(listener.0.get_ref()), AGENT_CREDIT);
     }
 }
