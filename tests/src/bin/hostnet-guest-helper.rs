@@ -37,15 +37,15 @@ fn main() {
             let udp = arg("--udp").unwrap_or(8007) as u16;
             std::thread::spawn(move || udp_echo(udp));
             if let Some(port) = arg("--vsock-port") {
-                std::thread::spawn(move || vsock_echo(port));
+                std::thread::spawn(move || serve_vsock(port, hostnet_tests::echo));
             }
             tcp_echo(tcp);
         }
-        Some("ctl") => ctl(arg("--vsock-port").unwrap_or(1100)),
+        Some("ctl") => serve_vsock(arg("--vsock-port").unwrap_or(1100), ctl),
         Some("bulk") => {
             let tcp = arg("--tcp").unwrap_or(8008) as u16;
             let vsock = arg("--vsock-port").unwrap_or(1101);
-            std::thread::spawn(move || bulk_vsock(vsock));
+            std::thread::spawn(move || serve_vsock(vsock, hostnet_tests::bulk_serve));
             let l = TcpListener::bind(("0.0.0.0", tcp)).expect("bulk tcp bind");
             for c in l.incoming().flatten() {
                 std::thread::spawn(move || hostnet_tests::bulk_serve(c));
@@ -86,26 +86,14 @@ fn udp_echo(port: u16) {
     }
 }
 
-fn vsock_listener(port: u32) -> Socket {
+/// Serves every connection to vsock port `port` with `serve`, a thread each, forever.
+fn serve_vsock(port: u32, serve: fn(Socket)) {
     let s = Socket::new(Domain::VSOCK, Type::STREAM, None).expect("vsock socket");
     s.bind(&SockAddr::vsock(u32::MAX, port)).expect("vsock bind");
     s.listen(16).expect("vsock listen");
-    s
-}
-
-fn vsock_echo(port: u32) {
-    let s = vsock_listener(port);
     loop {
         let Ok((c, _)) = s.accept() else { continue };
-        std::thread::spawn(move || hostnet_tests::echo(c));
-    }
-}
-
-fn bulk_vsock(port: u32) {
-    let s = vsock_listener(port);
-    loop {
-        let Ok((c, _)) = s.accept() else { continue };
-        std::thread::spawn(move || hostnet_tests::bulk_serve(c));
+        std::thread::spawn(move || serve(c));
     }
 }
 
@@ -139,28 +127,23 @@ fn bulk_client(to: &str, bytes: u64, upload: bool) {
     println!("bulk-client: {got} bytes in {} ns", t.elapsed().as_nanos());
 }
 
-fn ctl(port: u32) {
-    let s = vsock_listener(port);
-    loop {
-        let Ok((c, _)) = s.accept() else { continue };
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(c.try_clone().unwrap());
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() {
-                return;
-            }
-            let out = std::process::Command::new("/bin/sh").arg("-c").arg(line.trim()).output();
-            let mut c = c;
-            match out {
-                Ok(o) => {
-                    let _ = c.write_all(&o.stdout);
-                    let _ = c.write_all(&o.stderr);
-                    let _ = write!(c, "\nEXIT {}\n", o.status.code().unwrap_or(-1));
-                }
-                Err(e) => {
-                    let _ = write!(c, "{e}\nEXIT 127\n");
-                }
-            }
-        });
+/// One command-channel connection: a line run under `sh -c`, its output and `EXIT <code>`.
+fn ctl(c: Socket) {
+    let mut reader = BufReader::new(c.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let out = std::process::Command::new("/bin/sh").arg("-c").arg(line.trim()).output();
+    let mut c = c;
+    match out {
+        Ok(o) => {
+            let _ = c.write_all(&o.stdout);
+            let _ = c.write_all(&o.stderr);
+            let _ = write!(c, "\nEXIT {}\n", o.status.code().unwrap_or(-1));
+        }
+        Err(e) => {
+            let _ = write!(c, "{e}\nEXIT 127\n");
+        }
     }
 }
