@@ -474,3 +474,40 @@ async fn the_answer_waits_for_the_servers_first_bytes() {
     t2.write_all(&[0, 0, 0, 0]).await.unwrap();
     assert_eq!(within(guest_side).await.unwrap(), Outcome::Closed);
 }
+
+/// A server that answers and closes at once (a short connection's reply): `connected`, its
+/// bytes and its FIN leave in one write — one message on a packet socket standing in for the
+/// data stream — so the far side is woken once, not twice.
+#[tokio::test(flavor = "current_thread")]
+async fn an_answer_and_the_close_behind_it_leave_in_one_write() {
+    use hostnet_net::relay::tcp::relay_answering;
+    let (mut server, guest_local) = tcp_pair().await;
+    server.write_all(b"ok").await.unwrap();
+    server.shutdown().await.unwrap();
+    let (a, b) = socket2::Socket::pair(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None).unwrap();
+    a.set_nonblocking(true).unwrap();
+    let t1 = FdStream::new(a).unwrap();
+    let guest_side = tokio::spawn(async move {
+        relay_answering(
+            &guest_local,
+            &t1,
+            BytesMut::new(),
+            b"ANSWER".to_vec(),
+            &RelayCounters::default(),
+            &CancellationToken::new(),
+        )
+        .await
+    });
+    let first = within(tokio::task::spawn_blocking(move || {
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+        let n = b.recv(&mut buf).unwrap();
+        // SAFETY: `recv` initialised the first `n` bytes.
+        let got: Vec<u8> = buf[..n].iter().map(|x| unsafe { x.assume_init() }).collect();
+        b.send(&[0, 0, 0, 0]).unwrap();
+        got
+    }))
+    .await
+    .unwrap();
+    assert_eq!(first, b"ANSWER\0\0\0\x02ok\0\0\0\0", "answer, the server's bytes and its FIN in one message");
+    assert_eq!(within(guest_side).await.unwrap(), Outcome::Closed);
+}

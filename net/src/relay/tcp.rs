@@ -438,6 +438,11 @@ fn is_reset_like(e: &io::Error) -> bool {
 enum Step {
     /// `n` bytes read and all of them passed on.
     Sent(usize),
+    /// `n` bytes read and passed on with the FIN (`Closed`) or RST (`LocalReset`) that followed
+    /// them at once: this direction is over.
+    SentAndEnded(usize, Outcome),
+    /// [`Step::SentAndEnded`] whose write the peer took only in part: `rest` still to go.
+    EndBlocked(usize, Vec<u8>, Outcome),
     /// `n` bytes read; `rest` (the tail of the chunk) still to be written.
     Blocked(usize, Vec<u8>),
     /// Nothing to read after all. Each of these three carries the lead not sent yet.
@@ -490,13 +495,16 @@ async fn pump_up<L: RawStream, P: RawStream>(
                 }
                 Err(step) => step,
             },
-            None if arrived => {
-                let ahead = lead.take();
-                with_scratch(|b| forward_now(|body| raw::read_arrived(local, body), &ahead, peer, b))
-            }
             None => {
                 let ahead = lead.take();
-                with_scratch(|b| forward_now(|body| local.try_read(body), &ahead, peer, b))
+                let more = |body: &mut [u8]| local.try_read(body);
+                if arrived {
+                    with_scratch(|b| {
+                        forward_now(|body| raw::read_arrived(local, body), more, &ahead, peer, b)
+                    })
+                } else {
+                    with_scratch(|b| forward_now(|body| local.try_read(body), more, &ahead, peer, b))
+                }
             }
         };
         match step {
@@ -528,6 +536,19 @@ async fn pump_up<L: RawStream, P: RawStream>(
                         return Outcome::PeerVanished;
                     }
                 }
+            }
+            Step::SentAndEnded(n, end) => {
+                counters.to_peer.fetch_add(n as u64, Ordering::Relaxed);
+                return end;
+            }
+            Step::EndBlocked(n, rest, end) => {
+                mid_chunk.store(true, Ordering::Relaxed);
+                if raw::write_all(peer, &rest).await.is_err() {
+                    return Outcome::PeerVanished;
+                }
+                mid_chunk.store(false, Ordering::Relaxed);
+                counters.to_peer.fetch_add(n as u64, Ordering::Relaxed);
+                return end;
             }
             Step::Eof(ahead) => {
                 let end = [ahead.as_slice(), &FIN].concat();
@@ -565,31 +586,57 @@ fn read_chunk(read: impl FnOnce(&mut [u8]) -> io::Result<usize>, b: &mut [u8]) -
 /// One synchronous step through the scratch buffer: read (with `read`), frame, write what the
 /// peer takes — behind `lead` (an opening or an answer not sent yet), in the same write. What
 /// ends without a write hands `lead` back in the step.
+///
+/// Behind a lead (a connection's first message) the local side is read once more (with
+/// `more`) before the write: a server that answers and closes at once (the first answer of a
+/// short connection, `Connection: close`) then costs one write and one wake-up of the far side
+/// — `connected`, the answer and the FIN together — instead of two. The read that finds
+/// nothing more is the one that would have followed the write anyway.
 fn forward_now<P: RawStream>(
     read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+    more: impl FnOnce(&mut [u8]) -> io::Result<usize>,
     lead: &[u8],
     peer: &P,
     b: &mut [u8],
 ) -> Step {
     match read_chunk(read, b) {
         Ok(0) => Step::Eof(lead.to_vec()),
-        Ok(n) => {
+        Ok(mut n) => {
+            let mut end = None;
+            if !lead.is_empty() {
+                let room = b.get_mut(CHUNK_HEADER_LEN + n..).unwrap_or_default();
+                match more(room) {
+                    _ if room.is_empty() => {}
+                    Ok(0) => end = Some((FIN, Outcome::Closed)),
+                    Ok(m) => n += m,
+                    Err(e) if !is_reset_like(&e) => {}
+                    Err(_) => end = Some((RST, Outcome::LocalReset)),
+                }
+                if let Some(header) = b.first_chunk_mut::<CHUNK_HEADER_LEN>() {
+                    *header = chunk::data_header(n);
+                }
+            }
             let chunk = b.get(..CHUNK_HEADER_LEN + n).unwrap_or_default();
             let joined;
             let frame = if lead.is_empty() {
                 chunk
             } else {
-                joined = [lead, chunk].concat();
+                joined = [lead, chunk, end.as_ref().map_or(&[][..], |(tail, _)| tail)].concat();
                 &joined
             };
             // Behind a lead the stream may be new: written to straight away (the reactor may
             // not have reported it writable yet); what it does not take waits as usual.
             let written =
                 if lead.is_empty() { write_now(peer, frame) } else { write_direct_now(peer, frame) };
-            match written {
-                Ok(w) if w == frame.len() => Step::Sent(n),
-                Ok(w) => Step::Blocked(n, frame.get(w..).unwrap_or_default().to_vec()),
-                Err(_) => Step::PeerFailed,
+            match (written, end) {
+                (Ok(w), None) if w == frame.len() => Step::Sent(n),
+                (Ok(w), None) => Step::Blocked(n, frame.get(w..).unwrap_or_default().to_vec()),
+                (Ok(w), Some((_, outcome))) if w == frame.len() => Step::SentAndEnded(n, outcome),
+                // The peer is full already: the rest waits for room, still this write.
+                (Ok(w), Some((_, outcome))) => {
+                    Step::EndBlocked(n, frame.get(w..).unwrap_or_default().to_vec(), outcome)
+                }
+                (Err(_), _) => Step::PeerFailed,
             }
         }
         Err(Step::Again(_)) => Step::Again(lead.to_vec()),
@@ -608,7 +655,12 @@ async fn pump_down<P: RawStream, L: RawStream>(
     up_done: &CancellationToken,
 ) -> Outcome {
     let mut decoder = ChunkDecoder::new();
-    if let Err(end) = deliver(&mut decoder, &pending, local, counters).await {
+    // The local socket may have been connected a moment ago (the agent's to the guest server,
+    // with the client's first bytes in `pending`): written to straight away, not once the
+    // reactor has reported it writable — that report is a trip through `epoll_wait` on every
+    // new connection's first request.
+    let first = deliver_now(&mut decoder, &pending, local, counters, write_direct_now);
+    if let Err(end) = finish_delivery(&mut decoder, first, local, counters).await {
         return end;
     }
     drop(pending);
@@ -658,33 +710,35 @@ async fn pump_down<P: RawStream, L: RawStream>(
             Ok(0) => Err(Outcome::PeerVanished),
             Ok(n) => {
                 read = n;
-                deliver_now(&mut decoder, b.get(..n).unwrap_or_default(), local, counters)
+                deliver_now(&mut decoder, b.get(..n).unwrap_or_default(), local, counters, write_now)
             }
             Err(e) if !is_reset_like(&e) => Ok(None),
             Err(_) => Err(Outcome::PeerVanished),
         });
-        match step {
-            Ok(None) => {
-                if read >= BULK_READ && own.is_none() {
-                    own = Some(turn_to_bulk(peer, local).await);
-                }
-            }
-            Ok(Some(Leftover { data, raw })) => {
-                if raw::write_all(local, &data).await.is_err() {
-                    return Outcome::LocalReset;
-                }
-                counters.from_peer.fetch_add(data.len() as u64, Ordering::Relaxed);
-                if let Err(end) = deliver(&mut decoder, &raw, local, counters).await {
-                    return end;
-                }
-                // The local side is slower than the peer: a bulk transfer.
-                if own.is_none() {
-                    own = Some(turn_to_bulk(peer, local).await);
-                }
-            }
+        match finish_delivery(&mut decoder, step, local, counters).await {
+            Ok(false) if read >= BULK_READ && own.is_none() => own = Some(turn_to_bulk(peer, local).await),
+            Ok(false) => {}
+            // The local side is slower than the peer: a bulk transfer.
+            Ok(true) if own.is_none() => own = Some(turn_to_bulk(peer, local).await),
+            Ok(true) => {}
             Err(end) => return end,
         }
     }
+}
+
+/// Writes what [`deliver_now`] left, waiting for the local socket as long as it takes, then
+/// decodes and delivers the rest. `Ok(true)` if it had to wait (the local side is slower).
+async fn finish_delivery<L: RawStream>(
+    decoder: &mut ChunkDecoder,
+    step: Result<Option<Leftover>, Outcome>,
+    local: &L,
+    counters: &RelayCounters,
+) -> Result<bool, Outcome> {
+    let Some(Leftover { data, raw }) = step? else { return Ok(false) };
+    raw::write_all(local, &data).await.map_err(|_| Outcome::LocalReset)?;
+    counters.from_peer.fetch_add(data.len() as u64, Ordering::Relaxed);
+    deliver(decoder, &raw, local, counters).await?;
+    Ok(true)
 }
 
 /// What [`deliver_now`] could not write without waiting.
@@ -695,19 +749,22 @@ struct Leftover {
     raw: Vec<u8>,
 }
 
-/// [`deliver`] without waiting: writes what the local socket takes now and hands back the rest.
+/// [`deliver`] without waiting: writes (with `write`: [`write_now`], or [`write_direct_now`]
+/// to a socket the reactor may not have reported writable yet) what the local socket takes
+/// now and hands back the rest.
 fn deliver_now<L: RawStream>(
     decoder: &mut ChunkDecoder,
     mut bytes: &[u8],
     local: &L,
     counters: &RelayCounters,
+    write: fn(&L, &[u8]) -> io::Result<usize>,
 ) -> Result<Option<Leftover>, Outcome> {
     while !bytes.is_empty() {
         let (used, event) = decoder.decode(bytes).map_err(|_| Outcome::ProtocolError)?;
         bytes = bytes.get(used..).unwrap_or_default();
         match event {
             Some(ChunkEvent::Data(d)) => {
-                let w = write_now(local, d).map_err(|_| Outcome::LocalReset)?;
+                let w = write(local, d).map_err(|_| Outcome::LocalReset)?;
                 counters.from_peer.fetch_add(w as u64, Ordering::Relaxed);
                 if w < d.len() {
                     let data = d.get(w..).unwrap_or_default().to_vec();

@@ -375,7 +375,9 @@ pub const BACKLOG_WAIT: std::time::Duration = crate::connect::CONNECT_TIMEOUT;
 const MAX_HYBRID_LINE: usize = 64;
 
 /// `CONNECT <port>\n`, then expects `OK <port>\n` (vhost-device-vsock echoes the guest port,
-/// Firecracker sends a host port: either is fine).
+/// Firecracker sends a host port: either is fine). Nothing may follow the `CONNECT` line before
+/// the answer: vhost-device-vsock 0.3 reads the line through a buffered reader and drops what
+/// came with it, so the opening waits for `OK` (Firecracker reads byte by byte).
 #[cfg(unix)]
 async fn hybrid_connect(
     path: &Path,
@@ -394,11 +396,23 @@ async fn hybrid_connect(
         _ => io_err(e),
     };
     raw::write_all(&s, format!("CONNECT {port}\n").as_bytes()).await.map_err(hung_up)?;
-    // Byte by byte: whatever follows the newline already belongs to the agent.
+    // Never a byte past the newline: whatever follows it already belongs to the agent. What has
+    // arrived is peeked at first, so a whole line is taken in one read (not one per byte);
+    // without a newline in sight, one byte is read, waiting for it as any read does.
     let mut line = Vec::with_capacity(16);
-    let mut byte = [0u8; 1];
+    let mut buf = [0u8; MAX_HYBRID_LINE + 1];
     loop {
-        let n = raw::read(&s, &mut byte).await.map_err(hung_up)?;
+        let want = line_in_sight(&s, &mut buf).unwrap_or(1);
+        let n = raw::read(&s, buf.get_mut(..want).unwrap_or_default()).await.map_err(hung_up)?;
+        let got = buf.get(..n).unwrap_or_default();
+        let (text, ended) = match got.split_last() {
+            Some((b'\n', text)) => (text, true),
+            _ => (got, false),
+        };
+        line.extend_from_slice(text);
+        if ended {
+            break;
+        }
         if n == 0 || line.len() >= MAX_HYBRID_LINE {
             let answer = String::from_utf8_lossy(&line).into_owned();
             return Err(TransportError::HybridRefused {
@@ -406,10 +420,6 @@ async fn hybrid_connect(
                 answer: if n == 0 { format!("{answer}<closed>") } else { answer },
             });
         }
-        if byte[0] == b'\n' {
-            break;
-        }
-        line.push(byte[0]);
     }
     match line.strip_prefix(b"OK ") {
         Some(rest) if !rest.is_empty() && rest.iter().all(u8::is_ascii_digit) => Ok(unix_stream(s)),
@@ -417,6 +427,24 @@ async fn hybrid_connect(
             Err(TransportError::HybridRefused { target, answer: String::from_utf8_lossy(&line).into_owned() })
         }
     }
+}
+
+/// How many bytes of what `s` holds now make up a line, its newline included (a peek: nothing
+/// is taken, readiness is left as it was); `None` if no newline has arrived.
+#[cfg(unix)]
+fn line_in_sight(s: &FdStream, buf: &mut [u8]) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `buf` is valid for `buf.len()` bytes; the socket is non-blocking.
+    let n = unsafe {
+        libc::recv(
+            s.socket().as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    Some(buf.get(..n)?.iter().position(|&b| b == b'\n')? + 1)
 }
 
 #[cfg(unix)]
@@ -576,6 +604,12 @@ mod tests {
     #[cfg(unix)]
     /// A stand-in for a VMM's hybrid-vsock socket: answers `CONNECT` with `answer`, then echoes.
     async fn fake_vmm(answer: &'static [u8]) -> (tempfile::TempDir, PathBuf) {
+        fake_vmm_in_parts(vec![answer]).await
+    }
+
+    #[cfg(unix)]
+    /// [`fake_vmm`] whose answer goes out in `parts`, 20 ms apart.
+    async fn fake_vmm_in_parts(parts: Vec<&'static [u8]>) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vm.vsock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
@@ -587,7 +621,12 @@ mod tests {
                 filled += raw::read(&s, &mut got[filled..]).await.unwrap();
             }
             assert_eq!(&got, b"CONNECT 1024\n");
-            raw::write_all(&s, answer).await.unwrap();
+            for (i, part) in parts.into_iter().enumerate() {
+                if i > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                raw::write_all(&s, part).await.unwrap();
+            }
             let mut buf = [0u8; 64];
             loop {
                 let n = raw::read(&s, &mut buf).await.unwrap();
@@ -617,6 +656,31 @@ mod tests {
         let n = raw::read(&s, &mut buf).await.unwrap();
         assert_eq!(&buf[..n], &b"ping"[..n]);
         s.shutdown_write().unwrap();
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn hybrid_connect_reads_an_ok_line_that_comes_in_pieces_and_nothing_past_it() {
+        let (_dir, path) = fake_vmm_in_parts(vec![b"OK 10", b"24\nHN", b"ET"]).await;
+        let s = TransportSpec::Hybrid { path, port: 1024 }.connector().connect().await.unwrap();
+        let mut buf = [0u8; 4];
+        let mut filled = 0;
+        while filled < 4 {
+            filled += raw::read(&s, &mut buf[filled..]).await.unwrap();
+        }
+        assert_eq!(&buf, b"HNET");
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_hybrid_answer_line_without_end_is_refused() {
+        let long: &'static [u8] = &[b'A'; 200];
+        let (_dir, path) = fake_vmm(long).await;
+        let err = TransportSpec::Hybrid { path, port: 1024 }.connector().connect().await.unwrap_err();
+        assert!(
+            matches!(&err, TransportError::HybridRefused { answer, .. } if answer.len() == MAX_HYBRID_LINE),
+            "{err}"
+        );
     }
 
     #[cfg(unix)]
