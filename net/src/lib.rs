@@ -17,6 +17,7 @@
 pub mod accept;
 pub mod cli;
 pub mod connect;
+pub mod deadline;
 pub mod discovery;
 pub mod relay;
 pub(crate) mod scratch;

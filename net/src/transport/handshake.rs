@@ -114,8 +114,8 @@ impl FrameReader {
     ///
     /// An opener sends its preface and frame as soon as it connects, so on an accepted stream
     /// they have usually arrived already: taken at once, they cost no trip through the reactor
-    /// and no timer (arming one wakes the runtime's timer thread: a context switch per
-    /// connection). The timer starts only if the opening has to be waited for.
+    /// and no deadline. The deadline starts only if the opening has to be waited for, and is
+    /// one of [`crate::deadline`]'s (it may end up to one `SLOT` late).
     pub async fn read_opening<S: RawStream, T: DeserializeOwned>(
         &mut self,
         s: &S,
@@ -130,7 +130,9 @@ impl FrameReader {
         if let Poll::Ready(done) = first {
             return done;
         }
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, opening)
+        // Not tokio's `timeout`: arming a timer of its own per stream woke the runtime's
+        // driver on every such connection (`crate::deadline`).
+        crate::deadline::within(HANDSHAKE_TIMEOUT, opening)
             .await
             .map_err(|_| HandshakeError::TimedOut(HANDSHAKE_TIMEOUT))?
     }
