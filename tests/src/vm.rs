@@ -188,6 +188,41 @@ impl Vm {
         Duration::from_nanos(nanos.parse().unwrap())
     }
 
+    /// Records the guest kernel's trace `events` (tracefs names, space-separated, e.g.
+    /// `sched:sched_switch sched:sched_waking vsock:*`) while `f` runs; returns what `f` did and
+    /// the trace's text. How a real VM path's time is found from the inside: the guest has
+    /// tracefs but no `perf` (`docs/performance.md`, round eleven: a sleeping vsock `accept`).
+    pub fn guest_trace<T>(&self, events: &str, f: impl FnOnce() -> T) -> (T, String) {
+        let (code, out) = self.guest(&format!(
+            "grep -q ' /sys/kernel/tracing ' /proc/mounts || mount -t tracefs nodev /sys/kernel/tracing; \
+             cd /sys/kernel/tracing && echo 0 > tracing_on && echo 16384 > buffer_size_kb && echo > trace \
+             && echo '{events}' > set_event && echo 1 > tracing_on"
+        ));
+        assert_eq!(code, 0, "starting the guest's trace of {events:?}: {out}");
+        let done = f();
+        let (code, trace) =
+            self.guest("cd /sys/kernel/tracing && echo 0 > tracing_on && cat trace && echo > set_event");
+        assert_eq!(code, 0, "reading the guest's trace: {trace}");
+        (done, trace)
+    }
+
+    /// `count` timed one-byte exchanges with the guest's echo service through hostnet (TCP
+    /// 8007): each on a new connection, or with `round_trips` all on one; the latencies.
+    pub fn echo_latencies(&self, count: usize, round_trips: bool) -> Vec<Duration> {
+        let connect = echo_through_hostnet();
+        let mut open = round_trips.then(&connect);
+        (0..count)
+            .map(|_| {
+                let t = Instant::now();
+                match open.as_mut() {
+                    Some(c) => one_byte_round_trip(c),
+                    None => one_byte_round_trip(&mut connect()),
+                }
+                t.elapsed()
+            })
+            .collect()
+    }
+
     /// `hostnet-proxy status --json` of the VM's proxy.
     pub fn status(&self) -> serde_json::Value {
         let out = Command::new(bin("hostnet-proxy"))
@@ -301,14 +336,8 @@ impl Vm {
     /// `trips` one-byte round trips and `connections` new connections to the guest's echo
     /// service on each path, in `rounds` rounds that alternate the paths (each byte checked).
     pub fn desktop_client_interactive(&self, trips: usize, connections: usize, rounds: usize) -> Interactive {
-        let echo = loopback(false, GUEST_ECHO_PORT);
-        wait_until("the echo port is forwarded", || TcpStream::connect_timeout(&echo, DEADLINE).is_ok());
-        let through_hostnet = || -> Box<dyn ReadWrite> {
-            let c = TcpStream::connect(echo).unwrap();
-            c.set_nodelay(true).unwrap();
-            c.set_read_timeout(Some(DEADLINE)).unwrap();
-            Box::new(c)
-        };
+        let connect = echo_through_hostnet();
+        let through_hostnet = || -> Box<dyn ReadWrite> { Box::new(connect()) };
         let raw = || -> Box<dyn ReadWrite> { Box::new(self.vsock(GUEST_ECHO_VSOCK_PORT)) };
         let paths: [&dyn Fn() -> Box<dyn ReadWrite>; 2] = [&raw, &through_hostnet];
         let mut open = paths.map(|p| p());
@@ -351,6 +380,19 @@ impl Vm {
         let out = f();
         *cpu += self.guest_cpu_seconds() - before;
         out
+    }
+}
+
+/// Once the guest's echo port is forwarded: a connector to it through hostnet (`TCP_NODELAY`,
+/// reads bounded by [`DEADLINE`]).
+fn echo_through_hostnet() -> impl Fn() -> TcpStream {
+    let echo = loopback(false, GUEST_ECHO_PORT);
+    wait_until("the echo port is forwarded", || TcpStream::connect_timeout(&echo, DEADLINE).is_ok());
+    move || {
+        let c = TcpStream::connect(echo).unwrap();
+        c.set_nodelay(true).unwrap();
+        c.set_read_timeout(Some(DEADLINE)).unwrap();
+        c
     }
 }
 

@@ -77,6 +77,16 @@ fn hostnet_across_a_real_virtio_vsock_link() {
         trip[0], trip[1], conn[0], conn[1], cpu[0], cpu[1]
     );
 
+    // The guest's kernel trace around new connections (`hostnet-bench trace-vm`): each
+    // connection's opening reaches the agent, whose relay thread is then woken.
+    let (took, trace) =
+        vm.guest_trace("sched:sched_waking vsock:virtio_transport_recv_pkt", || vm.echo_latencies(3, false));
+    assert_eq!(took.len(), 3, "three traced connections");
+    let openings =
+        trace.lines().filter(|l| l.contains("virtio_transport_recv_pkt") && l.contains("op=REQUEST")).count();
+    assert!(openings >= 3, "the trace shows each connection's vsock request: {openings}\n{trace}");
+    assert!(trace.contains("comm=hostnet-relay"), "the trace shows the agent's relay thread woken:\n{trace}");
+
     // Guest → desktop TCP: a desktop web server fetched from inside the guest.
     let port = free_port();
     let mut server = desktop_web_server(port);

@@ -64,12 +64,28 @@ struct Opts {
     internal: Option<Internal>,
 }
 
-/// What the harness runs of itself.
+/// What the harness runs of itself, and tools beside the workloads.
 #[derive(Debug, Subcommand)]
 enum Internal {
     /// One relay of the bare chain: LISTEN and TO are `tcp:ADDR` or `unix:PATH` (`bare.rs`).
     #[command(hide = true)]
     BareRelay { listen: bare::End, to: bare::End },
+    /// Boots the real VM and records the guest kernel's trace (tracefs) around one-byte
+    /// exchanges with its echo service through hostnet: each on a new connection, or all on one
+    /// with `--round-trips`. Prints each exchange's latency; writes the trace to OUT.
+    TraceVm {
+        /// The trace file to write.
+        out: PathBuf,
+        /// Exchanges to trace.
+        #[arg(long, default_value_t = 30)]
+        count: usize,
+        /// All on one connection (round trips) instead of a new connection each.
+        #[arg(long)]
+        round_trips: bool,
+        /// tracefs events, space-separated.
+        #[arg(long, default_value = "sched:sched_switch sched:sched_waking vsock:* irq:irq_handler_entry")]
+        events: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -150,8 +166,12 @@ impl Params {
 
 fn main() {
     let opts = Opts::parse();
-    if let Some(Internal::BareRelay { listen, to }) = &opts.internal {
-        return bare::run(listen, to);
+    match &opts.internal {
+        Some(Internal::BareRelay { listen, to }) => return bare::run(listen, to),
+        Some(Internal::TraceVm { out, count, round_trips, events }) => {
+            return trace_vm(out, *count, *round_trips, events);
+        }
+        None => {}
     }
     let started = Instant::now();
     let mut machine = procs::machine();
@@ -607,6 +627,26 @@ const VM_INTERACTIVE_ROUNDS: usize = 5;
 
 /// The real VM's rows: bulk transfers through hostnet and over the raw vsock link hostnet runs
 /// on (in the "direct" column), both directions, from a desktop client and from a guest program.
+/// `hostnet-bench trace-vm`: see [`Internal::TraceVm`].
+fn trace_vm(out: &std::path::Path, count: usize, round_trips: bool, events: &str) {
+    if let Some(why) = hostnet_tests::vm::missing() {
+        eprintln!("hostnet-bench trace-vm: {why}");
+        std::process::exit(1);
+    }
+    let (vm, boot) = hostnet_tests::vm::Vm::start_quiet();
+    eprintln!("VM up in {boot:.1?}; warming up");
+    vm.echo_latencies(20, round_trips);
+    let (took, trace) = vm.guest_trace(events, || vm.echo_latencies(count, round_trips));
+    if let Err(e) = std::fs::write(out, &trace) {
+        eprintln!("hostnet-bench trace-vm: writing {}: {e}", out.display());
+        std::process::exit(1);
+    }
+    let what = if round_trips { "round trips on one connection" } else { "new connections" };
+    let micros: Vec<u128> = took.iter().map(Duration::as_micros).collect();
+    println!("{count} {what}, latencies in µs: {micros:?}");
+    println!("guest trace ({} lines) in {}", trace.lines().count(), out.display());
+}
+
 fn real_vm(rows: &mut Vec<Row>) {
     if let Some(why) = hostnet_tests::vm::missing() {
         println!("skipping the real VM: {why}");
