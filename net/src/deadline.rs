@@ -110,15 +110,28 @@ impl Deadlines {
     /// Ends each slot when its time comes, until none is left.
     async fn run(self: Arc<Self>) {
         // The runtime may drop this task (shutting down): the next wait starts another.
-        struct Stopped<'a>(&'a Deadlines);
-        impl Drop for Stopped<'_> {
+        struct Dropped<'a>(&'a Deadlines, bool);
+        impl Drop for Dropped<'_> {
             fn drop(&mut self) {
-                self.0.state().running = false;
+                if self.1 {
+                    self.0.state().running = false;
+                }
             }
         }
-        let _stopped = Stopped(&self);
+        let mut dropped = Dropped(&self, true);
         loop {
-            let Some(next) = self.state().slots.keys().next().copied() else { return };
+            // Stops under the same lock that finds no slot left, so a wait started meanwhile
+            // (on a multi-threaded runtime this task may run beside it) either is found here or
+            // finds the task stopped and starts another.
+            let next = {
+                let mut state = self.state();
+                let Some(next) = state.slots.keys().next().copied() else {
+                    state.running = false;
+                    dropped.1 = false;
+                    return;
+                };
+                next
+            };
             let at = self.epoch + SLOT.saturating_mul(u32::try_from(next).unwrap_or(u32::MAX));
             tokio::select! {
                 () = tokio::time::sleep_until(at) => {}
@@ -173,6 +186,21 @@ mod tests {
         assert!(took <= Duration::from_secs(2) + SLOT, "the short wait took {took:?}");
         assert!(!long.is_finished(), "the long wait is still running");
         long.abort();
+    }
+
+    /// On a multi-threaded runtime the task that ends the slots may run beside the waits that
+    /// add them, and stop and start again between rounds: every wait still ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waits_on_a_multi_threaded_runtime_all_end() {
+        for _ in 0..3 {
+            let waits: Vec<_> = (0..20)
+                .map(|_| tokio::spawn(within(Duration::from_millis(10), std::future::pending::<()>())))
+                .collect();
+            for w in waits {
+                let ended = tokio::time::timeout(Duration::from_secs(10), w).await;
+                assert_eq!(ended.expect("a wait never ended").unwrap(), Err(Elapsed));
+            }
+        }
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
