@@ -65,20 +65,14 @@ pub async fn connect_tcp(addr: SocketAddr, mark: Option<u32>, where_: &str) -> R
 /// (which wakes the runtime's timer).
 #[cfg(unix)]
 fn connect_at_once(socket: &socket2::Socket, addr: SocketAddr) -> Option<std::io::Result<()>> {
-    use std::os::fd::AsRawFd;
     match socket.connect(&addr.into()) {
         Ok(()) => return Some(Ok(())),
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Some(Err(e)),
     }
-    let mut fd = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
-    // SAFETY: one valid pollfd, a zero timeout.
-    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
-    if ready != 1 {
-        return None;
-    }
+    let revents = crate::sys::poll_now(socket, libc::POLLOUT).ok().filter(|&r| r != 0)?;
     // Writable alone: connected. With an error or hang-up, ask which (a refusal, mostly).
-    if fd.revents & (libc::POLLERR | libc::POLLHUP) == 0 {
+    if revents & (libc::POLLERR | libc::POLLHUP) == 0 {
         return Some(Ok(()));
     }
     match socket.take_error() {

@@ -55,32 +55,48 @@ pub fn new_socket(domain: Domain, ty: Type) -> io::Result<Socket> {
 /// close-on-exec (on Linux in the one `accept4(2)`).
 #[cfg(unix)]
 pub fn accept_nonblocking(listener: &impl std::os::fd::AsRawFd) -> io::Result<Socket> {
+    accept_nonblocking_from(listener).map(|(s, _)| s)
+}
+
+/// [`accept_nonblocking`], with the peer's address.
+#[cfg(unix)]
+pub fn accept_nonblocking_from(
+    listener: &impl std::os::fd::AsRawFd,
+) -> io::Result<(Socket, socket2::SockAddr)> {
     use std::os::fd::FromRawFd;
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
-        // SAFETY: plain accept4 on a listening fd we borrow; no address is asked for.
-        let fd = unsafe {
-            libc::accept4(
-                listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
+        let fd = listener.as_raw_fd();
+        // SAFETY: `try_init` hands a zeroed address buffer and its length, which `accept4`
+        // fills in; the descriptor it returns is new and owned by nothing else.
+        unsafe {
+            socket2::SockAddr::try_init(|addr, len| {
+                match libc::accept4(fd, addr.cast(), len, libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) {
+                    -1 => Err(io::Error::last_os_error()),
+                    new => Ok(Socket::from_raw_fd(new)),
+                }
+            })
         }
-        // SAFETY: `fd` is a new descriptor that nothing else owns.
-        Ok(unsafe { Socket::from_raw_fd(fd) })
     }
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     {
         // SAFETY: the fd is borrowed for the call only; `ManuallyDrop` never closes it.
         let listener = std::mem::ManuallyDrop::new(unsafe { Socket::from_raw_fd(listener.as_raw_fd()) });
-        let (s, _) = listener.accept()?;
+        let (s, peer) = listener.accept()?;
         s.set_nonblocking(true)?;
-        Ok(s)
+        Ok((s, peer))
     }
+}
+
+/// `poll(2)` of one socket for `events`, without waiting: the events it reports now (0: none).
+#[cfg(unix)]
+pub fn poll_now(socket: &impl std::os::fd::AsRawFd, events: libc::c_short) -> io::Result<libc::c_short> {
+    let mut fd = libc::pollfd { fd: socket.as_raw_fd(), events, revents: 0 };
+    // SAFETY: one valid `pollfd` that lives across the call; a zero timeout.
+    if unsafe { libc::poll(&raw mut fd, 1, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd.revents)
 }
 
 /// Readies a listening socket the way a server's should be on this platform, before `bind`.

@@ -437,24 +437,28 @@ async fn the_opening_goes_with_the_first_bytes_or_alone_at_once() {
     }
 }
 
-/// The answering side holds its answer until the local side's first bytes (or FIN) and sends
-/// them in one write: nothing reaches the opener before the server speaks.
-#[tokio::test(flavor = "current_thread")]
-async fn the_answer_waits_for_the_servers_first_bytes() {
-    use hostnet_net::relay::tcp::relay_answering;
-    let (mut server, guest_local) = tcp_pair().await;
-    let (t1, t2) = unix_pair_driven();
-    let guest_side = tokio::spawn(async move {
-        relay_answering(
-            &guest_local,
-            &t1,
+/// `relay_answering` between `local` and `stream` in a task of its own, its answer `ANSWER`.
+fn spawn_answering(local: TcpStream, stream: FdStream) -> JoinHandle<Outcome> {
+    tokio::spawn(async move {
+        hostnet_net::relay::tcp::relay_answering(
+            &local,
+            &stream,
             BytesMut::new(),
             b"ANSWER".to_vec(),
             &RelayCounters::default(),
             &CancellationToken::new(),
         )
         .await
-    });
+    })
+}
+
+/// The answering side holds its answer until the local side's first bytes (or FIN) and sends
+/// them in one write: nothing reaches the opener before the server speaks.
+#[tokio::test(flavor = "current_thread")]
+async fn the_answer_waits_for_the_servers_first_bytes() {
+    let (mut server, guest_local) = tcp_pair().await;
+    let (t1, t2) = unix_pair_driven();
+    let guest_side = spawn_answering(guest_local, t1);
     // On this one thread the relay runs until it waits for the server.
     for _ in 0..10 {
         tokio::task::yield_now().await;
@@ -480,24 +484,13 @@ async fn the_answer_waits_for_the_servers_first_bytes() {
 /// data stream — so the far side is woken once, not twice.
 #[tokio::test(flavor = "current_thread")]
 async fn an_answer_and_the_close_behind_it_leave_in_one_write() {
-    use hostnet_net::relay::tcp::relay_answering;
     let (mut server, guest_local) = tcp_pair().await;
     server.write_all(b"ok").await.unwrap();
     server.shutdown().await.unwrap();
     let (a, b) = socket2::Socket::pair(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None).unwrap();
     a.set_nonblocking(true).unwrap();
     let t1 = FdStream::new(a).unwrap();
-    let guest_side = tokio::spawn(async move {
-        relay_answering(
-            &guest_local,
-            &t1,
-            BytesMut::new(),
-            b"ANSWER".to_vec(),
-            &RelayCounters::default(),
-            &CancellationToken::new(),
-        )
-        .await
-    });
+    let guest_side = spawn_answering(guest_local, t1);
     let first = within(tokio::task::spawn_blocking(move || {
         let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
         let n = b.recv(&mut buf).unwrap();

@@ -439,10 +439,9 @@ enum Step {
     /// `n` bytes read and all of them passed on.
     Sent(usize),
     /// `n` bytes read and passed on with the FIN (`Closed`) or RST (`LocalReset`) that followed
-    /// them at once: this direction is over.
-    SentAndEnded(usize, Outcome),
-    /// [`Step::SentAndEnded`] whose write the peer took only in part: `rest` still to go.
-    EndBlocked(usize, Vec<u8>, Outcome),
+    /// them at once — `rest`, what the peer has not taken yet, still to go: this direction is
+    /// over.
+    Ended(usize, Vec<u8>, Outcome),
     /// `n` bytes read; `rest` (the tail of the chunk) still to be written.
     Blocked(usize, Vec<u8>),
     /// Nothing to read after all. Each of these three carries the lead not sent yet.
@@ -497,14 +496,10 @@ async fn pump_up<L: RawStream, P: RawStream>(
             },
             None => {
                 let ahead = lead.take();
-                let more = |body: &mut [u8]| local.try_read(body);
-                if arrived {
-                    with_scratch(|b| {
-                        forward_now(|body| raw::read_arrived(local, body), more, &ahead, peer, b)
-                    })
-                } else {
-                    with_scratch(|b| forward_now(|body| local.try_read(body), more, &ahead, peer, b))
-                }
+                let read = |body: &mut [u8]| {
+                    if arrived { raw::read_arrived(local, body) } else { local.try_read(body) }
+                };
+                with_scratch(|b| forward_now(read, |body| local.try_read(body), &ahead, peer, b))
             }
         };
         match step {
@@ -537,16 +532,14 @@ async fn pump_up<L: RawStream, P: RawStream>(
                     }
                 }
             }
-            Step::SentAndEnded(n, end) => {
-                counters.to_peer.fetch_add(n as u64, Ordering::Relaxed);
-                return end;
-            }
-            Step::EndBlocked(n, rest, end) => {
-                mid_chunk.store(true, Ordering::Relaxed);
-                if raw::write_all(peer, &rest).await.is_err() {
-                    return Outcome::PeerVanished;
+            Step::Ended(n, rest, end) => {
+                if !rest.is_empty() {
+                    mid_chunk.store(true, Ordering::Relaxed);
+                    if raw::write_all(peer, &rest).await.is_err() {
+                        return Outcome::PeerVanished;
+                    }
+                    mid_chunk.store(false, Ordering::Relaxed);
                 }
-                mid_chunk.store(false, Ordering::Relaxed);
                 counters.to_peer.fetch_add(n as u64, Ordering::Relaxed);
                 return end;
             }
@@ -628,14 +621,11 @@ fn forward_now<P: RawStream>(
             // not have reported it writable yet); what it does not take waits as usual.
             let written =
                 if lead.is_empty() { write_now(peer, frame) } else { write_direct_now(peer, frame) };
+            let rest = |w: usize| frame.get(w..).unwrap_or_default().to_vec();
             match (written, end) {
                 (Ok(w), None) if w == frame.len() => Step::Sent(n),
-                (Ok(w), None) => Step::Blocked(n, frame.get(w..).unwrap_or_default().to_vec()),
-                (Ok(w), Some((_, outcome))) if w == frame.len() => Step::SentAndEnded(n, outcome),
-                // The peer is full already: the rest waits for room, still this write.
-                (Ok(w), Some((_, outcome))) => {
-                    Step::EndBlocked(n, frame.get(w..).unwrap_or_default().to_vec(), outcome)
-                }
+                (Ok(w), None) => Step::Blocked(n, rest(w)),
+                (Ok(w), Some((_, outcome))) => Step::Ended(n, rest(w), outcome),
                 (Err(_), _) => Step::PeerFailed,
             }
         }

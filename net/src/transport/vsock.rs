@@ -102,7 +102,8 @@ impl VsockListener {
             // Never an `accept` with nothing queued (see `queued`): "nothing" is a `WouldBlock`
             // that clears the readiness, as an `EAGAIN` from `accept` would.
             let accepted = guard.try_io(|s| match queued(s.get_ref())? {
-                true => accept_nonblocking(s.get_ref()),
+                // Non-blocking from the start (`accept4`): one `fcntl` less per stream.
+                true => crate::sys::accept_nonblocking_from(s.get_ref()),
                 false => Err(io::ErrorKind::WouldBlock.into()),
             });
             match accepted {
@@ -120,22 +121,6 @@ impl VsockListener {
     }
 }
 
-/// `accept4` with the new socket non-blocking from the start (one `fcntl` less per stream).
-fn accept_nonblocking(listener: &Socket) -> io::Result<(Socket, SockAddr)> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let fd = listener.as_raw_fd();
-    // SAFETY: `try_init` hands a zeroed address buffer and its length, which `accept4` fills
-    // in; the descriptor it returns is new and owned by nothing else.
-    unsafe {
-        SockAddr::try_init(|addr, len| {
-            match libc::accept4(fd, addr.cast(), len, libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) {
-                -1 => Err(io::Error::last_os_error()),
-                new => Ok(Socket::from_raw_fd(new)),
-            }
-        })
-    }
-}
-
 /// Whether a connection waits to be accepted (or an error to be reported) on `listener`.
 ///
 /// Asked before each `accept`, because a non-blocking vsock `accept` with nothing queued does
@@ -146,14 +131,7 @@ fn accept_nonblocking(listener: &Socket) -> io::Result<(Socket, SockAddr)> {
 /// relay thread slept 0.4–3.2 ms in that `accept` while the connection's opening had arrived.
 /// `poll` answers from the accept queue without sleeping.
 fn queued(listener: &Socket) -> io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    let mut fd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid `pollfd` that lives across the call; no waiting.
-    let n = unsafe { libc::poll(&raw mut fd, 1, 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n > 0 && fd.revents != 0)
+    Ok(crate::sys::poll_now(listener, libc::POLLIN)? != 0)
 }
 
 #[cfg(test)]

@@ -625,8 +625,6 @@ const VM_TRIPS: usize = 1_000;
 const VM_CONNECTIONS: usize = 100;
 const VM_INTERACTIVE_ROUNDS: usize = 5;
 
-/// The real VM's rows: bulk transfers through hostnet and over the raw vsock link hostnet runs
-/// on (in the "direct" column), both directions, from a desktop client and from a guest program.
 /// `hostnet-bench trace-vm`: see [`Internal::TraceVm`].
 fn trace_vm(out: &std::path::Path, count: usize, round_trips: bool, events: &str) {
     if let Some(why) = hostnet_tests::vm::missing() {
@@ -647,6 +645,9 @@ fn trace_vm(out: &std::path::Path, count: usize, round_trips: bool, events: &str
     println!("guest trace ({} lines) in {}", trace.lines().count(), out.display());
 }
 
+/// The real VM's rows: bulk transfers through hostnet and over the raw vsock link hostnet runs
+/// on (in the "direct" column), both directions, from a desktop client and from a guest program;
+/// round trips and new connections from a desktop client.
 fn real_vm(rows: &mut Vec<Row>) {
     if let Some(why) = hostnet_tests::vm::missing() {
         println!("skipping the real VM: {why}");
