@@ -84,6 +84,11 @@ impl Sessions {
         let mut reader = FrameReader::new();
         let open = match reader.read_opening::<_, Open>(&stream).await {
             Ok(open) => open,
+            Err(HandshakeError::Closed) if reader.read_nothing() => {
+                // A stream the proxy opened ahead of need and closed unused (its spares).
+                debug!(%peer, "a stream closed before its opening: a spare the proxy let go");
+                return;
+            }
             Err(e) => {
                 if let HandshakeError::Preface(PrefaceError::VersionMismatch { .. }) = e {
                     // Tell the proxy in words too; it also sees our version in our preface.

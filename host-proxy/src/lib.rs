@@ -52,6 +52,8 @@ pub struct ProxyConfig {
     pub guest_vm: Option<guest_streams::VmIdentity>,
     /// Threads relayed connections live on ([`hostnet_net::threads`]).
     pub relay_threads: usize,
+    /// Streams to the agent kept opened ahead of need ([`hostnet_net::transport::spare`]).
+    pub spare_streams: usize,
 }
 
 impl ProxyConfig {
@@ -67,6 +69,7 @@ impl ProxyConfig {
             limits: limits::Limits::default(),
             guest_vm: guest_streams::VmIdentity::of(agent),
             relay_threads: RelayThreads::default_count(),
+            spare_streams: agent.default_spare_streams(),
         }
     }
 }
@@ -89,12 +92,16 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
         Err(e) => return tracing::error!("cannot start the relay threads: {e}"),
     };
     let tracker = TaskTracker::new();
+    let connector: Arc<dyn Connector> = match config.spare_streams {
+        0 => config.connector.clone(),
+        n => Arc::new(hostnet_net::transport::spare::Spares::new(config.connector.clone(), n)),
+    };
     let settings = SettingsHandle::load(config.settings_path.clone());
     settings.watch(&tracker, &shutdown);
     // The proxy's own sockets: its mirrors, bridges and flow sockets, never offered to the guest.
     let own = OwnSockets::new();
     let forwards = forward::Forwards::new(serving::Serving::new(
-        config.connector.clone(),
+        connector.clone(),
         tracker.clone(),
         shutdown.clone(),
         config.limits,
@@ -162,7 +169,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
     }
     // On a worker thread: a future driven by the caller's `block_on` is woken across threads
     // for every control frame (the I/O driver lives on the workers).
-    let link = tokio::spawn(link::maintain(config.connector, forwards, host, state, shutdown.clone()));
+    let link = tokio::spawn(link::maintain(connector, forwards, host, state, shutdown.clone()));
     if let Err(e) = link.await {
         tracing::error!("the link to the agent failed: {e}");
     }

@@ -60,6 +60,11 @@ enum Cmd {
         /// the guest→host protocol to this proxy).
         #[arg(long)]
         listen_beyond_loopback: bool,
+        /// Streams to the agent kept opened ahead of need, so a new connection does not wait
+        /// for its own to be set up [default: 4 for vsock:, hybrid: and hyperv:, where that is
+        /// a round trip through the VM; 0 for unix: and tcp:].
+        #[arg(long, value_name = "N", env = "HOSTNET_SPARE_STREAMS", value_parser = clap::value_parser!(u16).range(0..=64))]
+        spare_streams: Option<u16>,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -107,6 +112,11 @@ enum Cmd {
         /// With --windows: the Wine prefix [default: hostnet/wine in the user's cache directory].
         #[arg(long, value_name = "DIR", requires = "windows", env = "WINEPREFIX")]
         wine_prefix: Option<PathBuf>,
+        /// Streams to the agent kept opened ahead of need, so a new connection does not wait
+        /// for its own to be set up [default: 4 for vsock:, hybrid: and hyperv:, where that is
+        /// a round trip through the VM; 0 for unix: and tcp:].
+        #[arg(long, value_name = "N", env = "HOSTNET_SPARE_STREAMS", value_parser = clap::value_parser!(u16).range(0..=64))]
+        spare_streams: Option<u16>,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -200,7 +210,7 @@ async fn main() -> ExitCode {
             }
             Err(e) => Err(e.into()),
         },
-        Cmd::Run { transport, listen, listen_beyond_loopback, limits } => {
+        Cmd::Run { transport, listen, listen_beyond_loopback, spare_streams, limits } => {
             if let Some(Err(e)) = listen
                 .as_ref()
                 .map(|spec| host_proxy::guest_streams::check_listen(spec, listen_beyond_loopback))
@@ -217,6 +227,7 @@ async fn main() -> ExitCode {
             config.settings_path = settings_path;
             config.admin_socket = admin_socket;
             config.limits = limits.limits();
+            config.spare_streams = spare_streams.map_or(config.spare_streams, usize::from);
             host_proxy::run(config, shutdown, state_tx).await;
             Ok(())
         }
@@ -233,6 +244,7 @@ async fn main() -> ExitCode {
             windows_exe,
             wine,
             wine_prefix,
+            spare_streams,
             limits,
         } => {
             let windows = match windows {
@@ -271,6 +283,7 @@ async fn main() -> ExitCode {
                 admin_socket,
                 limits: limits.limits(),
                 windows,
+                spare_streams: spare_streams.map(usize::from),
             };
             demo::run(opts, shutdown, state_tx).await
         }

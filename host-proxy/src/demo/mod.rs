@@ -59,6 +59,9 @@ pub struct DemoOptions {
     pub limits: crate::limits::Limits,
     /// Run the Windows build of the proxy under Wine instead of this one (`--windows`).
     pub windows: Option<wine::WineOptions>,
+    /// Streams to the agent kept opened ahead of need (`None`: the transport's default, none
+    /// for the stand-in's Unix socket).
+    pub spare_streams: Option<usize>,
 }
 
 /// Sets the stand-in up, runs the proxy against it until `shutdown`, tears it down.
@@ -92,6 +95,7 @@ pub async fn run(
             config.settings_path = opts.settings_path.clone();
             config.admin_socket = opts.admin_socket.clone();
             config.limits = opts.limits;
+            config.spare_streams = opts.spare_streams.unwrap_or(config.spare_streams);
             crate::run(config, shutdown.clone(), state).await;
             Ok(())
         }

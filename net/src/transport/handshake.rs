@@ -69,6 +69,8 @@ pub async fn send_frame<S: RawStream, T: Serialize>(s: &S, msg: &T) -> Result<()
 #[derive(Debug, Default)]
 pub struct FrameReader {
     buf: BytesMut,
+    /// Some byte has been read.
+    read_any: bool,
 }
 
 impl FrameReader {
@@ -181,6 +183,12 @@ impl FrameReader {
         Ok(true)
     }
 
+    /// Whether the stream has given nothing yet: a peer that closes such a stream opened it
+    /// ahead of need and let it go (`crate::transport::spare`).
+    pub fn read_nothing(&self) -> bool {
+        !self.read_any
+    }
+
     /// The bytes read past the last frame.
     pub fn into_leftover(self) -> BytesMut {
         self.buf
@@ -213,6 +221,7 @@ impl FrameReader {
     ) -> io::Result<usize> {
         crate::scratch::with_scratch(max, |into| {
             let n = read(into)?;
+            self.read_any |= n > 0;
             self.buf.extend_from_slice(into.get(..n).unwrap_or_default());
             Ok(n)
         })
@@ -290,5 +299,31 @@ pub async fn answer_open<S: RawStream, T>(stream: &S, outcome: &Result<T, String
             let _ = send_preface_and(stream, &reply).await;
             false
         }
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use crate::transport::fd::FdStream;
+
+    /// A stream closed before its first byte is told apart from one closed mid-opening: the
+    /// first is a spare the proxy let go (the agent says nothing), the second a broken peer.
+    #[tokio::test]
+    async fn a_stream_closed_before_any_byte_read_nothing() {
+        let (ours, theirs) = FdStream::pair().unwrap();
+        drop(theirs);
+        let mut reader = FrameReader::new();
+        let e = reader.read_opening::<_, hostnet_protocol::Open>(&ours).await.unwrap_err();
+        assert!(matches!(e, HandshakeError::Closed), "{e}");
+        assert!(reader.read_nothing());
+
+        let (ours, theirs) = FdStream::pair().unwrap();
+        raw::write_all(&theirs, &Preface::OURS.to_bytes()[..3]).await.unwrap();
+        drop(theirs);
+        let mut reader = FrameReader::new();
+        let e = reader.read_opening::<_, hostnet_protocol::Open>(&ours).await.unwrap_err();
+        assert!(matches!(e, HandshakeError::Closed), "{e}");
+        assert!(!reader.read_nothing(), "three bytes of a preface were read");
     }
 }

@@ -14,6 +14,7 @@ pub mod handshake;
 pub mod hyperv;
 pub mod raw;
 pub mod roaming;
+pub mod spare;
 pub mod stream;
 #[cfg(target_os = "linux")]
 pub mod vsock;
@@ -159,6 +160,18 @@ impl TransportSpec {
     /// The connector for this spec (proxy side).
     pub fn connector(&self) -> Arc<dyn Connector> {
         Arc::new(SpecConnector(self.clone()))
+    }
+
+    /// Streams kept opened ahead of need by default ([`spare::Spares`]): for a VM's transports,
+    /// where a stream's set-up is a round trip through the VMM and the guest; none where it is
+    /// a local `connect` (`unix:`, `tcp:`).
+    pub fn default_spare_streams(&self) -> usize {
+        match self {
+            TransportSpec::Vsock { .. } | TransportSpec::Hybrid { .. } | TransportSpec::HyperV { .. } => {
+                spare::VM_SPARES
+            }
+            TransportSpec::Unix(_) | TransportSpec::Tcp(_) => 0,
+        }
     }
 
     /// Starts listening (agent side). A `tcp:` listener is registered in `own`, so the side's
@@ -656,6 +669,52 @@ mod tests {
         let n = raw::read(&s, &mut buf).await.unwrap();
         assert_eq!(&buf[..n], &b"ping"[..n]);
         s.shutdown_write().unwrap();
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_hybrid_stream_opened_ahead_of_need_is_handed_out_and_carries_bytes() {
+        // A VMM that answers every CONNECT, then echoes.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.vsock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            loop {
+                let s = fd_stream(listener.accept().await.unwrap().0);
+                tokio::spawn(async move {
+                    let mut line = [0u8; 13];
+                    let mut filled = 0;
+                    while filled < line.len() {
+                        filled += raw::read(&s, &mut line[filled..]).await.unwrap();
+                    }
+                    raw::write_all(&s, b"OK 1024\n").await.unwrap();
+                    let mut buf = [0u8; 64];
+                    while let Ok(n @ 1..) = raw::read(&s, &mut buf).await {
+                        raw::write_all(&s, &buf[..n]).await.unwrap();
+                    }
+                });
+            }
+        });
+        let spec = TransportSpec::Hybrid { path, port: 1024 };
+        assert_eq!(spec.default_spare_streams(), spare::VM_SPARES);
+        assert_eq!(TransportSpec::Unix("/x".into()).default_spare_streams(), 0);
+        let spares = spare::Spares::new(spec.connector(), 1);
+        let _first = spares.connect().await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while spares.counts().ready < 1 {
+            assert!(std::time::Instant::now() < deadline, "no spare opened");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        // Handed out past its `OK` line, registered again on this thread: bytes go both ways.
+        let s = spares.connect().await.unwrap();
+        assert_eq!(spares.counts().taken, 1);
+        raw::write_all(&s, b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        let mut filled = 0;
+        while filled < 4 {
+            filled += raw::read(&s, &mut buf[filled..]).await.unwrap();
+        }
+        assert_eq!(&buf, b"ping");
     }
 
     #[cfg(unix)]

@@ -57,6 +57,23 @@ pub enum DetachedStream {
     Vsock((socket2::Socket, bool)),
 }
 
+impl DetachedStream {
+    /// Whether nothing waits to be read and the far side has not closed: a stream set up
+    /// ahead of need (`crate::transport::spare`) that is still fit to be handed out. Asked with
+    /// a non-blocking peek, which answers "would block" only then.
+    pub fn quiet(&self) -> bool {
+        let mut byte = [std::mem::MaybeUninit::uninit(); 1];
+        let peeked = match self {
+            #[cfg(unix)]
+            DetachedStream::Unix((s, _)) => s.peek(&mut byte),
+            DetachedStream::Tcp(s) => socket2::SockRef::from(s).peek(&mut byte),
+            #[cfg(target_os = "linux")]
+            DetachedStream::Vsock((s, _)) => s.peek(&mut byte),
+        };
+        matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
 impl crate::threads::Movable for TransportStream {
     type Detached = DetachedStream;
     fn detach(self) -> io::Result<DetachedStream> {
