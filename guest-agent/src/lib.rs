@@ -38,6 +38,9 @@ pub struct AgentConfig {
     pub ignore_ports: BTreeSet<u16>,
     /// Where to reach the proxy for guest→host connections (`None`: guest→host off).
     pub host_transport: Option<TransportSpec>,
+    /// Streams to the proxy for guest→host kept opened ahead of need (`None`: the transport's
+    /// default, `TransportSpec::default_spare_streams`).
+    pub spare_streams: Option<usize>,
     /// Threads the proxy's streams live on ([`hostnet_net::threads`]).
     pub relay_threads: usize,
 }
@@ -50,6 +53,7 @@ impl AgentConfig {
             listener_events: true,
             ignore_ports: BTreeSet::new(),
             host_transport: None,
+            spare_streams: None,
             relay_threads: RelayThreads::default_count(),
         }
     }
@@ -180,7 +184,15 @@ async fn serve_on(
         watcher::spawn(source, trigger, config.ignore_ports.clone(), own.clone(), &tracker, shutdown.clone())
             .map_err(AgentError::Discovery)?;
     let interceptor = match &config.host_transport {
-        Some(spec) => match intercept::start(spec.connector(), &own, &relay, &tracker, &shutdown).await {
+        Some(spec) => match intercept::start(
+            host_connector(spec, config.spare_streams),
+            &own,
+            &relay,
+            &tracker,
+            &shutdown,
+        )
+        .await
+        {
             Ok(i) => Some(i),
             Err(e) => {
                 warn!("guest→host is off: {e}");
@@ -195,4 +207,13 @@ async fn serve_on(
     hostnet_net::tasks::drain(&tracker, "hostnet-agent").await;
     info!("hostnet-agent stopped");
     Ok(())
+}
+
+/// The connector for guest→host streams: with spares opened ahead of need where the transport's
+/// set-up is a round trip through the VMM (`hostnet_net::transport::spare`).
+fn host_connector(spec: &TransportSpec, spares: Option<usize>) -> std::sync::Arc<dyn hostnet_net::Connector> {
+    match spares.unwrap_or_else(|| spec.default_spare_streams()) {
+        0 => spec.connector(),
+        n => std::sync::Arc::new(hostnet_net::transport::spare::Spares::new(spec.connector(), n)),
+    }
 }

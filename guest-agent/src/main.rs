@@ -34,6 +34,12 @@ struct Args {
     #[arg(long, env = "HOSTNET_AGENT_HOST_TRANSPORT", value_name = "SPEC")]
     host_transport: Option<TransportSpec>,
 
+    /// Streams to the proxy for guest→host kept opened ahead of need, so a container's new
+    /// connection does not wait for its own to be set up [default: 4 for vsock:, where that is
+    /// a round trip through the VMM; 0 for unix: and tcp:].
+    #[arg(long, env = "HOSTNET_AGENT_SPARE_STREAMS", value_name = "N", value_parser = clap::value_parser!(u16).range(0..=64))]
+    spare_streams: Option<u16>,
+
     /// Milliseconds between two reads of the listener table when polling (kernel listener
     /// events unavailable or turned off).
     #[arg(long, default_value_t = guest_agent::DEFAULT_POLL_INTERVAL.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..=60_000))]
@@ -72,6 +78,7 @@ fn main() -> ExitCode {
     config.listener_events = !args.no_listener_events;
     config.ignore_ports = args.ignore_ports.into_iter().collect::<BTreeSet<_>>();
     config.host_transport = args.host_transport;
+    config.spare_streams = args.spare_streams.map(usize::from);
     // An unknown user is an error before anything starts.
     let account = match args.user.as_ref().map(user::lookup).transpose() {
         Ok(a) => a,

@@ -19,7 +19,7 @@ use hostnet_net::relay::open::{answer_and_relay, refuse};
 use hostnet_net::relay::udp;
 use hostnet_net::tally::Tally;
 use hostnet_net::threads::RelayThreads;
-use hostnet_net::transport::handshake::{self, FrameReader};
+use hostnet_net::transport::handshake::{self, FrameReader, HandshakeError};
 use hostnet_net::transport::hyperv::{self, Guid};
 use hostnet_net::{Acceptor, TransportSpec, TransportStream};
 use hostnet_protocol::{Listener, ListenerSet, Open, Proto, ShowPeer};
@@ -332,6 +332,10 @@ async fn serve(
     let mut reader = FrameReader::new();
     let open = match reader.read_opening::<_, Open>(&stream).await {
         Ok(o) => o,
+        // A stream the agent opened ahead of need and closed unused (its spares).
+        Err(HandshakeError::Closed) if reader.read_nothing() => {
+            return debug!("a guest→host stream closed before its opening: a spare the agent let go");
+        }
         Err(e) => return warn!("rejected a guest→host stream: {e}"),
     };
     let (addr, port, peer) = match open {

@@ -31,6 +31,9 @@ pub const GUEST_BULK_VSOCK_PORT: u32 = 1101;
 /// The host vsock port a guest program reaches the desktop's bulk service on over the raw link
 /// (hybrid vsock hands it to `<socket>_1102`); through hostnet it is `127.0.0.1:P` instead.
 pub const HOST_BULK_VSOCK_PORT: u32 = 1102;
+/// The host vsock port a guest program reaches the desktop's echo service on over the raw link
+/// (`<socket>_1104`); through hostnet it is `127.0.0.1:P`.
+pub const HOST_ECHO_VSOCK_PORT: u32 = 1104;
 /// Bytes per timed transfer.
 pub const BULK_BYTES: u64 = 32 << 20;
 
@@ -274,11 +277,58 @@ impl Vm {
     pub fn serve_desktop_bulk(&self) -> (String, String) {
         let port = free_port();
         let desktop = TcpListener::bind(("127.0.0.1", port)).unwrap();
-        serve_bulk_forever(move || desktop.accept().map(|(c, _)| c));
+        serve_forever(move || desktop.accept().map(|(c, _)| c), bulk_serve);
         let desktop_vsock =
             UnixListener::bind(self.run.join(format!("vm.vsock_{HOST_BULK_VSOCK_PORT}"))).unwrap();
-        serve_bulk_forever(move || desktop_vsock.accept().map(|(c, _)| c));
+        serve_forever(move || desktop_vsock.accept().map(|(c, _)| c), bulk_serve);
         (format!("tcp:127.0.0.1:{port}"), format!("vsock:2:{HOST_BULK_VSOCK_PORT}"))
+    }
+
+    /// A desktop echo service (TCP on `127.0.0.1`, and the raw link's host vsock port
+    /// [`HOST_ECHO_VSOCK_PORT`]), serving for as long as this process runs, once a guest program
+    /// reaches it through hostnet; returns the `conn-client --to` targets `(through hostnet, raw
+    /// vsock)`.
+    pub fn serve_desktop_echo(&self) -> (String, String) {
+        let port = free_port();
+        let desktop = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        serve_forever(move || desktop.accept().map(|(c, _)| c), crate::echo);
+        let desktop_vsock =
+            UnixListener::bind(self.run.join(format!("vm.vsock_{HOST_ECHO_VSOCK_PORT}"))).unwrap();
+        serve_forever(move || desktop_vsock.accept().map(|(c, _)| c), crate::echo);
+        let through_hostnet = format!("tcp:127.0.0.1:{port}");
+        wait_until("the guest reaches the desktop's echo service", || {
+            self.guest(&format!("hostnet-guest-helper conn-client --to {through_hostnet} --count 1")).0 == 0
+        });
+        (through_hostnet, format!("vsock:2:{HOST_ECHO_VSOCK_PORT}"))
+    }
+
+    /// New connections from a guest program to a desktop echo service ([`Vm::serve_desktop_echo`])
+    /// — connect, a 1-byte request, its answer, close — `per_round` on each path in each of
+    /// `rounds` rounds that alternate them; `[raw, hostnet]`, timed on the guest's clock.
+    pub fn guest_client_connections(
+        &self,
+        (through_hostnet, raw): &(String, String),
+        per_round: usize,
+        rounds: usize,
+    ) -> [Vec<Duration>; 2] {
+        let mut out: [Vec<Duration>; 2] = Default::default();
+        for _ in 0..rounds.max(1) {
+            out[0].extend(self.guest_connections(raw, per_round));
+            out[1].extend(self.guest_connections(through_hostnet, per_round));
+        }
+        out
+    }
+
+    /// `count` new connections from a guest program to the echo service at `to` (`tcp:…`,
+    /// `vsock:…`), one after another; each one's time on the guest's clock.
+    pub fn guest_connections(&self, to: &str, count: usize) -> Vec<Duration> {
+        let (code, out) = self.guest(&format!("hostnet-guest-helper conn-client --to {to} --count {count}"));
+        assert_eq!(code, 0, "guest connections to {to}: {out}");
+        let line = out.lines().find_map(|l| l.strip_prefix("conn-client: ")).unwrap_or_default();
+        let times: Vec<Duration> =
+            line.split_whitespace().map(|us| Duration::from_micros(us.parse().unwrap())).collect();
+        assert_eq!(times.len(), count, "guest connections to {to}: {out}");
+        times
     }
 
     /// Bulk transfers between a guest program and a desktop service ([`Vm::serve_desktop_bulk`]),
@@ -493,20 +543,22 @@ pub fn mib_per_s(d: Duration) -> f64 {
     BULK_BYTES as f64 / f64::from(1u32 << 20) / d.as_secs_f64()
 }
 
-fn median(v: &[Duration]) -> Duration {
+/// The middle one of `v` (the upper of the two middle ones for an even count).
+pub fn median(v: &[Duration]) -> Duration {
     let mut v = v.to_vec();
     v.sort();
     v.get(v.len() / 2).copied().unwrap_or(Duration::MAX)
 }
 
-/// Every connection `accept` yields (TCP or Unix) gets [`bulk_serve`], for the rest of the
-/// process.
-fn serve_bulk_forever<S: Read + Write + Send + 'static>(
+/// Every connection `accept` yields (TCP or Unix) gets `serve` on a thread of its own, for the
+/// rest of the process.
+fn serve_forever<S: Read + Write + Send + 'static>(
     accept: impl Fn() -> std::io::Result<S> + Send + 'static,
+    serve: fn(S),
 ) {
     std::thread::spawn(move || {
         while let Ok(c) = accept() {
-            std::thread::spawn(move || bulk_serve(c));
+            std::thread::spawn(move || serve(c));
         }
     });
 }

@@ -58,11 +58,16 @@ fn main() {
             let upload = args.iter().any(|a| a == "--upload");
             bulk_client(to, bytes, upload);
         }
+        Some("conn-client") => {
+            let to = args.iter().position(|a| a == "--to").and_then(|i| args.get(i + 1));
+            conn_client(to.map(String::as_str).unwrap_or_default(), arg("--count").unwrap_or(100));
+        }
         _ => {
             eprintln!(
                 "usage: hostnet-guest-helper echo --tcp PORT --udp PORT [--vsock-port PORT] | ctl --vsock-port PORT \
                  | bulk --tcp PORT --vsock-port PORT \
-                 | bulk-client --to tcp:ADDR:PORT|vsock:CID:PORT --upload|--download --bytes N"
+                 | bulk-client --to tcp:ADDR:PORT|vsock:CID:PORT --upload|--download --bytes N \
+                 | conn-client --to tcp:ADDR:PORT|vsock:CID:PORT --count N"
             );
             std::process::exit(2);
         }
@@ -102,29 +107,52 @@ fn serve_vsock(port: u32, serve: fn(Socket)) {
 const BULK_CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
 
 fn bulk_client(to: &str, bytes: u64, upload: bool) {
-    fn run<S: std::io::Read + std::io::Write>(mut s: S, bytes: u64, upload: bool) -> u64 {
-        if upload {
-            hostnet_tests::bulk_upload(&mut s, bytes)
-        } else {
-            hostnet_tests::bulk_download(&mut s, bytes)
-        }
-    }
     let t = Instant::now();
-    let got = if let Some(addr) = to.strip_prefix("tcp:") {
+    let mut s = connect_to(to);
+    let got = if upload {
+        hostnet_tests::bulk_upload(&mut s, bytes)
+    } else {
+        hostnet_tests::bulk_download(&mut s, bytes)
+    };
+    println!("bulk-client: {got} bytes in {} ns", t.elapsed().as_nanos());
+}
+
+/// `count` new connections to an echo service one after another — connect, a 1-byte request,
+/// its answer, close — and each one's time in µs, on one line.
+fn conn_client(to: &str, count: u32) {
+    let times: Vec<String> = (0..count)
+        .map(|_| {
+            let t = Instant::now();
+            let mut s = connect_to(to);
+            s.write_all(b"c").unwrap();
+            let mut answer = [0u8; 1];
+            std::io::Read::read_exact(&mut s, &mut answer).unwrap();
+            assert_eq!(&answer, b"c", "the echo answered something else");
+            drop(s);
+            t.elapsed().as_micros().to_string()
+        })
+        .collect();
+    println!("conn-client: {}", times.join(" "));
+}
+
+/// A connected stream to `tcp:ADDR:PORT` or `vsock:CID:PORT`, reads bounded by
+/// [`BULK_CLIENT_TIMEOUT`].
+fn connect_to(to: &str) -> Socket {
+    let s = if let Some(addr) = to.strip_prefix("tcp:") {
         let addr: SocketAddr = addr.parse().expect("--to tcp:ADDR:PORT");
         let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        s.set_read_timeout(Some(BULK_CLIENT_TIMEOUT)).unwrap();
-        run(s, bytes, upload)
+        s.set_nodelay(true).unwrap();
+        Socket::from(s)
     } else if let Some((cid, port)) = to.strip_prefix("vsock:").and_then(|a| a.split_once(':')) {
         let (cid, port) = (cid.parse().expect("vsock CID"), port.parse().expect("vsock port"));
         let s = Socket::new(Domain::VSOCK, Type::STREAM, None).expect("vsock socket");
         s.connect(&SockAddr::vsock(cid, port)).unwrap_or_else(|e| panic!("connect vsock {cid}:{port}: {e}"));
-        s.set_read_timeout(Some(BULK_CLIENT_TIMEOUT)).unwrap();
-        run(s, bytes, upload)
+        s
     } else {
         panic!("--to {to:?}: expected tcp:ADDR:PORT or vsock:CID:PORT");
     };
-    println!("bulk-client: {got} bytes in {} ns", t.elapsed().as_nanos());
+    s.set_read_timeout(Some(BULK_CLIENT_TIMEOUT)).unwrap();
+    s
 }
 
 /// One command-channel connection: a line run under `sh -c`, its output and `EXIT <code>`.

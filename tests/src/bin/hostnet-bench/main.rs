@@ -72,7 +72,8 @@ enum Internal {
     BareRelay { listen: bare::End, to: bare::End },
     /// Boots the real VM and records the guest kernel's trace (tracefs) around one-byte
     /// exchanges with its echo service through hostnet: each on a new connection, or all on one
-    /// with `--round-trips`. Prints each exchange's latency; writes the trace to OUT.
+    /// with `--round-trips`; with `--guest-client`, new connections from a guest program to a
+    /// desktop echo service instead. Prints each exchange's latency; writes the trace to OUT.
     TraceVm {
         /// The trace file to write.
         out: PathBuf,
@@ -80,8 +81,11 @@ enum Internal {
         #[arg(long, default_value_t = 30)]
         count: usize,
         /// All on one connection (round trips) instead of a new connection each.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "guest_client")]
         round_trips: bool,
+        /// New connections the other way: a guest program to a desktop echo at localhost:PORT.
+        #[arg(long)]
+        guest_client: bool,
         /// tracefs events, space-separated.
         #[arg(long, default_value = "sched:sched_switch sched:sched_waking vsock:* irq:irq_handler_entry")]
         events: String,
@@ -168,8 +172,8 @@ fn main() {
     let opts = Opts::parse();
     match &opts.internal {
         Some(Internal::BareRelay { listen, to }) => return bare::run(listen, to),
-        Some(Internal::TraceVm { out, count, round_trips, events }) => {
-            return trace_vm(out, *count, *round_trips, events);
+        Some(Internal::TraceVm { out, count, round_trips, guest_client, events }) => {
+            return trace_vm(out, *count, *round_trips, *guest_client, events);
         }
         None => {}
     }
@@ -626,20 +630,29 @@ const VM_CONNECTIONS: usize = 100;
 const VM_INTERACTIVE_ROUNDS: usize = 5;
 
 /// `hostnet-bench trace-vm`: see [`Internal::TraceVm`].
-fn trace_vm(out: &std::path::Path, count: usize, round_trips: bool, events: &str) {
+fn trace_vm(out: &std::path::Path, count: usize, round_trips: bool, guest_client: bool, events: &str) {
     if let Some(why) = hostnet_tests::vm::missing() {
         eprintln!("hostnet-bench trace-vm: {why}");
         std::process::exit(1);
     }
     let (vm, boot) = hostnet_tests::vm::Vm::start_quiet();
     eprintln!("VM up in {boot:.1?}; warming up");
-    vm.echo_latencies(20, round_trips);
-    let (took, trace) = vm.guest_trace(events, || vm.echo_latencies(count, round_trips));
+    let desktop_echo = guest_client.then(|| vm.serve_desktop_echo().0);
+    let exchanges = || match &desktop_echo {
+        Some(to) => vm.guest_connections(to, count),
+        None => vm.echo_latencies(count, round_trips),
+    };
+    exchanges();
+    let (took, trace) = vm.guest_trace(events, exchanges);
     if let Err(e) = std::fs::write(out, &trace) {
         eprintln!("hostnet-bench trace-vm: writing {}: {e}", out.display());
         std::process::exit(1);
     }
-    let what = if round_trips { "round trips on one connection" } else { "new connections" };
+    let what = match (round_trips, guest_client) {
+        (true, _) => "round trips on one connection",
+        (_, true) => "new connections from a guest program",
+        _ => "new connections",
+    };
     let micros: Vec<u128> = took.iter().map(Duration::as_micros).collect();
     println!("{count} {what}, latencies in µs: {micros:?}");
     println!("guest trace ({} lines) in {}", trace.lines().count(), out.display());
@@ -647,7 +660,7 @@ fn trace_vm(out: &std::path::Path, count: usize, round_trips: bool, events: &str
 
 /// The real VM's rows: bulk transfers through hostnet and over the raw vsock link hostnet runs
 /// on (in the "direct" column), both directions, from a desktop client and from a guest program;
-/// round trips and new connections from a desktop client.
+/// round trips and new connections from a desktop client; new connections from a guest program.
 fn real_vm(rows: &mut Vec<Row>) {
     if let Some(why) = hostnet_tests::vm::missing() {
         println!("skipping the real VM: {why}");
@@ -665,6 +678,12 @@ fn real_vm(rows: &mut Vec<Row>) {
     let targets = vm.serve_desktop_bulk();
     let guest = vm.guest_client_transfers(&targets, VM_ROUNDS, |_, _| {});
     let interactive = vm.desktop_client_interactive(VM_TRIPS, VM_CONNECTIONS, VM_INTERACTIVE_ROUNDS);
+    let echo_targets = vm.serve_desktop_echo();
+    let guest_connections = vm.guest_client_connections(
+        &echo_targets,
+        VM_CONNECTIONS / VM_INTERACTIVE_ROUNDS,
+        VM_INTERACTIVE_ROUNDS,
+    );
     for (who, t, clock) in
         [("desktop client", &desktop, "the desktop's clock"), ("guest client", &guest, "the guest's clock")]
     {
@@ -711,6 +730,14 @@ fn real_vm(rows: &mut Vec<Row>) {
             .direct(cpu[0])
             .hostnet(cpu[1])
             .note("QEMU's CPU time per connection; direct: a vsock stream's whole cost (set-up, echo, close), what a transport stream per connection adds to the guest's TCP connection at most"),
+    );
+    let [raw, through] =
+        guest_connections.each_ref().map(|v| hostnet_tests::vm::median(v).as_secs_f64() * 1e6);
+    let host_port = hostnet_tests::vm::HOST_ECHO_VSOCK_PORT;
+    rows.push(
+        Row::new("real VM (guest client), new connection, p50", "µs").direct(raw).hostnet(through).note(format!(
+            "a guest program to a desktop echo at localhost:PORT (direct: vsock 2:{host_port}), 1-byte request, answer, close; {VM_CONNECTIONS} each in {VM_INTERACTIVE_ROUNDS} rounds alternating the paths, the guest's clock"
+        )),
     );
     drop(vm);
 }
