@@ -10,6 +10,7 @@ use hostnet_net::accept::next_accepted;
 use hostnet_net::discovery::own::OwnSockets;
 use hostnet_net::discovery::{source, watcher};
 use hostnet_net::threads::{BindLoopError, RelayThreads};
+use hostnet_net::transport::spare;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -185,7 +186,11 @@ async fn serve_on(
             .map_err(AgentError::Discovery)?;
     let interceptor = match &config.host_transport {
         Some(spec) => match intercept::start(
-            host_connector(spec, config.spare_streams),
+            // With spares where the transport's set-up is a round trip through the VMM.
+            spare::with_spares(
+                spec.connector(),
+                config.spare_streams.unwrap_or(spec.default_spare_streams()),
+            ),
             &own,
             &relay,
             &tracker,
@@ -207,13 +212,4 @@ async fn serve_on(
     hostnet_net::tasks::drain(&tracker, "hostnet-agent").await;
     info!("hostnet-agent stopped");
     Ok(())
-}
-
-/// The connector for guest→host streams: with spares opened ahead of need where the transport's
-/// set-up is a round trip through the VMM (`hostnet_net::transport::spare`).
-fn host_connector(spec: &TransportSpec, spares: Option<usize>) -> std::sync::Arc<dyn hostnet_net::Connector> {
-    match spares.unwrap_or_else(|| spec.default_spare_streams()) {
-        0 => spec.connector(),
-        n => std::sync::Arc::new(hostnet_net::transport::spare::Spares::new(spec.connector(), n)),
-    }
 }

@@ -92,10 +92,8 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
         Err(e) => return tracing::error!("cannot start the relay threads: {e}"),
     };
     let tracker = TaskTracker::new();
-    let connector: Arc<dyn Connector> = match config.spare_streams {
-        0 => config.connector.clone(),
-        n => Arc::new(hostnet_net::transport::spare::Spares::new(config.connector.clone(), n)),
-    };
+    let connector =
+        hostnet_net::transport::spare::with_spares(config.connector.clone(), config.spare_streams);
     let settings = SettingsHandle::load(config.settings_path.clone());
     settings.watch(&tracker, &shutdown);
     // The proxy's own sockets: its mirrors, bridges and flow sockets, never offered to the guest.

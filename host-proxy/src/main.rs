@@ -60,11 +60,8 @@ enum Cmd {
         /// the guest→host protocol to this proxy).
         #[arg(long)]
         listen_beyond_loopback: bool,
-        /// Streams to the agent kept opened ahead of need, so a new connection does not wait
-        /// for its own to be set up [default: 4 for vsock:, hybrid: and hyperv:, where that is
-        /// a round trip through the VM; 0 for unix: and tcp:].
-        #[arg(long, value_name = "N", env = "HOSTNET_SPARE_STREAMS", value_parser = clap::value_parser!(u16).range(0..=64))]
-        spare_streams: Option<u16>,
+        #[command(flatten)]
+        spares: SpareArgs,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -112,11 +109,8 @@ enum Cmd {
         /// With --windows: the Wine prefix [default: hostnet/wine in the user's cache directory].
         #[arg(long, value_name = "DIR", requires = "windows", env = "WINEPREFIX")]
         wine_prefix: Option<PathBuf>,
-        /// Streams to the agent kept opened ahead of need, so a new connection does not wait
-        /// for its own to be set up [default: 4 for vsock:, hybrid: and hyperv:, where that is
-        /// a round trip through the VM; 0 for unix: and tcp:].
-        #[arg(long, value_name = "N", env = "HOSTNET_SPARE_STREAMS", value_parser = clap::value_parser!(u16).range(0..=64))]
-        spare_streams: Option<u16>,
+        #[command(flatten)]
+        spares: SpareArgs,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -131,6 +125,23 @@ enum Cmd {
     /// Turn host networking off: closes every forwarded port and guest-side redirect (live, and
     /// saved in the settings file).
     Disable,
+}
+
+/// Streams to the agent opened ahead of need (`hostnet_net::transport::spare`).
+#[derive(Debug, clap::Args)]
+struct SpareArgs {
+    /// Streams to the agent kept opened ahead of need, so a new connection does not wait for
+    /// its own to be set up [default: 4 for vsock:, hybrid: and hyperv:, where that is a round
+    /// trip through the VM; 0 for unix: and tcp:].
+    #[arg(long, value_name = "N", env = "HOSTNET_SPARE_STREAMS", value_parser = clap::value_parser!(u16).range(0..=64))]
+    spare_streams: Option<u16>,
+}
+
+impl SpareArgs {
+    /// The count asked for, if any (else the transport's default).
+    fn count(&self) -> Option<usize> {
+        self.spare_streams.map(usize::from)
+    }
 }
 
 /// How much the proxy serves at once; past a limit it refuses (and counts it in `status`).
@@ -210,7 +221,7 @@ async fn main() -> ExitCode {
             }
             Err(e) => Err(e.into()),
         },
-        Cmd::Run { transport, listen, listen_beyond_loopback, spare_streams, limits } => {
+        Cmd::Run { transport, listen, listen_beyond_loopback, spares, limits } => {
             if let Some(Err(e)) = listen
                 .as_ref()
                 .map(|spec| host_proxy::guest_streams::check_listen(spec, listen_beyond_loopback))
@@ -227,7 +238,7 @@ async fn main() -> ExitCode {
             config.settings_path = settings_path;
             config.admin_socket = admin_socket;
             config.limits = limits.limits();
-            config.spare_streams = spare_streams.map_or(config.spare_streams, usize::from);
+            config.spare_streams = spares.count().unwrap_or(config.spare_streams);
             host_proxy::run(config, shutdown, state_tx).await;
             Ok(())
         }
@@ -244,7 +255,7 @@ async fn main() -> ExitCode {
             windows_exe,
             wine,
             wine_prefix,
-            spare_streams,
+            spares,
             limits,
         } => {
             let windows = match windows {
@@ -283,7 +294,7 @@ async fn main() -> ExitCode {
                 admin_socket,
                 limits: limits.limits(),
                 windows,
-                spare_streams: spare_streams.map(usize::from),
+                spare_streams: spares.count(),
             };
             demo::run(opts, shutdown, state_tx).await
         }

@@ -38,6 +38,14 @@ pub const MAX_AGE: Duration = Duration::from_secs(HANDSHAKE_TIMEOUT.as_secs() / 
 /// connections to find most of theirs ready. Each is a stream the agent holds open.
 pub const VM_SPARES: usize = 4;
 
+/// `inner` with `want` spares ([`Spares`]), or `inner` itself for none.
+pub fn with_spares(inner: Arc<dyn Connector>, want: usize) -> Arc<dyn Connector> {
+    match want {
+        0 => inner,
+        n => Arc::new(Spares::new(inner, n)),
+    }
+}
+
 /// A [`Connector`] that hands out streams opened ahead of need (see the module's notes).
 pub struct Spares {
     inner: Arc<dyn Connector>,
