@@ -132,7 +132,8 @@ enum Cmd {
 struct SpareArgs {
     /// Streams to the agent kept opened ahead of need, so a new connection does not wait for
     /// its own to be set up [default: 4 for vsock:, hybrid: and hyperv:, where that is a round
-    /// trip through the VM; 0 for unix: and tcp:].
+    /// trip through the VM; 0 for unix: and tcp: — give 4 for a VMM's unix: socket, e.g.
+    /// vfkit's].
     #[arg(long, value_name = "N", env = "HOSTNET_SPARE_STREAMS", value_parser = clap::value_parser!(u16).range(0..=64))]
     spare_streams: Option<u16>,
 }
