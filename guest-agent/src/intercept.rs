@@ -190,7 +190,7 @@ async fn relay_to_host(
     // At debug level, as the proxy's connection spans (`host-proxy/src/forward.rs`).
     let span = debug_span!("guest→host", port = original.port(), client = %peer);
     async move {
-        let _ = conn.set_nodelay(true);
+        // `TCP_NODELAY` comes from the transparent listener (`transparent::tcp_listener`).
         let stream = match to_host.connect().await {
             Ok(s) => s,
             Err(e) => {

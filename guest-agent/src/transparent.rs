@@ -29,6 +29,8 @@ pub fn tcp_listener(addr: SocketAddr, own: &OwnSockets) -> io::Result<std::net::
     // (127.0.0.1:P), and without SO_REUSEADDR they, or their TIME_WAIT, would stop a guest
     // server from binding P later.
     s.set_reuse_address(true)?;
+    // Every accepted connection inherits it: no system call per intercepted connection.
+    s.set_tcp_nodelay(true)?;
     s.bind(&addr.into())?;
     s.listen(1024)?;
     s.set_nonblocking(true)?;
@@ -101,4 +103,24 @@ pub fn recv_with_original(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<(usi
     }
     let original = original.ok_or_else(|| io::Error::other("datagram without its original destination"))?;
     Ok((msg.bytes, from, original))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs root (`IP_TRANSPARENT` and `SO_MARK` need CAP_NET_ADMIN), as the README's test
+    /// command runs.
+    #[test]
+    fn intercepted_connections_inherit_nodelay_from_the_transparent_listener() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (a transparent socket); run the README's test command as root"
+        );
+        let listener = tcp_listener("127.0.0.1:0".parse().unwrap(), &OwnSockets::new()).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap(), "an accepted connection without TCP_NODELAY");
+    }
 }
