@@ -621,35 +621,42 @@ mod tests {
     }
 
     #[cfg(unix)]
-    /// [`fake_vmm`] whose answer goes out in `parts`, 20 ms apart.
+    /// [`fake_vmm`] whose answer goes out in `parts`, 20 ms apart; every connection is served.
     async fn fake_vmm_in_parts(parts: Vec<&'static [u8]>) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vm.vsock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         tokio::spawn(async move {
-            let s = fd_stream(listener.accept().await.unwrap().0);
-            let mut got = [0u8; 13];
-            let mut filled = 0;
-            while filled < got.len() {
-                filled += raw::read(&s, &mut got[filled..]).await.unwrap();
-            }
-            assert_eq!(&got, b"CONNECT 1024\n");
-            for (i, part) in parts.into_iter().enumerate() {
-                if i > 0 {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-                raw::write_all(&s, part).await.unwrap();
-            }
-            let mut buf = [0u8; 64];
             loop {
-                let n = raw::read(&s, &mut buf).await.unwrap();
-                if n == 0 {
-                    break;
-                }
-                raw::write_all(&s, &buf[..n]).await.unwrap();
+                let s = fd_stream(listener.accept().await.unwrap().0);
+                let parts = parts.clone();
+                tokio::spawn(async move {
+                    assert_eq!(read_exactly(&s, 13).await, b"CONNECT 1024\n");
+                    for (i, part) in parts.into_iter().enumerate() {
+                        if i > 0 {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                        raw::write_all(&s, part).await.unwrap();
+                    }
+                    let mut buf = [0u8; 64];
+                    while let Ok(n @ 1..) = raw::read(&s, &mut buf).await {
+                        raw::write_all(&s, &buf[..n]).await.unwrap();
+                    }
+                });
             }
         });
         (dir, path)
+    }
+
+    /// The next `n` bytes of `s`, waiting for them.
+    #[cfg(unix)]
+    async fn read_exactly<S: RawStream>(s: &S, n: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; n];
+        let mut filled = 0;
+        while filled < n {
+            filled += raw::read(s, &mut buf[filled..]).await.unwrap();
+        }
+        buf
     }
 
     #[cfg(unix)]
@@ -659,12 +666,8 @@ mod tests {
         let (_dir, path) = fake_vmm(b"OK 1024\nHNET").await;
         let spec = TransportSpec::Hybrid { path, port: 1024 };
         let s = spec.connector().connect().await.unwrap();
+        assert_eq!(read_exactly(&s, 4).await, b"HNET");
         let mut buf = [0u8; 4];
-        let mut filled = 0;
-        while filled < 4 {
-            filled += raw::read(&s, &mut buf[filled..]).await.unwrap();
-        }
-        assert_eq!(&buf, b"HNET");
         raw::write_all(&s, b"ping").await.unwrap();
         let n = raw::read(&s, &mut buf).await.unwrap();
         assert_eq!(&buf[..n], &b"ping"[..n]);
@@ -674,47 +677,18 @@ mod tests {
     #[cfg(unix)]
     #[tokio::test]
     async fn a_hybrid_stream_opened_ahead_of_need_is_handed_out_and_carries_bytes() {
-        // A VMM that answers every CONNECT, then echoes.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vm.vsock");
-        let listener = tokio::net::UnixListener::bind(&path).unwrap();
-        tokio::spawn(async move {
-            loop {
-                let s = fd_stream(listener.accept().await.unwrap().0);
-                tokio::spawn(async move {
-                    let mut line = [0u8; 13];
-                    let mut filled = 0;
-                    while filled < line.len() {
-                        filled += raw::read(&s, &mut line[filled..]).await.unwrap();
-                    }
-                    raw::write_all(&s, b"OK 1024\n").await.unwrap();
-                    let mut buf = [0u8; 64];
-                    while let Ok(n @ 1..) = raw::read(&s, &mut buf).await {
-                        raw::write_all(&s, &buf[..n]).await.unwrap();
-                    }
-                });
-            }
-        });
+        let (_dir, path) = fake_vmm(b"OK 1024\n").await;
         let spec = TransportSpec::Hybrid { path, port: 1024 };
         assert_eq!(spec.default_spare_streams(), spare::VM_SPARES);
         assert_eq!(TransportSpec::Unix("/x".into()).default_spare_streams(), 0);
         let spares = spare::Spares::new(spec.connector(), 1);
         let _first = spares.connect().await.unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while spares.counts().ready < 1 {
-            assert!(std::time::Instant::now() < deadline, "no spare opened");
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
+        spare::tests::until("a spare", || spares.counts().ready == 1).await;
         // Handed out past its `OK` line, registered again on this thread: bytes go both ways.
         let s = spares.connect().await.unwrap();
         assert_eq!(spares.counts().taken, 1);
         raw::write_all(&s, b"ping").await.unwrap();
-        let mut buf = [0u8; 4];
-        let mut filled = 0;
-        while filled < 4 {
-            filled += raw::read(&s, &mut buf[filled..]).await.unwrap();
-        }
-        assert_eq!(&buf, b"ping");
+        assert_eq!(read_exactly(&s, 4).await, b"ping");
     }
 
     #[cfg(unix)]
@@ -722,12 +696,7 @@ mod tests {
     async fn hybrid_connect_reads_an_ok_line_that_comes_in_pieces_and_nothing_past_it() {
         let (_dir, path) = fake_vmm_in_parts(vec![b"OK 10", b"24\nHN", b"ET"]).await;
         let s = TransportSpec::Hybrid { path, port: 1024 }.connector().connect().await.unwrap();
-        let mut buf = [0u8; 4];
-        let mut filled = 0;
-        while filled < 4 {
-            filled += raw::read(&s, &mut buf[filled..]).await.unwrap();
-        }
-        assert_eq!(&buf, b"HNET");
+        assert_eq!(read_exactly(&s, 4).await, b"HNET");
     }
 
     #[cfg(unix)]

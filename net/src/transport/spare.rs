@@ -233,8 +233,9 @@ async fn close_old(pool: Arc<Pool>) {
     }
 }
 
-#[cfg(all(test, unix))]
-mod tests {
+#[cfg(test)]
+#[cfg(unix)]
+pub(super) mod tests {
     use super::*;
     use crate::transport::raw;
     use crate::transport::{Acceptor, in_process};
@@ -283,7 +284,7 @@ mod tests {
     }
 
     /// Waits (a deadline, not a guess) until `cond` holds.
-    async fn until(what: &str, cond: impl Fn() -> bool) {
+    pub(crate) async fn until(what: &str, cond: impl Fn() -> bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !cond() {
             assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
@@ -301,42 +302,49 @@ mod tests {
         matches!(read, Ok(Ok(5))) && &buf == b"which"
     }
 
+    /// The first connection through `spares` (none are ready yet: it opens its own, and the
+    /// spares beside it), once all of them are: the connection, the far end of its stream, and
+    /// the far ends of the spares.
+    async fn first_connection(
+        spares: &Spares,
+        acceptor: &dyn Acceptor,
+        want: usize,
+    ) -> (TransportStream, TransportStream, Vec<TransportStream>) {
+        let first = spares.connect().await.unwrap();
+        until("the spares", || spares.counts().ready == want).await;
+        let (mut first_end, mut spare_ends) = (None, Vec::new());
+        for _ in 0..=want {
+            let (end, _) = acceptor.accept().await.unwrap();
+            // Which accepted stream is which: ask the first connection's.
+            if first_end.is_none() && same_stream(&first, &end).await {
+                first_end = Some(end);
+            } else {
+                spare_ends.push(end);
+            }
+        }
+        (first, first_end.expect("the first connection's stream was accepted"), spare_ends)
+    }
+
     #[tokio::test]
     async fn a_connection_takes_the_spare_opened_ahead_and_another_is_opened() {
         let (c, acceptor) = counting();
         let spares = Spares::new(c.clone(), 1);
-        // None yet: the first connection opens its own, and one spare beside it.
-        let first = spares.connect().await.unwrap();
-        until("the first spare", || spares.counts().ready == 1).await;
+        let (_first, _first_end, spare_ends) = first_connection(&spares, &*acceptor, 1).await;
         assert_eq!(c.opened.load(Ordering::SeqCst), 2);
-        let (a, _) = acceptor.accept().await.unwrap();
-        let (b, _) = acceptor.accept().await.unwrap();
-        // The second connection is handed the spare (one of the two accepted), no new stream
-        // of its own; a new spare is opened in its place.
+        // The second connection is handed the spare, no new stream of its own; a new spare is
+        // opened in its place.
         let second = spares.connect().await.unwrap();
         assert_eq!(spares.counts().taken, 1);
         until("the next spare", || spares.counts().ready == 1).await;
         assert_eq!(c.opened.load(Ordering::SeqCst), 3);
-        let (first_end, second_end) = if same_stream(&first, &a).await { (a, b) } else { (b, a) };
-        assert!(same_stream(&second, &second_end).await, "the second connection got the spare");
-        drop(first_end);
+        assert!(same_stream(&second, &spare_ends[0]).await, "the second connection got the spare");
     }
 
     #[tokio::test]
     async fn a_spare_its_far_side_closed_or_spoke_on_is_dropped_for_a_live_one() {
         let (c, acceptor) = counting();
         let spares = Spares::new(c.clone(), 2);
-        let _first = spares.connect().await.unwrap();
-        until("two spares", || spares.counts().ready == 2).await;
-        let mut accepted = Vec::new();
-        for _ in 0..3 {
-            accepted.push(acceptor.accept().await.unwrap().0);
-        }
-        // Which accepted stream is which: ask the first connection's.
-        let (mut ends, mut first_end) = (Vec::new(), Vec::new());
-        for s in accepted {
-            if same_stream(&_first, &s).await { first_end.push(s) } else { ends.push(s) }
-        }
+        let (_first, _first_end, mut ends) = first_connection(&spares, &*acceptor, 2).await;
         assert_eq!(ends.len(), 2, "two spares besides the first connection's stream");
         // The far side closes the older spare and writes on the younger: neither may be
         // handed out, so the connection opens a stream of its own.
@@ -356,12 +364,8 @@ mod tests {
     async fn spares_are_closed_at_their_age_and_the_timer_stops() {
         let (c, acceptor) = counting();
         let spares = Spares::with_max_age(c.clone(), 2, Duration::from_secs(5));
-        let _conn = spares.connect().await.unwrap();
-        until("two spares", || spares.counts().ready == 2).await;
-        let mut accepted = Vec::new();
-        for _ in 0..3 {
-            accepted.push(acceptor.accept().await.unwrap().0);
-        }
+        let (_conn, conn_end, spare_ends) = first_connection(&spares, &*acceptor, 2).await;
+        let accepted: Vec<_> = spare_ends.into_iter().chain([conn_end]).collect();
         tokio::time::sleep(Duration::from_secs(4)).await;
         assert_eq!(spares.counts().ready, 2, "young spares are kept");
         tokio::time::sleep(Duration::from_secs(2)).await;
