@@ -206,8 +206,11 @@ async fn relay_to_host(
             warn!(port = original.port(), "the proxy did not answer a guest→host stream: {e}")
         };
         let counters = RelayCounters::default();
-        let outcome = open_and_relay(conn, stream, &open, broken, &counters, &shutdown).await;
-        debug!(?outcome, ?counters, "guest→host connection finished");
+        let relayed = open_and_relay(conn, stream, &open, broken, &counters, &shutdown).await;
+        if let Some((stream, _)) = relayed.reusable {
+            to_host.give_back(stream);
+        }
+        debug!(outcome = ?relayed.outcome, ?counters, "guest→host connection finished");
     }
     .instrument(span)
     .await

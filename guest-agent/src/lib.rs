@@ -42,6 +42,8 @@ pub struct AgentConfig {
     /// Streams to the proxy for guest→host kept opened ahead of need (`None`: the transport's
     /// default, `TransportSpec::default_spare_streams`).
     pub spare_streams: Option<usize>,
+    /// Guest→host streams whose connection ended cleanly kept for the next ones, at most.
+    pub reuse_streams: usize,
     /// Threads the proxy's streams live on ([`hostnet_net::threads`]).
     pub relay_threads: usize,
 }
@@ -55,6 +57,7 @@ impl AgentConfig {
             ignore_ports: BTreeSet::new(),
             host_transport: None,
             spare_streams: None,
+            reuse_streams: spare::REUSED_STREAMS,
             relay_threads: RelayThreads::default_count(),
         }
     }
@@ -190,6 +193,7 @@ async fn serve_on(
             spare::with_spares(
                 spec.connector(),
                 config.spare_streams.unwrap_or(spec.default_spare_streams()),
+                config.reuse_streams,
             ),
             &own,
             &relay,

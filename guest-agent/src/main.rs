@@ -40,6 +40,11 @@ struct Args {
     #[arg(long, env = "HOSTNET_AGENT_SPARE_STREAMS", value_name = "N", value_parser = clap::value_parser!(u16).range(0..=64))]
     spare_streams: Option<u16>,
 
+    /// Streams to the proxy for guest→host whose connection ended cleanly kept for the next
+    /// connections, at most (0: each connection's stream is closed with it).
+    #[arg(long, env = "HOSTNET_AGENT_REUSE_STREAMS", value_name = "N", default_value_t = hostnet_net::transport::spare::REUSED_STREAMS as u16, value_parser = clap::value_parser!(u16).range(0..=64))]
+    reuse_streams: u16,
+
     /// Milliseconds between two reads of the listener table when polling (kernel listener
     /// events unavailable or turned off).
     #[arg(long, default_value_t = guest_agent::DEFAULT_POLL_INTERVAL.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..=60_000))]
@@ -79,6 +84,7 @@ fn main() -> ExitCode {
     config.ignore_ports = args.ignore_ports.into_iter().collect::<BTreeSet<_>>();
     config.host_transport = args.host_transport;
     config.spare_streams = args.spare_streams.map(usize::from);
+    config.reuse_streams = usize::from(args.reuse_streams);
     // An unknown user is an error before anything starts.
     let account = match args.user.as_ref().map(user::lookup).transpose() {
         Ok(a) => a,

@@ -80,14 +80,36 @@ impl Sessions {
         }
     }
 
+    /// Serves one stream: its opening, and on a stream whose TCP connection ended cleanly the
+    /// next opening, until the proxy closes it.
     pub async fn handle(&self, stream: TransportStream, peer: String) {
-        let mut reader = FrameReader::new();
-        let open = match reader.read_opening::<_, Open>(&stream).await {
+        let (mut stream, mut reader) = (stream, FrameReader::new());
+        while let Some(next) = self.serve(stream, reader, &peer).await {
+            (stream, reader) = next;
+        }
+    }
+
+    /// One opening on `stream`; the stream back if another may follow.
+    async fn serve(
+        &self,
+        stream: TransportStream,
+        mut reader: FrameReader,
+        peer: &str,
+    ) -> Option<(TransportStream, FrameReader)> {
+        let open = tokio::select! {
+            // The opening first: usually there already, taken without a look at the token.
+            biased;
+            open = reader.read_opening::<_, Open>(&stream) => open,
+            // Between connections nothing is lost: the stream just closes.
+            () = self.shutdown.cancelled() => return None,
+        };
+        let open = match open {
             Ok(open) => open,
-            Err(HandshakeError::Closed) if reader.read_nothing() => {
-                // A stream the proxy opened ahead of need and closed unused (its spares).
-                debug!(%peer, "a stream closed before its opening: a spare the proxy let go");
-                return;
+            Err(e) if reader.ended_between(&e) => {
+                // A stream the proxy opened ahead of need, or kept after a connection, and
+                // closed unused.
+                debug!(%peer, "a stream closed before its opening: the proxy let it go");
+                return None;
             }
             Err(e) => {
                 if let HandshakeError::Preface(PrefaceError::VersionMismatch { .. }) = e {
@@ -96,11 +118,11 @@ impl Sessions {
                     let _ = handshake::send_preface_and(&stream, &msg).await;
                 }
                 warn!(%peer, "rejected a stream: {e}");
-                return;
+                return None;
             }
         };
         match open {
-            Open::Control {} if !control_peer_allowed(&peer) => {
+            Open::Control {} if !control_peer_allowed(peer) => {
                 // Any process in the VM can open AF_VSOCK to the agent's port: only the host
                 // may take the control stream (and with it the session of the real proxy).
                 let msg = AgentFrame::Error {
@@ -108,10 +130,12 @@ impl Sessions {
                 };
                 let _ = handshake::send_preface_and(&stream, &msg).await;
                 warn!(%peer, "refused a control stream from a peer that is not the host");
+                None
             }
             Open::Control {} => {
                 info!(%peer, "control stream from the proxy");
-                self.control(stream, reader).await
+                self.control(stream, reader).await;
+                None
             }
             Open::Tcp { addr, port, peer } => {
                 // At debug level, as the proxy's connection spans (`host-proxy/src/forward.rs`).
@@ -120,7 +144,8 @@ impl Sessions {
             }
             Open::Udp { addr, port, peer } => {
                 let span = info_span!("udp", %port, client = %ShowPeer(peer));
-                self.udp(stream, reader, addr, port).instrument(span).await
+                self.udp(stream, reader, addr, port).instrument(span).await;
+                None
             }
         }
     }
@@ -213,7 +238,14 @@ impl Sessions {
         Ok(())
     }
 
-    async fn tcp(&self, stream: TransportStream, reader: FrameReader, addr: IpAddr, port: u16) {
+    /// One TCP connection; the stream back, with what was read past it, if it ended cleanly.
+    async fn tcp(
+        &self,
+        stream: TransportStream,
+        reader: FrameReader,
+        addr: IpAddr,
+        port: u16,
+    ) -> Option<(TransportStream, FrameReader)> {
         // The proxy may only reach guest loopback: never use the agent to go elsewhere.
         let server = if !addr.is_loopback() {
             Err(format!("{addr} is not a guest loopback address"))
@@ -222,15 +254,17 @@ impl Sessions {
         };
         let server = match server {
             Ok(server) => server,
-            Err(reason) => return refuse(&stream, reason).await,
+            Err(reason) => {
+                refuse(&stream, reason).await;
+                return None;
+            }
         };
         // `connected` goes out with the server's first bytes (or its FIN): one write, and one
         // wake-up of the proxy, instead of two.
         let counters = RelayCounters::default();
-        let Some(outcome) = answer_and_relay(stream, reader, server, &counters, &self.shutdown).await else {
-            return;
-        };
-        debug!(?outcome, ?counters, "relay finished");
+        let relayed = answer_and_relay(stream, reader, server, &counters, &self.shutdown).await?;
+        debug!(outcome = ?relayed.outcome, ?counters, "relay finished");
+        relayed.reusable.map(|(stream, after)| (stream, FrameReader::after(after)))
     }
 }
 

@@ -617,10 +617,14 @@ impl Forwards {
         // answer comes with the guest server's first bytes and leads the way back.
         let open = Open::Tcp { addr: target, port, peer: Some(peer) };
         let broken = |e: &OpenError| self.serving.open_failed(e);
-        let outcome = open_and_relay(client, stream, &open, broken, &stats.bytes, token).await;
-        match outcome {
+        let relayed = open_and_relay(client, stream, &open, broken, &stats.bytes, token).await;
+        if let Some((stream, _)) = relayed.reusable {
+            // Both directions ended with FIN: the next connection may use it.
+            self.serving.connector.give_back(stream);
+        }
+        match relayed.outcome {
             Outcome::ProtocolError => warn!(port, %peer, "agent broke the stream protocol; connection reset"),
-            _ => debug!(?outcome, "connection finished"),
+            _ => debug!(outcome = ?relayed.outcome, "connection finished"),
         }
     }
 }

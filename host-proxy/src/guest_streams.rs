@@ -19,7 +19,7 @@ use hostnet_net::relay::open::{answer_and_relay, refuse};
 use hostnet_net::relay::udp;
 use hostnet_net::tally::Tally;
 use hostnet_net::threads::RelayThreads;
-use hostnet_net::transport::handshake::{self, FrameReader, HandshakeError};
+use hostnet_net::transport::handshake::{self, FrameReader};
 use hostnet_net::transport::hyperv::{self, Guid};
 use hostnet_net::{Acceptor, TransportSpec, TransportStream};
 use hostnet_protocol::{Listener, ListenerSet, Open, Proto, ShowPeer};
@@ -321,7 +321,8 @@ fn advertised(
     (rx, why_rx)
 }
 
-/// One guest connection: connect to the advertised desktop port, relay.
+/// One guest stream: its opening, and on a stream whose TCP connection ended cleanly the next
+/// one, each checked as the first (`serve_one`), until the agent closes it.
 async fn serve(
     stream: TransportStream,
     host: watch::Receiver<Arc<ListenerSet>>,
@@ -329,25 +330,55 @@ async fn serve(
     own: OwnSockets,
     shutdown: CancellationToken,
 ) {
-    let mut reader = FrameReader::new();
-    let open = match reader.read_opening::<_, Open>(&stream).await {
+    let (mut stream, mut reader) = (stream, FrameReader::new());
+    while let Some(next) = serve_one(stream, reader, &host, &stats, &own, &shutdown).await {
+        (stream, reader) = next;
+    }
+}
+
+/// One guest connection: connect to the advertised desktop port, relay; the stream back if
+/// another connection may follow on it.
+async fn serve_one(
+    stream: TransportStream,
+    mut reader: FrameReader,
+    host: &watch::Receiver<Arc<ListenerSet>>,
+    stats: &ToHostStats,
+    own: &OwnSockets,
+    shutdown: &CancellationToken,
+) -> Option<(TransportStream, FrameReader)> {
+    let open = tokio::select! {
+        // The opening first: usually there already, taken without a look at the token.
+        biased;
+        open = reader.read_opening::<_, Open>(&stream) => open,
+        // Between connections nothing is lost: the stream just closes.
+        () = shutdown.cancelled() => return None,
+    };
+    let open = match open {
         Ok(o) => o,
-        // A stream the agent opened ahead of need and closed unused (its spares).
-        Err(HandshakeError::Closed) if reader.read_nothing() => {
-            return debug!("a guest→host stream closed before its opening: a spare the agent let go");
+        // A stream the agent opened ahead of need, or kept after a connection, and closed unused.
+        Err(e) if reader.ended_between(&e) => {
+            debug!("a guest→host stream closed before its opening: the agent let it go");
+            return None;
         }
-        Err(e) => return warn!("rejected a guest→host stream: {e}"),
+        Err(e) => {
+            warn!("rejected a guest→host stream: {e}");
+            return None;
+        }
     };
     let (addr, port, peer) = match open {
         Open::Tcp { addr, port, peer } => (addr, port, peer),
         Open::Udp { addr, port, peer } => {
             let span = info_span!("guest→host udp", port, client = %ShowPeer(peer));
-            let stats = stats_for(&stats, Proto::Udp, port);
+            let stats = stats_for(stats, Proto::Udp, port);
             // Only a port the desktop advertises, as for TCP below.
             let target = host.borrow().target_for(Proto::Udp, port, addr.is_ipv6());
-            return serve_udp(stream, reader, target, port, stats, &own, shutdown).instrument(span).await;
+            serve_udp(stream, reader, target, port, stats, own, shutdown.clone()).instrument(span).await;
+            return None;
         }
-        Open::Control {} => return warn!("rejected a control stream on the guest→host socket"),
+        Open::Control {} => {
+            warn!("rejected a control stream on the guest→host socket");
+            return None;
+        }
     };
     // At debug level, as the desktop's connection spans (`forward.rs`).
     let span = debug_span!("guest→host", port, client = %ShowPeer(peer));
@@ -361,16 +392,18 @@ async fn serve(
         };
         let server = match server {
             Ok(server) => server,
-            Err(reason) => return refuse(&stream, reason).await,
+            Err(reason) => {
+                refuse(&stream, reason).await;
+                return None;
+            }
         };
         // As the agent answers the proxy's opens: `connected` goes out with the desktop
         // server's first bytes (or its FIN), one write and one wake-up of the agent.
-        let stats = stats_for(&stats, Proto::Tcp, port);
+        let stats = stats_for(stats, Proto::Tcp, port);
         let _active = stats.open();
-        let Some(outcome) = answer_and_relay(stream, reader, server, &stats.bytes, &shutdown).await else {
-            return;
-        };
-        debug!(?outcome, "guest→host connection finished");
+        let relayed = answer_and_relay(stream, reader, server, &stats.bytes, shutdown).await?;
+        debug!(outcome = ?relayed.outcome, "guest→host connection finished");
+        relayed.reusable.map(|(stream, after)| (stream, FrameReader::after(after)))
     }
     .instrument(span)
     .await

@@ -54,6 +54,9 @@ pub struct ProxyConfig {
     pub relay_threads: usize,
     /// Streams to the agent kept opened ahead of need ([`hostnet_net::transport::spare`]).
     pub spare_streams: usize,
+    /// Streams whose connection ended cleanly kept for the next ones, at most (0: each
+    /// connection's stream is closed with it).
+    pub reuse_streams: usize,
 }
 
 impl ProxyConfig {
@@ -70,6 +73,7 @@ impl ProxyConfig {
             guest_vm: guest_streams::VmIdentity::of(agent),
             relay_threads: RelayThreads::default_count(),
             spare_streams: agent.default_spare_streams(),
+            reuse_streams: hostnet_net::transport::spare::REUSED_STREAMS,
         }
     }
 }
@@ -92,8 +96,11 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
         Err(e) => return tracing::error!("cannot start the relay threads: {e}"),
     };
     let tracker = TaskTracker::new();
-    let connector =
-        hostnet_net::transport::spare::with_spares(config.connector.clone(), config.spare_streams);
+    let connector = hostnet_net::transport::spare::with_spares(
+        config.connector.clone(),
+        config.spare_streams,
+        config.reuse_streams,
+    );
     let settings = SettingsHandle::load(config.settings_path.clone());
     settings.watch(&tracker, &shutdown);
     // The proxy's own sockets: its mirrors, bridges and flow sockets, never offered to the guest.

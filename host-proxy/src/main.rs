@@ -136,6 +136,10 @@ struct SpareArgs {
     /// vfkit's].
     #[arg(long, value_name = "N", env = "HOSTNET_SPARE_STREAMS", value_parser = clap::value_parser!(u16).range(0..=64))]
     spare_streams: Option<u16>,
+    /// Streams to the agent whose connection ended cleanly kept for the next connections, at
+    /// most (0: each connection's stream is closed with it).
+    #[arg(long, value_name = "N", env = "HOSTNET_REUSE_STREAMS", default_value_t = hostnet_net::transport::spare::REUSED_STREAMS as u16, value_parser = clap::value_parser!(u16).range(0..=64))]
+    reuse_streams: u16,
 }
 
 impl SpareArgs {
@@ -240,6 +244,7 @@ async fn main() -> ExitCode {
             config.admin_socket = admin_socket;
             config.limits = limits.limits();
             config.spare_streams = spares.count().unwrap_or(config.spare_streams);
+            config.reuse_streams = usize::from(spares.reuse_streams);
             host_proxy::run(config, shutdown, state_tx).await;
             Ok(())
         }
@@ -296,6 +301,7 @@ async fn main() -> ExitCode {
                 limits: limits.limits(),
                 windows,
                 spare_streams: spares.count(),
+                reuse_streams: usize::from(spares.reuse_streams),
             };
             demo::run(opts, shutdown, state_tx).await
         }

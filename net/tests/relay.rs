@@ -291,7 +291,7 @@ async fn bytes_flow_before_the_answer_and_a_refusal_resets_the_client() {
     within(t2.read_exact(&mut chunk)).await.unwrap();
     assert_eq!(&chunk, b"\0\0\0\x02hi", "the client's bytes did not go out ahead of the answer");
     answer_tx.send(Err(Outcome::PeerReset)).unwrap();
-    assert_eq!(within(host_side).await.unwrap(), Outcome::PeerReset);
+    assert_eq!(within(host_side).await.unwrap().outcome, Outcome::PeerReset);
     let mut buf = [0u8; 1];
     let read = within(client.read(&mut buf)).await;
     assert!(
@@ -337,7 +337,7 @@ async fn a_client_that_spoke_and_half_closed_before_the_relay_began_is_relayed_w
     let mut answer = Vec::new();
     within(client.read_to_end(&mut answer)).await.unwrap();
     assert_eq!(answer, b"ok");
-    assert_eq!(within(host_side).await.unwrap(), Outcome::Closed);
+    assert_eq!(within(host_side).await.unwrap().outcome, Outcome::Closed);
 }
 
 /// A data stream whose bytes cannot be spliced out of it (`splice(2)` into a pipe says
@@ -449,6 +449,7 @@ fn spawn_answering(local: TcpStream, stream: FdStream) -> JoinHandle<Outcome> {
             &CancellationToken::new(),
         )
         .await
+        .outcome
     })
 }
 

@@ -409,7 +409,7 @@ mod tests {
         .unwrap();
         let l = Listener { proto: Proto::Tcp, addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED), port: 8000 };
         encode_frame(&AgentFrame::Snapshot { listeners: vec![l], more: false }, &mut wire).unwrap();
-        let mut want = b"HNET\x00\x02\x00\x00\x00\x40".to_vec();
+        let mut want = b"HNET\x00\x03\x00\x00\x00\x40".to_vec();
         want.extend_from_slice(br#"{"type":"hello","role":"agent","software":"hostnet-agent 0.1.0"}"#);
         want.extend_from_slice(b"\x00\x00\x00\x49");
         want.extend_from_slice(

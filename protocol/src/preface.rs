@@ -7,7 +7,7 @@ use thiserror::Error;
 pub const MAGIC: [u8; 4] = *b"HNET";
 /// The protocol version this build speaks. Bump it on any incompatible change (the history is
 /// in docs/protocol.md).
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Length of the preface on the wire.
 pub const PREFACE_LEN: usize = 6;
 

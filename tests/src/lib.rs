@@ -373,17 +373,22 @@ impl Demo {
     /// (not the agent): one data stream opening TCP `addr:port`; returns the proxy's reply
     /// bytes, as text, once it closes the stream.
     pub fn raw_guest_to_host_open(&self, addr: &str, port: u16) -> String {
-        let sock = Path::new("/run/hostnet").join(&self.netns).join("host.sock");
-        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let mut s = std::os::unix::net::UnixStream::connect(self.guest_to_host_socket()).unwrap();
         s.set_read_timeout(Some(DEADLINE)).unwrap();
-        let body = format!(r#"{{"type":"tcp","addr":"{addr}","port":{port},"peer":null}}"#);
-        let mut wire = b"HNET\x00\x02".to_vec();
-        wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        wire.extend_from_slice(body.as_bytes());
-        s.write_all(&wire).unwrap();
+        s.write_all(&opening(addr, port)).unwrap();
         let mut reply = Vec::new();
         let _ = s.read_to_end(&mut reply);
         String::from_utf8_lossy(&reply).into_owned()
+    }
+
+    /// The agent's transport socket, where the proxy opens its streams.
+    pub fn agent_socket(&self) -> std::path::PathBuf {
+        Path::new("/run/hostnet").join(&self.netns).join("agent.sock")
+    }
+
+    /// The proxy's guest→host endpoint, where the agent opens its streams.
+    pub fn guest_to_host_socket(&self) -> std::path::PathBuf {
+        Path::new("/run/hostnet").join(&self.netns).join("host.sock")
     }
 
     /// PIDs of processes in the demo's namespace (the agent).
@@ -1070,6 +1075,74 @@ pub fn desktop_web_server(port: u16) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("python3 is needed; the README's setup installs it")
+}
+
+/// A data stream's opening for TCP `addr:port`, as any process could write it: our preface and
+/// the `open` frame (`docs/protocol.md`, section 3).
+pub fn opening(addr: &str, port: u16) -> Vec<u8> {
+    let body = format!(r#"{{"type":"tcp","addr":"{addr}","port":{port},"peer":null}}"#);
+    let mut wire = hostnet_protocol::Preface::OURS.to_bytes().to_vec();
+    wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    wire.extend_from_slice(body.as_bytes());
+    wire
+}
+
+/// Speaks the protocol as an opener on one stream to `sock`: for each `(addr, port, request)`
+/// in turn, on the same stream, its opening, the request and FIN, then the answer up to the far
+/// side's FIN. Each answer: `Ok(the far side's bytes)` after `connected`; `Err(what came
+/// instead)` — a refusal's text, a reset, the stream's end — and then no more.
+pub fn exchanges_on_one_stream(
+    sock: &Path,
+    exchanges: &[(&str, u16, &[u8])],
+) -> Vec<Result<Vec<u8>, String>> {
+    use hostnet_protocol::chunk::{FIN, RST, data_header};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut answers = Vec::new();
+    for &(addr, port, request) in exchanges {
+        let mut wire = opening(addr, port);
+        wire.extend_from_slice(&data_header(request.len()));
+        wire.extend_from_slice(request);
+        wire.extend_from_slice(&FIN);
+        if let Err(e) = s.write_all(&wire) {
+            answers.push(Err(format!("writing the opening: {e}")));
+            return answers;
+        }
+        let answer = read_answer(&mut s);
+        let ended = answer.is_err();
+        answers.push(answer);
+        if ended {
+            return answers;
+        }
+    }
+    return answers;
+
+    fn read_answer(s: &mut std::os::unix::net::UnixStream) -> Result<Vec<u8>, String> {
+        let mut word = [0u8; 4];
+        let take = |s: &mut std::os::unix::net::UnixStream, n: usize| -> Result<Vec<u8>, String> {
+            let mut b = vec![0u8; n];
+            s.read_exact(&mut b).map_err(|e| format!("the stream ended: {e}"))?;
+            Ok(b)
+        };
+        let preface = take(s, 6)?;
+        if &preface[..4] != b"HNET" {
+            return Err(format!("not a preface: {preface:?}"));
+        }
+        word.copy_from_slice(&take(s, 4)?);
+        let frame = String::from_utf8_lossy(&take(s, u32::from_be_bytes(word) as usize)?).into_owned();
+        if !frame.contains(r#""connected""#) {
+            return Err(frame);
+        }
+        let mut data = Vec::new();
+        loop {
+            word.copy_from_slice(&take(s, 4)?);
+            match word {
+                FIN => return Ok(data),
+                RST => return Err("reset".into()),
+                _ => data.extend(take(s, u32::from_be_bytes(word) as usize)?),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

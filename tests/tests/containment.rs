@@ -341,7 +341,7 @@ fn a_flood_of_half_sent_openings_leaves_memory_bounded_and_status_answering() {
     for _ in 0..200 {
         let Ok(s) = UnixStream::connect(&sock) else { continue };
         s.set_nonblocking(true).unwrap();
-        let mut wire = b"HNET\x00\x02".to_vec();
+        let mut wire = b"HNET\x00\x03".to_vec();
         wire.extend_from_slice(&(1u32 << 20).to_be_bytes());
         wire.extend_from_slice(&vec![b' '; 256 << 10]);
         let mut sent = 0;

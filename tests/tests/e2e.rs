@@ -245,10 +245,10 @@ fn garbage_on_the_agent_socket_harms_nothing_else() {
     let sock = Path::new("/run/hostnet").join(&demo.netns).join("agent.sock");
     let hostile: [&[u8]; 5] = [
         b"GET / HTTP/1.1\r\n\r\n",
-        b"HNET\x00\x02\xff\xff\xff\xff",      // a 4 GiB frame
-        b"HNET\x00\x02\x00\x00\x00\x05{{{{{", // malformed JSON
+        b"HNET\x00\x03\xff\xff\xff\xff",      // a 4 GiB frame
+        b"HNET\x00\x03\x00\x00\x00\x05{{{{{", // malformed JSON
         b"HNET\x00\x63\x00\x00\x00\x02{}",    // protocol version 99
-        b"HNET\x00\x02\x00\x00\x00\x2a{\"type\":\"tcp\",\"addr\":\"10.0.0.1\",\"port\":22}", // not loopback
+        b"HNET\x00\x03\x00\x00\x00\x2a{\"type\":\"tcp\",\"addr\":\"10.0.0.1\",\"port\":22}", // not loopback
     ];
     for bytes in hostile {
         let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
@@ -319,4 +319,20 @@ fn a_host_address_held_by_another_program_keeps_the_whole_port_off_the_guest() {
 
 fn status_of(demo: &Demo, port: u16) -> String {
     demo.forward_status("tcp", port).map(|f| f["reason"].to_string()).unwrap_or_default()
+}
+
+/// One stream from the proxy's side carries one connection after another (protocol version 3):
+/// the agent reads the next opening where the last connection ended, and connects anew.
+#[test]
+fn the_agent_serves_one_connection_after_another_on_one_stream() {
+    let demo = Demo::start();
+    let port = free_port();
+    let _srv = GuestServer::serve(demo.listen(addr("0.0.0.0", port), false), echo);
+    let answers = exchanges_on_one_stream(
+        &demo.agent_socket(),
+        &[("127.0.0.1", port, b"first"), ("127.0.0.1", port, b"second"), ("127.0.0.1", port, b"third")],
+    );
+    let want: Vec<Result<Vec<u8>, String>> =
+        vec![Ok(b"first".to_vec()), Ok(b"second".to_vec()), Ok(b"third".to_vec())];
+    assert_eq!(answers, want);
 }

@@ -156,6 +156,32 @@ fn the_guest_cannot_steer_the_proxy_to_unadvertised_ports() {
     assert!(reply.contains("refused") && reply.contains("not advertised"), "{reply}");
 }
 
+/// A guest stream may carry one connection after another (protocol version 3); each opening is
+/// checked as the first: one for a port not advertised is refused, and the stream ends there.
+#[test]
+fn each_opening_on_a_reused_guest_stream_is_checked_as_the_first() {
+    let unadvertised = free_port();
+    let demo = Demo::start();
+    let port = free_port();
+    let _srv = GuestServer::serve(TcpListener::bind(loopback(false, port)).unwrap(), echo);
+    wait_until("the port is intercepted in the guest", || {
+        intercepted_ports(&demo).contains(&port.to_string())
+    });
+    let answers = exchanges_on_one_stream(
+        &demo.guest_to_host_socket(),
+        &[
+            ("127.0.0.1", port, b"one"),
+            ("127.0.0.1", port, b"two"),
+            ("127.0.0.1", unadvertised, b"three"),
+            ("127.0.0.1", port, b"four"),
+        ],
+    );
+    assert_eq!(answers.len(), 3, "the stream ends at the refusal: {answers:?}");
+    assert_eq!(answers[..2], [Ok(b"one".to_vec()), Ok(b"two".to_vec())]);
+    let refused = answers[2].as_ref().unwrap_err();
+    assert!(refused.contains("refused") && refused.contains("not advertised"), "{refused}");
+}
+
 #[test]
 fn the_rules_are_gone_after_the_demo_stops() {
     require_root();

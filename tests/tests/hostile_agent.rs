@@ -18,7 +18,7 @@ fn frame(json: &str) -> Vec<u8> {
     v
 }
 
-const PREFACE: &[u8] = b"HNET\x00\x02";
+const PREFACE: &[u8] = b"HNET\x00\x03";
 
 struct Proxy {
     child: Child,
@@ -222,9 +222,9 @@ fn a_data_stream_answered_with_garbage_resets_only_that_client() {
     // each client below meets its own stream.
     drop(agent.accept().unwrap());
     for answer in [
-        &b"HNET\x00\x02\x7f\xff\xff\xff"[..],
+        &b"HNET\x00\x03\x7f\xff\xff\xff"[..],
         b"GARBAGE GARBAGE",
-        b"HNET\x00\x02\x00\x00\x00\x16{\"type\":\"connected\"}\xfe\xff\xff\xff",
+        b"HNET\x00\x03\x00\x00\x00\x16{\"type\":\"connected\"}\xfe\xff\xff\xff",
     ] {
         let mut client = TcpStream::connect(loopback(false, port)).unwrap();
         client.set_read_timeout(Some(DEADLINE)).unwrap();

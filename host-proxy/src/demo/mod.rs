@@ -62,6 +62,8 @@ pub struct DemoOptions {
     /// Streams to the agent kept opened ahead of need (`None`: the transport's default, none
     /// for the stand-in's Unix socket).
     pub spare_streams: Option<usize>,
+    /// Streams kept for reuse after a clean end, at most (`ProxyConfig::reuse_streams`).
+    pub reuse_streams: usize,
 }
 
 /// Sets the stand-in up, runs the proxy against it until `shutdown`, tears it down.
@@ -96,6 +98,7 @@ pub async fn run(
             config.admin_socket = opts.admin_socket.clone();
             config.limits = opts.limits;
             config.spare_streams = opts.spare_streams.unwrap_or(config.spare_streams);
+            config.reuse_streams = opts.reuse_streams;
             crate::run(config, shutdown.clone(), state).await;
             Ok(())
         }

@@ -6,6 +6,7 @@
 //! sections 3 and 5).
 
 use bytes::BytesMut;
+use hostnet_protocol::chunk::RST;
 use hostnet_protocol::{Open, OpenReply};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -16,6 +17,22 @@ use crate::transport::handshake::{self, FrameReader, OpenError};
 use crate::transport::raw::RawStream;
 use crate::transport::roaming::Roaming;
 use crate::transport::stream::TransportStream;
+
+/// How a connection relayed over a data stream ended, and the stream if another connection
+/// may follow on it (both directions ended with FIN: `docs/protocol.md`, section 3).
+#[derive(Debug)]
+pub struct Relayed {
+    pub outcome: Outcome,
+    /// The stream at a clean boundary, and the bytes already read of what follows (an
+    /// opener's is always empty: the far side sends nothing until the next opening).
+    pub reusable: Option<(TransportStream, BytesMut)>,
+}
+
+impl Relayed {
+    fn ended(outcome: Outcome) -> Relayed {
+        Relayed { outcome, reusable: None }
+    }
+}
 
 /// Relays `client` over `stream`, just connected for it: our preface and `open` go out with
 /// the client's first bytes, and the far side's answer is read beside them ([`relay_after`]).
@@ -29,13 +46,13 @@ pub async fn open_and_relay(
     broken: impl FnOnce(&OpenError),
     counters: &RelayCounters,
     shutdown: &CancellationToken,
-) -> Outcome {
+) -> Relayed {
     let opening = match handshake::preface_and(open) {
         Ok(bytes) => bytes,
         Err(e) => {
             warn!("cannot encode the opening: {e}");
             let _ = client.set_reset_on_close();
-            return Outcome::LocalReset;
+            return Relayed::ended(Outcome::LocalReset);
         }
     };
     let (client, stream) = (Roaming::new(client), Roaming::new(stream));
@@ -53,7 +70,15 @@ pub async fn open_and_relay(
             }
         }
     };
-    relay_after(&client, &stream, opening, answer, counters, shutdown).await
+    let ended = relay_after(&client, &stream, opening, answer, counters, shutdown).await;
+    // The far side sends nothing past its FIN (but an RST that crossed ours) until our next
+    // opening: anything else there leaves the stream unfit for another connection.
+    let quiet_after = ended.after.is_empty() || ended.after[..] == RST;
+    let reusable = match ended.at_boundary && quiet_after {
+        true => stream.into_inner().map(|s| (s, BytesMut::new())),
+        false => None,
+    };
+    Relayed { outcome: ended.outcome, reusable }
 }
 
 /// Answers an opening read from `stream` with `refused` and why, at once.
@@ -71,7 +96,7 @@ pub async fn answer_and_relay(
     server: TcpStream,
     counters: &RelayCounters,
     shutdown: &CancellationToken,
-) -> Option<Outcome> {
+) -> Option<Relayed> {
     let connected = match handshake::preface_and(&OpenReply::Connected {}) {
         Ok(bytes) => bytes,
         Err(e) => {
@@ -81,5 +106,7 @@ pub async fn answer_and_relay(
     };
     let pending: BytesMut = reader.into_leftover();
     let (server, stream) = (Roaming::new(server), Roaming::new(stream));
-    Some(relay_answering(&server, &stream, pending, connected, counters, shutdown).await)
+    let ended = relay_answering(&server, &stream, pending, connected, counters, shutdown).await;
+    let reusable = if ended.at_boundary { stream.into_inner().map(|s| (s, ended.after)) } else { None };
+    Some(Relayed { outcome: ended.outcome, reusable })
 }

@@ -72,6 +72,43 @@ pub enum Outcome {
     Cancelled,
 }
 
+/// How a relayed connection ended, and where its stream is.
+#[derive(Debug)]
+pub struct Ended {
+    pub outcome: Outcome,
+    /// Each side has sent its FIN and read the other's, so another connection may follow on
+    /// the stream (`docs/protocol.md`, section 3): the connection closed, or this side reset
+    /// it after its FIN and then read the peer's FIN.
+    pub at_boundary: bool,
+    /// Bytes read from the peer past its FIN: the start of what the stream carries next — the
+    /// peer's RST that crossed our FIN, if any, then the next connection's opening.
+    pub after: BytesMut,
+}
+
+/// What the peer's direction left past its FIN, and whether ours is over.
+struct Tail {
+    after: Mutex<BytesMut>,
+    /// Our direction has sent its FIN.
+    up_done: CancellationToken,
+}
+
+impl Tail {
+    /// After the peer's FIN, what follows it in `rest`: kept for what the stream carries next
+    /// (`true`: stop decoding) — unless it is an RST while our direction still runs (the
+    /// peer reset after its half-close), which is decoded as usual. An RST after our FIN too
+    /// crossed it: the connection is over both ways, and the next read of the stream skips it.
+    fn keep_after_fin(&self, rest: &[u8]) -> bool {
+        match rest.first() {
+            None => false,
+            Some(&0xFF) if !self.up_done.is_cancelled() => false,
+            Some(_) => {
+                self.after.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(rest);
+                true
+            }
+        }
+    }
+}
+
 /// Live byte counts of one relayed connection.
 #[derive(Debug, Default)]
 pub struct RelayCounters {
@@ -92,7 +129,7 @@ pub async fn relay<L: RawStream, P: RawStream>(
     shutdown: &CancellationToken,
 ) -> Outcome {
     let lead = Lead::new(Vec::new(), true);
-    relay_both(local, peer, async { Ok(pending) }, &lead, counters, shutdown, false).await
+    relay_both(local, peer, async { Ok(pending) }, &lead, counters, shutdown, false).await.outcome
 }
 
 /// [`relay`] on a stream whose far side has not answered yet: the local side's bytes start
@@ -110,7 +147,7 @@ pub async fn relay_after<L: RawStream, P: RawStream>(
     answer: impl std::future::Future<Output = Result<BytesMut, Outcome>>,
     counters: &RelayCounters,
     shutdown: &CancellationToken,
-) -> Outcome {
+) -> Ended {
     let lead = Lead::new(opening, false);
     relay_both(local, peer, answer, &lead, counters, shutdown, true).await
 }
@@ -126,7 +163,7 @@ pub async fn relay_answering<L: RawStream, P: RawStream>(
     answer: Vec<u8>,
     counters: &RelayCounters,
     shutdown: &CancellationToken,
-) -> Outcome {
+) -> Ended {
     let lead = Lead::new(answer, true);
     relay_both(local, peer, async { Ok(pending) }, &lead, counters, shutdown, false).await
 }
@@ -179,9 +216,12 @@ async fn relay_both<L: RawStream, P: RawStream>(
     counters: &RelayCounters,
     shutdown: &CancellationToken,
     client_first: bool,
-) -> Outcome {
-    let up_done = CancellationToken::new();
+) -> Ended {
+    let tail = Tail { after: Mutex::new(BytesMut::new()), up_done: CancellationToken::new() };
+    let up_done = &tail.up_done;
     let mid_chunk = AtomicBool::new(false);
+    let mut decoder = ChunkDecoder::new();
+    let (mut up_end, mut down_end) = (None, None);
     let outcome = {
         // Each direction, and the shutdown signal, polled only when something woke it
         // ([`OnWake`]): a message one way does not walk the other way's stack, nor take the
@@ -189,13 +229,12 @@ async fn relay_both<L: RawStream, P: RawStream>(
         let up = pin!(OnWake::new(pump_up(local, peer, lead, counters, &mid_chunk, client_first)));
         let down = pin!(OnWake::new(async {
             match answer.await {
-                Ok(pending) => pump_down(peer, local, pending, counters, &up_done).await,
+                Ok(pending) => pump_down(peer, local, pending, counters, &mut decoder, &tail).await,
                 Err(end) => end,
             }
         }));
         let cancelled = pin!(OnWake::new(shutdown.cancelled()));
         let mut ends = (Some(up), Some(down), cancelled);
-        let (mut up_end, mut down_end) = (None, None);
         poll_fn(|cx| {
             let (up, down, cancelled) = &mut ends;
             if let Some(Poll::Ready(end)) = up.as_mut().map(|f| f.as_mut().poll(cx)) {
@@ -221,15 +260,63 @@ async fn relay_both<L: RawStream, P: RawStream>(
         })
         .await
     };
+    let mut at_boundary = outcome == Outcome::Closed;
     if outcome == Outcome::LocalReset && !mid_chunk.load(Ordering::Relaxed) {
         // A failed write to the local socket (seen by the down direction) still owes the peer
         // its RST. Skipped mid-chunk: the peer then sees a cut stream, which it resets too.
-        let _ = lead.write_with(peer, &RST).await;
+        let sent = lead.write_with(peer, &RST).await.is_ok();
+        // After our FIN: the peer may have finished too, its FIN crossing our RST — then the
+        // stream is read to that FIN, and another connection may follow.
+        if sent && up_end == Some(Outcome::Closed) && down_end == Some(Outcome::LocalReset) {
+            at_boundary = drain_to_fin(peer, &mut decoder, &tail).await;
+        }
     }
     if !matches!(outcome, Outcome::Closed | Outcome::Cancelled) {
         let _ = local.set_reset_on_close();
     }
-    outcome
+    Ended { outcome, at_boundary, after: tail.after.into_inner().unwrap_or_else(|p| p.into_inner()) }
+}
+
+/// Reads the peer's direction up to its FIN, dropping its data (our local side is gone), within
+/// [`crate::transport::handshake::HANDSHAKE_TIMEOUT`]: `true` at the FIN, with what follows
+/// it kept in `tail`; `false` at an RST, the end of the stream, or the time limit (a peer that
+/// saw our RST before finishing resets and closes the stream instead).
+async fn drain_to_fin<P: RawStream>(peer: &P, decoder: &mut ChunkDecoder, tail: &Tail) -> bool {
+    let drained = async {
+        loop {
+            if decoder.is_finished() {
+                return true;
+            }
+            if raw::readable(peer).await.is_err() {
+                return false;
+            }
+            let step = with_scratch(|b| match peer.try_read(b) {
+                Ok(0) => Some(false),
+                Ok(n) => {
+                    let mut bytes = b.get(..n).unwrap_or_default();
+                    while !bytes.is_empty() {
+                        let Ok((used, event)) = decoder.decode(bytes) else { return Some(false) };
+                        bytes = bytes.get(used..).unwrap_or_default();
+                        match event {
+                            Some(ChunkEvent::Fin) => {
+                                tail.after.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(bytes);
+                                return Some(true);
+                            }
+                            Some(ChunkEvent::Reset) => return Some(false),
+                            Some(ChunkEvent::Data(_)) | None => {}
+                        }
+                    }
+                    None
+                }
+                Err(e) if !is_reset_like(&e) => None,
+                Err(_) => Some(false),
+            });
+            if let Some(end) = step {
+                return end;
+            }
+        }
+    };
+    crate::deadline::within(crate::transport::handshake::HANDSHAKE_TIMEOUT, drained).await.unwrap_or(false)
 }
 
 /// Bytes of full-size ([`RELAY_BUF_LEN`]) bulk buffers this process holds at once, at most.
@@ -403,6 +490,7 @@ async fn splice_down<P: RawStream, L: RawStream>(
     pipe: &mut Pipe,
     decoder: &mut ChunkDecoder,
     counters: &RelayCounters,
+    tail: &Tail,
 ) -> Result<bool, Outcome> {
     let remaining = decoder.data_remaining();
     if remaining == 0 {
@@ -410,9 +498,9 @@ async fn splice_down<P: RawStream, L: RawStream>(
         let need = decoder.header_needed().min(CHUNK_HEADER_LEN);
         return match peer.try_read(header.get_mut(..need).unwrap_or_default()) {
             Ok(0) => Err(Outcome::PeerVanished),
-            Ok(k) => {
-                deliver(decoder, header.get(..k).unwrap_or_default(), local, counters).await.map(|()| true)
-            }
+            Ok(k) => deliver(decoder, header.get(..k).unwrap_or_default(), local, counters, tail)
+                .await
+                .map(|()| true),
             Err(e) if !is_reset_like(&e) => Ok(true),
             Err(_) => Err(Outcome::PeerVanished),
         };
@@ -642,15 +730,16 @@ async fn pump_down<P: RawStream, L: RawStream>(
     local: &L,
     pending: BytesMut,
     counters: &RelayCounters,
-    up_done: &CancellationToken,
+    decoder: &mut ChunkDecoder,
+    tail: &Tail,
 ) -> Outcome {
-    let mut decoder = ChunkDecoder::new();
+    let up_done = &tail.up_done;
     // The local socket may have been connected a moment ago (the agent's to the guest server,
     // with the client's first bytes in `pending`): written to straight away, not once the
     // reactor has reported it writable — that report is a trip through `epoll_wait` on every
     // new connection's first request.
-    let first = deliver_now(&mut decoder, &pending, local, counters, write_direct_now);
-    if let Err(end) = finish_delivery(&mut decoder, first, local, counters).await {
+    let first = deliver_now(decoder, &pending, local, counters, tail, write_direct_now);
+    if let Err(end) = finish_delivery(decoder, first, local, counters, tail).await {
         return end;
     }
     drop(pending);
@@ -670,7 +759,7 @@ async fn pump_down<P: RawStream, L: RawStream>(
         }
         match own.as_mut() {
             Some(Bulk::Pipe(pipe)) if !decoder.is_finished() => {
-                match splice_down(peer, local, pipe, &mut decoder, counters).await {
+                match splice_down(peer, local, pipe, decoder, counters, tail).await {
                     Ok(true) => {}
                     // This kernel or socket does not splice: copy instead.
                     Ok(false) => own = Some(Bulk::Buffer(new_buffer())),
@@ -683,7 +772,7 @@ async fn pump_down<P: RawStream, L: RawStream>(
                     Ok(0) => return Outcome::PeerVanished,
                     Ok(n) => {
                         if let Err(end) =
-                            deliver(&mut decoder, b.get(..n).unwrap_or_default(), local, counters).await
+                            deliver(decoder, b.get(..n).unwrap_or_default(), local, counters, tail).await
                         {
                             return end;
                         }
@@ -700,12 +789,12 @@ async fn pump_down<P: RawStream, L: RawStream>(
             Ok(0) => Err(Outcome::PeerVanished),
             Ok(n) => {
                 read = n;
-                deliver_now(&mut decoder, b.get(..n).unwrap_or_default(), local, counters, write_now)
+                deliver_now(decoder, b.get(..n).unwrap_or_default(), local, counters, tail, write_now)
             }
             Err(e) if !is_reset_like(&e) => Ok(None),
             Err(_) => Err(Outcome::PeerVanished),
         });
-        match finish_delivery(&mut decoder, step, local, counters).await {
+        match finish_delivery(decoder, step, local, counters, tail).await {
             Ok(false) if read >= BULK_READ && own.is_none() => own = Some(turn_to_bulk(peer, local).await),
             Ok(false) => {}
             // The local side is slower than the peer: a bulk transfer.
@@ -723,11 +812,12 @@ async fn finish_delivery<L: RawStream>(
     step: Result<Option<Leftover>, Outcome>,
     local: &L,
     counters: &RelayCounters,
+    tail: &Tail,
 ) -> Result<bool, Outcome> {
     let Some(Leftover { data, raw }) = step? else { return Ok(false) };
     raw::write_all(local, &data).await.map_err(|_| Outcome::LocalReset)?;
     counters.from_peer.fetch_add(data.len() as u64, Ordering::Relaxed);
-    deliver(decoder, &raw, local, counters).await?;
+    deliver(decoder, &raw, local, counters, tail).await?;
     Ok(true)
 }
 
@@ -747,6 +837,7 @@ fn deliver_now<L: RawStream>(
     mut bytes: &[u8],
     local: &L,
     counters: &RelayCounters,
+    tail: &Tail,
     write: fn(&L, &[u8]) -> io::Result<usize>,
 ) -> Result<Option<Leftover>, Outcome> {
     while !bytes.is_empty() {
@@ -764,6 +855,9 @@ fn deliver_now<L: RawStream>(
             Some(ChunkEvent::Fin) => {
                 // The local peer may already be gone; its reset shows up on the other direction.
                 let _ = local.shutdown_write();
+                if tail.keep_after_fin(bytes) {
+                    break;
+                }
             }
             Some(ChunkEvent::Reset) => return Err(Outcome::PeerReset),
             None => {}
@@ -778,6 +872,7 @@ async fn deliver<L: RawStream>(
     mut bytes: &[u8],
     local: &L,
     counters: &RelayCounters,
+    tail: &Tail,
 ) -> Result<(), Outcome> {
     while !bytes.is_empty() {
         let (used, event) = decoder.decode(bytes).map_err(|_| Outcome::ProtocolError)?;
@@ -790,6 +885,9 @@ async fn deliver<L: RawStream>(
             Some(ChunkEvent::Fin) => {
                 // The local peer may already be gone; its reset shows up on the other direction.
                 let _ = local.shutdown_write();
+                if tail.keep_after_fin(bytes) {
+                    break;
+                }
             }
             Some(ChunkEvent::Reset) => return Err(Outcome::PeerReset),
             None => {}

@@ -10,6 +10,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use hostnet_protocol::chunk::RST;
 use hostnet_protocol::datagram::{self, DATAGRAM_HEADER_LEN, MAX_DATAGRAM_LEN};
 use hostnet_protocol::{
     FrameDecoder, FrameError, MAX_FRAME_LEN, MAX_OPENING_LEN, PREFACE_LEN, Preface, PrefaceError,
@@ -69,7 +70,7 @@ pub async fn send_frame<S: RawStream, T: Serialize>(s: &S, msg: &T) -> Result<()
 #[derive(Debug, Default)]
 pub struct FrameReader {
     buf: BytesMut,
-    /// Some byte has been read.
+    /// Some byte of an opening (or an answer) has been read.
     read_any: bool,
 }
 
@@ -78,9 +79,32 @@ impl FrameReader {
         Self::default()
     }
 
-    /// Reads the peer's preface and checks its magic and version.
+    /// A reader for the next opening on a stream whose connection ended cleanly, `after`
+    /// the bytes already read past it.
+    pub fn after(after: BytesMut) -> Self {
+        FrameReader { read_any: !after.is_empty(), buf: after }
+    }
+
+    /// Whether `e`, met reading an opening, ended the stream between connections rather than
+    /// broke one: it was closed before a byte of an opening came (a stream opened ahead of
+    /// need, or kept after a connection, let go; the last connection's crossing RST aside).
+    pub fn ended_between(&self, e: &HandshakeError) -> bool {
+        matches!(e, HandshakeError::Closed) && !self.read_any
+    }
+
+    /// Reads the peer's preface and checks its magic and version. An RST word before it is
+    /// skipped: on a stream used again, the last connection's reset that crossed our FIN
+    /// (`docs/protocol.md`, section 3; a preface never starts with `0xFF`).
     pub async fn read_preface<S: RawStream>(&mut self, s: &S) -> Result<Preface, HandshakeError> {
-        while self.buf.len() < PREFACE_LEN {
+        loop {
+            if self.buf.starts_with(&RST) {
+                let _ = self.buf.split_to(RST.len());
+                // Nothing of an opening has been read yet.
+                self.read_any = !self.buf.is_empty();
+            }
+            if self.buf.len() >= PREFACE_LEN {
+                break;
+            }
             self.fill(s).await?;
         }
         let head = self.buf.split_to(PREFACE_LEN);

@@ -45,6 +45,12 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Opens new streams to the far side (the proxy's view of the agent).
 pub trait Connector: Send + Sync + fmt::Debug + fmt::Display {
     fn connect(&self) -> BoxFuture<'_, Result<TransportStream, TransportError>>;
+
+    /// Takes back a stream whose connection ended cleanly, for another connection to use
+    /// (`spare::Spares` keeps it); by default it is closed.
+    fn give_back(&self, stream: TransportStream) {
+        drop(stream);
+    }
 }
 
 /// Yields streams the far side opened (the agent's view of the proxy).

@@ -61,6 +61,11 @@ impl<S: Movable + RawStream> Roaming<S> {
         Roaming { held: Mutex::new(Some(stream)), raw }
     }
 
+    /// The stream, registered where its connection runs now; `None` if a move lost it.
+    pub fn into_inner(self) -> Option<S> {
+        self.held.into_inner().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn with<R>(&self, f: impl FnOnce(&S) -> R, gone: impl FnOnce() -> R) -> R {
         match &*self.held.lock().unwrap_or_else(PoisonError::into_inner) {
             Some(s) => f(s),

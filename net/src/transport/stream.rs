@@ -4,6 +4,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use hostnet_protocol::chunk::RST;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -57,20 +58,24 @@ pub enum DetachedStream {
     Vsock((socket2::Socket, bool)),
 }
 
-impl DetachedStream {
-    /// Whether nothing waits to be read and the far side has not closed: a stream set up
-    /// ahead of need (`crate::transport::spare`) that is still fit to be handed out. Asked with
-    /// a non-blocking peek, which answers "would block" only then.
+impl TransportStream {
+    /// Whether nothing waits to be read and the far side has not closed: a stream held for a
+    /// connection to come (`crate::transport::spare`) that is still fit to be handed out.
+    /// Asked with a non-blocking peek, which answers "would block" only then. An RST word
+    /// alone — the last connection's reset that crossed our FIN (`docs/protocol.md`, section
+    /// 3) — is read out of the way.
     pub fn quiet(&self) -> bool {
-        let mut byte = [std::mem::MaybeUninit::uninit(); 1];
-        let peeked = match self {
-            #[cfg(unix)]
-            DetachedStream::Unix((s, _)) => s.peek(&mut byte),
-            DetachedStream::Tcp(s) => socket2::SockRef::from(s).peek(&mut byte),
-            #[cfg(target_os = "linux")]
-            DetachedStream::Vsock((s, _)) => s.peek(&mut byte),
-        };
-        matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        use std::io::Read;
+        let sock = socket2::SockRef::from(self);
+        let mut peek = [std::mem::MaybeUninit::uninit(); RST.len() + 1];
+        match sock.peek(&mut peek) {
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+            Ok(n) if n == RST.len() => {
+                let mut word = [0u8; RST.len()];
+                matches!((&*sock).read(&mut word), Ok(n) if n == RST.len()) && word == RST
+            }
+            Ok(_) => false,
+        }
     }
 }
 
