@@ -63,6 +63,26 @@ async fn server_finishes_first(server: &mut TcpStream, opener: &mut UnixStream) 
     assert_eq!(&got, b"A\0\0\0\x02hi\0\0\0\0");
 }
 
+/// A data chunk of three bytes, as the opener sends it.
+const DATA: [u8; 7] = [0, 0, 0, 3, b'a', b'b', b'c'];
+
+/// The server resets its socket and goes while the opener sends data: the relay's write to it
+/// fails and its RST comes back (the first writes may still be taken by the server's kernel).
+async fn server_vanishes_while_the_opener_sends(server: TcpStream, opener: &mut UnixStream) {
+    socket2::SockRef::from(&server).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(server);
+    let mut rst = [0u8; 4];
+    for sent in 0.. {
+        assert!(sent < 100, "no RST came back");
+        opener.write_all(&DATA).await.unwrap();
+        if let Ok(read) = tokio::time::timeout(Duration::from_millis(20), opener.read_exact(&mut rst)).await {
+            read.unwrap();
+            break;
+        }
+    }
+    assert_eq!(rst, RST);
+}
+
 fn opening() -> Vec<u8> {
     let open = Open::Tcp { addr: "127.0.0.1".parse().unwrap(), port: 8000, peer: None };
     preface_and(&open).unwrap()
@@ -141,24 +161,9 @@ async fn after_a_reset_behind_our_fin_the_stream_is_read_to_the_openers_fin() {
     let (stream, mut opener) = unix_pair_driven();
     let answering = spawn_answering(local, stream);
     server_finishes_first(&mut server, &mut opener).await;
-    socket2::SockRef::from(&server).set_linger(Some(Duration::ZERO)).unwrap();
-    drop(server);
-    // Data the server can no longer take: the write to it fails, our RST goes out.
-    let chunk = [&[0u8, 0, 0, 3][..], b"abc"].concat();
-    let mut rst = [0u8; 4];
-    let mut sent = 0;
-    // The first write may still be taken by the kernel before the reset is seen.
-    while !matches!(
-        tokio::time::timeout(Duration::from_millis(20), opener.read_exact(&mut rst)).await,
-        Ok(Ok(_))
-    ) {
-        opener.write_all(&chunk).await.unwrap();
-        sent += 1;
-        assert!(sent < 100, "no RST came back");
-    }
-    assert_eq!(rst, RST);
+    server_vanishes_while_the_opener_sends(server, &mut opener).await;
     assert!(!answering.is_finished(), "the relay waits for the opener's FIN");
-    opener.write_all(&[&chunk[..], &FIN].concat()).await.unwrap();
+    opener.write_all(&[&DATA[..], &FIN].concat()).await.unwrap();
     let ended = within(answering).await.unwrap();
     assert_eq!((ended.outcome, ended.at_boundary), (Outcome::LocalReset, true));
     assert!(ended.after.is_empty());
@@ -171,19 +176,7 @@ async fn after_a_reset_behind_our_fin_a_closed_stream_is_not_reused() {
     let (stream, mut opener) = unix_pair_driven();
     let answering = spawn_answering(local, stream);
     server_finishes_first(&mut server, &mut opener).await;
-    socket2::SockRef::from(&server).set_linger(Some(Duration::ZERO)).unwrap();
-    drop(server);
-    let chunk = [&[0u8, 0, 0, 3][..], b"abc"].concat();
-    let mut rst = [0u8; 4];
-    let mut sent = 0;
-    while !matches!(
-        tokio::time::timeout(Duration::from_millis(20), opener.read_exact(&mut rst)).await,
-        Ok(Ok(_))
-    ) {
-        opener.write_all(&chunk).await.unwrap();
-        sent += 1;
-        assert!(sent < 100, "no RST came back");
-    }
+    server_vanishes_while_the_opener_sends(server, &mut opener).await;
     drop(opener);
     let ended = within(answering).await.unwrap();
     assert_eq!((ended.outcome, ended.at_boundary), (Outcome::LocalReset, false));

@@ -268,7 +268,8 @@ async fn relay_both<L: RawStream, P: RawStream>(
         // After our FIN: the peer may have finished too, its FIN crossing our RST — then the
         // stream is read to that FIN, and another connection may follow.
         if sent && up_end == Some(Outcome::Closed) && down_end == Some(Outcome::LocalReset) {
-            at_boundary = drain_to_fin(peer, &mut decoder, &tail).await;
+            // Boxed: a rare path, kept out of every connection's future.
+            at_boundary = Box::pin(drain_to_fin(peer, &mut decoder, &tail)).await;
         }
     }
     if !matches!(outcome, Outcome::Closed | Outcome::Cancelled) {
