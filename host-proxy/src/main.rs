@@ -137,7 +137,8 @@ struct SpareArgs {
     #[arg(long, value_name = "N", env = "HOSTNET_SPARE_STREAMS", value_parser = clap::value_parser!(u16).range(0..=64))]
     spare_streams: Option<u16>,
     /// Streams to the agent whose connection ended cleanly kept for the next connections, at
-    /// most (0: each connection's stream is closed with it).
+    /// most (0: each connection's stream is closed with it; `demo` gives its agent the same for
+    /// guest→host).
     #[arg(long, value_name = "N", env = "HOSTNET_REUSE_STREAMS", default_value_t = hostnet_net::transport::spare::REUSED_STREAMS as u16, value_parser = clap::value_parser!(u16).range(0..=64))]
     reuse_streams: u16,
 }
@@ -287,6 +288,8 @@ async fn main() -> ExitCode {
                 hostnet_net::relay::tcp::set_splice(false);
                 agent_args.push("--no-splice".to_owned());
             }
+            // Streams reused on both sides alike: the agent's guest→host ones too.
+            agent_args.extend(["--reuse-streams".to_owned(), spares.reuse_streams.to_string()]);
             tokio::spawn(announce_ready(state_rx, demo_banner(&netns)));
             let guest_to_host = !no_guest_to_host;
             let opts = DemoOptions {
