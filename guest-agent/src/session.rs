@@ -96,14 +96,7 @@ impl Sessions {
         mut reader: FrameReader,
         peer: &str,
     ) -> Option<(TransportStream, FrameReader)> {
-        let open = tokio::select! {
-            // The opening first: usually there already, taken without a look at the token.
-            biased;
-            open = reader.read_opening::<_, Open>(&stream) => open,
-            // Between connections nothing is lost: the stream just closes.
-            () = self.shutdown.cancelled() => return None,
-        };
-        let open = match open {
+        let open = match reader.read_opening_until::<_, Open>(&stream, &self.shutdown).await? {
             Ok(open) => open,
             Err(e) if reader.ended_between(&e) => {
                 // A stream the proxy opened ahead of need, or kept after a connection, and
@@ -264,7 +257,7 @@ impl Sessions {
         let counters = RelayCounters::default();
         let relayed = answer_and_relay(stream, reader, server, &counters, &self.shutdown).await?;
         debug!(outcome = ?relayed.outcome, ?counters, "relay finished");
-        relayed.reusable.map(|(stream, after)| (stream, FrameReader::after(after)))
+        relayed.reusable
     }
 }
 

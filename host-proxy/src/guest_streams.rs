@@ -346,14 +346,7 @@ async fn serve_one(
     own: &OwnSockets,
     shutdown: &CancellationToken,
 ) -> Option<(TransportStream, FrameReader)> {
-    let open = tokio::select! {
-        // The opening first: usually there already, taken without a look at the token.
-        biased;
-        open = reader.read_opening::<_, Open>(&stream) => open,
-        // Between connections nothing is lost: the stream just closes.
-        () = shutdown.cancelled() => return None,
-    };
-    let open = match open {
+    let open = match reader.read_opening_until::<_, Open>(&stream, shutdown).await? {
         Ok(o) => o,
         // A stream the agent opened ahead of need, or kept after a connection, and closed unused.
         Err(e) if reader.ended_between(&e) => {
@@ -403,7 +396,7 @@ async fn serve_one(
         let _active = stats.open();
         let relayed = answer_and_relay(stream, reader, server, &stats.bytes, shutdown).await?;
         debug!(outcome = ?relayed.outcome, "guest→host connection finished");
-        relayed.reusable.map(|(stream, after)| (stream, FrameReader::after(after)))
+        relayed.reusable
     }
     .instrument(span)
     .await

@@ -23,9 +23,10 @@ use crate::transport::stream::TransportStream;
 #[derive(Debug)]
 pub struct Relayed {
     pub outcome: Outcome,
-    /// The stream at a clean boundary, and the bytes already read of what follows (an
-    /// opener's is always empty: the far side sends nothing until the next opening).
-    pub reusable: Option<(TransportStream, BytesMut)>,
+    /// The stream at a clean boundary, and a reader for its next opening holding what was
+    /// already read of it (an opener's holds nothing: the far side sends nothing until our
+    /// next opening).
+    pub reusable: Option<(TransportStream, FrameReader)>,
 }
 
 impl Relayed {
@@ -75,7 +76,7 @@ pub async fn open_and_relay(
     // opening: anything else there leaves the stream unfit for another connection.
     let quiet_after = ended.after.is_empty() || ended.after[..] == RST;
     let reusable = match ended.at_boundary && quiet_after {
-        true => stream.into_inner().map(|s| (s, BytesMut::new())),
+        true => stream.into_inner().map(|s| (s, FrameReader::new())),
         false => None,
     };
     Relayed { outcome: ended.outcome, reusable }
@@ -107,6 +108,9 @@ pub async fn answer_and_relay(
     let pending: BytesMut = reader.into_leftover();
     let (server, stream) = (Roaming::new(server), Roaming::new(stream));
     let ended = relay_answering(&server, &stream, pending, connected, counters, shutdown).await;
-    let reusable = if ended.at_boundary { stream.into_inner().map(|s| (s, ended.after)) } else { None };
+    let reusable = match ended.at_boundary {
+        true => stream.into_inner().map(|s| (s, FrameReader::after(ended.after))),
+        false => None,
+    };
     Some(Relayed { outcome: ended.outcome, reusable })
 }

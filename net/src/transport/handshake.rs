@@ -17,6 +17,7 @@ use hostnet_protocol::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 use thiserror::Error;
+use tokio_util::sync::CancellationToken;
 
 use crate::transport::raw::{self, RawStream};
 
@@ -161,6 +162,21 @@ impl FrameReader {
         crate::deadline::within(HANDSHAKE_TIMEOUT, opening)
             .await
             .map_err(|_| HandshakeError::TimedOut(HANDSHAKE_TIMEOUT))?
+    }
+
+    /// [`Self::read_opening`], unless `shutdown` fires first (`None`): for a stream that waits
+    /// between connections, where nothing is lost if it just closes.
+    pub async fn read_opening_until<S: RawStream, T: DeserializeOwned>(
+        &mut self,
+        s: &S,
+        shutdown: &CancellationToken,
+    ) -> Option<Result<T, HandshakeError>> {
+        tokio::select! {
+            // The opening first: usually there already, taken without a look at the token.
+            biased;
+            open = self.read_opening(s) => Some(open),
+            () = shutdown.cancelled() => None,
+        }
     }
 
     /// Buffers what the stream holds already, without waiting.
