@@ -4,31 +4,22 @@
 #![cfg(unix)] // the data stream is a Unix socket pair; Windows runs the relay in the Wine end-to-end test
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::*;
+
 use std::time::Duration;
 
 use bytes::BytesMut;
 use hostnet_net::relay::tcp::{Outcome, RelayCounters, relay};
 use hostnet_net::transport::fd::FdStream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
-const DEADLINE: Duration = Duration::from_secs(10);
 
 /// A connected Unix pair, each end as a relay's data stream.
 fn unix_pair() -> (FdStream, FdStream) {
     FdStream::pair().unwrap()
-}
-
-/// A connected Unix pair: one end as a relay's data stream, the other a plain tokio stream
-/// the test drives.
-fn unix_pair_driven() -> (FdStream, UnixStream) {
-    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-    a.set_nonblocking(true).unwrap();
-    b.set_nonblocking(true).unwrap();
-    let a = FdStream::new(socket2::Socket::from(std::os::fd::OwnedFd::from(a))).unwrap();
-    (a, UnixStream::from_std(b).unwrap())
 }
 
 /// `relay` between `local` and `peer` in a task of its own, with fresh counters and no
@@ -37,14 +28,6 @@ fn spawn_relay<P: hostnet_net::RawStream + 'static>(local: TcpStream, peer: P) -
     tokio::spawn(async move {
         relay(&local, &peer, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
     })
-}
-
-/// A connected TCP pair on loopback.
-async fn tcp_pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-    let (b, _) = l.accept().await.unwrap();
-    (a, b)
 }
 
 struct Chain {
@@ -80,10 +63,6 @@ async fn chain_with_buffers(small: Option<usize>) -> Chain {
         }
     }
     Chain { client, server, host_side: spawn_relay(host_local, t1), guest_side: spawn_relay(guest_local, t2) }
-}
-
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, f).await.expect("deadline passed")
 }
 
 /// The client's side of a transfer: sends `payload`, half-closes, and reads the answer to EOF.

@@ -5,6 +5,9 @@
 #![cfg(unix)] // the data stream is a Unix socket pair
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::*;
+
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -16,41 +19,21 @@ use hostnet_net::transport::handshake::{FrameReader, preface_and};
 use hostnet_protocol::Open;
 use hostnet_protocol::chunk::{FIN, RST};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-const DEADLINE: Duration = Duration::from_secs(10);
-
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, f).await.expect("deadline passed")
-}
-
-/// A connected TCP pair on loopback.
-async fn tcp_pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-    let (b, _) = l.accept().await.unwrap();
-    (a, b)
-}
-
-/// A connected Unix pair: one end as a relay's data stream, the other a plain tokio stream
-/// the test drives as the opener.
-fn unix_pair_driven() -> (FdStream, UnixStream) {
-    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-    a.set_nonblocking(true).unwrap();
-    b.set_nonblocking(true).unwrap();
-    let a = FdStream::new(socket2::Socket::from(std::os::fd::OwnedFd::from(a))).unwrap();
-    (a, UnixStream::from_std(b).unwrap())
-}
-
-/// The answering side's relay between `local` and `stream`, its answer `A`.
-fn spawn_answering(local: TcpStream, stream: FdStream) -> JoinHandle<Ended> {
-    tokio::spawn(async move {
+/// The answering side's relay, its answer `A`, in a task of its own between a server and a data
+/// stream: the server, the opener's end of the stream (driven by the test), and the task.
+async fn spawn_answering() -> (TcpStream, UnixStream, JoinHandle<Ended>) {
+    let (server, local) = tcp_pair().await;
+    let (stream, opener) = unix_pair_driven();
+    let answering = tokio::spawn(async move {
         let counters = RelayCounters::default();
         relay_answering(&local, &stream, BytesMut::new(), b"A".to_vec(), &counters, &CancellationToken::new())
             .await
-    })
+    });
+    (server, opener, answering)
 }
 
 /// The server says `hi` and half-closes; the driven opener reads the answer, those bytes and
@@ -92,9 +75,7 @@ fn opening() -> Vec<u8> {
 /// the opening is kept for the next one, not taken for data after FIN.
 #[tokio::test]
 async fn the_next_opening_read_with_the_fin_is_kept_for_the_next_connection() {
-    let (mut server, local) = tcp_pair().await;
-    let (stream, mut opener) = unix_pair_driven();
-    let answering = spawn_answering(local, stream);
+    let (mut server, mut opener, answering) = spawn_answering().await;
     server_finishes_first(&mut server, &mut opener).await;
     opener.write_all(&[&FIN[..], &opening()].concat()).await.unwrap();
     let ended = within(answering).await.unwrap();
@@ -110,9 +91,7 @@ async fn the_next_opening_read_with_the_fin_is_kept_for_the_next_connection() {
 /// it.
 #[tokio::test]
 async fn a_reset_that_crossed_our_fin_is_skipped_before_the_next_opening() {
-    let (mut server, local) = tcp_pair().await;
-    let (stream, mut opener) = unix_pair_driven();
-    let answering = spawn_answering(local, stream);
+    let (mut server, mut opener, answering) = spawn_answering().await;
     server_finishes_first(&mut server, &mut opener).await;
     opener.write_all(&[&FIN[..], &RST, &opening()].concat()).await.unwrap();
     let ended = within(answering).await.unwrap();
@@ -130,9 +109,7 @@ async fn a_reset_that_crossed_our_fin_is_skipped_before_the_next_opening() {
 /// after its half-close, and the server must hear of it.
 #[tokio::test]
 async fn a_reset_behind_the_fin_while_our_direction_runs_resets_the_server() {
-    let (mut server, local) = tcp_pair().await;
-    let (stream, mut opener) = unix_pair_driven();
-    let answering = spawn_answering(local, stream);
+    let (mut server, mut opener, answering) = spawn_answering().await;
     server.write_all(b"hi").await.unwrap();
     let mut got = [0u8; 7];
     within(opener.read_exact(&mut got)).await.unwrap();
@@ -157,9 +134,7 @@ async fn a_reset_behind_the_fin_while_our_direction_runs_resets_the_server() {
 /// is then at a boundary, fit for another connection.
 #[tokio::test]
 async fn after_a_reset_behind_our_fin_the_stream_is_read_to_the_openers_fin() {
-    let (mut server, local) = tcp_pair().await;
-    let (stream, mut opener) = unix_pair_driven();
-    let answering = spawn_answering(local, stream);
+    let (mut server, mut opener, answering) = spawn_answering().await;
     server_finishes_first(&mut server, &mut opener).await;
     server_vanishes_while_the_opener_sends(server, &mut opener).await;
     assert!(!answering.is_finished(), "the relay waits for the opener's FIN");
@@ -172,9 +147,7 @@ async fn after_a_reset_behind_our_fin_the_stream_is_read_to_the_openers_fin() {
 /// As above, but the opener closes the stream instead of finishing: not at a boundary.
 #[tokio::test]
 async fn after_a_reset_behind_our_fin_a_closed_stream_is_not_reused() {
-    let (mut server, local) = tcp_pair().await;
-    let (stream, mut opener) = unix_pair_driven();
-    let answering = spawn_answering(local, stream);
+    let (mut server, mut opener, answering) = spawn_answering().await;
     server_finishes_first(&mut server, &mut opener).await;
     server_vanishes_while_the_opener_sends(server, &mut opener).await;
     drop(opener);

@@ -4,7 +4,8 @@
 #![cfg(unix)] // the data stream is a Unix socket pair; Windows runs UDP in the Wine end-to-end test
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+mod common;
+use common::*;
 
 use bytes::Bytes;
 use hostnet_net::relay::socket::UdpSocket;
@@ -15,12 +16,6 @@ use hostnet_net::transport::raw;
 use hostnet_protocol::datagram::datagram_header;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-const DEADLINE: Duration = Duration::from_secs(10);
-
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, f).await.expect("deadline passed")
-}
 
 /// The next datagram framed on `stream`, as text.
 async fn next(reader: &mut FrameReader, stream: &FdStream) -> String {

@@ -300,7 +300,8 @@ async fn drain_to_fin<P: RawStream>(peer: &P, decoder: &mut ChunkDecoder, tail: 
                         bytes = bytes.get(used..).unwrap_or_default();
                         match event {
                             Some(ChunkEvent::Fin) => {
-                                tail.after.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(bytes);
+                                // Our FIN has gone: whatever follows is kept, a crossing RST too.
+                                tail.keep_after_fin(bytes);
                                 return Some(true);
                             }
                             Some(ChunkEvent::Reset) => return Some(false),
