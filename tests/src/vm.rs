@@ -1,4 +1,5 @@
-//! The real VM: hostnet's guest image booted under QEMU (TCG) with virtio-vsock, the agent
+//! The real VM: hostnet's guest image booted under QEMU (KVM where the machine has hardware
+//! virtualization, else TCG: [`Vm::accel`]) with virtio-vsock, the agent
 //! started by the image's init, `hostnet-proxy run` on the host over hybrid vsock — driven
 //! through `installer/run-vm`, exactly as a person would. Used by `tests/vm.rs` and by the
 //! benchmark's `vm` workload (hostnet against the raw vsock link it runs on).
@@ -123,6 +124,17 @@ impl Vm {
         (vm, started.elapsed())
     }
 
+    /// How QEMU runs the guest, as `run-vm` chose (`HOSTNET_VM_ACCEL`): `KVM` or `TCG`. Under
+    /// TCG the emulated guest is the slow end of every path; the figures compare paths on one
+    /// accelerator, never across.
+    pub fn accel(&self) -> String {
+        let chosen = std::fs::read_to_string(self.run.join("accel")).unwrap_or_default();
+        match chosen.trim() {
+            "" => "an unknown accelerator".to_owned(),
+            a => a.to_uppercase(),
+        }
+    }
+
     pub fn console(&self) -> String {
         std::fs::read_to_string(self.run.join("console.log")).unwrap_or_default()
     }
@@ -132,7 +144,8 @@ impl Vm {
         self.child.as_ref().map(Child::id)
     }
 
-    /// CPU-seconds QEMU has used so far: the emulated guest's whole work (TCG), which a
+    /// CPU-seconds QEMU has used so far: the guest's whole work (under KVM its virtual CPUs'
+    /// time counts as QEMU's too), which a
     /// transfer's share of shows what it costs the guest, less bent by this machine's load
     /// than its rate.
     pub fn guest_cpu_seconds(&self) -> f64 {

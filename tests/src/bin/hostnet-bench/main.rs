@@ -114,7 +114,8 @@ enum Workload {
     GuestToHostUdp,
     /// Memory per idle connection.
     Memory,
-    /// The real VM (QEMU TCG, virtio-vsock): hostnet against the raw vsock link, both ways.
+    /// The real VM (QEMU, KVM or TCG as `installer/run-vm` finds; virtio-vsock): hostnet against
+    /// the raw vsock link, both ways.
     /// Needs the guest image and the vsock backend (skipped, and said so, without them).
     Vm,
 }
@@ -450,7 +451,7 @@ fn main() {
 
     if run(Workload::Vm) {
         guard("vm", &mut rows, &mut failed, |rows| {
-            step("the real VM (QEMU TCG): hostnet vs the raw vsock link");
+            step("the real VM (QEMU): hostnet vs the raw vsock link");
             real_vm(rows);
         });
     }
@@ -668,10 +669,12 @@ fn real_vm(rows: &mut Vec<Row>) {
         return;
     }
     let (vm, boot) = hostnet_tests::vm::Vm::start_quiet();
+    let accel = vm.accel();
+    println!("the real VM runs under {accel}");
     rows.push(
         Row::new("real VM: start → first port forwarded", "s")
             .hostnet(boot.as_secs_f64())
-            .note("installer/run-vm: vsock backend, QEMU TCG boot, agent, proxy"),
+            .note(format!("installer/run-vm: vsock backend, QEMU {accel} boot, agent, proxy")),
     );
     let mb = hostnet_tests::vm::BULK_BYTES >> 20;
     let desktop = vm.desktop_client_transfers(VM_ROUNDS, |_, _| {});
@@ -699,14 +702,14 @@ fn real_vm(rows: &mut Vec<Row>) {
                     .hostnet(net)
                     .goal(Goal::VsDirect(0.8))
                     .note(format!(
-                        "direct: the raw vsock link hostnet runs on; median of {VM_ROUNDS} × {mb} MiB, {clock}; QEMU TCG (no KVM), compare the ratio"
+                        "direct: the raw vsock link hostnet runs on; median of {VM_ROUNDS} × {mb} MiB, {clock}; QEMU {accel}, compare the ratio"
                     )),
             );
             rows.push(
                 Row::new(format!("real VM ({who}), {dir}, guest CPU"), "CPU-ms/MiB")
                     .direct(cpu_raw)
                     .hostnet(cpu_net)
-                    .note("QEMU's CPU time (the emulated guest's whole work) per MiB moved, all rounds"),
+                    .note("QEMU's CPU time (the guest's whole work) per MiB moved, all rounds"),
             );
         }
     }
