@@ -205,6 +205,27 @@ pub struct Status {
     /// Limits reached, each a sentence naming the limit and what changes it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub limits: Vec<String>,
+    /// The streams to the agent held for connections to come, when the proxy holds any
+    /// (`--spare-streams`, `--reuse-streams`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<StreamPool>,
+}
+
+/// Streams to the agent the proxy holds for connections to come: opened ahead of need, or kept
+/// after a connection on them ended cleanly (`docs/protocol.md`, section 3). Each is a stream
+/// the agent holds open too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamPool {
+    /// Held now.
+    pub held: usize,
+    /// Held at most.
+    pub limit: usize,
+    /// Connections that took a held stream instead of setting up their own.
+    pub taken: u64,
+    /// Streams kept after their connection ended cleanly.
+    pub kept: u64,
+    /// Held streams closed unused: held too long, or the agent closed them.
+    pub dropped: u64,
 }
 
 /// The control link to the agent in the VM.
@@ -351,6 +372,7 @@ mod tests {
                 },
             ],
             limits: vec!["3 guest→host stream(s) closed at once: 4096 were open, the limit".into()],
+            streams: Some(StreamPool { held: 3, limit: 8, taken: 640, kept: 400, dropped: 2 }),
         }
     }
 

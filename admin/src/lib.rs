@@ -29,7 +29,9 @@ mod unix;
 #[cfg(all(windows, any(feature = "client", feature = "server")))]
 mod windows;
 
-pub use api::{AgentLink, Direction, ErrorReply, ForwardState, ForwardStatus, Request, Response, Status};
+pub use api::{
+    AgentLink, Direction, ErrorReply, ForwardState, ForwardStatus, Request, Response, Status, StreamPool,
+};
 #[cfg(feature = "client")]
 pub use client::{ClientError, request};
 #[cfg(any(feature = "client", feature = "server"))]

@@ -13,8 +13,9 @@ use tracing::info;
 
 pub use hostnet_admin::{
     AgentLink, Direction, Endpoint, ForwardState, ForwardStatus, IDLE_TIMEOUT, MAX_CLIENTS, MAX_REQUEST_LEN,
-    REQUEST_TIMEOUT, Request, Response, ServeError, Status, default_endpoint,
+    REQUEST_TIMEOUT, Request, Response, ServeError, Status, StreamPool, default_endpoint,
 };
+use hostnet_net::transport::Connector;
 
 use crate::LinkState;
 use crate::forward::Forwards;
@@ -31,6 +32,8 @@ pub struct Admin {
     pub host: watch::Receiver<Arc<ListenerSet>>,
     pub to_host: ToHost,
     pub to_host_stats: ToHostStats,
+    /// The streams to the agent (its pool of held streams shows in `status`).
+    pub connector: Arc<dyn Connector>,
 }
 
 impl Admin {
@@ -110,6 +113,13 @@ impl Admin {
             errors: self.settings.error().into_iter().collect(),
             forwards,
             limits,
+            streams: self.connector.pool().map(|p| StreamPool {
+                held: p.ready,
+                limit: p.limit,
+                taken: p.taken,
+                kept: p.kept,
+                dropped: p.dropped,
+            }),
         }
     }
 

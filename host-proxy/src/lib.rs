@@ -154,6 +154,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken, state: watch:
             host: host.clone(),
             to_host: to_host.clone(),
             to_host_stats,
+            connector: connector.clone(),
         };
         if let Err(e) = admin::serve(endpoint, api, &tracker, &shutdown) {
             tracing::warn!("the admin API is off: {e}");

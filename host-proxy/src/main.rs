@@ -388,6 +388,13 @@ fn status_table(s: &Status) -> String {
     for l in &s.limits {
         let _ = writeln!(out, "limit: {l}");
     }
+    if let Some(p) = &s.streams {
+        let _ = writeln!(
+            out,
+            "streams to the agent: {} held for connections to come (at most {}); {} connection(s) took one, {} kept after a clean end, {} closed unused",
+            p.held, p.limit, p.taken, p.kept, p.dropped
+        );
+    }
     if s.forwards.is_empty() {
         let _ = writeln!(out, "no forwards");
         return out;
@@ -491,20 +498,25 @@ mod tests {
                 ),
             ],
             limits: vec!["2 guest port(s) not forwarded over the limits".into()],
+            streams: Some(hostnet_admin::StreamPool { held: 3, limit: 8, taken: 640, kept: 400, dropped: 2 }),
         };
         let table = status_table(&s);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines[0], "host networking: OFF    agent: disconnected (connection refused)");
         assert_eq!(lines[2], "error: bad remap");
         assert_eq!(lines[3], "limit: 2 guest port(s) not forwarded over the limits");
-        assert!(lines[5].starts_with("PROTO DIRECTION  GUEST   HOST  STATE"), "{table}");
         assert_eq!(
-            lines[6],
+            lines[4],
+            "streams to the agent: 3 held for connections to come (at most 8); 640 connection(s) took one, 400 kept after a clean end, 2 closed unused"
+        );
+        assert!(lines[6].starts_with("PROTO DIRECTION  GUEST   HOST  STATE"), "{table}");
+        assert_eq!(
+            lines[7],
             "tcp   to guest    8000   8080  forwarding        2/7     3.0 MiB        12 B  "
         );
         assert!(
-            lines[7].starts_with("udp   to host     8000   8080  conflict ")
-                && lines[7].ends_with("  in use")
+            lines[8].starts_with("udp   to host     8000   8080  conflict ")
+                && lines[8].ends_with("  in use")
         );
     }
 }

@@ -1077,6 +1077,123 @@ pub fn desktop_web_server(port: u16) -> Child {
         .expect("python3 is needed; the README's setup installs it")
 }
 
+/// The guest server of [`connections_ending_every_way`]: what it does is the request's first
+/// byte — `e` echo, `s` answer and half-close first (HTTP/1.0's way: the client closes after),
+/// `r` reset at once, `c` answer and close with the request unread (a reset too), anything else
+/// read to the end.
+fn by_first_byte(mut c: TcpStream) {
+    let mut first = [0u8; 1];
+    if c.read_exact(&mut first).is_err() {
+        return;
+    }
+    match first[0] {
+        b'e' => {
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest);
+            let _ = c.write_all(&[&first[..], &rest].concat());
+            let _ = c.shutdown(Shutdown::Write);
+        }
+        b's' => {
+            let _ = c.write_all(b"ok");
+            let _ = c.shutdown(Shutdown::Write);
+            let _ = c.read_to_end(&mut Vec::new());
+        }
+        b'r' => {
+            let _ = SockRef::from(&c).set_linger(Some(Duration::ZERO));
+        }
+        b'c' => {
+            let _ = c.write_all(b"bye");
+        }
+        _ => {
+            let _ = c.read_to_end(&mut Vec::new());
+        }
+    }
+}
+
+/// `clients` desktop clients at once, each making `per_client` connections one after another
+/// to a guest server of `demo`, ending every way in turn — closed by either side first, reset
+/// by the server or by the client, a server closing with the request unread. On the desktop
+/// half the streams they leave carry the next connections (protocol version 3). Asserts that
+/// every echo and answer among them comes back whole and its own, that nothing in the demo's
+/// log says a stream broke, and that `status` counts the streams kept for the next connections
+/// (five of the eight endings are clean both ways).
+pub fn connections_ending_every_way(demo: &Demo, clients: u32, per_client: u32) {
+    assert!(per_client % 8 == 0, "each client goes through the eight endings a whole number of times");
+    let port = free_port();
+    let _srv = GuestServer::serve_pooled(
+        demo.listen(SocketAddr::from(([0, 0, 0, 0], port)), false),
+        by_first_byte,
+        8,
+    );
+    wait_until("the port is forwarded", || {
+        let Ok(mut c) = TcpStream::connect(loopback(false, port)) else { return false };
+        c.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut got = Vec::new();
+        c.write_all(b"e").is_ok()
+            && c.shutdown(Shutdown::Write).is_ok()
+            && c.read_to_end(&mut got).is_ok()
+            && got == b"e"
+    });
+    const KINDS: [u8; 8] = [b'e', b's', b'r', b's', b'e', b'c', b's', b'x'];
+    let threads: Vec<_> = (0..clients)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut echoed = 0;
+                for i in 0..per_client {
+                    let kind = KINDS[(i % 8) as usize];
+                    let mut c = TcpStream::connect(loopback(false, port)).unwrap();
+                    c.set_read_timeout(Some(DEADLINE)).unwrap();
+                    let msg = format!("{}-{t}-{i}-{}", kind as char, "·".repeat((i % 7) as usize * 100));
+                    let _ = c.write_all(msg.as_bytes());
+                    match kind {
+                        b'e' => {
+                            c.shutdown(Shutdown::Write).unwrap();
+                            let mut got = Vec::new();
+                            c.read_to_end(&mut got).unwrap();
+                            assert_eq!(String::from_utf8_lossy(&got), msg, "client {t}, connection {i}");
+                            echoed += 1;
+                        }
+                        b's' => {
+                            let mut got = Vec::new();
+                            c.read_to_end(&mut got).unwrap();
+                            assert_eq!(got, b"ok", "client {t}, connection {i}");
+                            drop(c);
+                            echoed += 1;
+                        }
+                        b'x' => {
+                            SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
+                        }
+                        // Resets and early closes: whatever comes, until the end.
+                        _ => {
+                            let _ = c.read_to_end(&mut Vec::new());
+                        }
+                    }
+                }
+                echoed
+            })
+        })
+        .collect();
+    let echoed: u32 = threads.into_iter().map(|c| c.join().unwrap()).sum();
+    let answered_kinds = KINDS.iter().filter(|k| matches!(k, b'e' | b's')).count() as u32;
+    assert_eq!(echoed, clients * per_client / 8 * answered_kinds, "echoes and answers");
+    let log = demo.log_text();
+    for broken in [
+        "rejected a stream",
+        "did not answer",
+        "broke the stream protocol",
+        "cannot open a stream to the agent",
+    ] {
+        assert!(!log.contains(broken), "{broken} in the log:\n{log}");
+    }
+    let streams = demo.status()["streams"].clone();
+    let count =
+        |key: &str| streams[key].as_u64().unwrap_or_else(|| panic!("status has no streams.{key}: {streams}"));
+    let connections = u64::from(clients * per_client);
+    assert!(count("kept") >= connections / 4, "streams kept for the next connections: {streams}");
+    assert!(count("taken") >= count("kept") / 2, "connections that took a held stream: {streams}");
+    assert!(count("held") <= count("limit"), "{streams}");
+}
+
 /// A data stream's opening for TCP `addr:port`, as any process could write it: our preface and
 /// the `open` frame (`docs/protocol.md`, section 3).
 pub fn opening(addr: &str, port: u16) -> Vec<u8> {

@@ -337,39 +337,6 @@ fn the_agent_serves_one_connection_after_another_on_one_stream() {
     assert_eq!(answers, want);
 }
 
-/// The guest server for [`connections_ending_every_way_in_a_row_never_cross`]: what it does is
-/// the request's first byte — `e` echo, `s` answer and half-close first (HTTP/1.0's way: the
-/// client closes after), `r` reset at once, `c` answer and close with the request unread (a
-/// reset too), anything else read to the end.
-fn by_first_byte(mut c: TcpStream) {
-    let mut first = [0u8; 1];
-    if c.read_exact(&mut first).is_err() {
-        return;
-    }
-    match first[0] {
-        b'e' => {
-            let mut rest = Vec::new();
-            let _ = c.read_to_end(&mut rest);
-            let _ = c.write_all(&[&first[..], &rest].concat());
-            let _ = c.shutdown(Shutdown::Write);
-        }
-        b's' => {
-            let _ = c.write_all(b"ok");
-            let _ = c.shutdown(Shutdown::Write);
-            let _ = c.read_to_end(&mut Vec::new());
-        }
-        b'r' => {
-            let _ = socket2::SockRef::from(&c).set_linger(Some(std::time::Duration::ZERO));
-        }
-        b'c' => {
-            let _ = c.write_all(b"bye");
-        }
-        _ => {
-            let _ = c.read_to_end(&mut Vec::new());
-        }
-    }
-}
-
 /// Connections one after another from a few clients, ending every way — closed by either side
 /// first, reset by the server, by the client, by a server that left the request unread: the
 /// streams they leave carry the next connections (protocol version 3), and every echo among
@@ -377,64 +344,5 @@ fn by_first_byte(mut c: TcpStream) {
 #[test]
 fn connections_ending_every_way_in_a_row_never_cross() {
     let demo = Demo::start();
-    let port = free_port();
-    let _srv = GuestServer::serve_pooled(demo.listen(addr("0.0.0.0", port), false), by_first_byte, 8);
-    wait_until("the port is forwarded", || {
-        let Ok(mut c) = TcpStream::connect(loopback(false, port)) else { return false };
-        c.set_read_timeout(Some(DEADLINE)).unwrap();
-        let mut got = Vec::new();
-        c.write_all(b"e").is_ok()
-            && c.shutdown(Shutdown::Write).is_ok()
-            && c.read_to_end(&mut got).is_ok()
-            && got == b"e"
-    });
-    let clients: Vec<_> = (0..4)
-        .map(|t| {
-            std::thread::spawn(move || {
-                let mut echoed = 0;
-                for i in 0..160u32 {
-                    let kind = [b'e', b's', b'r', b's', b'e', b'c', b's', b'x'][(i % 8) as usize];
-                    let mut c = TcpStream::connect(loopback(false, port)).unwrap();
-                    c.set_read_timeout(Some(DEADLINE)).unwrap();
-                    let msg = format!("{}-{t}-{i}-{}", kind as char, "·".repeat((i % 7) as usize * 100));
-                    let _ = c.write_all(msg.as_bytes());
-                    match kind {
-                        b'e' => {
-                            c.shutdown(Shutdown::Write).unwrap();
-                            let mut got = Vec::new();
-                            c.read_to_end(&mut got).unwrap();
-                            assert_eq!(String::from_utf8_lossy(&got), msg, "client {t}, connection {i}");
-                            echoed += 1;
-                        }
-                        b's' => {
-                            let mut got = Vec::new();
-                            c.read_to_end(&mut got).unwrap();
-                            assert_eq!(got, b"ok", "client {t}, connection {i}");
-                            drop(c);
-                            echoed += 1;
-                        }
-                        b'x' => {
-                            socket2::SockRef::from(&c).set_linger(Some(std::time::Duration::ZERO)).unwrap();
-                        }
-                        // Resets and early closes: whatever comes, until the end.
-                        _ => {
-                            let _ = c.read_to_end(&mut Vec::new());
-                        }
-                    }
-                }
-                echoed
-            })
-        })
-        .collect();
-    let echoed: u32 = clients.into_iter().map(|c| c.join().unwrap()).sum();
-    assert_eq!(echoed, 4 * 100, "echoes and answers");
-    let log = demo.log_text();
-    for broken in [
-        "rejected a stream",
-        "did not answer",
-        "broke the stream protocol",
-        "cannot open a stream to the agent",
-    ] {
-        assert!(!log.contains(broken), "{broken} in the log:\n{log}");
-    }
+    connections_ending_every_way(&demo, 4, 160);
 }

@@ -98,6 +98,15 @@ fn tcp_and_udp_reach_the_guest_through_the_windows_proxy() {
     assert!(!demo.panicked(), "{}", demo.log_text());
 }
 
+/// The Windows build's relay (tokio on Windows' readiness, no `splice`) keeps streams between
+/// connections too: connections ending every way in a row through it never cross.
+#[test]
+fn connections_ending_every_way_in_a_row_never_cross_through_the_windows_proxy() {
+    let demo = Demo::start_windows(windows_proxy(), &[]);
+    connections_ending_every_way(&demo, 4, 40);
+    assert!(!demo.panicked(), "{}", demo.log_text());
+}
+
 #[test]
 fn status_and_the_toggle_over_the_named_pipe() {
     let demo = Demo::start_windows(windows_proxy(), &[]);

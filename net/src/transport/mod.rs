@@ -51,6 +51,11 @@ pub trait Connector: Send + Sync + fmt::Debug + fmt::Display {
     fn give_back(&self, stream: TransportStream) {
         drop(stream);
     }
+
+    /// The streams held for connections to come, if this connector holds any.
+    fn pool(&self) -> Option<spare::SpareCounts> {
+        None
+    }
 }
 
 /// Yields streams the far side opened (the agent's view of the proxy).

@@ -99,11 +99,13 @@ struct State {
     failing: bool,
 }
 
-/// What a [`Spares`] has done, for tests and logs.
+/// What a [`Spares`] has done, for `status`, tests and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpareCounts {
     /// Set up and idle now.
     pub ready: usize,
+    /// Held at most: the spares wanted, or the streams kept from finished connections.
+    pub limit: usize,
     /// Handed to a connection.
     pub taken: u64,
     /// Closed unused: too old, or its far side closed it or spoke first.
@@ -136,6 +138,7 @@ impl Spares {
     pub fn counts(&self) -> SpareCounts {
         SpareCounts {
             ready: self.pool.state().ready.len(),
+            limit: self.pool.want.max(self.pool.keep),
             taken: self.pool.taken.load(Ordering::Relaxed),
             dropped: self.pool.dropped.load(Ordering::Relaxed),
             kept: self.pool.kept.load(Ordering::Relaxed),
@@ -196,6 +199,10 @@ impl Connector for Spares {
         // Left registered where it is: a connection on this thread takes it without a move.
         self.pool.kept.fetch_add(1, Ordering::Relaxed);
         self.pool.hold(&mut state, stream);
+    }
+
+    fn pool(&self) -> Option<SpareCounts> {
+        Some(self.counts())
     }
 }
 
@@ -434,7 +441,7 @@ pub(super) mod tests {
         tokio::time::sleep(Duration::from_secs(4)).await;
         assert_eq!(spares.counts().ready, 2, "young spares are kept");
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(spares.counts(), SpareCounts { ready: 0, taken: 0, dropped: 2, kept: 0 });
+        assert_eq!(spares.counts(), SpareCounts { ready: 0, limit: 2, taken: 0, dropped: 2, kept: 0 });
         assert!(spares.pool.state().reaping, "the timer looks once more a period later");
         tokio::time::sleep(Duration::from_secs(6)).await;
         assert!(!spares.pool.state().reaping, "the timer ended a period after the last spare");
