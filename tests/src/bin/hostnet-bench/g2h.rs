@@ -131,14 +131,17 @@ pub fn udp_rows(demo: &Demo, p: &Params, rows: &mut Vec<Row>) {
         ]
     };
     let lossless = |size| {
-        [
+        (
             udp::lossless_rate(target, size, p.udp_seconds, &direct_drops),
             demo.in_netns(|| udp::lossless_rate(target, size, p.udp_seconds, &hostnet_drops)),
-        ]
+            None,
+        )
     };
     rows.extend(udp::lossless_rows("guest→host ", p, &lossless, None));
     let cpu = |size| {
-        demo.in_netns(|| udp::relay_cpu_per_datagram(target, size, p.udp_cpu_seconds, &|| hn.cpu_seconds()))
+        let h = demo
+            .in_netns(|| udp::relay_cpu_per_datagram(target, size, p.udp_cpu_seconds, &|| hn.cpu_seconds()));
+        (h, None)
     };
     rows.extend(udp::cpu_rows("guest→host ", p, &cpu));
 }

@@ -14,6 +14,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::print_stdout)]
 
 mod bare;
+mod bare_udp;
 mod g2h;
 mod paths;
 mod ports;
@@ -70,6 +71,10 @@ enum Internal {
     /// One relay of the bare chain: LISTEN and TO are `tcp:ADDR` or `unix:PATH` (`bare.rs`).
     #[command(hide = true)]
     BareRelay { listen: bare::End, to: bare::End },
+    /// One relay of the bare UDP chain: `udp:ADDR unix:PATH` or `unix:PATH udp:ADDR`
+    /// (`bare_udp.rs`).
+    #[command(hide = true)]
+    BareUdpRelay { listen: String, to: String },
     /// Boots the real VM and records the guest kernel's trace (tracefs) around one-byte
     /// exchanges with its echo service through hostnet: each on a new connection, or all on one
     /// with `--round-trips`; with `--guest-client`, new connections from a guest program to a
@@ -173,6 +178,7 @@ fn main() {
     let opts = Opts::parse();
     match &opts.internal {
         Some(Internal::BareRelay { listen, to }) => return bare::run(listen, to),
+        Some(Internal::BareUdpRelay { listen, to }) => return bare_udp::run(listen, to),
         Some(Internal::TraceVm { out, count, round_trips, guest_client, events }) => {
             return trace_vm(out, *count, *round_trips, *guest_client, events);
         }
@@ -316,6 +322,10 @@ fn main() {
             let _direct_echo = UdpEcho::start_here(loopback(false, direct_port));
             let hostnet_port = free_port();
             let _hostnet_echo = UdpEcho::start(&demo, SocketAddr::from(([0, 0, 0, 0], hostnet_port)));
+            let bare_port = free_port();
+            let _bare_echo = UdpEcho::start(&demo, SocketAddr::from(([0, 0, 0, 0], bare_port)));
+            let bare = socat.udp_chain(&demo, bare_port);
+            let bare_listen = bare.addr.port();
             // Where a step lost datagrams: the drop counter of each socket on the path, by role
             // (the client's socket is the one the ladder receives echoes on).
             let sum = udp::drops_where;
@@ -336,19 +346,36 @@ fn main() {
                     ("agent's flow socket", sum(&guest, &|s| s.remote_port == hostnet_port)),
                 ]
             };
+            let bare_drops = |client: u16| {
+                let host = udp::socket_drops();
+                let guest = demo.in_netns(udp::socket_drops);
+                vec![
+                    ("client", sum(&host, &|s| s.local_port == client)),
+                    ("bare relay's socket", sum(&host, &|s| s.local_port == bare_listen)),
+                    ("echo server", sum(&guest, &|s| s.local_port == bare_port && s.remote_port == 0)),
+                    ("bare relay's flow socket", sum(&guest, &|s| s.remote_port == bare_port)),
+                ]
+            };
             let lossless = |size| {
-                [
+                (
                     udp::lossless_rate(loopback(false, direct_port), size, p.udp_seconds, &direct_drops),
                     udp::lossless_rate(loopback(false, hostnet_port), size, p.udp_seconds, &hostnet_drops),
-                ]
+                    Some(udp::lossless_rate(bare.addr, size, p.udp_seconds, &bare_drops)),
+                )
             };
             rows.extend(udp::lossless_rows("", &p, &lossless, Some(Goal::VsDirect(0.8))));
             // Relay CPU per datagram at one rate every path sustains (steadier than the ladder).
             let hn = Hostnet::find(&demo);
             let cpu = |size| {
-                udp::relay_cpu_per_datagram(loopback(false, hostnet_port), size, p.udp_cpu_seconds, &|| {
-                    hn.cpu_seconds()
-                })
+                let h = udp::relay_cpu_per_datagram(
+                    loopback(false, hostnet_port),
+                    size,
+                    p.udp_cpu_seconds,
+                    &|| hn.cpu_seconds(),
+                );
+                let b =
+                    udp::relay_cpu_per_datagram(bare.addr, size, p.udp_cpu_seconds, &|| bare.cpu_seconds());
+                (h, Some(b))
             };
             rows.extend(udp::cpu_rows("", &p, &cpu));
         });
@@ -481,6 +508,11 @@ fn main() {
                 "what": "hostnet-bench bare-relay: one thread (tokio current_thread), accept → connect → copy_bidirectional; no protocol, limits or logging",
                 "topology": "TCP listener on 127.0.0.1 → Unix socket → (netns) Unix listener → TCP to 127.0.0.1:PORT",
                 "workloads": ["rtt", "connect"],
+            },
+            "bare_udp_relay": {
+                "what": "hostnet-bench bare-udp-relay: one thread (tokio current_thread), one datagram per system call, a Unix SOCK_SEQPACKET connection per client address; no protocol, batching, limits or logging",
+                "topology": "UDP socket on 127.0.0.1 → Unix SOCK_SEQPACKET per client → (netns) listener → UDP connected to 127.0.0.1:PORT",
+                "workloads": ["udp"],
             },
             "seconds": total.as_secs_f64(),
             "results": rows.iter().map(Row::json).collect::<Vec<_>>(),

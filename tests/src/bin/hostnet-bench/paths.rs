@@ -183,43 +183,25 @@ impl Socat {
         let host_port = free_port();
         let file = if relay == Relay::Socat { "socat" } else { "bare" };
         let sock = self.dir.join(format!("{file}-{guest_port}.sock"));
-        let _ = std::fs::remove_file(&sock);
-        let (program, inner_args) = self.argv(relay, End::Unix(&sock), End::Tcp(guest_port));
-        let inner = Command::new("ip")
-            .args(["netns", "exec", &demo.netns])
-            .arg(&program)
-            .args(inner_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let inner_pid = inner.id();
-        let start = Instant::now();
-        while !unix_listening(inner_pid, &sock) {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "{} in the namespace never listened on {}",
-                relay.name(),
-                sock.display()
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let (program, outer_args) = self.argv(relay, End::Tcp(host_port), End::Unix(&sock));
-        let outer = Command::new(program)
-            .args(outer_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let chain = Chain { addr: loopback(false, host_port), outer, inner, sock };
-        let start = Instant::now();
-        while !tcp_listening(host_port) {
-            assert!(start.elapsed() < DEADLINE, "{} never listened on 127.0.0.1:{host_port}", relay.name());
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        chain
+        let (program, inner) = self.argv(relay, End::Unix(&sock), End::Tcp(guest_port));
+        let (_, outer) = self.argv(relay, End::Tcp(host_port), End::Unix(&sock));
+        start_chain(demo, relay.name(), &program, [inner, outer], sock, host_port, &|| {
+            tcp_listening(host_port)
+        })
+    }
+
+    /// Starts the bare UDP relay chain (`bare_udp.rs`) to a UDP echo at `guest_port` inside the
+    /// demo's namespace; returns once both ends are bound.
+    pub fn udp_chain(&self, demo: &Demo, guest_port: u16) -> Chain {
+        let host_port = free_port();
+        let sock = crate::bare_udp::socket_path(&self.dir, guest_port);
+        let unix = format!("unix:{}", sock.display());
+        let inner =
+            vec!["bare-udp-relay".to_owned(), unix.clone(), format!("udp:{}", loopback(false, guest_port))];
+        let outer = vec!["bare-udp-relay".to_owned(), format!("udp:{}", loopback(false, host_port)), unix];
+        let bound = || crate::udp::socket_drops().iter().any(|s| s.local_port == host_port);
+        let me = std::env::current_exe().unwrap();
+        start_chain(demo, "the bare UDP relay", &me, [inner, outer], sock, host_port, &bound)
     }
 
     /// The program and arguments of one relay of a chain, listening on `listen` (on
@@ -249,6 +231,41 @@ impl Socat {
             }
         }
     }
+}
+
+/// Starts a chain's two relays, `program` with `args` each: the first in the demo's namespace,
+/// waited for until it listens on the Unix socket `sock`; then the second on this machine,
+/// waited for until `bound()` says it has taken 127.0.0.1:`host_port`.
+fn start_chain(
+    demo: &Demo,
+    name: &str,
+    program: &Path,
+    [inner_args, outer_args]: [Vec<String>; 2],
+    sock: PathBuf,
+    host_port: u16,
+    bound: &dyn Fn() -> bool,
+) -> Chain {
+    let _ = std::fs::remove_file(&sock);
+    let quiet = |mut cmd: Command| {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
+    };
+    let mut in_netns = Command::new("ip");
+    in_netns.args(["netns", "exec", &demo.netns]).arg(program).args(inner_args);
+    let inner = quiet(in_netns);
+    let start = Instant::now();
+    while !unix_listening(inner.id(), &sock) {
+        assert!(start.elapsed() < DEADLINE, "{name} in the namespace never listened on {}", sock.display());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut here = Command::new(program);
+    here.args(outer_args);
+    let chain = Chain { addr: loopback(false, host_port), outer: quiet(here), inner, sock };
+    let start = Instant::now();
+    while !bound() {
+        assert!(start.elapsed() < DEADLINE, "{name} never took 127.0.0.1:{host_port}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    chain
 }
 
 /// Which relay runs a chain.

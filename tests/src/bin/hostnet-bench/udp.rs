@@ -97,17 +97,21 @@ pub fn desktop_socket_drops() -> Vec<SocketDrops> {
     socket_drops_in("/proc/self/net")
 }
 
-/// The lossless-rate rows, 64 B and 1400 B, of one pair of paths: `measure(size)` gives
-/// direct's and hostnet's [`lossless_rate`]. `what` leads the rows' names ("" or "guest→host ").
+/// One path's [`lossless_rate`].
+pub type Lossless = (f64, Option<Losses>);
+
+/// The lossless-rate rows, 64 B and 1400 B: `measure(size)` gives direct's, hostnet's and, if
+/// it ran, the bare relay's [`lossless_rate`]. `what` leads the rows' names ("" or
+/// "guest→host ").
 pub fn lossless_rows(
     what: &str,
     p: &Params,
-    measure: &dyn Fn(usize) -> [(f64, Option<Losses>); 2],
+    measure: &dyn Fn(usize) -> (Lossless, Lossless, Option<Lossless>),
     goal: Option<Goal>,
 ) -> Vec<Row> {
     let mut rows = Vec::new();
     for size in SIZES {
-        let [(d, d_lost), (h, h_lost)] = measure(size);
+        let ((d, d_lost), (h, h_lost), bare) = measure(size);
         let mut notes = Vec::new();
         if size == SIZES[0] {
             notes.push(format!(
@@ -117,7 +121,10 @@ pub fn lossless_rows(
                 p.udp_seconds
             ));
         }
-        for (path, lost) in [("direct", d_lost), ("hostnet", h_lost)] {
+        let b_lost = bare.as_ref().map(|(_, lost)| lost.clone());
+        for (path, lost) in [("direct", Some(d_lost)), ("hostnet", Some(h_lost)), ("the bare relay", b_lost)]
+        {
+            let Some(lost) = lost else { continue };
             match lost {
                 Some(lost) => notes.push(format!("{path} {}", lost.text())),
                 // The ladder ran out before the path did: its figure is a floor.
@@ -126,6 +133,9 @@ pub fn lossless_rows(
         }
         let mut row =
             Row::new(format!("{what}UDP lossless rate, {size} B"), "datagrams/s").direct(d).hostnet(h);
+        if let Some((b, _)) = bare {
+            row = row.bare(b);
+        }
         if let (Some(goal), true) = (goal, size == SIZES[0]) {
             row = row.goal(goal);
         }
@@ -134,18 +144,24 @@ pub fn lossless_rows(
     rows
 }
 
-/// The relay-CPU rows, 64 B and 1400 B: `measure(size)` gives [`relay_cpu_per_datagram`].
-pub fn cpu_rows(what: &str, p: &Params, measure: &dyn Fn(usize) -> f64) -> Vec<Row> {
+/// The relay-CPU rows, 64 B and 1400 B: `measure(size)` gives hostnet's and, if it ran, the
+/// bare relay's [`relay_cpu_per_datagram`].
+pub fn cpu_rows(what: &str, p: &Params, measure: &dyn Fn(usize) -> (f64, Option<f64>)) -> Vec<Row> {
     SIZES
         .into_iter()
         .map(|size| {
-            Row::new(format!("{what}UDP relay CPU per echoed datagram, {size} B"), "CPU-µs")
-                .hostnet(measure(size))
+            let (h, bare) = measure(size);
+            let row = Row::new(format!("{what}UDP relay CPU per echoed datagram, {size} B"), "CPU-µs")
+                .hostnet(h)
                 .note(format!(
-                    "proxy + agent, {} /s for {} s, there and back",
+                    "proxy + agent (the bare relay: both its processes), {} /s for {} s, there and back",
                     crate::report::num(CPU_RATE),
                     p.udp_cpu_seconds
-                ))
+                ));
+            match bare {
+                Some(b) => row.bare(b),
+                None => row,
+            }
         })
         .collect()
 }
