@@ -43,6 +43,13 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
+/// `installer/run-vm` with this build's proxy, as a person runs it.
+pub fn run_vm() -> Command {
+    let mut cmd = Command::new(root().join("installer/run-vm"));
+    cmd.env("HOSTNET_PROXY", bin("hostnet-proxy")).stdin(Stdio::null());
+    cmd
+}
+
 /// Why the VM cannot boot here, if it cannot: the guest image or the vsock backend missing.
 pub fn missing() -> Option<String> {
     let root = root();
@@ -88,14 +95,8 @@ impl Vm {
         let log = run.join("run-vm.log");
         let stderr = if quiet { Stdio::from(std::fs::File::create(&log).unwrap()) } else { Stdio::inherit() };
         let started = Instant::now();
-        let mut child = Command::new(root.join("installer/run-vm"))
-            .env("HOSTNET_VM_RUN", &run)
-            .env("HOSTNET_PROXY", bin("hostnet-proxy"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
+        let mut child =
+            run_vm().env("HOSTNET_VM_RUN", &run).stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().unwrap();
         std::thread::spawn(move || {

@@ -174,3 +174,14 @@ fn hostnet_across_a_real_virtio_vsock_link() {
     wait_until("forwarded ports close", || refused(loopback(false, vm::GUEST_ECHO_PORT)));
     assert!(vm.status()["enabled"] == true, "the proxy still answers");
 }
+
+/// `installer/run-vm` refuses an accelerator it does not know, before it starts anything.
+#[test]
+fn run_vm_refuses_an_unknown_accelerator() {
+    hostnet_tests::require_root();
+    let out = vm::run_vm().env("HOSTNET_VM_ACCEL", "bogus").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("HOSTNET_VM_ACCEL=bogus: expected kvm, tcg or auto"), "{stderr}");
+    assert!(!stderr.contains("starting the vsock backend"), "nothing is started: {stderr}");
+}
