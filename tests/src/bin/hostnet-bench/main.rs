@@ -336,25 +336,33 @@ fn main() {
                     ("echo server", sum(&host, &|s| s.local_port == direct_port && s.remote_port == 0)),
                 ]
             };
-            let hostnet_drops = |client: u16| {
+            // A relay chain: the client, the relay's socket on the desktop (at `listen`), the
+            // echo server in the namespace (at `echo`) and the relay's flow socket there.
+            let chain_drops = |client: u16, listen: u16, echo: u16, [front, flow]: [&'static str; 2]| {
                 let host = udp::socket_drops();
                 let guest = demo.in_netns(udp::socket_drops);
                 vec![
                     ("client", sum(&host, &|s| s.local_port == client)),
-                    ("proxy's mirror socket", sum(&host, &|s| s.local_port == hostnet_port)),
-                    ("echo server", sum(&guest, &|s| s.local_port == hostnet_port && s.remote_port == 0)),
-                    ("agent's flow socket", sum(&guest, &|s| s.remote_port == hostnet_port)),
+                    (front, sum(&host, &|s| s.local_port == listen)),
+                    ("echo server", sum(&guest, &|s| s.local_port == echo && s.remote_port == 0)),
+                    (flow, sum(&guest, &|s| s.remote_port == echo)),
                 ]
             };
+            let hostnet_drops = |client: u16| {
+                chain_drops(
+                    client,
+                    hostnet_port,
+                    hostnet_port,
+                    ["proxy's mirror socket", "agent's flow socket"],
+                )
+            };
             let bare_drops = |client: u16| {
-                let host = udp::socket_drops();
-                let guest = demo.in_netns(udp::socket_drops);
-                vec![
-                    ("client", sum(&host, &|s| s.local_port == client)),
-                    ("bare relay's socket", sum(&host, &|s| s.local_port == bare_listen)),
-                    ("echo server", sum(&guest, &|s| s.local_port == bare_port && s.remote_port == 0)),
-                    ("bare relay's flow socket", sum(&guest, &|s| s.remote_port == bare_port)),
-                ]
+                chain_drops(
+                    client,
+                    bare_listen,
+                    bare_port,
+                    ["bare relay's socket", "bare relay's flow socket"],
+                )
             };
             let lossless = |size| {
                 (

@@ -112,6 +112,7 @@ pub fn lossless_rows(
     let mut rows = Vec::new();
     for size in SIZES {
         let ((d, d_lost), (h, h_lost), bare) = measure(size);
+        let (b, b_lost) = bare.unzip();
         let mut notes = Vec::new();
         if size == SIZES[0] {
             notes.push(format!(
@@ -121,7 +122,6 @@ pub fn lossless_rows(
                 p.udp_seconds
             ));
         }
-        let b_lost = bare.as_ref().map(|(_, lost)| lost.clone());
         for (path, lost) in [("direct", Some(d_lost)), ("hostnet", Some(h_lost)), ("the bare relay", b_lost)]
         {
             let Some(lost) = lost else { continue };
@@ -133,7 +133,7 @@ pub fn lossless_rows(
         }
         let mut row =
             Row::new(format!("{what}UDP lossless rate, {size} B"), "datagrams/s").direct(d).hostnet(h);
-        if let Some((b, _)) = bare {
+        if let Some(b) = b {
             row = row.bare(b);
         }
         if let (Some(goal), true) = (goal, size == SIZES[0]) {
