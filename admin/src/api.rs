@@ -2,6 +2,7 @@
 //! then a [`Response`]. Both serialise and deserialise, so the proxy, the command line and the
 //! settings window share one definition and none of them reads fields by string key.
 
+use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -226,6 +227,17 @@ pub struct StreamPool {
     pub kept: u64,
     /// Held streams closed unused: held too long, or the agent closed them.
     pub dropped: u64,
+}
+
+/// The one sentence `hostnet-proxy status` and the settings window show.
+impl fmt::Display for StreamPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "streams to the agent: {} held for connections to come (at most {}); {} connection(s) took one, {} kept after a clean end, {} closed unused",
+            self.held, self.limit, self.taken, self.kept, self.dropped
+        )
+    }
 }
 
 /// The control link to the agent in the VM.

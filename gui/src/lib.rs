@@ -39,6 +39,8 @@ pub struct StatusView {
     pub forwards: Vec<ForwardRow>,
     /// Limits the guest reached, each a sentence naming the setting that changes it.
     pub limits: Vec<String>,
+    /// The streams to the agent held for connections to come, as a sentence, when there are.
+    pub streams: Option<String>,
     pub settings_path: String,
 }
 
@@ -83,6 +85,7 @@ pub fn view(status: &Status) -> StatusView {
         errors: status.errors.clone(),
         forwards,
         limits: status.limits.clone(),
+        streams: status.streams.map(|p| p.to_string()),
         settings_path: status.settings_path.display().to_string(),
     }
 }

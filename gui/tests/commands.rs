@@ -15,7 +15,8 @@ const STATUS: &str = r#"{"enabled":true,"agent":"connected","settings_path":"/x/
   {"proto":"tcp","direction":"to_guest","guest_port":8000,"host_port":8000,"state":"forwarding","host_addresses":["127.0.0.1"],"connections_active":1,"connections_total":3,"bytes_to_guest":1,"bytes_from_guest":2},
   {"proto":"udp","direction":"to_host","guest_port":53,"host_port":53,"state":"conflict","reason":"in use by dnsmasq (pid 9)","host_addresses":[],"connections_active":0,"connections_total":0,"bytes_to_guest":0,"bytes_from_guest":0},
   {"proto":"tcp","direction":"to_host","guest_port":5432,"host_port":5432,"state":"not_offered","reason":"127.0.0.1:5432: owned by another user","host_addresses":[],"connections_active":0,"connections_total":0,"bytes_to_guest":0,"bytes_from_guest":0}],
-  "limits":["3 guest port(s) not forwarded over the limits on host ports"]}"#;
+  "limits":["3 guest port(s) not forwarded over the limits on host ports"],
+  "streams":{"held":2,"limit":8,"taken":298,"kept":300,"dropped":1}}"#;
 
 /// A fake admin API on a temp socket: answers every request with `status` and logs requests.
 fn fake_admin() -> (tempfile::TempDir, Arc<Mutex<Vec<String>>>) {
@@ -83,6 +84,11 @@ fn status_is_mapped_for_the_window() {
     assert_eq!(
         view["limits"],
         serde_json::json!(["3 guest port(s) not forwarded over the limits on host ports"])
+    );
+    // The streams held for connections to come, in the words `hostnet-proxy status` uses.
+    assert_eq!(
+        view["streams"],
+        "streams to the agent: 2 held for connections to come (at most 8); 298 connection(s) took one, 300 kept after a clean end, 1 closed unused"
     );
 }
 

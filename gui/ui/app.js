@@ -39,6 +39,8 @@ function render(view) {
   const limits = view.limits || [];
   $("limits").hidden = !limits.length;
   $("limits").replaceChildren(...limits.map((l) => { const li = document.createElement("li"); li.textContent = l; return li; }));
+  $("streams").hidden = !view.streams;
+  $("streams").textContent = view.streams || "";
   if (!rows.length) body.innerHTML = '<tr><td colspan="5" class="muted">No forwards: nothing listens in the VM yet.</td></tr>';
 }
 

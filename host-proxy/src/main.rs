@@ -389,11 +389,7 @@ fn status_table(s: &Status) -> String {
         let _ = writeln!(out, "limit: {l}");
     }
     if let Some(p) = &s.streams {
-        let _ = writeln!(
-            out,
-            "streams to the agent: {} held for connections to come (at most {}); {} connection(s) took one, {} kept after a clean end, {} closed unused",
-            p.held, p.limit, p.taken, p.kept, p.dropped
-        );
+        let _ = writeln!(out, "{p}");
     }
     if s.forwards.is_empty() {
         let _ = writeln!(out, "no forwards");
