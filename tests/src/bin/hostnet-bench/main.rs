@@ -70,7 +70,13 @@ struct Opts {
 enum Internal {
     /// One relay of the bare chain: LISTEN and TO are `tcp:ADDR` or `unix:PATH` (`bare.rs`).
     #[command(hide = true)]
-    BareRelay { listen: bare::End, to: bare::End },
+    BareRelay {
+        listen: bare::End,
+        to: bare::End,
+        /// Move bulk bytes as the least a relay can do instead (the throughput rows).
+        #[arg(long, value_enum)]
+        bulk: Option<bare::Bulk>,
+    },
     /// One relay of the bare UDP chain: `udp:ADDR unix:PATH` or `unix:PATH udp:ADDR`
     /// (`bare_udp.rs`).
     #[command(hide = true)]
@@ -177,7 +183,10 @@ impl Params {
 fn main() {
     let opts = Opts::parse();
     match &opts.internal {
-        Some(Internal::BareRelay { listen, to }) => return bare::run(listen, to),
+        Some(Internal::BareRelay { listen, to, bulk: None }) => return bare::run(listen, to),
+        Some(Internal::BareRelay { listen, to, bulk: Some(bulk) }) => {
+            return bare::run_bulk(listen, to, *bulk);
+        }
         Some(Internal::BareUdpRelay { listen, to }) => return bare_udp::run(listen, to),
         Some(Internal::TraceVm { out, count, round_trips, guest_client, events }) => {
             return trace_vm(out, *count, *round_trips, *guest_client, events);
@@ -514,8 +523,9 @@ fn main() {
             },
             "bare_relay": {
                 "what": "hostnet-bench bare-relay: one thread (tokio current_thread), accept → connect → copy_bidirectional; no protocol, limits or logging",
+                "bulk": "hostnet-bench bare-relay --bulk splice|copy (throughput rows): blocking sockets, a thread per direction, splice(2) through a 1 MiB pipe (the bare column) or read/write through a 1 MiB buffer (the notes)",
                 "topology": "TCP listener on 127.0.0.1 → Unix socket → (netns) Unix listener → TCP to 127.0.0.1:PORT",
-                "workloads": ["rtt", "connect"],
+                "workloads": ["throughput", "rtt", "connect"],
             },
             "bare_udp_relay": {
                 "what": "hostnet-bench bare-udp-relay: one thread (tokio current_thread), one datagram per system call, a Unix SOCK_SEQPACKET connection per client address; no protocol, batching, limits or logging",
@@ -601,6 +611,7 @@ fn throughput(demo: &Demo, buffer_demo: Option<&Demo>, socat: &Socat, p: &Params
             over(Via::Socat, demo, streams),
         );
         let b = buffer_demo.map(|bd| over(Via::Hostnet, bd, streams).unwrap());
+        let spliced = over(Via::BareBulk(bare::Bulk::Splice), demo, streams).unwrap();
         let mut row = Row::new(
             format!("TCP throughput, {streams} stream{}", if streams > 1 { "s" } else { "" }),
             "GiB/s",
@@ -608,32 +619,48 @@ fn throughput(demo: &Demo, buffer_demo: Option<&Demo>, socat: &Socat, p: &Params
         .direct(d.gib_per_s)
         .hostnet(h.gib_per_s)
         .buffer(b.map(|b| b.gib_per_s))
-        .socat(s.map(|s| s.gib_per_s));
+        .socat(s.map(|s| s.gib_per_s))
+        .bare(spliced.gib_per_s);
         if streams == 1 {
+            // The buffer gear's analogue, for its floor: in the note, the column is the splice's.
+            let copy = over(Via::BareBulk(bare::Bulk::Copy), demo, streams).unwrap();
             row = row.goal(Goal::Ratios { direct: 0.7, socat: 2.0, buffer: 0.5 }).note(format!(
                 "{} MiB per path; h buffer: hostnet with the splice gear off (demo --no-splice), \
-                 every byte through the buffer gear as over vsock and on macOS and Windows",
-                p.bytes >> 20
+                 every byte through the buffer gear as over vsock and on macOS and Windows; bare: \
+                 the bare relay splicing through 1 MiB pipes, a blocking thread per direction (the bulk \
+                 relay one would write first); copying through 1 MiB buffers instead {:.2} GiB/s, {:.2}× direct",
+                p.bytes >> 20,
+                copy.gib_per_s,
+                copy.gib_per_s / d.gib_per_s
             ));
-            one = Some((d, h, b, s));
+            one = Some((d, h, b, s, spliced, copy));
         }
         rows.push(row);
     }
-    let (d, h, b, s) = one.unwrap();
+    let (d, h, b, s, spliced, copy) = one.unwrap();
     rows.push(
         Row::new("CPU per GiB moved, whole path (1 stream)", "CPU-s/GiB")
             .direct(d.cpu_per_gib)
             .hostnet(h.cpu_per_gib)
             .buffer(b.map(|b| b.cpu_per_gib))
             .socat(s.map(|s| s.cpu_per_gib))
-            .note("client + server + relay processes, user + system"),
+            .bare(spliced.cpu_per_gib)
+            .note(format!(
+                "client + server + relay processes, user + system; the bare relay copying: {:.2}",
+                copy.cpu_per_gib
+            )),
     );
     rows.push(
         Row::new("CPU per GiB moved, relay only (1 stream)", "CPU-s/GiB")
             .hostnet(h.relay_cpu_per_gib)
             .buffer(b.map(|b| b.relay_cpu_per_gib))
             .socat(s.map(|s| s.relay_cpu_per_gib))
-            .note("hostnet: proxy + agent; socat: both listeners and their forked children"),
+            .bare(spliced.relay_cpu_per_gib)
+            .note(format!(
+                "hostnet: proxy + agent; socat: both listeners and their forked children; bare: both \
+                 bulk relays splicing (copying: {:.2})",
+                copy.relay_cpu_per_gib
+            )),
     );
 }
 

@@ -6,13 +6,15 @@
 //! - **socat**: the peer to beat, with hostnet's topology: `socat TCP-LISTEN` on loopback →
 //!   a Unix socket → `socat UNIX-LISTEN` inside the namespace → TCP to the server there.
 //! - **bare**: the same chain with the bare relay (`bare.rs`) in socat's place: what the
-//!   topology itself costs, with nothing of hostnet or socat in it.
+//!   topology itself costs, with nothing of hostnet or socat in it; for bulk transfers the
+//!   bare relay in its bulk form (`--bulk`, [`Via::BareBulk`]).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use clap::ValueEnum;
 use hostnet_tests::{DEADLINE, Demo, GuestServer, free_port, loopback};
 
 use crate::bare;
@@ -24,6 +26,8 @@ pub enum Via {
     Hostnet,
     Socat,
     Bare,
+    /// The bare chain moving bytes as the least a relay can (`bare::run_bulk`).
+    BareBulk(bare::Bulk),
 }
 
 /// How the harness's server runs its handler.
@@ -81,7 +85,9 @@ pub fn endpoint(via: Via, demo: &Demo, socat: &Socat, server: Server) -> Endpoin
     let port = free_port();
     let listener = match via {
         Via::Direct => TcpListener::bind(loopback(false, port)).unwrap(),
-        Via::Hostnet | Via::Socat | Via::Bare => demo.listen(SocketAddr::from(([0, 0, 0, 0], port)), false),
+        Via::Hostnet | Via::Socat | Via::Bare | Via::BareBulk(_) => {
+            demo.listen(SocketAddr::from(([0, 0, 0, 0], port)), false)
+        }
     };
     let server = server.start(listener);
     match via {
@@ -91,8 +97,12 @@ pub fn endpoint(via: Via, demo: &Demo, socat: &Socat, server: Server) -> Endpoin
             wait_accepting(addr);
             Endpoint { addr, chain: None, hostnet: Some(Hostnet::find(demo)), _server: server }
         }
-        Via::Socat | Via::Bare => {
-            let relay = if via == Via::Socat { Relay::Socat } else { Relay::Bare };
+        Via::Socat | Via::Bare | Via::BareBulk(_) => {
+            let relay = match via {
+                Via::Socat => Relay::Socat,
+                Via::BareBulk(bulk) => Relay::BareBulk(bulk),
+                _ => Relay::Bare,
+            };
             let chain = socat.chain(demo, port, relay);
             Endpoint { addr: chain.addr, chain: Some(chain), hostnet: None, _server: server }
         }
@@ -181,7 +191,11 @@ impl Socat {
     /// both ends listen.
     pub fn chain(&self, demo: &Demo, guest_port: u16, relay: Relay) -> Chain {
         let host_port = free_port();
-        let file = if relay == Relay::Socat { "socat" } else { "bare" };
+        let file = match relay {
+            Relay::Socat => "socat",
+            Relay::Bare => "bare",
+            Relay::BareBulk(_) => "bare-bulk",
+        };
         let sock = self.dir.join(format!("{file}-{guest_port}.sock"));
         let (program, inner) = self.argv(relay, End::Unix(&sock), End::Tcp(guest_port));
         let (_, outer) = self.argv(relay, End::Tcp(host_port), End::Unix(&sock));
@@ -220,14 +234,19 @@ impl Socat {
                 };
                 ("socat".into(), vec!["-b".into(), self.buffer.to_string(), listen, to])
             }
-            Relay::Bare => {
+            Relay::Bare | Relay::BareBulk(_) => {
                 // Written as the bare relay parses it (`bare::End`'s `Display`).
                 let spec = |end| match end {
                     End::Tcp(port) => bare::End::Tcp(loopback(false, port)).to_string(),
                     End::Unix(path) => bare::End::Unix(path.to_owned()).to_string(),
                 };
                 let me = std::env::current_exe().unwrap();
-                (me, vec!["bare-relay".into(), spec(listen), spec(to)])
+                let mut args = vec!["bare-relay".into(), spec(listen), spec(to)];
+                if let Relay::BareBulk(bulk) = relay {
+                    let bulk = bulk.to_possible_value().map(|v| v.get_name().to_owned()).unwrap_or_default();
+                    args.extend(["--bulk".into(), bulk]);
+                }
+                (me, args)
             }
         }
     }
@@ -274,6 +293,8 @@ pub enum Relay {
     Socat,
     /// `hostnet-bench bare-relay` (`bare.rs`).
     Bare,
+    /// `hostnet-bench bare-relay --bulk …`.
+    BareBulk(bare::Bulk),
 }
 
 impl Relay {
@@ -281,6 +302,7 @@ impl Relay {
         match self {
             Relay::Socat => "socat",
             Relay::Bare => "the bare relay",
+            Relay::BareBulk(_) => "the bare bulk relay",
         }
     }
 }
