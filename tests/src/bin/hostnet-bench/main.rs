@@ -601,7 +601,14 @@ fn throughput(demo: &Demo, buffer_demo: Option<&Demo>, socat: &Socat, p: &Params
         let ep = endpoint(via, demo, socat, Server::PerConnection(count_then_reply));
         let relay_cpu = || ep.relay_cpu_seconds();
         let settle = || ep.settle();
-        Some(tcp::transfer(ep.addr, p.bytes, streams, &relay_cpu, &settle))
+        let before = ep.relay_faults_and_switches();
+        let mut t = tcp::transfer(ep.addr, p.bytes, streams, &relay_cpu, &settle);
+        let gib = p.bytes as f64 / (1u64 << 30) as f64;
+        t.relay_faults_switches_per_gib =
+            before.zip(ep.relay_faults_and_switches()).map(|((f0, s0), (f1, s1))| {
+                (f1.saturating_sub(f0) as f64 / gib, s1.saturating_sub(s0) as f64 / gib)
+            });
+        Some(t)
     };
     let mut one = None;
     for streams in [1, 8] {
@@ -658,10 +665,18 @@ fn throughput(demo: &Demo, buffer_demo: Option<&Demo>, socat: &Socat, p: &Params
             .bare(spliced.relay_cpu_per_gib)
             .note(format!(
                 "hostnet: proxy + agent; socat: both listeners and their forked children; bare: both \
-                 bulk relays splicing (copying: {:.2})",
-                copy.relay_cpu_per_gib
+                 bulk relays splicing (copying: {:.2}); hostnet's relays' page faults and context \
+                 switches per GiB: {}, h buffer {}",
+                copy.relay_cpu_per_gib,
+                faults_switches(h.relay_faults_switches_per_gib),
+                faults_switches(b.and_then(|b| b.relay_faults_switches_per_gib)),
             )),
     );
+}
+
+/// "F faults, S switches" per GiB, or "–".
+fn faults_switches(per_gib: Option<(f64, f64)>) -> String {
+    per_gib.map_or_else(|| "–".to_owned(), |(f, s)| format!("{f:.0} faults, {s:.0} switches"))
 }
 
 /// A second demo with the splice gear off (`--no-splice`), for the "h buffer" column: started

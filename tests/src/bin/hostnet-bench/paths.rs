@@ -71,6 +71,11 @@ impl Endpoint {
         }
     }
 
+    /// hostnet's relays' page faults and context switches so far (`None` on the other paths).
+    pub fn relay_faults_and_switches(&self) -> Option<(u64, u64)> {
+        self.hostnet.map(|hn| hn.faults_and_switches())
+    }
+
     /// Waits until the relay has accounted for the connections so far (socat's
     /// per-connection children have exited and been reaped).
     pub fn settle(&self) {

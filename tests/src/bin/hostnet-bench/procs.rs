@@ -97,6 +97,31 @@ impl Hostnet {
     pub fn cpu_seconds(&self) -> f64 {
         cpu_seconds(self.proxy, false) + cpu_seconds(self.agent, false)
     }
+
+    /// Page faults (minor) and context switches (all threads, both kinds) of proxy + agent so
+    /// far: what a relay's CPU per GiB is spent on besides moving bytes.
+    pub fn faults_and_switches(&self) -> (u64, u64) {
+        [self.proxy, self.agent].iter().fold((0, 0), |(f, s), &pid| {
+            // minflt = field 10, for all of the process's threads.
+            let faults = stat_fields(pid).and_then(|v| v.get(10 - 3).copied()).unwrap_or(0);
+            (f + faults, s + context_switches(pid))
+        })
+    }
+}
+
+/// Voluntary and involuntary context switches of all of `pid`'s threads.
+fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 /// CPU-seconds of this process (the benchmark's clients and servers, direct and "guest" alike).

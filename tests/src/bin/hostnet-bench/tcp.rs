@@ -24,6 +24,8 @@ pub struct Transfer {
     pub cpu_per_gib: f64,
     /// CPU-seconds per GiB of the relay processes alone (zero for the direct path).
     pub relay_cpu_per_gib: f64,
+    /// hostnet's relays' page faults and context switches per GiB, where the caller counted.
+    pub relay_faults_switches_per_gib: Option<(f64, f64)>,
 }
 
 /// Sends `bytes` (split over `streams` connections) to a server that counts them and answers
@@ -66,7 +68,12 @@ pub fn transfer(
     let own = procs::own_cpu_seconds() - own0;
     let relay = relay_cpu() - relay0;
     let gib = sent as f64 / GIB;
-    Transfer { gib_per_s: gib / secs, cpu_per_gib: (own + relay) / gib, relay_cpu_per_gib: relay / gib }
+    Transfer {
+        gib_per_s: gib / secs,
+        cpu_per_gib: (own + relay) / gib,
+        relay_cpu_per_gib: relay / gib,
+        relay_faults_switches_per_gib: None,
+    }
 }
 
 /// Rounds the round trips of [`rtt_micros`] are split into, the paths taking turns.
