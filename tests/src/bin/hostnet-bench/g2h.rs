@@ -45,8 +45,9 @@ pub fn rows(demo: &Demo, p: &Params, rows: &mut Vec<Row>) {
                 relayed by the proxy); direct: the same client on the desktop, the same server";
     for streams in [1, 8] {
         let srv = DesktopServer::start(demo, Server::PerConnection(count_then_reply));
-        let d = tcp::transfer(srv.addr, p.bytes, streams, &|| 0.0, &|| ());
-        let h = demo.in_netns(|| tcp::transfer(srv.addr, p.bytes, streams, &|| hn.cpu_seconds(), &|| ()));
+        let d = tcp::transfer(srv.addr, p.bytes, streams, &|| 0.0, &|| None, &|| ());
+        let h = demo
+            .in_netns(|| tcp::transfer(srv.addr, p.bytes, streams, &|| hn.cpu_seconds(), &|| None, &|| ()));
         let what = if streams == 1 { "1 stream".to_string() } else { format!("{streams} streams") };
         let row = Row::new(format!("guest→host TCP throughput, {what}"), "GiB/s")
             .direct(d.gib_per_s)

@@ -73,7 +73,7 @@ enum Internal {
     BareRelay {
         listen: bare::End,
         to: bare::End,
-        /// Move bulk bytes as the least a relay can do instead (the throughput rows).
+        /// Relay bulk transfers the plain way instead, splicing or copying (the throughput rows).
         #[arg(long, value_enum)]
         bulk: Option<bare::Bulk>,
     },
@@ -600,15 +600,9 @@ fn throughput(demo: &Demo, buffer_demo: Option<&Demo>, socat: &Socat, p: &Params
         }
         let ep = endpoint(via, demo, socat, Server::PerConnection(count_then_reply));
         let relay_cpu = || ep.relay_cpu_seconds();
+        let relay_events = || ep.relay_faults_and_switches();
         let settle = || ep.settle();
-        let before = ep.relay_faults_and_switches();
-        let mut t = tcp::transfer(ep.addr, p.bytes, streams, &relay_cpu, &settle);
-        let gib = p.bytes as f64 / (1u64 << 30) as f64;
-        t.relay_faults_switches_per_gib =
-            before.zip(ep.relay_faults_and_switches()).map(|((f0, s0), (f1, s1))| {
-                (f1.saturating_sub(f0) as f64 / gib, s1.saturating_sub(s0) as f64 / gib)
-            });
-        Some(t)
+        Some(tcp::transfer(ep.addr, p.bytes, streams, &relay_cpu, &relay_events, &settle))
     };
     let mut one = None;
     for streams in [1, 8] {

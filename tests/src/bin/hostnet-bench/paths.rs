@@ -26,7 +26,7 @@ pub enum Via {
     Hostnet,
     Socat,
     Bare,
-    /// The bare chain moving bytes as the least a relay can (`bare::run_bulk`).
+    /// The bare chain with its relays in their bulk form (`bare::run_bulk`): splicing or copying.
     BareBulk(bare::Bulk),
 }
 

@@ -24,24 +24,26 @@ pub struct Transfer {
     pub cpu_per_gib: f64,
     /// CPU-seconds per GiB of the relay processes alone (zero for the direct path).
     pub relay_cpu_per_gib: f64,
-    /// hostnet's relays' page faults and context switches per GiB, where the caller counted.
+    /// The relay's page faults and context switches per GiB, where `relay_events` counts them.
     pub relay_faults_switches_per_gib: Option<(f64, f64)>,
 }
 
 /// Sends `bytes` (split over `streams` connections) to a server that counts them and answers
 /// `got N bytes`; the rate runs from the first byte written to the last answer read.
-/// `relay_cpu` reads the relay's CPU-seconds; `settle` waits until the relay has accounted
-/// for the transfer (socat's per-connection children have exited).
+/// `relay_cpu` reads the relay's CPU-seconds, `relay_events` its page faults and context
+/// switches (`None`: not counted); `settle` waits until the relay has accounted for the
+/// transfer (socat's per-connection children have exited).
 pub fn transfer(
     addr: SocketAddr,
     bytes: u64,
     streams: usize,
     relay_cpu: &dyn Fn() -> f64,
+    relay_events: &dyn Fn() -> Option<(u64, u64)>,
     settle: &dyn Fn(),
 ) -> Transfer {
     let conns: Vec<TcpStream> = (0..streams).map(|_| TcpStream::connect(addr).unwrap()).collect();
     let per_stream = bytes / streams as u64;
-    let (own0, relay0) = (procs::own_cpu_seconds(), relay_cpu());
+    let (own0, relay0, events0) = (procs::own_cpu_seconds(), relay_cpu(), relay_events());
     let start = Instant::now();
     let writers: Vec<_> = conns
         .into_iter()
@@ -72,7 +74,9 @@ pub fn transfer(
         gib_per_s: gib / secs,
         cpu_per_gib: (own + relay) / gib,
         relay_cpu_per_gib: relay / gib,
-        relay_faults_switches_per_gib: None,
+        relay_faults_switches_per_gib: events0.zip(relay_events()).map(|((f0, s0), (f1, s1))| {
+            (f1.saturating_sub(f0) as f64 / gib, s1.saturating_sub(s0) as f64 / gib)
+        }),
     }
 }
 
