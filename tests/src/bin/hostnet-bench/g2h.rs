@@ -67,10 +67,10 @@ pub fn rows(demo: &Demo, p: &Params, rows: &mut Vec<Row>) {
 
     let srv = DesktopServer::start(demo, Server::PerConnection(echo));
     let from_vm = demo.in_netns(|| tcp::rtt_client(srv.addr));
-    let mut got = tcp::rtt_micros_over(vec![tcp::rtt_client(srv.addr), from_vm], p.trips).into_iter();
+    let mut got = tcp::rtt_rounds(&mut [tcp::rtt_client(srv.addr), from_vm], p.trips, &[]).into_iter();
     let (d, h) = (got.next().unwrap(), got.next().unwrap());
-    rows.push(Row::new("guest→host RTT 1 B ping-pong, p50", "µs").direct(d.0).hostnet(h.0));
-    rows.push(Row::new("guest→host RTT 1 B ping-pong, p99", "µs").direct(d.1).hostnet(h.1));
+    rows.push(Row::new("guest→host RTT 1 B ping-pong, p50", "µs").direct(d.p50).hostnet(h.p50));
+    rows.push(Row::new("guest→host RTT 1 B ping-pong, p99", "µs").direct(d.p99).hostnet(h.p99));
 
     let srv = DesktopServer::start(demo, Server::Pooled(tcp::pong, CONNECT_CLIENTS));
     let rate = |in_vm: bool| {

@@ -297,30 +297,73 @@ fn main() {
             if let Some(bd) = &buffer_demo {
                 eps.push(at(Via::Hostnet, bd));
             }
-            let addrs: Vec<SocketAddr> = eps.iter().map(|ep| ep.addr).collect();
-            let mut got = tcp::rtt_micros(&addrs, p.trips).into_iter();
-            let (d, h, bare) = (got.next().unwrap(), got.next().unwrap(), got.next().unwrap());
-            let s = if socat.ok() { got.next() } else { None };
-            let b = buffer_demo.as_ref().and_then(|_| got.next());
+            let mut conns: Vec<_> = eps.iter().map(|ep| tcp::rtt_client(ep.addr)).collect();
+            let readers: Vec<Box<dyn Fn() -> f64 + '_>> = eps
+                .iter()
+                .map(|ep| Box::new(move || ep.relay_cpu_seconds()) as Box<dyn Fn() -> f64>)
+                .collect();
+            let relay_cpu: Vec<&dyn Fn() -> f64> = readers.iter().map(|r| r.as_ref()).collect();
+            // The paths in `eps`' order: direct, hostnet, bare, then socat and the buffer gear
+            // where they run.
+            let split = |got: Vec<tcp::Rtt>| {
+                let mut got = got.into_iter();
+                let (d, h, bare) = (got.next().unwrap(), got.next().unwrap(), got.next().unwrap());
+                let s = if socat.ok() { got.next() } else { None };
+                let b = buffer_demo.as_ref().and_then(|_| got.next());
+                (d, h, bare, s, b)
+            };
+            let (d, h, bare, s, b) = split(tcp::rtt_rounds(&mut conns, p.trips, &relay_cpu));
+            // Again with every process on one CPU: what the paths cost without the machine's
+            // wake-ups from one CPU to the other (see the row's note).
+            let (cpu, pinned) = procs::on_one_cpu(|| tcp::rtt_rounds(&mut conns, p.trips, &relay_cpu));
+            let (d1, h1, bare1, s1, b1) = split(pinned);
+            drop(conns);
+            drop(relay_cpu);
+            drop(readers);
             drop(eps);
             stop_buffer_gear_demo(buffer_demo);
             rows.push(
                 Row::new("RTT 1 B ping-pong, p50", "µs")
-                    .direct(d.0)
-                    .hostnet(h.0)
-                    .buffer(b.map(|b| b.0))
-                    .socat(s.map(|s| s.0))
-                    .bare(bare.0)
+                    .direct(d.p50)
+                    .hostnet(h.p50)
+                    .buffer(b.map(|b| b.p50))
+                    .socat(s.map(|s| s.p50))
+                    .bare(bare.p50)
                     .goal(Goal::AtMostSocat)
-                    .note(format!("added by hostnet: {:.1} µs", h.0 - d.0)),
+                    .note(format!("added by hostnet: {:.1} µs", h.p50 - d.p50)),
             );
             rows.push(
                 Row::new("RTT 1 B ping-pong, p99", "µs")
-                    .direct(d.1)
-                    .hostnet(h.1)
-                    .buffer(b.map(|b| b.1))
-                    .socat(s.map(|s| s.1))
-                    .bare(bare.1),
+                    .direct(d.p99)
+                    .hostnet(h.p99)
+                    .buffer(b.map(|b| b.p99))
+                    .socat(s.map(|s| s.p99))
+                    .bare(bare.p99),
+            );
+            rows.push(
+                Row::new("relay CPU per round trip", "CPU-µs")
+                    .hostnet(h.relay_cpu_us)
+                    .buffer(b.map(|b| b.relay_cpu_us))
+                    .socat(s.map(|s| s.relay_cpu_us))
+                    .bare(bare.relay_cpu_us)
+                    .note("user + system over the timed trips of the p50 row; hostnet: proxy + agent; socat: both listeners and the connection's two children; bare: both relays"),
+            );
+            let one_cpu_cost =
+                |r: Option<tcp::Rtt>| r.map_or("–".to_owned(), |r| format!("{:.1}", r.relay_cpu_us));
+            rows.push(
+                Row::new("RTT 1 B ping-pong, p50, every process on one CPU", "µs")
+                    .direct(d1.p50)
+                    .hostnet(h1.p50)
+                    .buffer(b1.map(|b| b.p50))
+                    .socat(s1.map(|s| s.p50))
+                    .bare(bare1.p50)
+                    .note(format!(
+                        "a diagnostic, no target: the same connections again with every process of the run pinned to CPU {cpu}, so no wake-up crosses CPUs — \
+                         on this kind of VM one that does costs several times a same-CPU one; relay CPU per round trip there: hostnet {:.1}, socat {}, bare {:.1} µs",
+                        h1.relay_cpu_us,
+                        one_cpu_cost(s1),
+                        bare1.relay_cpu_us
+                    )),
             );
         });
     }

@@ -349,9 +349,13 @@ impl Chain {
         pids
     }
 
-    /// CPU-seconds of the chain, counting per-connection children once they have exited.
+    /// CPU-seconds of the chain: both listeners and their per-connection children, those
+    /// still running and those reaped (counted in their parent's). Read while the connections
+    /// are open or after [`Chain::wait_children_gone`]: a child reaped between the two reads
+    /// would be missed once.
     pub fn cpu_seconds(&self) -> f64 {
-        self.parents().iter().map(|&p| procs::cpu_seconds(p, true)).sum()
+        let live = |p: u32| procs::children(p).iter().map(|&c| procs::cpu_seconds(c, false)).sum::<f64>();
+        self.parents().iter().map(|&p| procs::cpu_seconds(p, true) + live(p)).sum()
     }
 
     /// Waits until every per-connection child has exited and been reaped (so its CPU time is

@@ -47,6 +47,51 @@ pub fn children(pid: u32) -> Vec<u32> {
     out.into_iter().collect()
 }
 
+/// Every thread of this process and of the processes under it (the demos' proxies and agents,
+/// socat and its per-connection children, the bare relays), by thread id.
+fn family_threads() -> Vec<i32> {
+    let mut pids = vec![std::process::id()];
+    let mut i = 0;
+    while let Some(&pid) = pids.get(i) {
+        pids.extend(children(pid));
+        i += 1;
+    }
+    let threads = |pid: u32| -> Vec<i32> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+        tasks.flatten().filter_map(|t| t.file_name().to_str()?.parse().ok()).collect()
+    };
+    pids.into_iter().flat_map(threads).collect()
+}
+
+/// Runs `f` with every thread of this process and of the processes under it on one CPU — the
+/// first this thread may use — so that no wake-up between them crosses CPUs; then gives each
+/// thread back the CPUs it had (threads started meanwhile get this thread's). Returns that CPU
+/// and `f`'s result.
+pub fn on_one_cpu<T>(f: impl FnOnce() -> T) -> (usize, T) {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+    let here = Pid::from_raw(0);
+    let mine = sched_getaffinity(here).unwrap_or_else(|_| CpuSet::new());
+    let cpu = (0..CpuSet::count()).find(|&c| mine.is_set(c).unwrap_or(false)).unwrap_or(0);
+    let mut one = CpuSet::new();
+    let _ = one.set(cpu);
+    let had: Vec<(Pid, CpuSet)> = family_threads()
+        .into_iter()
+        .map(Pid::from_raw)
+        .filter_map(|t| Some((t, sched_getaffinity(t).ok()?)))
+        .collect();
+    for (t, _) in &had {
+        // A thread that exited meanwhile has nothing to pin.
+        let _ = sched_setaffinity(*t, &one);
+    }
+    let out = f();
+    for t in family_threads().into_iter().map(Pid::from_raw) {
+        let before = had.iter().find(|(h, _)| *h == t).map_or(&mine, |(_, set)| set);
+        let _ = sched_setaffinity(t, before);
+    }
+    (cpu, out)
+}
+
 /// The process name (`comm`) of `pid`.
 pub fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_owned()

@@ -80,15 +80,18 @@ pub fn transfer(
     }
 }
 
-/// Rounds the round trips of [`rtt_micros`] are split into, the paths taking turns.
+/// Rounds the round trips of [`rtt_rounds`] are split into, the paths taking turns.
 const RTT_ROUNDS: usize = 10;
 
-/// Median and 99th percentile of 1-byte round trips, in microseconds, for each of `addrs`: one
-/// connection each, `trips` round trips each, taken in [`RTT_ROUNDS`] rounds in which every
-/// path takes its turn (the first path of each round rotating), so that a busy moment of this
-/// shared machine falls on all of them alike instead of on whichever path ran then.
-pub fn rtt_micros(addrs: &[SocketAddr], trips: usize) -> Vec<(f64, f64)> {
-    rtt_micros_over(addrs.iter().map(|&addr| rtt_client(addr)).collect(), trips)
+/// One path's 1-byte round trips.
+#[derive(Debug, Clone, Copy)]
+pub struct Rtt {
+    /// Median, µs.
+    pub p50: f64,
+    /// 99th percentile, µs.
+    pub p99: f64,
+    /// CPU-µs its relay used per round trip over the timed trips (0 where nothing is counted).
+    pub relay_cpu_us: f64,
 }
 
 /// A round-trip client connected to `addr` (in the namespace of the thread that calls it).
@@ -99,22 +102,38 @@ pub fn rtt_client(addr: SocketAddr) -> TcpStream {
     c
 }
 
-/// [`rtt_micros`] over connections already made ([`rtt_client`]).
-pub fn rtt_micros_over(mut conns: Vec<TcpStream>, trips: usize) -> Vec<(f64, f64)> {
+/// 1-byte round trips over each of `conns` (one per path, made with [`rtt_client`]): a warm-up,
+/// then `trips` each, taken in [`RTT_ROUNDS`] rounds in which every path takes its turn (the
+/// first path of each round rotating), so that a busy moment of this shared machine falls on
+/// all of them alike instead of on whichever path ran then. `relay_cpu[i]`, where given, reads
+/// the CPU-seconds path `i`'s relay has used so far; it is read around that path's turns only.
+pub fn rtt_rounds(conns: &mut [TcpStream], trips: usize, relay_cpu: &[&dyn Fn() -> f64]) -> Vec<Rtt> {
     // Warm up: the first trips pay for lazy set-up along each path.
-    for c in &mut conns {
+    for c in conns.iter_mut() {
         round_trips(c, (trips / 10).max(10));
     }
     let mut samples: Vec<Vec<Duration>> = conns.iter().map(|_| Vec::with_capacity(trips)).collect();
+    let mut cpu = vec![0.0; conns.len()];
     let per_round = trips.div_ceil(RTT_ROUNDS);
     for round in 0..RTT_ROUNDS {
         for k in 0..conns.len() {
             let i = (round + k) % conns.len();
+            let relay = relay_cpu.get(i);
+            let before = relay.map_or(0.0, |f| f());
             samples[i].extend(round_trips(&mut conns[i], per_round));
+            cpu[i] += relay.map_or(0.0, |f| f()) - before;
         }
     }
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    samples.iter_mut().map(|s| (us(percentile(s, 50)), us(percentile(s, 99)))).collect()
+    samples
+        .iter_mut()
+        .zip(cpu)
+        .map(|(s, cpu)| Rtt {
+            p50: us(percentile(s, 50)),
+            p99: us(percentile(s, 99)),
+            relay_cpu_us: cpu * 1e6 / s.len().max(1) as f64,
+        })
+        .collect()
 }
 
 /// `n` 1-byte round trips on `c`, each one's duration.
