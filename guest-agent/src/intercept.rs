@@ -14,6 +14,7 @@ use std::sync::Arc;
 use hostnet_net::Connector;
 use hostnet_net::accept::next_accepted;
 use hostnet_net::discovery::own::OwnSockets;
+use hostnet_net::local::{LocalListener, LocalTcp};
 use hostnet_net::relay::open::open_and_relay;
 use hostnet_net::relay::tcp::RelayCounters;
 use hostnet_net::threads::RelayThreads;
@@ -21,7 +22,6 @@ use hostnet_net::transport::handshake::OpenError;
 use hostnet_protocol::{ListenerSet, Open, Proto};
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -162,7 +162,7 @@ pub async fn start(
         // On a relay thread, as the proxy's streams are served: the listener registered with
         // its reactor, the connections it accepts relayed there (`hostnet_net::threads`).
         relay.spawn_loop(tracker.track_future(async move {
-            let listener = match TcpListener::from_std(listener) {
+            let listener = match LocalListener::from_std(listener) {
                 Ok(l) => l,
                 Err(e) => return warn!("guest→host TCP is off: cannot serve the transparent listener: {e}"),
             };
@@ -180,7 +180,7 @@ pub async fn start(
 
 /// One intercepted guest connection → one stream to the proxy.
 async fn relay_to_host(
-    conn: TcpStream,
+    conn: LocalTcp,
     peer: SocketAddr,
     to_host: Arc<dyn Connector>,
     shutdown: CancellationToken,

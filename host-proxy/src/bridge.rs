@@ -266,7 +266,11 @@ async fn accept(serving: Serving, listener: Arc<TcpListener>, route: Route, stop
 /// is not cut because the guest's port went.
 async fn relay(mut client: TcpStream, to: SocketAddr, shutdown: &CancellationToken) {
     let _ = client.set_nodelay(true);
-    let mut server = match hostnet_net::connect::connect_tcp(to, None, "on this desktop").await {
+    // Plain tokio streams both ways: `copy_bidirectional` reads and writes them.
+    let server = hostnet_net::connect::connect_tcp(to, None, "on this desktop")
+        .await
+        .and_then(|s| s.into_tokio().map_err(|e| format!("taking the connection to {to}: {e}")));
+    let mut server = match server {
         Ok(s) => s,
         Err(e) => {
             debug!("{e}; resetting the bridged client");

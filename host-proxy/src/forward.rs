@@ -16,13 +16,13 @@ use hostnet_admin::{Direction, ForwardState};
 use hostnet_net::RawStream;
 use hostnet_net::accept::next_accepted;
 use hostnet_net::discovery::own::OwnSockets;
+use hostnet_net::local::{LocalListener, LocalTcp};
 use hostnet_net::relay::open::open_and_relay;
 use hostnet_net::relay::socket::UdpSocket;
 use hostnet_net::relay::tcp::Outcome;
 use hostnet_net::transport::handshake::OpenError;
 use hostnet_protocol::{Listener, ListenerSet, Open, Proto};
 use socket2::Type;
-use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, info, warn};
@@ -529,7 +529,7 @@ impl Forwards {
                     Err(e) => debug!("the listener closes with its accept loop only: {e}"),
                 }
                 Box::pin(async move {
-                    match TcpListener::from_std(l) {
+                    match LocalListener::from_std(l) {
                         Ok(l) => this.accept_loop(l, guest_port, stop, stats).await,
                         Err(e) => warn!(port = guest_port, "cannot serve a listener: {e}"),
                     }
@@ -548,7 +548,7 @@ impl Forwards {
 
     async fn accept_loop(
         self,
-        listener: TcpListener,
+        listener: LocalListener,
         port: u16,
         stop: CancellationToken,
         stats: Arc<ForwardStats>,
@@ -590,7 +590,7 @@ impl Forwards {
     /// One host client: open a data stream, ask the agent to connect, relay.
     async fn serve(
         &self,
-        client: TcpStream,
+        client: LocalTcp,
         peer: SocketAddr,
         port: u16,
         stats: &ForwardStats,
@@ -889,8 +889,8 @@ mod tests {
         else {
             panic!("not a TCP listener")
         };
-        let listener = TcpListener::from_std(listener).unwrap();
-        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let listener = LocalListener::from_std(listener).unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         assert!(accepted.nodelay().unwrap());
     }

@@ -6,15 +6,22 @@ use std::time::Duration;
 use socket2::{Domain, Type};
 #[cfg(not(unix))]
 use tokio::net::TcpSocket;
-use tokio::net::TcpStream;
+
+use crate::local::LocalTcp;
+#[cfg(unix)]
+use crate::transport::raw::RawStream;
 
 /// How long a local server may take to accept a relayed connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+// A relayed connection's opening waits as long for a full transport backlog.
+#[cfg(unix)]
+const _: () = assert!(CONNECT_TIMEOUT.as_nanos() == crate::transport::BACKLOG_WAIT.as_nanos());
 
 /// Connects to `addr` with `TCP_NODELAY`; with `mark`, the socket carries that `SO_MARK` first
 /// (the agent's own connections must not be caught by its own interception rules). Errors are
-/// sentences naming `addr` and `where_` ("in the guest", "on the host").
-pub async fn connect_tcp(addr: SocketAddr, mark: Option<u32>, where_: &str) -> Result<TcpStream, String> {
+/// sentences naming `addr` and `where_` ("in the guest", "on the host"). The connection comes
+/// as the relay's end of it ([`LocalTcp`]).
+pub async fn connect_tcp(addr: SocketAddr, mark: Option<u32>, where_: &str) -> Result<LocalTcp, String> {
     let failed = |e: std::io::Error| format!("connecting to {addr} {where_} failed: {e}");
     let socket = crate::sys::new_socket(Domain::for_address(addr), Type::STREAM).map_err(failed)?;
     #[cfg(target_os = "linux")]
@@ -27,11 +34,11 @@ pub async fn connect_tcp(addr: SocketAddr, mark: Option<u32>, where_: &str) -> R
     #[cfg(unix)]
     let attempt = async {
         let done = connect_at_once(&socket, addr);
-        let stream = TcpStream::from_std(socket.into())?;
+        let stream = LocalTcp::from_socket(socket)?;
         match done {
             Some(result) => result.map(|()| stream),
             None => tokio::time::timeout(CONNECT_TIMEOUT, async {
-                stream.writable().await?;
+                std::future::poll_fn(|cx| stream.poll_write_ready(cx)).await?;
                 match stream.take_error()? {
                     Some(e) => Err(e),
                     None => Ok(stream),
@@ -47,6 +54,7 @@ pub async fn connect_tcp(addr: SocketAddr, mark: Option<u32>, where_: &str) -> R
         tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+            .and_then(LocalTcp::from_tokio)
     };
     match attempt.await {
         Ok(s) => Ok(s),

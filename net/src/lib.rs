@@ -19,6 +19,7 @@ pub mod cli;
 pub mod connect;
 pub mod deadline;
 pub mod discovery;
+pub mod local;
 pub mod relay;
 pub(crate) mod scratch;
 pub mod sys;

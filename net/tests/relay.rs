@@ -24,7 +24,11 @@ fn unix_pair() -> (FdStream, FdStream) {
 
 /// `relay` between `local` and `peer` in a task of its own, with fresh counters and no
 /// shutdown.
-fn spawn_relay<P: hostnet_net::RawStream + 'static>(local: TcpStream, peer: P) -> JoinHandle<Outcome> {
+fn spawn_relay<L, P>(local: L, peer: P) -> JoinHandle<Outcome>
+where
+    L: hostnet_net::RawStream + 'static,
+    P: hostnet_net::RawStream + 'static,
+{
     tokio::spawn(async move {
         relay(&local, &peer, BytesMut::new(), &RelayCounters::default(), &CancellationToken::new()).await
     })
@@ -45,11 +49,11 @@ async fn chain() -> Chain {
 /// [`chain`], with every socket's kernel buffers shrunk to about `small` bytes if given, so
 /// writes block early and often.
 async fn chain_with_buffers(small: Option<usize>) -> Chain {
-    let (client, host_local) = tcp_pair().await;
-    let (guest_local, server) = tcp_pair().await;
+    let (client, host_local) = local_pair().await;
+    let (guest_local, server) = local_pair_connecting().await;
     if let Some(size) = small {
-        for s in [&client, &host_local, &guest_local, &server] {
-            let s = socket2::SockRef::from(s);
+        let ends = [&client, &server].map(socket2::SockRef::from);
+        for s in ends.iter().chain(&[&host_local, &guest_local].map(socket2::SockRef::from)) {
             s.set_send_buffer_size(size).unwrap();
             s.set_recv_buffer_size(size).unwrap();
         }
@@ -78,13 +82,13 @@ fn send_then_read_reply(mut client: TcpStream, payload: Vec<u8>) -> JoinHandle<V
 
 /// Bytes queued behind a TCP urgent mark reach the server without the client sending more
 /// (telnet's interrupt, FTP's abort: the client then waits for an answer). A TCP read stops
-/// short at the mark with those bytes behind it, which is why the relay reads TCP until
-/// `WouldBlock` and never takes a short TCP read for "drained". The urgent byte itself is not
-/// carried.
+/// short at the mark with those bytes behind it, which is why a short TCP read is taken for
+/// "drained" only while no urgent data has been reported (`hostnet_net::local`). The urgent
+/// byte itself is not carried.
 #[tokio::test]
 async fn bytes_behind_an_urgent_mark_are_relayed_without_more_arriving() {
-    let (client, host_local) = tcp_pair().await;
-    let (guest_local, mut server) = tcp_pair().await;
+    let (client, host_local) = local_pair().await;
+    let (guest_local, mut server) = local_pair_connecting().await;
     client.set_nodelay(true).unwrap();
     let c = socket2::SockRef::from(&client);
     c.send(b"abc").unwrap();
@@ -146,7 +150,7 @@ async fn a_reset_travels_end_to_end() {
 
 #[tokio::test]
 async fn a_vanished_peer_resets_the_client() {
-    let (mut client, host_local) = tcp_pair().await;
+    let (mut client, host_local) = local_pair().await;
     let (t1, t2) = unix_pair();
     let host_side = spawn_relay(host_local, t1);
     drop(t2); // The agent died without a word.
@@ -158,7 +162,7 @@ async fn a_vanished_peer_resets_the_client() {
 
 #[tokio::test]
 async fn garbage_from_the_peer_ends_only_that_connection() {
-    let (mut client, host_local) = tcp_pair().await;
+    let (mut client, host_local) = local_pair().await;
     let (t1, t2) = unix_pair_driven();
     let host_side = spawn_relay(host_local, t1);
     let mut t2 = t2;
@@ -171,7 +175,7 @@ async fn garbage_from_the_peer_ends_only_that_connection() {
 
 #[tokio::test]
 async fn shutdown_cancels_an_idle_relay() {
-    let (_client, host_local) = tcp_pair().await;
+    let (_client, host_local) = local_pair().await;
     let (t1, _t2) = unix_pair();
     let token = CancellationToken::new();
     let t = token.clone();
@@ -250,7 +254,7 @@ async fn slow_readers_and_many_connections_keep_every_byte_in_place() {
 #[tokio::test]
 async fn bytes_flow_before_the_answer_and_a_refusal_resets_the_client() {
     use hostnet_net::relay::tcp::relay_after;
-    let (mut client, host_local) = tcp_pair().await;
+    let (mut client, host_local) = local_pair().await;
     let (t1, mut t2) = unix_pair_driven();
     let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<Result<BytesMut, Outcome>>();
     let host_side = tokio::spawn(async move {
@@ -285,17 +289,11 @@ async fn bytes_flow_before_the_answer_and_a_refusal_resets_the_client() {
 #[tokio::test]
 async fn a_client_that_spoke_and_half_closed_before_the_relay_began_is_relayed_whole() {
     use hostnet_net::relay::tcp::relay_after;
-    let (mut client, host_local) = tcp_pair().await;
+    let (mut client, host_local) = local_pair().await;
     client.write_all(b"GET /").await.unwrap();
     client.shutdown().await.unwrap();
     // Both the bytes and the FIN are in `host_local` before the relay starts.
-    within(async {
-        let mut buf = [0u8; 8];
-        while host_local.peek(&mut buf).await.unwrap() < 5 {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    queued(&host_local, 5).await;
     let (t1, mut t2) = unix_pair_driven();
     let host_side = tokio::spawn(async move {
         let answer = async { Ok(BytesMut::new()) };
@@ -361,8 +359,8 @@ async fn a_data_stream_that_refuses_splice_on_the_way_out_falls_back_to_a_buffer
     // client ⇄ [host relay] ⇄ unix pair ⇄ [guest relay] ⇄ server, both ends of the pair
     // refusing to be spliced from: each direction's bulk gear starts as a pipe and must copy
     // instead, without losing or reordering a byte.
-    let (client, host_local) = tcp_pair().await;
-    let (guest_local, mut server) = tcp_pair().await;
+    let (client, host_local) = local_pair().await;
+    let (guest_local, mut server) = local_pair_connecting().await;
     let (t1, t2) = unix_pair();
     let host_side = spawn_relay(host_local, NoSpliceOut(t1));
     let guest_side = spawn_relay(guest_local, NoSpliceOut(t2));
@@ -385,16 +383,10 @@ async fn a_data_stream_that_refuses_splice_on_the_way_out_falls_back_to_a_buffer
 async fn the_opening_goes_with_the_first_bytes_or_alone_at_once() {
     use hostnet_net::relay::tcp::relay_after;
     for speaks in [true, false] {
-        let (mut client, host_local) = tcp_pair().await;
+        let (mut client, host_local) = local_pair().await;
         if speaks {
             client.write_all(b"hi").await.unwrap();
-            within(async {
-                let mut buf = [0u8; 2];
-                while host_local.peek(&mut buf).await.unwrap() < 2 {
-                    tokio::task::yield_now().await;
-                }
-            })
-            .await;
+            queued(&host_local, 2).await;
         }
         let (t1, mut t2) = unix_pair_driven();
         let _host_side = tokio::spawn(async move {
@@ -417,7 +409,7 @@ async fn the_opening_goes_with_the_first_bytes_or_alone_at_once() {
 }
 
 /// `relay_answering` between `local` and `stream` in a task of its own, its answer `ANSWER`.
-fn spawn_answering(local: TcpStream, stream: FdStream) -> JoinHandle<Outcome> {
+fn spawn_answering(local: hostnet_net::local::LocalTcp, stream: FdStream) -> JoinHandle<Outcome> {
     tokio::spawn(async move {
         hostnet_net::relay::tcp::relay_answering(
             &local,
@@ -436,7 +428,7 @@ fn spawn_answering(local: TcpStream, stream: FdStream) -> JoinHandle<Outcome> {
 /// them in one write: nothing reaches the opener before the server speaks.
 #[tokio::test(flavor = "current_thread")]
 async fn the_answer_waits_for_the_servers_first_bytes() {
-    let (mut server, guest_local) = tcp_pair().await;
+    let (mut server, guest_local) = local_pair().await;
     let (t1, t2) = unix_pair_driven();
     let guest_side = spawn_answering(guest_local, t1);
     // On this one thread the relay runs until it waits for the server.
@@ -464,7 +456,7 @@ async fn the_answer_waits_for_the_servers_first_bytes() {
 /// data stream — so the far side is woken once, not twice.
 #[tokio::test(flavor = "current_thread")]
 async fn an_answer_and_the_close_behind_it_leave_in_one_write() {
-    let (mut server, guest_local) = tcp_pair().await;
+    let (mut server, guest_local) = local_pair().await;
     server.write_all(b"ok").await.unwrap();
     server.shutdown().await.unwrap();
     let (a, b) = socket2::Socket::pair(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None).unwrap();

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 /// The answering side's relay, its answer `A`, in a task of its own between a server and a data
 /// stream: the server, the opener's end of the stream (driven by the test), and the task.
 async fn spawn_answering() -> (TcpStream, UnixStream, JoinHandle<Ended>) {
-    let (server, local) = tcp_pair().await;
+    let (server, local) = local_pair().await;
     let (stream, opener) = unix_pair_driven();
     let answering = tokio::spawn(async move {
         let counters = RelayCounters::default();
@@ -163,8 +163,8 @@ async fn two_connections_in_a_row_share_one_data_stream() {
     let (mut ours, mut theirs) = (TransportStream::Unix(a), TransportStream::Unix(b));
     let mut reader = FrameReader::new();
     for round in 0..3u8 {
-        let (mut client, host_local) = tcp_pair().await;
-        let (guest_local, mut server) = tcp_pair().await;
+        let (mut client, host_local) = local_pair().await;
+        let (guest_local, mut server) = local_pair_connecting().await;
         let open = Open::Tcp { addr: "127.0.0.1".parse().unwrap(), port: 8000, peer: None };
         let opener = tokio::spawn(async move {
             let counters = RelayCounters::default();

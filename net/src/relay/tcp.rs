@@ -41,7 +41,7 @@ pub const PIPE_LEN: usize = chunk::MAX_CHUNK_LEN;
 pub const IDLE_BUFFER_RELEASE: Duration = Duration::from_millis(500);
 /// A read this large means a bulk transfer even while the far side keeps up: the direction
 /// takes its pipe (or buffer) at once, so the bytes stop being copied through user space.
-pub const BULK_READ: usize = 32 * 1024;
+pub use crate::transport::raw::BULK_READ;
 
 const _: () = assert!(RELAY_BUF_LEN <= chunk::MAX_CHUNK_LEN);
 

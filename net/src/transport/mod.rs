@@ -390,9 +390,10 @@ async fn unix_connect(path: &Path) -> io::Result<FdStream> {
 }
 
 /// How long a Unix transport connect waits for room in the far side's full backlog before it
-/// fails (the opening of a relayed connection waits that long at most, as for a TCP connect).
+/// fails: the opening of a relayed connection waits that long at most, as long as a TCP connect
+/// to a local server may take (`crate::connect::CONNECT_TIMEOUT`, which checks they agree).
 #[cfg(unix)]
-pub const BACKLOG_WAIT: std::time::Duration = crate::connect::CONNECT_TIMEOUT;
+pub const BACKLOG_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Longest answer line accepted from a hybrid-vsock socket.
 #[cfg(unix)]

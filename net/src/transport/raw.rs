@@ -12,6 +12,11 @@ use tokio::net::TcpStream;
 
 use crate::sys::AsSock;
 
+/// A read this large means a bulk transfer: the relay turns the direction to bulk
+/// (`crate::relay::tcp`), and a short TCP read this large is not taken for "drained"
+/// (`crate::transport::fd`).
+pub const BULK_READ: usize = 32 * 1024;
+
 /// A connected, non-blocking stream socket.
 pub trait RawStream: AsSock + Send + Sync {
     /// Ready when a read would not block (data, EOF or an error waiting).

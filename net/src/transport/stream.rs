@@ -52,10 +52,10 @@ impl std::os::windows::io::AsSocket for TransportStream {
 #[derive(Debug)]
 pub enum DetachedStream {
     #[cfg(unix)]
-    Unix((socket2::Socket, bool)),
+    Unix(crate::transport::fd::DetachedFd),
     Tcp(std::net::TcpStream),
     #[cfg(target_os = "linux")]
-    Vsock((socket2::Socket, bool)),
+    Vsock(crate::transport::fd::DetachedFd),
 }
 
 impl TransportStream {
