@@ -32,7 +32,7 @@ use hostnet_tests::{Demo, UdpEcho, count_then_reply, echo, free_port, loopback};
 
 use crate::paths::{Relay, Server, Socat, Via, endpoint, measure, tcp_listening};
 use crate::procs::Hostnet;
-use crate::report::{Goal, Row};
+use crate::report::{Goal, Paths, Row};
 use crate::tcp::Holder;
 
 /// Runs each workload over direct loopback, hostnet's netns stand-in and a socat relay chain
@@ -307,62 +307,46 @@ fn main() {
             // where they run.
             let split = |got: Vec<tcp::Rtt>| {
                 let mut got = got.into_iter();
-                let (d, h, bare) = (got.next().unwrap(), got.next().unwrap(), got.next().unwrap());
-                let s = if socat.ok() { got.next() } else { None };
-                let b = buffer_demo.as_ref().and_then(|_| got.next());
-                (d, h, bare, s, b)
+                let (direct, hostnet, bare) = (got.next().unwrap(), got.next().unwrap(), got.next().unwrap());
+                let socat = if socat.ok() { got.next() } else { None };
+                let buffer = buffer_demo.as_ref().and_then(|_| got.next());
+                Paths { direct, hostnet, buffer, socat, bare }
             };
-            let (d, h, bare, s, b) = split(tcp::rtt_rounds(&mut conns, p.trips, &relay_cpu));
+            let spread = split(tcp::rtt_rounds(&mut conns, p.trips, &relay_cpu));
             // Again with every process on one CPU: what the paths cost without the machine's
             // wake-ups from one CPU to the other (see the row's note).
             let (cpu, pinned) = procs::on_one_cpu(|| tcp::rtt_rounds(&mut conns, p.trips, &relay_cpu));
-            let (d1, h1, bare1, s1, b1) = split(pinned);
+            let pinned = split(pinned);
             drop(conns);
             drop(relay_cpu);
             drop(readers);
             drop(eps);
             stop_buffer_gear_demo(buffer_demo);
+            let added = spread.hostnet.p50 - spread.direct.p50;
             rows.push(
-                Row::new("RTT 1 B ping-pong, p50", "µs")
-                    .direct(d.p50)
-                    .hostnet(h.p50)
-                    .buffer(b.map(|b| b.p50))
-                    .socat(s.map(|s| s.p50))
-                    .bare(bare.p50)
+                spread
+                    .row(Row::new("RTT 1 B ping-pong, p50", "µs"), |r| r.p50)
                     .goal(Goal::AtMostSocat)
-                    .note(format!("added by hostnet: {:.1} µs", h.p50 - d.p50)),
+                    .note(format!("added by hostnet: {added:.1} µs")),
             );
+            rows.push(spread.row(Row::new("RTT 1 B ping-pong, p99", "µs"), |r| r.p99));
             rows.push(
-                Row::new("RTT 1 B ping-pong, p99", "µs")
-                    .direct(d.p99)
-                    .hostnet(h.p99)
-                    .buffer(b.map(|b| b.p99))
-                    .socat(s.map(|s| s.p99))
-                    .bare(bare.p99),
-            );
-            rows.push(
-                Row::new("relay CPU per round trip", "CPU-µs")
-                    .hostnet(h.relay_cpu_us)
-                    .buffer(b.map(|b| b.relay_cpu_us))
-                    .socat(s.map(|s| s.relay_cpu_us))
-                    .bare(bare.relay_cpu_us)
+                spread
+                    .relays(Row::new("relay CPU per round trip", "CPU-µs"), |r| r.relay_cpu_us)
                     .note("user + system over the timed trips of the p50 row; hostnet: proxy + agent; socat: both listeners and the connection's two children; bare: both relays"),
             );
-            let one_cpu_cost =
-                |r: Option<tcp::Rtt>| r.map_or("–".to_owned(), |r| format!("{:.1}", r.relay_cpu_us));
+            let one_cpu_cost = |r: &Option<tcp::Rtt>| {
+                r.as_ref().map_or("–".to_owned(), |r| format!("{:.1}", r.relay_cpu_us))
+            };
             rows.push(
-                Row::new("RTT 1 B ping-pong, p50, every process on one CPU", "µs")
-                    .direct(d1.p50)
-                    .hostnet(h1.p50)
-                    .buffer(b1.map(|b| b.p50))
-                    .socat(s1.map(|s| s.p50))
-                    .bare(bare1.p50)
+                pinned
+                    .row(Row::new("RTT 1 B ping-pong, p50, every process on one CPU", "µs"), |r| r.p50)
                     .note(format!(
                         "a diagnostic, no target: the same connections again with every process of the run pinned to CPU {cpu}, so no wake-up crosses CPUs — \
                          on this kind of VM one that does costs several times a same-CPU one; relay CPU per round trip there: hostnet {:.1}, socat {}, bare {:.1} µs",
-                        h1.relay_cpu_us,
-                        one_cpu_cost(s1),
-                        bare1.relay_cpu_us
+                        pinned.hostnet.relay_cpu_us,
+                        one_cpu_cost(&pinned.socat),
+                        pinned.bare.relay_cpu_us
                     )),
             );
         });
@@ -445,9 +429,14 @@ fn main() {
             step("new connections per second");
             for clients in [1, CONNECT_CLIENTS] {
                 let rate = |via| connect_rate(via, &demo, &socat, p.connect_window, clients);
-                let (d, h, s) = (rate(Via::Direct).unwrap(), rate(Via::Hostnet).unwrap(), rate(Via::Socat));
-                let bare = rate(Via::Bare).unwrap();
-                let mut row = if clients == 1 {
+                let paths = Paths {
+                    direct: rate(Via::Direct).unwrap(),
+                    hostnet: rate(Via::Hostnet).unwrap(),
+                    socat: rate(Via::Socat),
+                    buffer: None,
+                    bare: rate(Via::Bare).unwrap(),
+                };
+                let row = if clients == 1 {
                     Row::new("new connections (1 request)", "conn/s")
                         .note(format!("one client, sequential, {:?}", p.connect_window))
                 } else {
@@ -455,28 +444,30 @@ fn main() {
                         .goal(Goal::VsDirect(0.4))
                         .note(format!("{clients} clients at once, each sequential, {:?}", p.connect_window))
                 };
-                row =
-                    row.direct(d.per_s).hostnet(h.per_s).socat(s.as_ref().map(|s| s.per_s)).bare(bare.per_s);
-                rows.push(row);
+                rows.push(paths.row(row, |c| c.per_s));
                 if clients == CONNECT_CLIENTS {
                     rows.push(
-                        Row::new(format!("CPU per new connection, whole path ({clients} clients)"), "CPU-µs")
-                            .direct(d.cpu_us)
-                            .hostnet(h.cpu_us)
-                            .socat(s.as_ref().map(|s| s.cpu_us))
-                            .bare(bare.cpu_us)
+                        paths
+                            .row(
+                                Row::new(format!("CPU per new connection, whole path ({clients} clients)"), "CPU-µs"),
+                                |c| c.cpu_us,
+                            )
                             .goal(Goal::AtMostVsDirect(2.5))
                             .note(format!(
                                 "clients + server + relay processes, user + system; the bare relay: {:.2}× direct, \
                                  what this topology costs with no protocol and one thread per relay",
-                                bare.cpu_us / d.cpu_us
+                                paths.bare.cpu_us / paths.direct.cpu_us
                             )),
                     );
                     rows.push(
-                        Row::new(format!("CPU per new connection, relay only ({clients} clients)"), "CPU-µs")
-                            .hostnet(h.relay_cpu_us)
-                            .socat(s.as_ref().map(|s| s.relay_cpu_us))
-                            .bare(bare.relay_cpu_us)
+                        paths
+                            .relays(
+                                Row::new(
+                                    format!("CPU per new connection, relay only ({clients} clients)"),
+                                    "CPU-µs",
+                                ),
+                                |c| c.relay_cpu_us,
+                            )
                             .note(
                                 "hostnet: proxy + agent; socat: both listeners and their forked children; \
                                  bare: both relays",
@@ -649,22 +640,15 @@ fn throughput(demo: &Demo, buffer_demo: Option<&Demo>, socat: &Socat, p: &Params
     };
     let mut one = None;
     for streams in [1, 8] {
-        let (d, h, s) = (
-            over(Via::Direct, demo, streams).unwrap(),
-            over(Via::Hostnet, demo, streams).unwrap(),
-            over(Via::Socat, demo, streams),
-        );
-        let b = buffer_demo.map(|bd| over(Via::Hostnet, bd, streams).unwrap());
-        let spliced = over(Via::BareBulk(bare::Bulk::Splice), demo, streams).unwrap();
-        let mut row = Row::new(
-            format!("TCP throughput, {streams} stream{}", if streams > 1 { "s" } else { "" }),
-            "GiB/s",
-        )
-        .direct(d.gib_per_s)
-        .hostnet(h.gib_per_s)
-        .buffer(b.map(|b| b.gib_per_s))
-        .socat(s.map(|s| s.gib_per_s))
-        .bare(spliced.gib_per_s);
+        let paths = Paths {
+            direct: over(Via::Direct, demo, streams).unwrap(),
+            hostnet: over(Via::Hostnet, demo, streams).unwrap(),
+            socat: over(Via::Socat, demo, streams),
+            buffer: buffer_demo.map(|bd| over(Via::Hostnet, bd, streams).unwrap()),
+            bare: over(Via::BareBulk(bare::Bulk::Splice), demo, streams).unwrap(),
+        };
+        let name = format!("TCP throughput, {streams} stream{}", if streams > 1 { "s" } else { "" });
+        let mut row = paths.row(Row::new(name, "GiB/s"), |t| t.gib_per_s);
         if streams == 1 {
             // The buffer gear's analogue, for its floor: in the note, the column is the splice's.
             let copy = over(Via::BareBulk(bare::Bulk::Copy), demo, streams).unwrap();
@@ -675,38 +659,33 @@ fn throughput(demo: &Demo, buffer_demo: Option<&Demo>, socat: &Socat, p: &Params
                  relay one would write first); copying through 1 MiB buffers instead {:.2} GiB/s, {:.2}× direct",
                 p.bytes >> 20,
                 copy.gib_per_s,
-                copy.gib_per_s / d.gib_per_s
+                copy.gib_per_s / paths.direct.gib_per_s
             ));
-            one = Some((d, h, b, s, spliced, copy));
+            one = Some((paths, copy));
         }
         rows.push(row);
     }
-    let (d, h, b, s, spliced, copy) = one.unwrap();
+    let (paths, copy) = one.unwrap();
     rows.push(
-        Row::new("CPU per GiB moved, whole path (1 stream)", "CPU-s/GiB")
-            .direct(d.cpu_per_gib)
-            .hostnet(h.cpu_per_gib)
-            .buffer(b.map(|b| b.cpu_per_gib))
-            .socat(s.map(|s| s.cpu_per_gib))
-            .bare(spliced.cpu_per_gib)
-            .note(format!(
+        paths.row(Row::new("CPU per GiB moved, whole path (1 stream)", "CPU-s/GiB"), |t| t.cpu_per_gib).note(
+            format!(
                 "client + server + relay processes, user + system; the bare relay copying: {:.2}",
                 copy.cpu_per_gib
-            )),
+            ),
+        ),
     );
     rows.push(
-        Row::new("CPU per GiB moved, relay only (1 stream)", "CPU-s/GiB")
-            .hostnet(h.relay_cpu_per_gib)
-            .buffer(b.map(|b| b.relay_cpu_per_gib))
-            .socat(s.map(|s| s.relay_cpu_per_gib))
-            .bare(spliced.relay_cpu_per_gib)
+        paths
+            .relays(Row::new("CPU per GiB moved, relay only (1 stream)", "CPU-s/GiB"), |t| {
+                t.relay_cpu_per_gib
+            })
             .note(format!(
                 "hostnet: proxy + agent; socat: both listeners and their forked children; bare: both \
                  bulk relays splicing (copying: {:.2}); hostnet's relays' page faults and context \
                  switches per GiB: {}, h buffer {}",
                 copy.relay_cpu_per_gib,
-                faults_switches(h.relay_faults_switches_per_gib),
-                faults_switches(b.and_then(|b| b.relay_faults_switches_per_gib)),
+                faults_switches(paths.hostnet.relay_faults_switches_per_gib),
+                faults_switches(paths.buffer.as_ref().and_then(|b| b.relay_faults_switches_per_gib)),
             )),
     );
 }

@@ -56,6 +56,34 @@ pub struct Row {
     pub note: String,
 }
 
+/// One measurement per path, for rows that show one of its figures in each column.
+#[derive(Debug)]
+pub struct Paths<T> {
+    pub direct: T,
+    pub hostnet: T,
+    /// hostnet with the splice gear off, where that demo ran.
+    pub buffer: Option<T>,
+    /// Where socat ran.
+    pub socat: Option<T>,
+    pub bare: T,
+}
+
+impl<T> Paths<T> {
+    /// `row` with `f` of each path in its column.
+    pub fn row(&self, row: Row, f: impl Fn(&T) -> f64) -> Row {
+        let direct = f(&self.direct);
+        self.relays(row, f).direct(direct)
+    }
+
+    /// [`Paths::row`] without the direct column: a relay's own figure, which direct has none of.
+    pub fn relays(&self, row: Row, f: impl Fn(&T) -> f64) -> Row {
+        row.hostnet(f(&self.hostnet))
+            .buffer(self.buffer.as_ref().map(&f))
+            .socat(self.socat.as_ref().map(&f))
+            .bare(f(&self.bare))
+    }
+}
+
 impl Row {
     pub fn new(workload: impl Into<String>, unit: &'static str) -> Row {
         Row {
