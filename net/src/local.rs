@@ -42,16 +42,10 @@ impl LocalTcp {
         }
     }
 
-    /// Takes a tokio `TcpStream` (registered anew, on Linux).
+    /// Takes a tokio `TcpStream` (Windows' connect makes one).
+    #[cfg(not(unix))]
     pub fn from_tokio(stream: tokio::net::TcpStream) -> io::Result<LocalTcp> {
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        {
-            LocalTcp::from_socket(stream.into_std()?.into())
-        }
-        #[cfg(not(any(target_os = "linux", target_os = "android")))]
-        {
-            Ok(LocalTcp(stream))
-        }
+        Ok(LocalTcp(stream))
     }
 
     /// This connection as a tokio `TcpStream` (registered anew, on Linux): for code that
@@ -73,10 +67,6 @@ impl LocalTcp {
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.sock().local_addr()?.as_socket().ok_or_else(|| io::Error::other("not an IP socket"))
-    }
-
-    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.sock().peer_addr()?.as_socket().ok_or_else(|| io::Error::other("not an IP socket"))
     }
 
     pub fn set_nodelay(&self, on: bool) -> io::Result<()> {

@@ -11,8 +11,8 @@ use hostnet_protocol::{Open, OpenReply};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::local::LocalTcp;
 use crate::relay::tcp::{Outcome, RelayCounters, relay_after, relay_answering};
-use crate::threads::Movable;
 use crate::transport::handshake::{self, FrameReader, OpenError};
 use crate::transport::raw::RawStream;
 use crate::transport::roaming::Roaming;
@@ -39,9 +39,9 @@ impl Relayed {
 /// the client's first bytes, and the far side's answer is read beside them ([`relay_after`]).
 /// A refusal resets the client; an answer that is neither `connected` nor `refused` goes to
 /// `broken` first. Both streams may follow the connection to a less crowded relay thread when
-/// it turns to bulk. `client` is a [`crate::local::LocalTcp`] in hostnet.
-pub async fn open_and_relay<C: Movable + RawStream>(
-    client: C,
+/// it turns to bulk.
+pub async fn open_and_relay(
+    client: LocalTcp,
     stream: TransportStream,
     open: &Open,
     broken: impl FnOnce(&OpenError),
@@ -90,12 +90,11 @@ pub async fn refuse(stream: &TransportStream, reason: String) {
 /// Answers an opening read from `stream` (`reader` holds what arrived past it) for `server`,
 /// the connection to the local server: it is relayed with `connected` in the same write as its
 /// first bytes ([`relay_answering`]), both streams free to follow the connection to a less
-/// crowded relay thread. `None`: the answer could not be encoded, nothing was relayed. `server`
-/// is a [`crate::local::LocalTcp`] in hostnet.
-pub async fn answer_and_relay<S: Movable + RawStream>(
+/// crowded relay thread. `None`: the answer could not be encoded, nothing was relayed.
+pub async fn answer_and_relay(
     stream: TransportStream,
     reader: FrameReader,
-    server: S,
+    server: LocalTcp,
     counters: &RelayCounters,
     shutdown: &CancellationToken,
 ) -> Option<Relayed> {

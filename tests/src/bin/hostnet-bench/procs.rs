@@ -34,14 +34,18 @@ pub fn cpu_seconds(pid: u32, children: bool) -> f64 {
     ticks as f64 / clock_ticks()
 }
 
+/// The threads of `pid`, by thread id (none once it is gone).
+fn threads(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks.flatten().filter_map(|t| t.file_name().to_str()?.parse().ok()).collect()
+}
+
 /// Direct children of `pid` (from every thread's `children` list).
 pub fn children(pid: u32) -> Vec<u32> {
     let mut out = BTreeSet::new();
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-            }
+    for tid in threads(pid) {
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")) {
+            out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
         }
     }
     out.into_iter().collect()
@@ -49,17 +53,13 @@ pub fn children(pid: u32) -> Vec<u32> {
 
 /// Every thread of this process and of the processes under it (the demos' proxies and agents,
 /// socat and its per-connection children, the bare relays), by thread id.
-fn family_threads() -> Vec<i32> {
+fn family_threads() -> Vec<u32> {
     let mut pids = vec![std::process::id()];
     let mut i = 0;
     while let Some(&pid) = pids.get(i) {
         pids.extend(children(pid));
         i += 1;
     }
-    let threads = |pid: u32| -> Vec<i32> {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
-        tasks.flatten().filter_map(|t| t.file_name().to_str()?.parse().ok()).collect()
-    };
     pids.into_iter().flat_map(threads).collect()
 }
 
@@ -75,17 +75,15 @@ pub fn on_one_cpu<T>(f: impl FnOnce() -> T) -> (usize, T) {
     let cpu = (0..CpuSet::count()).find(|&c| mine.is_set(c).unwrap_or(false)).unwrap_or(0);
     let mut one = CpuSet::new();
     let _ = one.set(cpu);
-    let had: Vec<(Pid, CpuSet)> = family_threads()
-        .into_iter()
-        .map(Pid::from_raw)
-        .filter_map(|t| Some((t, sched_getaffinity(t).ok()?)))
-        .collect();
+    let tid = |t: u32| Pid::from_raw(t as i32);
+    let had: Vec<(Pid, CpuSet)> =
+        family_threads().into_iter().map(tid).filter_map(|t| Some((t, sched_getaffinity(t).ok()?))).collect();
     for (t, _) in &had {
         // A thread that exited meanwhile has nothing to pin.
         let _ = sched_setaffinity(*t, &one);
     }
     let out = f();
-    for t in family_threads().into_iter().map(Pid::from_raw) {
+    for t in family_threads().into_iter().map(tid) {
         let before = had.iter().find(|(h, _)| *h == t).map_or(&mine, |(_, set)| set);
         let _ = sched_setaffinity(t, before);
     }
@@ -156,10 +154,9 @@ impl Hostnet {
 
 /// Voluntary and involuntary context switches of all of `pid`'s threads.
 fn context_switches(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+    threads(pid)
+        .into_iter()
+        .filter_map(|tid| std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok())
         .map(|text| {
             text.lines()
                 .filter(|l| l.contains("ctxt_switches:"))
