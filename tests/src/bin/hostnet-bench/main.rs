@@ -540,8 +540,10 @@ fn main() {
     machine["cpu_steal_seconds_during_run"] = serde_json::json!((stolen * 100.0).round() / 100.0);
     println!("\n{} rows in {:.1} s", rows.len(), total.as_secs_f64());
     println!(
-        "machine: load average {} at the start, {} TCP sockets in TIME_WAIT, {stolen:.2} CPU-s taken by the hypervisor during the run",
-        machine["load_average_1min_at_start"], machine["tcp_time_wait_at_start"]
+        "machine: load average {} at the start, {} TCP sockets in TIME_WAIT, {stolen:.2} CPU-s taken by the hypervisor during the run, {}",
+        machine["load_average_1min_at_start"],
+        machine["tcp_time_wait_at_start"],
+        procs::idle_words(&machine["idle"])
     );
     if let Some(path) = &opts.json {
         let doc = serde_json::json!({

@@ -204,7 +204,31 @@ pub fn machine() -> serde_json::Value {
         "memory_gib": (mem_gib * 10.0).round() / 10.0,
         "kernel": kernel,
         "os": os,
+        "idle": idle(),
     })
+}
+
+/// How this machine's idle CPUs wait (`/sys/devices/system/cpu/cpuidle`): the cpuidle driver
+/// and, with the `haltpoll` driver of a VM, how long an idle virtual CPU polls before it halts.
+/// A halted virtual CPU costs a wake-up through the hypervisor (~35–40 µs here with 0 ns of
+/// polling, *round seventeen* in docs/performance.md), paid by every pass between processes
+/// that lands on it: a chain of four processes pays it more often than two.
+pub fn idle() -> serde_json::Value {
+    let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim().to_owned());
+    let driver = read("/sys/devices/system/cpu/cpuidle/current_driver");
+    let poll_ns =
+        read("/sys/module/haltpoll/parameters/guest_halt_poll_ns").and_then(|s| s.parse::<u64>().ok());
+    serde_json::json!({ "cpuidle_driver": driver, "guest_halt_poll_ns": poll_ns })
+}
+
+/// [`idle`] in words, for the run's last line.
+pub fn idle_words(idle: &serde_json::Value) -> String {
+    match (idle["cpuidle_driver"].as_str(), idle["guest_halt_poll_ns"].as_u64()) {
+        (Some(d), Some(0)) => format!("idle CPUs halt at once ({d}, no polling)"),
+        (Some(d), Some(ns)) => format!("idle CPUs poll {} µs before halting ({d})", ns / 1000),
+        (Some(d), None) => format!("cpuidle driver {d}"),
+        (None, _) => "cpuidle driver unknown".to_owned(),
+    }
 }
 
 /// TCP sockets in TIME_WAIT on this machine (`/proc/net/sockstat`): a table filling up (other
