@@ -159,27 +159,29 @@ pub struct DetachedFd(Socket, Family);
 impl FdStream {
     /// Takes a connected, non-blocking socket and registers it for reading.
     pub fn new(socket: Socket) -> io::Result<FdStream> {
-        Ok(FdStream {
-            read: register(socket, Interest::READABLE)?,
-            write: WriteWatch::default(),
-            family: Family::Unix,
-        })
+        FdStream::of(socket, Family::Unix)
     }
 
     /// [`FdStream::new`] for an AF_VSOCK socket (see [`Family::Vsock`]).
     pub fn vsock(socket: Socket) -> io::Result<FdStream> {
-        Ok(FdStream { family: Family::Vsock, ..FdStream::new(socket)? })
+        FdStream::of(socket, Family::Vsock)
     }
 
     /// [`FdStream::new`] for a connected TCP socket, also registered for urgent data (see
     /// [`Family::Tcp`]).
     #[cfg(any(target_os = "linux", target_os = "android"))]
     pub fn tcp(socket: Socket) -> io::Result<FdStream> {
-        Ok(FdStream {
-            read: register(socket, Interest::READABLE | Interest::PRIORITY)?,
-            write: WriteWatch::default(),
-            family: Family::Tcp,
-        })
+        FdStream::of(socket, Family::Tcp)
+    }
+
+    /// `socket` registered for what `family` reads on: urgent data too for TCP.
+    fn of(socket: Socket, family: Family) -> io::Result<FdStream> {
+        let interest = match family {
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            Family::Tcp => Interest::READABLE | Interest::PRIORITY,
+            _ => Interest::READABLE,
+        };
+        Ok(FdStream { read: register(socket, interest)?, write: WriteWatch::default(), family })
     }
 
     /// A connected pair of Unix stream sockets.
@@ -208,12 +210,7 @@ impl FdStream {
 
     /// An [`FdStream::detach`]ed socket, registered with this thread's reactor.
     pub fn attach(DetachedFd(socket, family): DetachedFd) -> io::Result<FdStream> {
-        match family {
-            Family::Unix => FdStream::new(socket),
-            Family::Vsock => FdStream::vsock(socket),
-            #[cfg(any(target_os = "linux", target_os = "android"))]
-            Family::Tcp => FdStream::tcp(socket),
-        }
+        FdStream::of(socket, family)
     }
 
     /// Urgent data or the peer's FIN has been reported on a TCP stream: a short read may have
